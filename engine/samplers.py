@@ -1,0 +1,110 @@
+"""Reverse-diffusion samplers for an x0-predicting model, as plain functions (k-diffusion style).
+
+Every sampler has the signature
+
+    sampler(denoise, x, schedule, *, steps, generator, disable) -> x_0
+
+where `denoise(x_t, t) -> x0_hat` takes t as a float tensor of shape (B,), `x` is the starting
+point x_T of shape (B, ...), and `disable` turns the progress bar off. Noise is drawn from
+`generator` in a fixed order (one draw of x's shape per noisy step, none at the last step), which
+is the contract every fast backend reproduces to match the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .inputs import nonfinite_items
+from .schedule import NoiseSchedule, ddim_step, ddpm_step
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_finite(x: torch.Tensor, step: int, t: int) -> None:
+    """Raise naming the step and the batch items where a non-finite value appeared."""
+    bad = nonfinite_items(x)
+    if bad:
+        raise FloatingPointError(
+            f"non-finite latent at sampling step {step} (t={t}) in batch items {bad[:10]}; "
+            "check the input latents and the checkpoint's weights, or sample in float32"
+        )
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps from T-1 down to 0, evenly spaced (both ends included)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    grid = torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+    return grid.tolist()
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _time(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    disable: bool = False,
+    start_t: int | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) with the posterior of an x0-predictor.
+
+    Runs every timestep from `start_t` (default T-1) down to 0; `steps`, if given, must equal that count.
+    """
+    first = schedule.num_timesteps - 1 if start_t is None else start_t
+    if steps is not None and steps != first + 1:
+        raise ValueError(
+            f"DDPM runs every timestep ({first + 1} here), got steps={steps}; use the 'ddim' sampler for fewer steps"
+        )
+    for step, t in enumerate(tqdm(range(first, -1, -1), desc="ddpm", disable=disable, leave=False)):
+        x0_hat = denoise(x, _time(t, x))
+        noise = _randn_like(x, generator) if t > 0 else None
+        x = ddpm_step(schedule, x0_hat, x, t, noise)
+        check_finite(x, step, t)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int | None = 50,
+    generator: torch.Generator | None = None,
+    disable: bool = False,
+    eta: float = 0.0,
+    start_t: int | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021) on `steps` evenly spaced timesteps; eta=0 is deterministic.
+
+    With start_t, the grid runs from start_t down to 0 (for partial noising, as in `vary`).
+    """
+    first = schedule.num_timesteps - 1 if start_t is None else start_t
+    steps = min(steps or 50, first + 1)
+    timesteps = ddim_timesteps(first + 1, steps)
+    for step, t in enumerate(tqdm(timesteps, desc="ddim", disable=disable, leave=False)):
+        t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
+        x0_hat = denoise(x, _time(t, x))
+        noise = _randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
+        x = ddim_step(schedule, x0_hat, x, t, t_prev, eta, noise)
+        check_finite(x, step, t)
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}

@@ -1,0 +1,310 @@
+"""Training, in two stages on latents of the frozen encoder.
+
+Stage 1 ("decoder"): GPT-2 learns to reconstruct each text from its clean latent (cross-entropy).
+Stage 2 ("diffusion"): the reverse transformer learns x0 from x_t = add_noise(x0, t, noise), t ~ U{0..T-1},
+with MSE to the clean normalized latent and Adam at lr 1e-4 (the design).
+
+The output directory is a loadable checkpoint at every save; `training/` inside it holds what `--resume`
+needs (step counters, optimizer and RNG state, the latent cache, a JSONL log).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import Components, load_checkpoint, save_checkpoint
+from .config import ModelConfig
+from .data import split_holdout
+from .decoder import LatentDecoder
+from .encoder import LatentEncoder, build_tiny_encoder
+from .reverse import ReverseTransformer
+from .schedule import NoiseSchedule, add_noise
+from .train_state import load_optimizer, save_optimizer
+
+STAGES = ("decoder", "diffusion")
+
+
+@dataclass
+class TrainConfig:
+    time_budget: float | None = 600.0  # seconds for both stages together; None: only the step limits apply
+    decoder_share: float = 0.5  # fraction of the time budget for stage 1 (stage 2 also gets what stage 1 left)
+    decoder_steps: int | None = None  # stage 1 step limit
+    diffusion_steps: int | None = None  # stage 2 step limit
+    decoder_batch_size: int = 64
+    diffusion_batch_size: int = 256
+    decoder_lr: float = 5e-4  # AdamW; warm-up, then cosine decay to 10% over the stage's step or time budget
+    diffusion_lr: float = 1e-4  # Adam, constant (the design)
+    warmup_steps: int = 100
+    eval_every: int = 200  # steps between held-out evaluations
+    save_every: float = 300.0  # seconds between checkpoints
+    holdout_fraction: float = 0.02  # share of the data held out for validation loss (at most 500 lines)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.time_budget is None and (self.decoder_steps is None or self.diffusion_steps is None):
+            raise ValueError("give a time budget, or step limits for both stages")
+        if not 0.0 < self.decoder_share < 1.0:
+            raise ValueError(f"decoder_share must be in (0, 1), got {self.decoder_share}")
+
+
+def _fingerprint(texts: list[str], encoder_name: str | None) -> str:
+    digest = hashlib.sha256(str(encoder_name).encode())
+    for text in texts:
+        digest.update(text.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=print) -> Components:
+    """Fresh models for `config`: the encoder (pretrained, or a tiny one built in code), a GPT-2 decoder whose
+    tokenizer is trained on `texts`, a randomly initialized reverse transformer; identity latent statistics."""
+    if config.encoder is None:
+        encoder, bundled = build_tiny_encoder(config.latent_dim, seed=seed), True
+    else:
+        encoder, bundled = LatentEncoder.from_pretrained(config.encoder, config.encoder_max_tokens), False
+    if encoder.latent_dim != config.latent_dim:
+        config = dataclasses.replace(config, latent_dim=encoder.latent_dim)
+        log(f"latent_dim set to the encoder's hidden size, {encoder.latent_dim}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        decoder = LatentDecoder.build(config, texts)
+        reverse = ReverseTransformer(config)
+    zeros = torch.zeros(config.latent_dim)
+    return Components(config, encoder, decoder, reverse, zeros, zeros + 1, encoder_bundled=bundled)
+
+
+class Trainer:
+    def __init__(self, texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+                 *, resume: bool = False, progress: bool = True, log=print):
+        self.out = Path(out)
+        self.state_dir = self.out / "training"
+        self.cfg = train_config
+        self.progress = progress
+        self.log = log
+        self.train_texts, self.val_texts = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
+        fingerprint = _fingerprint(texts, model_config.encoder)
+        self.generator = torch.Generator().manual_seed(train_config.seed)
+
+        if resume:
+            self.components, self.state = self._load_state(fingerprint)
+        else:
+            if (self.out / "config.json").exists():
+                raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume, or a new --out")
+            self.components = build_components(model_config, self.train_texts, seed=train_config.seed, log=log)
+            self.state = {"fingerprint": fingerprint, "stage": STAGES[0], "steps": {s: 0 for s in STAGES},
+                          "elapsed": {s: 0.0 for s in STAGES}, "train_config": dataclasses.asdict(train_config)}
+        c = self.components
+        self.config = c.config
+        self.train_latents, self.val_latents = self._latents(fingerprint)
+        if not resume:  # normalization statistics come from the training split
+            c.latent_mean = self.train_latents.mean(dim=0)
+            c.latent_std = self.train_latents.std(dim=0).clamp(min=1e-6)
+        self.schedule = NoiseSchedule.from_config(self.config)
+        self.train_ids = self._token_ids(self.train_texts)
+        self.val_ids = self._token_ids(self.val_texts)
+
+    # --- setup -----------------------------------------------------------------------------------
+    def _load_state(self, fingerprint: str):
+        state_file = self.state_dir / "state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"nothing to resume: {state_file} is missing; start without --resume")
+        state = json.loads(state_file.read_text())
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{self.out} was trained on other data or another encoder: resume with the same --data")
+        self.generator.set_state(load_file(str(self.state_dir / "rng.safetensors"))["generator"])
+        return load_checkpoint(self.out), state
+
+    def _latents(self, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the train and validation texts, encoded once and cached under training/."""
+        cache = self.state_dir / "latents.safetensors"
+        if cache.is_file():
+            stored = load_file(str(cache))
+            if stored.get("fingerprint") is not None and bytes(stored["fingerprint"].tolist()).decode() == fingerprint:
+                return stored["train"], stored["val"]
+        start = time.perf_counter()
+        encoder = self.components.encoder
+        train = encoder.encode(self.train_texts)
+        val = encoder.encode(self.val_texts) if self.val_texts else torch.empty(0, encoder.latent_dim)
+        n = len(self.train_texts) + len(self.val_texts)
+        self.log(f"encoded {n} texts in {time.perf_counter() - start:.1f}s ({n / (time.perf_counter() - start):.0f}/s)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"train": train, "val": val, "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)},
+                  str(cache))
+        return train, val
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.components.decoder.tokenizer(texts)["input_ids"] if texts else []
+
+    # --- batches and losses ----------------------------------------------------------------------
+    def _decoder_loss(self, latents: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        ids, mask = self.components.decoder.pad(rows)
+        return self.components.decoder.loss(latents, ids, mask)
+
+    def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x_t = add_noise(self.schedule, z0, t, noise)
+        return F.mse_loss(self.components.reverse(x_t, t.float()), z0)
+
+    def _normalized(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.components.latent_mean) / self.components.latent_std
+
+    @torch.no_grad()
+    def _validate(self, stage: str) -> float | None:
+        if not self.val_texts:
+            return None
+        module = self.components.decoder if stage == "decoder" else self.components.reverse
+        module.eval()
+        losses = []
+        fixed = torch.Generator().manual_seed(1234)  # the same t and noise at every evaluation
+        for start in range(0, len(self.val_texts), 256):
+            latents = self.val_latents[start : start + 256]
+            if stage == "decoder":
+                losses.append(self._decoder_loss(latents, self.val_ids[start : start + 256]).item() * len(latents))
+            else:
+                z0 = self._normalized(latents)
+                t = torch.randint(0, self.schedule.num_timesteps, (len(z0),), generator=fixed)
+                noise = torch.randn(z0.shape, generator=fixed)
+                losses.append(self._diffusion_loss(z0, t, noise).item() * len(latents))
+        module.train()
+        return sum(losses) / len(self.val_texts)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _stage_limits(self, stage: str) -> tuple[int | None, float | None]:
+        steps = self.cfg.decoder_steps if stage == "decoder" else self.cfg.diffusion_steps
+        if self.cfg.time_budget is None:
+            return steps, None
+        if stage == "decoder":
+            return steps, self.cfg.time_budget * self.cfg.decoder_share
+        return steps, self.cfg.time_budget - self.state["elapsed"]["decoder"]
+
+    def _optimizer(self, stage: str):
+        """The stage's optimizer (restored on resume) and its learning-rate factor, a function of
+        (step, fraction of the stage's step or time budget used)."""
+        if stage == "decoder":
+            params = [p for p in self.components.decoder.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=self.cfg.decoder_lr, weight_decay=0.01)
+
+            def lr_factor(step: int, done: float) -> float:  # linear warm-up, then cosine to 10%
+                if step < self.cfg.warmup_steps:
+                    return (step + 1) / self.cfg.warmup_steps
+                return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done)))
+        else:
+            optimizer = torch.optim.Adam(self.components.reverse.parameters(), lr=self.cfg.diffusion_lr)
+
+            def lr_factor(step: int, done: float) -> float:  # constant, as the design says
+                return 1.0
+        path = self.state_dir / f"{stage}_optimizer.safetensors"
+        if path.is_file() and self.state["steps"][stage] > 0:
+            load_optimizer(optimizer, path)
+        return optimizer, lr_factor
+
+    def save(self) -> None:
+        save_checkpoint(self.components, self.out)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for stage, optimizer in getattr(self, "_optimizers", {}).items():
+            save_optimizer(optimizer, self.state_dir / f"{stage}_optimizer.safetensors")
+        save_file({"generator": self.generator.get_state()}, str(self.state_dir / "rng.safetensors"))
+        (self.state_dir / "state.json").write_text(json.dumps(self.state, indent=2))
+
+    def _write_log(self, record: dict) -> None:
+        with (self.state_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _budget_left(self, stage: str) -> bool:
+        max_steps, max_seconds = self._stage_limits(stage)
+        return ((max_steps is None or self.state["steps"][stage] < max_steps)
+                and (max_seconds is None or self.state["elapsed"][stage] < max_seconds))
+
+    def run(self) -> dict:
+        """Run each stage that has budget left. The stages are independent given the frozen encoder, so a
+        resumed run with larger limits continues whichever stage they extend."""
+        self._optimizers = {}
+        summary = {}
+        for stage in STAGES:
+            if self._budget_left(stage):
+                self.state["stage"] = stage
+                summary[stage] = self._run_stage(stage)
+            else:
+                summary[stage] = {"steps": self.state["steps"][stage], "seconds": self.state["elapsed"][stage]}
+        self.state["stage"] = "done"
+        self.save()
+        return summary
+
+    def _run_stage(self, stage: str) -> dict:
+        c = self.components
+        module = c.decoder if stage == "decoder" else c.reverse
+        module.train()
+        optimizer, lr_factor = self._optimizer(stage)
+        self._optimizers[stage] = optimizer
+        base_lr = optimizer.param_groups[0]["lr"]
+        batch_size = self.cfg.decoder_batch_size if stage == "decoder" else self.cfg.diffusion_batch_size
+        max_steps, max_seconds = self._stage_limits(stage)
+        n_train = len(self.train_texts)
+        z_train = self._normalized(self.train_latents)
+
+        step, elapsed = self.state["steps"][stage], self.state["elapsed"][stage]
+        bar = tqdm(total=max_steps, initial=step, desc=stage, disable=not self.progress, dynamic_ncols=True)
+        last_save, val_loss, loss_ema, step_time = time.perf_counter(), None, None, None
+        window = (time.perf_counter(), step)
+        while self._budget_left(stage):
+            t0 = time.perf_counter()
+            idx = torch.randint(0, n_train, (batch_size,), generator=self.generator)
+            if stage == "decoder":
+                loss = self._decoder_loss(self.train_latents[idx], [self.train_ids[i] for i in idx.tolist()])
+            else:
+                t = torch.randint(0, self.schedule.num_timesteps, (batch_size,), generator=self.generator)
+                noise = torch.randn(batch_size, c.config.latent_dim, generator=self.generator)
+                loss = self._diffusion_loss(z_train[idx], t, noise)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}: lower the learning rate")
+            done = max(step / max_steps if max_steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * lr_factor(step, done)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            step_time = dt if step_time is None else 0.95 * step_time + 0.05 * dt
+            loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+            self.state["steps"][stage], self.state["elapsed"][stage] = step, elapsed
+
+            if step % self.cfg.eval_every == 0:
+                val_loss = self._validate(stage)
+                rate = batch_size * (step - window[1]) / (time.perf_counter() - window[0])
+                window = (time.perf_counter(), step)
+                self._write_log({"stage": stage, "step": step, "loss": loss_ema, "val_loss": val_loss,
+                                 "examples_per_s": rate, "elapsed_s": elapsed})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-",
+                            ex_s=f"{batch_size / step_time:.0f}")
+            if time.perf_counter() - last_save > self.cfg.save_every:
+                self.save()
+                last_save = time.perf_counter()
+        bar.close()
+        module.eval()
+        val_loss = self._validate(stage)
+        self._write_log({"stage": stage, "step": step, "loss": loss_ema, "val_loss": val_loss, "elapsed_s": elapsed,
+                         "final": True})
+        self.save()
+        self.log(f"{stage}: {step} steps in {elapsed:.0f}s, train loss {loss_ema if loss_ema is not None else float('nan'):.4f}, "
+                 f"held-out loss {val_loss if val_loss is not None else float('nan'):.4f}")
+        return {"steps": step, "seconds": elapsed, "train_loss": loss_ema, "val_loss": val_loss}
+
+
+def train(texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig | None = None,
+          *, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train both stages; returns a summary per stage. `out` becomes a checkpoint directory."""
+    trainer = Trainer(texts, out, model_config, train_config or TrainConfig(), resume=resume, progress=progress, log=log)
+    return trainer.run()

@@ -1,0 +1,1 @@
+"""Export of encoder, reverse transformer and decoder to ONNX graphs (issue 5)."""

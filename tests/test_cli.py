@@ -1,0 +1,79 @@
+"""CLI smoke tests on the tiny preset, in-process (fast) and once through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from ldlm.cli import build_parser, main
+
+from .conftest import TINY_TEXTS
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TINY_TEXTS)) + "\n")
+    return path
+
+
+def test_train_then_info_generate_reconstruct_vary(capsys, tmp_path, data_file):
+    out = tmp_path / "model"
+    code, stdout, _ = run(capsys, "train", "--data", str(data_file), "--out", str(out), "--preset", "tiny",
+                          "--time-budget", "0", "--decoder-steps", "12", "--diffusion-steps", "8", "--no-progress")
+    assert code == 0 and json.loads(stdout[stdout.index("{"):])["decoder"]["steps"] == 12
+
+    code, stdout, _ = run(capsys, "info", str(out))
+    info = json.loads(stdout)
+    assert code == 0 and info["latent_dim"] == 32 and info["training"]["steps"] == {"decoder": 12, "diffusion": 8}
+
+    code, stdout, _ = run(capsys, "generate", str(out), "-n", "3", "--sampler", "ddim", "--steps", "5", "--json",
+                          "--no-progress")
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert code == 0 and [r["index"] for r in records] == [0, 1, 2] and records[0]["sampler"] == "ddim"
+
+    code, stdout, _ = run(capsys, "reconstruct", str(out), "the cat sat.", "rain fell.", "--no-progress")
+    assert code == 0 and len(stdout.splitlines()) == 2
+
+    code, stdout, _ = run(capsys, "vary", str(out), "the cat sat.", "--strength", "0.4", "--sampler", "ddim",
+                          "--steps", "4", "--json", "--no-progress")
+    assert code == 0 and json.loads(stdout)["input"] == "the cat sat." and json.loads(stdout)["strength"] == 0.4
+
+
+def test_errors_are_reported_not_raised(capsys, tmp_path, tiny_checkpoint):
+    code, _, err = run(capsys, "generate", str(tmp_path / "missing"), "--no-progress")
+    assert code == 2 and "is not a directory" in err
+    code, _, err = run(capsys, "vary", str(tiny_checkpoint), "x", "--strength", "2", "--no-progress")
+    assert code == 2 and "strength must be a number in [0, 1]" in err
+    code, _, err = run(capsys, "reconstruct", str(tiny_checkpoint), "ok", "  ", "--no-progress")
+    assert code == 2 and "text 1 is empty" in err
+
+
+def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):
+    code, _, err = run(capsys, "train", "--data", str(data_file), "--out", str(tiny_checkpoint), "--preset", "tiny",
+                       "--no-progress")
+    assert code == 2 and "pass --resume" in err
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "info", "demo"}
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"ldlm {name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.skipif(shutil.which("ldlm") is None, reason="console script not installed")
+def test_console_script_is_installed():
+    result = subprocess.run(["ldlm", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "reconstruct" in result.stdout

@@ -1,0 +1,106 @@
+"""The Python API: generate, reconstruct, vary; seeds, input order, bad input, training resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ldlm
+from ldlm.config import ModelConfig
+from ldlm.train import train
+
+from .conftest import TINY_TEXTS, tiny_train_config
+
+
+def test_training_lowers_held_out_losses(tiny_checkpoint):
+    log = [json.loads(line) for line in (tiny_checkpoint / "training" / "log.jsonl").read_text().splitlines()]
+    for stage in ("decoder", "diffusion"):
+        losses = [r["val_loss"] for r in log if r["stage"] == stage]
+        assert losses[-1] < losses[0], f"{stage} held-out loss did not fall: {losses}"
+
+
+def test_generate_is_seeded_and_reproducible(tiny_pipeline):
+    a = tiny_pipeline.sample_latents(3, sampler="ddim", steps=20, eta=1.0, seed=7, progress=False)
+    b = tiny_pipeline.sample_latents(3, sampler="ddim", steps=20, eta=1.0, seed=7, progress=False)
+    c = tiny_pipeline.sample_latents(3, sampler="ddim", steps=20, eta=1.0, seed=8, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    texts = tiny_pipeline.generate(3, sampler="ddpm", seed=1, progress=False)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert texts == tiny_pipeline.generate(3, sampler="ddpm", seed=1, progress=False)
+
+
+def test_sampled_latents_live_in_latent_space(tiny_pipeline):
+    """Denormalized samples should have roughly the data's per-dimension scale, not the unit Gaussian's."""
+    z = tiny_pipeline.sample_latents(64, sampler="ddim", steps=10, seed=0, progress=False)
+    assert z.shape == (64, tiny_pipeline.config.latent_dim)
+    assert torch.isfinite(z).all()
+
+
+def test_results_come_in_input_order(tiny_pipeline):
+    texts = ["the cat sat on the mat.", "he plays the old piano.", "rain fell on the quiet town."]
+    together = tiny_pipeline.reconstruct(texts, progress=False)
+    assert together == [tiny_pipeline.reconstruct([t], progress=False)[0] for t in texts]
+
+
+def test_decode_batches_match_one_big_batch(tiny_pipeline):
+    latents = tiny_pipeline.encode(TINY_TEXTS[:5])
+    assert tiny_pipeline.decode(latents, batch_size=2, progress=False) == tiny_pipeline.decode(latents, progress=False)
+
+
+def test_vary_strength_zero_is_reconstruction(tiny_pipeline):
+    texts = ["we ate pizza at noon.", "the sun sets behind the hills."]
+    assert tiny_pipeline.vary(texts, 0.0, progress=False) == tiny_pipeline.reconstruct(texts, progress=False)
+    assert len(tiny_pipeline.vary(texts, 0.5, sampler="ddim", steps=10, progress=False)) == 2
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), "high"])
+def test_vary_rejects_bad_strength(tiny_pipeline, strength):
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        tiny_pipeline.vary(["a text"], strength)
+
+
+def test_empty_inputs(tiny_pipeline):
+    assert tiny_pipeline.reconstruct([], progress=False) == []
+    assert tiny_pipeline.vary([], 0.3, progress=False) == []
+    assert tiny_pipeline.generate(0, progress=False) == []
+
+
+def test_empty_string_names_the_item(tiny_pipeline):
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        tiny_pipeline.reconstruct(["fine", ""])
+
+
+def test_nan_latent_is_refused_naming_the_item(tiny_pipeline):
+    latents = tiny_pipeline.encode(["a", "b", "c"])
+    latents[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"items \[2\] hold NaN"):
+        tiny_pipeline.decode(latents)
+
+
+def test_nan_in_the_model_names_the_sampling_step(tiny_pipeline):
+    tiny_pipeline.reverse.out_proj.bias.data[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite latent at sampling step 0 \(t=999\)"):
+        tiny_pipeline.generate(2, sampler="ddim", steps=5, progress=False)
+
+
+def test_unknown_sampler(tiny_pipeline):
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        tiny_pipeline.generate(1, sampler="euler", progress=False)
+
+
+def test_resume_continues_where_training_stopped(tmp_path):
+    config = ModelConfig.from_preset("tiny")
+    out = tmp_path / "run"
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(TINY_TEXTS, out, config, tiny_train_config(decoder_steps=20, diffusion_steps=10), **quiet)
+    state = json.loads((out / "training" / "state.json").read_text())
+    assert state["steps"] == {"decoder": 20, "diffusion": 10} and state["stage"] == "done"
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(TINY_TEXTS, out, config, tiny_train_config(), **quiet)
+    summary = train(TINY_TEXTS, out, config, tiny_train_config(decoder_steps=30, diffusion_steps=25), resume=True, **quiet)
+    assert summary["decoder"]["steps"] == 30 and summary["diffusion"]["steps"] == 25
+    assert ldlm.load(out).generate(1, sampler="ddim", steps=3, progress=False)
+    with pytest.raises(ValueError, match="other data"):
+        train(TINY_TEXTS[:8], out, config, tiny_train_config(), resume=True, **quiet)
