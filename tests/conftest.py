@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import ldlm
+if not torch.cuda.is_available():  # run Triton kernels in its interpreter; must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ldlm  # noqa: E402
 from ldlm.config import ModelConfig
-from ldlm.train import TrainConfig, train
+from ldlm.train import TrainConfig, train  # noqa: E402
 
 TINY_TEXTS = [
     "the cat sat on the mat.",

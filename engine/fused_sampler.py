@@ -1,0 +1,130 @@
+"""The engine's sampling loop: static buffers, the fused Triton update, and (on CUDA) captured graphs.
+
+Per step: x0_hat = reverse(x, t[step]); noise drawn into a fixed buffer from the caller's generator;
+x = a[step] x0_hat + b[step] x + c[step] noise (one kernel); step += 1 — all on the device, so the same
+captured graph replays every step. Steps that draw no noise (DDPM's last, all of DDIM with eta = 0) use
+a second variant without the draw, so the generator advances exactly as in the reference samplers and
+fp32 results match them to rounding.
+
+Capture granularity is `chunk` steps per graph (1 = one step per graph); graphs are cached per
+(batch bucket, dtype, tables). Without CUDA (or with graphs=False) the same code runs eagerly, which is
+what CPU tests check against the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .step_tables import StepTables
+
+
+def _fused_update():
+    try:
+        from .kernels.fused_update import fused_update
+    except ImportError as e:  # triton missing
+        raise RuntimeError("the fused sampler needs triton: pip install triton (or use backend='reference')") from e
+    return fused_update
+
+
+@dataclass
+class _Buffers:
+    x: torch.Tensor  # (B, D) the latent being denoised, updated in place
+    noise: torch.Tensor  # (B, D) this step's noise
+    step: torch.Tensor  # (1,) int64 device step counter
+    first_bad_step: torch.Tensor  # (1,) int64: first step whose output was non-finite, -1 while all are finite
+    graphs: dict = field(default_factory=dict)  # draws_noise -> CUDAGraph of `chunk` steps
+
+
+class FusedSampler:
+    """Runs a StepTables schedule with the reverse transformer on static buffers."""
+
+    def __init__(self, reverse: torch.nn.Module, tables: StepTables, *, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32, graphs: bool | None = None, chunk: int = 1,
+                 clamp: float | None = None):
+        self.reverse, self.device, self.dtype, self.clamp = reverse, torch.device(device), dtype, clamp
+        self.tables = tables.to(self.device)
+        self.t_values = self.tables.timesteps.to(torch.float32)  # (S,) continuous t fed to the model
+        self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")
+        self.chunk = chunk
+        self.fused_update = _fused_update()
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+
+    def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool) -> None:
+        t = self.t_values.index_select(0, buf.step).expand(buf.x.shape[0])  # (B,) gathered on the device
+        x0_hat = self.reverse(buf.x, t).to(self.dtype)
+        if draw:
+            buf.noise.normal_(generator=generator)
+        self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
+                          self.tables.coef_noise, buf.step, out=buf.x, clamp=self.clamp)
+        newly_bad = (buf.first_bad_step < 0) & ~torch.isfinite(buf.x).all()  # tracked on the device: no sync
+        buf.first_bad_step.copy_(torch.where(newly_bad, buf.step, buf.first_bad_step))
+        buf.step.add_(1)
+
+    def _buffers_for(self, batch: int, dim: int) -> _Buffers:
+        key = (batch, dim)
+        if key not in self._buffers:
+            x = torch.zeros(batch, dim, device=self.device, dtype=self.dtype)
+            counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1))
+        return self._buffers[key]
+
+    def _graph(self, buf: _Buffers, generator: torch.Generator | None, draw: bool) -> torch.cuda.CUDAGraph:
+        if draw not in buf.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            saved = (buf.x.clone(), buf.step.clone(), buf.first_bad_step.clone(),
+                     generator.get_state() if generator is not None else None)
+            with torch.cuda.stream(stream):  # warm-up on a side stream (allocations, autotuning, lazy init)
+                for _ in range(2):
+                    self._one_step(buf, generator, draw)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if generator is not None:
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph):
+                for _ in range(self.chunk):
+                    self._one_step(buf, generator, draw)
+            buf.x.copy_(saved[0])
+            buf.step.copy_(saved[1])
+            buf.first_bad_step.copy_(saved[2])
+            if saved[3] is not None:
+                generator.set_state(saved[3])
+            buf.graphs[draw] = graph
+        return buf.graphs[draw]
+
+    @torch.no_grad()
+    def __call__(self, x_start: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor."""
+        buf = self._buffers_for(*x_start.shape)
+        buf.x.copy_(x_start)
+        buf.step.zero_()
+        buf.first_bad_step.fill_(-1)
+        draws = [self.tables.draws_noise(s) for s in range(self.tables.num_steps)]
+        s = 0
+        while s < len(draws):
+            draw = draws[s]
+            run = 1
+            while s + run < len(draws) and draws[s + run] == draw:
+                run += 1
+            if self.graphs:
+                graph = self._graph(buf, generator, draw)
+                for _ in range(run // self.chunk):
+                    graph.replay()
+                for _ in range(run % self.chunk):
+                    self._one_step(buf, generator, draw)
+            else:
+                for _ in range(run):
+                    self._one_step(buf, generator, draw)
+            s += run
+        bad = int(buf.first_bad_step)  # the one host synchronization of the loop
+        if bad >= 0:
+            bad_items = (~torch.isfinite(buf.x).all(dim=1)).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"non-finite latent at sampling step {bad} (t={int(self.tables.timesteps[bad])}) in batch items "
+                f"{bad_items[:10]}; check the checkpoint's weights, or sample in float32"
+            )
+        return buf.x.clone()

@@ -1,0 +1,155 @@
+"""Batched beam search on a static KV cache, with no host synchronization per token.
+
+Same algorithm and tokens as the reference (ldlm.beam_search), restructured for the device:
+- the latent prefix is prefilled once per item and copied into its K beam rows;
+- every per-token tensor has a fixed shape and the step counter lives on the device, so `decode_step`
+  can be captured as a CUDA graph and replayed;
+- n-gram bans are computed with a scatter over all windows (no data-dependent shapes);
+- the stop test is computed on the device every step; once an item batch would have stopped in the
+  reference, the state is frozen with `torch.where`, and the host reads the flag only every
+  `check_every` steps to leave the loop early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .beam_search import NEG_INF, BeamSearchConfig, _gather_beams
+from .decoder import LatentDecoder
+from .static_gpt2 import StaticKVGPT2
+
+
+def ban_repeated_ngrams_static(log_probs: torch.Tensor, tokens: torch.Tensor, cur: torch.Tensor, n: int) -> torch.Tensor:
+    """Static-shape n-gram ban. tokens: (R, T) buffer whose first `cur` (0-d device tensor) entries are real."""
+    R, T = tokens.shape
+    if n <= 0 or T < n:
+        return log_probs
+    windows = tokens.unfold(1, n, 1)  # (R, T-n+1, n)
+    starts = torch.arange(T - n + 1, device=tokens.device)
+    complete = starts + n <= cur  # (T-n+1,) windows fully inside the generated tokens
+    if n == 1:
+        matches = complete[None, :].expand(R, -1)
+    else:
+        last = (cur - (n - 1) + torch.arange(n - 1, device=tokens.device)).clamp(min=0)  # (n-1,) positions
+        prefix = tokens[:, last]  # (R, n-1) the last n-1 generated tokens
+        matches = (windows[:, :, :-1] == prefix[:, None, :]).all(dim=-1) & complete[None, :]  # (R, T-n+1)
+    counts = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.to(log_probs.dtype))
+    return log_probs.masked_fill(counts > 0, float("-inf"))
+
+
+@dataclass
+class BeamState:
+    """Everything that changes per token, in fixed-shape device tensors (B items, K beams, T tokens)."""
+
+    running: torch.Tensor  # (B, K, T) live beams' tokens
+    running_scores: torch.Tensor  # (B, K)
+    finished: torch.Tensor  # (B, K, T)
+    finished_scores: torch.Tensor  # (B, K)
+    is_finished: torch.Tensor  # (B, K) bool
+    improvable: torch.Tensor  # (B, 1) bool
+    active: torch.Tensor  # () bool: false once the reference would have stopped
+    cur: torch.Tensor  # () long: index of the token chosen this step
+
+
+class StaticBeamSearch:
+    """Beam search for up to `batch_size` latents with a static KV cache; reuse it across calls."""
+
+    def __init__(self, decoder: LatentDecoder, batch_size: int, config: BeamSearchConfig, check_every: int = 8):
+        self.decoder, self.config, self.check_every = decoder, config, check_every
+        self.B, self.K, self.T = batch_size, config.num_beams, config.max_new_tokens
+        self.P = decoder.config.n_prefix
+        self.model = StaticKVGPT2(decoder.gpt2, rows=self.B * self.K, max_len=self.P + self.T)
+        self.device = self.model.k_cache.device
+        self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
+        self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K
+        self.batch_offset = torch.arange(self.B, device=self.device)[:, None] * self.K
+
+    def _initial_state(self) -> BeamState:
+        B, K, T, dev = self.B, self.K, self.T, self.device
+        running = torch.full((B, K, T), self.pad, dtype=torch.long, device=dev)
+        running_scores = torch.zeros(B, K, device=dev)
+        running_scores[:, 1:] = NEG_INF
+        return BeamState(running, running_scores, running.clone(), torch.full((B, K), NEG_INF, device=dev),
+                         torch.zeros(B, K, dtype=torch.bool, device=dev), torch.ones(B, 1, dtype=torch.bool, device=dev),
+                         torch.ones((), dtype=torch.bool, device=dev), torch.zeros((), dtype=torch.long, device=dev))
+
+    def _select(self, s: BeamState, logits: torch.Tensor) -> None:
+        """One beam update from next-token logits (B*K, V), in place on `s`; the cache is reordered to match."""
+        B, K, T, cfg = self.B, self.K, self.T, self.config
+        V = logits.shape[-1]
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        log_probs = ban_repeated_ngrams_static(log_probs, s.running.view(B * K, T), s.cur, cfg.no_repeat_ngram_size)
+        scores = (log_probs.view(B, K, V) + s.running_scores[:, :, None]).view(B, K * V)
+        cand_scores, cand_index = scores.topk(2 * K, dim=1)  # (B, 2K)
+        cand_beam, cand_token = cand_index // V, cand_index % V
+        candidates = _gather_beams(s.running, cand_beam)  # (B, 2K, T)
+        candidates.scatter_(2, s.cur.view(1, 1, 1).expand(B, 2 * K, 1), cand_token[:, :, None])
+        ended = (cand_token == self.eos) | (s.cur + 1 >= T)
+
+        live_scores = cand_scores + ended.float() * NEG_INF
+        keep = live_scores.topk(K, dim=1).indices
+        running = _gather_beams(candidates, keep)
+        running_scores = _gather_beams(live_scores, keep)
+        source_beam = _gather_beams(cand_beam, keep)
+
+        length = (s.cur + 1).float() ** cfg.length_penalty
+        new_scores = cand_scores / length
+        if cfg.early_stopping:
+            new_scores = new_scores + s.is_finished.all(dim=1, keepdim=True).float() * NEG_INF
+        new_scores = new_scores + (~s.improvable).float() * NEG_INF
+        just_ended = ended & self.top_k_mask[None, :]
+        new_scores = new_scores + (~just_ended).float() * NEG_INF
+        merged_scores = torch.cat([s.finished_scores, new_scores], dim=1)
+        best = merged_scores.topk(K, dim=1).indices
+        finished = _gather_beams(torch.cat([s.finished, candidates], dim=1), best)
+        finished_scores = _gather_beams(merged_scores, best)
+        is_finished = _gather_beams(torch.cat([s.is_finished, just_ended], dim=1), best)
+
+        best_live = running_scores[:, :1] / length
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG_INF)
+        improvable = s.improvable & (best_live > worst).any(dim=1, keepdim=True)
+        stop = ~improvable.any() | ended.all()
+        if cfg.early_stopping:
+            stop = stop | is_finished.all()
+
+        # commit only while active: after the reference's stopping step the state stays frozen
+        a = s.active
+        s.running.copy_(torch.where(a, running, s.running))
+        s.running_scores.copy_(torch.where(a, running_scores, s.running_scores))
+        s.finished.copy_(torch.where(a, finished, s.finished))
+        s.finished_scores.copy_(torch.where(a, finished_scores, s.finished_scores))
+        s.is_finished.copy_(torch.where(a, is_finished, s.is_finished))
+        s.improvable.copy_(torch.where(a, improvable, s.improvable))
+        identity = torch.arange(B * K, device=self.device)
+        self.model.reorder(torch.where(a, (source_beam + self.batch_offset).view(-1), identity))
+        s.active.copy_(a & ~stop)
+        s.cur.add_(1)
+
+    def decode_step(self, s: BeamState) -> None:
+        """Feed the tokens chosen last step, then select: static shapes, device counter (graph-capturable)."""
+        last = s.running.view(self.B * self.K, self.T).gather(1, (s.cur - 1).view(1, 1).expand(self.B * self.K, 1))
+        logits = self.model.step(last.view(-1), self.P + s.cur - 1)
+        self._select(s, logits)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> list[list[int]]:
+        """latents (b, D) with b <= batch_size -> best token ids per item (EOS removed)."""
+        b = latents.shape[0]
+        if b > self.B:
+            raise ValueError(f"batch of {b} exceeds this searcher's batch_size {self.B}")
+        if b < self.B:  # pad to the static batch; padded items are decoded and dropped
+            latents = torch.cat([latents, latents[:1].expand(self.B - b, -1)])
+        s = self._initial_state()
+        logits = self.model.prefill(self.decoder.prefix(latents), repeats=self.K)  # (B, V)
+        self._select(s, logits.repeat_interleave(self.K, dim=0))
+        for step in range(1, self.T):
+            if step % self.check_every == 0 and not bool(s.active):
+                break
+            self.decode_step(s)
+        results = []
+        for tokens in s.finished[:b, 0, :].tolist():
+            results.append(tokens[: tokens.index(self.eos)] if self.eos in tokens else tokens)
+        return results

@@ -1,0 +1,85 @@
+"""GPT-2 forward passes over a preallocated KV cache (gpt-fast style), reusing a loaded model's weights.
+
+The cache has a fixed shape (layers, rows, heads, max_len, head_dim) with rows = batch * beams, so every
+decode step has static shapes and can be captured as a CUDA graph. Positions past the current one hold
+stale values and are masked out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+
+
+def check_supported(gpt2: GPT2LMHeadModel) -> None:
+    cfg = gpt2.config
+    unsupported = {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True, "scale_attn_weights": False}
+    bad = [name for name, value in unsupported.items() if getattr(cfg, name, not value) == value]
+    if bad:
+        raise NotImplementedError(f"the static-KV decoder does not implement GPT-2 options {bad}; use the reference")
+
+
+class StaticKVGPT2:
+    """Prefill and one-token steps of a GPT2LMHeadModel with a static KV cache."""
+
+    def __init__(self, gpt2: GPT2LMHeadModel, rows: int, max_len: int):
+        check_supported(gpt2)
+        self.gpt2 = gpt2
+        cfg = gpt2.config
+        if max_len > cfg.n_positions:
+            raise ValueError(f"max_len {max_len} exceeds the decoder's n_positions {cfg.n_positions}")
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        param = next(gpt2.parameters())
+        shape = (cfg.n_layer, rows, self.n_head, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)  # (L, R, H, max_len, hd)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.positions = torch.arange(max_len, device=param.device)  # (max_len,)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        R, S, E = x.shape
+        return x.view(R, S, self.n_head, self.head_dim).transpose(1, 2)  # (R, H, S, hd)
+
+    def _block_tail(self, block, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        R, H, S, hd = attn.shape
+        h = h + block.attn.c_proj(attn.transpose(1, 2).reshape(R, S, H * hd))
+        return h + block.mlp(block.ln_2(h))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gpt2.lm_head(self.gpt2.transformer.ln_f(h))
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, repeats: int) -> torch.Tensor:
+        """embeds (B, P, E) at positions 0..P-1; cache rows b*repeats .. b*repeats+repeats-1 get item b's keys
+        and values (computed once per item, shared by its beams). Returns last-position logits (B, V)."""
+        B, P, _ = embeds.shape
+        t = self.gpt2.transformer
+        h = embeds + t.wpe(self.positions[:P])  # (B, P, E)
+        for layer, block in enumerate(t.h):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, P, hd)
+            self.k_cache[layer, :, :, :P] = k.repeat_interleave(repeats, dim=0)
+            self.v_cache[layer, :, :, :P] = v.repeat_interleave(repeats, dim=0)
+            h = self._block_tail(block, h, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return self._logits(h[:, -1, :])
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """input_ids (R,) at `position` (a 0-d device tensor) -> logits (R, V); writes keys/values at position."""
+        t = self.gpt2.transformer
+        h = (t.wte(input_ids) + t.wpe(position))[:, None, :]  # (R, 1, E)
+        visible = (self.positions <= position)[None, None, None, :]  # (1, 1, 1, max_len)
+        index = position.view(1)
+        for layer, block in enumerate(t.h):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
+            self.k_cache[layer].index_copy_(2, index, k)
+            self.v_cache[layer].index_copy_(2, index, v)
+            attn = F.scaled_dot_product_attention(q, self.k_cache[layer], self.v_cache[layer], attn_mask=visible)
+            h = self._block_tail(block, h, attn)
+        return self._logits(h[:, 0, :])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row r of the cache becomes old row rows[r] (beam reordering), on the device."""
+        self.k_cache.copy_(self.k_cache.index_select(1, rows))
+        self.v_cache.copy_(self.v_cache.index_select(1, rows))

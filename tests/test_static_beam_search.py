@@ -1,0 +1,55 @@
+"""Static-KV beam search: the same tokens as the reference beam search, batched equal to one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldlm.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
+from ldlm.static_beam_search import StaticBeamSearch, ban_repeated_ngrams_static
+from ldlm.static_gpt2 import StaticKVGPT2
+
+from .test_beam_search import decoder  # noqa: F401  (the shared random tiny decoder fixture)
+
+
+def test_static_gpt2_matches_hugging_face_forward(decoder):  # noqa: F811
+    latents = torch.randn(3, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 200, (3, 5), generator=torch.Generator().manual_seed(1))
+    prefix = decoder.prefix(latents)
+    with torch.no_grad():
+        full = decoder.gpt2(inputs_embeds=torch.cat([prefix, decoder.gpt2.transformer.wte(ids)], 1)).logits
+    model = StaticKVGPT2(decoder.gpt2, rows=3, max_len=decoder.config.n_prefix + 8)
+    logits = [model.prefill(prefix, repeats=1)]
+    P = prefix.shape[1]
+    for i in range(ids.shape[1]):
+        logits.append(model.step(ids[:, i], torch.tensor(P + i)))
+    torch.testing.assert_close(torch.stack(logits, 1), full[:, P - 1 :], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_static_ngram_ban_matches_reference(n):
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randint(0, 4, (6, 12), generator=g)
+    log_probs = torch.randn(6, 8, generator=g)
+    for cur in range(0, 13):
+        expected = ban_repeated_ngrams(log_probs, tokens[:, :cur], n)
+        assert torch.equal(ban_repeated_ngrams_static(log_probs, tokens, torch.tensor(cur), n), expected), cur
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+@pytest.mark.parametrize("num_beams, max_new_tokens", [(4, 16), (2, 9), (1, 12)])
+def test_same_tokens_as_reference(decoder, early_stopping, num_beams, max_new_tokens):  # noqa: F811
+    latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(1))
+    cfg = BeamSearchConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, early_stopping=early_stopping)
+    assert StaticBeamSearch(decoder, batch_size=6, config=cfg)(latents) == beam_search(decoder, latents, cfg)
+
+
+def test_padded_batch_and_one_at_a_time(decoder):  # noqa: F811
+    latents = torch.randn(5, decoder.config.latent_dim, generator=torch.Generator().manual_seed(2))
+    cfg = BeamSearchConfig(num_beams=4, max_new_tokens=14)
+    search = StaticBeamSearch(decoder, batch_size=8, config=cfg, check_every=3)
+    batched = search(latents)  # 5 real items padded to the static batch of 8
+    assert batched == beam_search(decoder, latents, cfg)
+    assert batched == [search(latents[i : i + 1])[0] for i in range(5)]
+    with pytest.raises(ValueError, match="exceeds this searcher's batch_size 8"):
+        search(torch.randn(9, decoder.config.latent_dim))
