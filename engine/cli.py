@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .backends import BACKENDS, BackendUnavailable
 from .config import PRESETS
 
 
@@ -21,6 +22,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, default_sampler: str = "ddpm
 def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=4, help="beams in the decoder's beam search (default 4)")
     p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="sampling/decoding implementation: auto picks cuda-graph on CUDA with triton, else reference")
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
@@ -116,7 +119,9 @@ def cmd_train(args) -> None:
 def _load(args):
     from .pipeline import load
 
-    return load(args.checkpoint, device=args.device)
+    pipe = load(args.checkpoint, device=args.device, backend=args.backend)
+    print(f"backend: {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
+    return pipe
 
 
 def cmd_generate(args) -> None:
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, BackendUnavailable) as e:
         print(f"ldlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

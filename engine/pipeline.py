@@ -7,20 +7,29 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .backends import resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, check_ddpm_steps
 from .schedule import NoiseSchedule, add_noise
+from .step_tables import ddim_tables, ddpm_tables
+
+
+def batch_bucket(n: int, limit: int) -> int:
+    """The static batch size a batch of n runs at on the engine: the next power of two, at most `limit`."""
+    return min(limit, 1 << max(0, n - 1).bit_length())
 
 
 class Pipeline:
     """Latent diffusion for text. Lists in, results in input order; `progress=False` silences the bars."""
 
-    def __init__(self, components: Components, device: str | torch.device = "cpu"):
+    def __init__(self, components: Components, device: str | torch.device = "cpu", backend: str = "auto"):
         self.components = components
         self.config = components.config
         self.device = torch.device(device)
+        self.backend, self.backend_reason = resolve_backend(backend, self.device)
+        self._engine_cache: dict = {}  # fused samplers and static beam searches, built once per shape/setting
         self.encoder = components.encoder.to(self.device).eval()
         self.decoder = components.decoder.to(self.device).eval()
         self.reverse = components.reverse.to(self.device).eval()
@@ -29,8 +38,8 @@ class Pipeline:
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-        return cls(load_checkpoint(path), device)
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pipeline:
+        return cls(load_checkpoint(path), device, backend)
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(self.components, path)
@@ -57,9 +66,39 @@ class Pipeline:
                      generator: torch.Generator, start_t: int | None, progress: bool) -> torch.Tensor:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if self.backend != "reference":
+            fused = self._fused_sampler(sampler, steps, eta, start_t)
+            if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
+                bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
+                padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], x.shape[1])])
+                return fused(padded, generator)[: x.shape[0]]
+            return fused(x, generator)
         extra = {"eta": eta} if sampler == "ddim" else {}
         return SAMPLERS[sampler](self.denoise, x, self.schedule, steps=steps, generator=generator,
                                  disable=not progress, start_t=start_t, **extra)
+
+    def _fused_sampler(self, sampler: str, steps: int | None, eta: float, start_t: int | None):
+        from .fused_sampler import FusedSampler
+
+        key = ("sampler", sampler, steps, eta, start_t)
+        if key not in self._engine_cache:
+            schedule = self.schedule.to("cpu")
+            if sampler == "ddpm":
+                tables = ddpm_tables(schedule, check_ddpm_steps(schedule.num_timesteps, steps, start_t))
+            else:
+                tables = ddim_tables(schedule, steps or 50, eta, start_t)
+            self._engine_cache[key] = FusedSampler(self.reverse, tables, device=self.device,
+                                                   graphs=self.backend == "cuda-graph")
+        return self._engine_cache[key]
+
+    def _beam_searcher(self, batch: int, search: BeamSearchConfig):
+        from .static_beam_search import StaticBeamSearch
+
+        key = ("beam", batch, search)
+        if key not in self._engine_cache:
+            self._engine_cache[key] = StaticBeamSearch(self.decoder, batch, search,
+                                                       graphs=self.backend == "cuda-graph")
+        return self._engine_cache[key]
 
     @torch.no_grad()
     def sample_latents(self, n: int, *, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
@@ -92,7 +131,11 @@ class Pipeline:
         texts = []
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decode", disable=not progress, leave=False):
             batch = latents[start : start + batch_size].to(self.device, torch.float32)
-            for ids in beam_search(self.decoder, batch, search):
+            if self.backend == "reference":
+                token_ids = beam_search(self.decoder, batch, search)
+            else:
+                token_ids = self._beam_searcher(batch_bucket(len(batch), batch_size), search)(batch)
+            for ids in token_ids:
                 texts.append(self.decoder.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
 
@@ -131,6 +174,6 @@ class Pipeline:
         return self.decode(latents, num_beams=num_beams, progress=progress)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`)."""
-    return Pipeline.load(path, device)
+def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pipeline:
+    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`). backend: see ldlm.backends."""
+    return Pipeline.load(path, device, backend)

@@ -51,6 +51,16 @@ def _time(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
 
 
+def check_ddpm_steps(num_timesteps: int, steps: int | None, start_t: int | None) -> int:
+    """DDPM runs every timestep from start_t (default T-1) to 0: returns start_t; a different step count is an error."""
+    first = num_timesteps - 1 if start_t is None else start_t
+    if steps is not None and steps != first + 1:
+        raise ValueError(
+            f"DDPM runs every timestep ({first + 1} here), got steps={steps}; use the 'ddim' sampler for fewer steps"
+        )
+    return first
+
+
 @torch.no_grad()
 def sample_ddpm(
     denoise: Denoiser,
@@ -66,11 +76,7 @@ def sample_ddpm(
 
     Runs every timestep from `start_t` (default T-1) down to 0; `steps`, if given, must equal that count.
     """
-    first = schedule.num_timesteps - 1 if start_t is None else start_t
-    if steps is not None and steps != first + 1:
-        raise ValueError(
-            f"DDPM runs every timestep ({first + 1} here), got steps={steps}; use the 'ddim' sampler for fewer steps"
-        )
+    first = check_ddpm_steps(schedule.num_timesteps, steps, start_t)
     for step, t in enumerate(tqdm(range(first, -1, -1), desc="ddpm", disable=disable, leave=False)):
         x0_hat = denoise(x, _time(t, x))
         noise = _randn_like(x, generator) if t > 0 else None

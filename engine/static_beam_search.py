@@ -57,8 +57,9 @@ class BeamState:
 class StaticBeamSearch:
     """Beam search for up to `batch_size` latents with a static KV cache; reuse it across calls."""
 
-    def __init__(self, decoder: LatentDecoder, batch_size: int, config: BeamSearchConfig, check_every: int = 8):
-        self.decoder, self.config, self.check_every = decoder, config, check_every
+    def __init__(self, decoder: LatentDecoder, batch_size: int, config: BeamSearchConfig, check_every: int = 8,
+                 graphs: bool = False):
+        self.decoder, self.config, self.check_every, self.graphs = decoder, config, check_every, graphs
         self.B, self.K, self.T = batch_size, config.num_beams, config.max_new_tokens
         self.P = decoder.config.n_prefix
         self.model = StaticKVGPT2(decoder.gpt2, rows=self.B * self.K, max_len=self.P + self.T)
@@ -66,15 +67,27 @@ class StaticBeamSearch:
         self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
         self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K
         self.batch_offset = torch.arange(self.B, device=self.device)[:, None] * self.K
-
-    def _initial_state(self) -> BeamState:
         B, K, T, dev = self.B, self.K, self.T, self.device
-        running = torch.full((B, K, T), self.pad, dtype=torch.long, device=dev)
-        running_scores = torch.zeros(B, K, device=dev)
-        running_scores[:, 1:] = NEG_INF
-        return BeamState(running, running_scores, running.clone(), torch.full((B, K), NEG_INF, device=dev),
-                         torch.zeros(B, K, dtype=torch.bool, device=dev), torch.ones(B, 1, dtype=torch.bool, device=dev),
-                         torch.ones((), dtype=torch.bool, device=dev), torch.zeros((), dtype=torch.long, device=dev))
+        tokens = torch.empty((B, K, T), dtype=torch.long, device=dev)
+        self.state = BeamState(  # one persistent state: a captured graph reads and writes these very tensors
+            tokens, torch.empty(B, K, device=dev), torch.empty_like(tokens), torch.empty(B, K, device=dev),
+            torch.empty(B, K, dtype=torch.bool, device=dev), torch.empty(B, 1, dtype=torch.bool, device=dev),
+            torch.empty((), dtype=torch.bool, device=dev), torch.empty((), dtype=torch.long, device=dev))
+        self.latents = torch.zeros(B, decoder.config.latent_dim, device=dev)  # static input
+        self._graph = None
+
+    def _reset(self) -> BeamState:
+        s = self.state
+        s.running.fill_(self.pad)
+        s.running_scores.zero_()
+        s.running_scores[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
+        s.finished.fill_(self.pad)
+        s.finished_scores.fill_(NEG_INF)
+        s.is_finished.zero_()
+        s.improvable.fill_(True)
+        s.active.fill_(True)
+        s.cur.zero_()
+        return s
 
     def _select(self, s: BeamState, logits: torch.Tensor) -> None:
         """One beam update from next-token logits (B*K, V), in place on `s`; the cache is reordered to match."""
@@ -134,21 +147,44 @@ class StaticBeamSearch:
         logits = self.model.step(last.view(-1), self.P + s.cur - 1)
         self._select(s, logits)
 
+    def _prefill(self) -> BeamState:
+        s = self._reset()
+        logits = self.model.prefill(self.decoder.prefix(self.latents), repeats=self.K)  # (B, V) once per item
+        self._select(s, logits.repeat_interleave(self.K, dim=0))
+        return s
+
+    def _capture(self) -> None:
+        """Capture decode_step as a CUDA graph after a warm-up on a side stream."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            s = self._prefill()
+            for _ in range(2):
+                self.decode_step(s)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self.decode_step(self.state)
+
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> list[list[int]]:
         """latents (b, D) with b <= batch_size -> best token ids per item (EOS removed)."""
         b = latents.shape[0]
         if b > self.B:
             raise ValueError(f"batch of {b} exceeds this searcher's batch_size {self.B}")
-        if b < self.B:  # pad to the static batch; padded items are decoded and dropped
-            latents = torch.cat([latents, latents[:1].expand(self.B - b, -1)])
-        s = self._initial_state()
-        logits = self.model.prefill(self.decoder.prefix(latents), repeats=self.K)  # (B, V)
-        self._select(s, logits.repeat_interleave(self.K, dim=0))
+        # pad to the static batch with copies of item 0: they stop when item 0 does, so results are unchanged
+        self.latents[:b].copy_(latents)
+        self.latents[b:].copy_(latents[:1].expand(self.B - b, -1))
+        if self.graphs and self._graph is None:
+            self._capture()
+        s = self._prefill()
         for step in range(1, self.T):
-            if step % self.check_every == 0 and not bool(s.active):
+            if step % self.check_every == 0 and not bool(s.active):  # the only host syncs of the loop
                 break
-            self.decode_step(s)
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self.decode_step(s)
         results = []
         for tokens in s.finished[:b, 0, :].tolist():
             results.append(tokens[: tokens.index(self.eos)] if self.eos in tokens else tokens)

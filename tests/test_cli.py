@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from ldlm.cli import build_parser, main
 
@@ -41,8 +42,11 @@ def test_train_then_info_generate_reconstruct_vary(capsys, tmp_path, data_file):
     records = [json.loads(line) for line in stdout.splitlines()]
     assert code == 0 and [r["index"] for r in records] == [0, 1, 2] and records[0]["sampler"] == "ddim"
 
-    code, stdout, _ = run(capsys, "reconstruct", str(out), "the cat sat.", "rain fell.", "--no-progress")
-    assert code == 0 and len(stdout.splitlines()) == 2
+    code, stdout, err = run(capsys, "reconstruct", str(out), "the cat sat.", "rain fell.", "--no-progress")
+    assert code == 0 and len(stdout.splitlines()) == 2 and "backend: reference" in err
+    code, fused_stdout, err = run(capsys, "reconstruct", str(out), "the cat sat.", "rain fell.", "--backend", "fused",
+                                  "--no-progress")
+    assert code == 0 and fused_stdout == stdout and "backend: fused" in err
 
     code, stdout, _ = run(capsys, "vary", str(out), "the cat sat.", "--strength", "0.4", "--sampler", "ddim",
                           "--steps", "4", "--json", "--no-progress")
@@ -56,6 +60,9 @@ def test_errors_are_reported_not_raised(capsys, tmp_path, tiny_checkpoint):
     assert code == 2 and "strength must be a number in [0, 1]" in err
     code, _, err = run(capsys, "reconstruct", str(tiny_checkpoint), "ok", "  ", "--no-progress")
     assert code == 2 and "text 1 is empty" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "generate", str(tiny_checkpoint), "--backend", "cuda-graph", "--no-progress")
+        assert code == 2 and "needs a CUDA device" in err
 
 
 def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):

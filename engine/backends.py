@@ -1,0 +1,43 @@
+"""Backend selection: which implementation of the sampling loop and the beam decode a pipeline runs.
+
+    reference   plain PyTorch (ldlm.samplers, ldlm.beam_search): the oracle every fast path is checked against
+    fused       the engine's code path without graphs: fused Triton update on static buffers, static-KV beam
+                search; runs anywhere Triton runs (on CPU through TRITON_INTERPRET=1), for debugging and tests
+    cuda-graph  the engine on CUDA: the same, with the sampling steps and the decode step captured as graphs
+    auto        cuda-graph where CUDA and Triton are available, else reference
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+BACKENDS = ("auto", "reference", "fused", "cuda-graph")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what to use instead."""
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str, device: torch.device) -> tuple[str, str]:
+    """(backend, why) for a requested name on a device; raises with what to do when it cannot run."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "reference", f"auto: device is {device.type}, CUDA graphs need a CUDA device"
+        if not triton_available():
+            return "reference", "auto: triton is not installed (pip install triton)"
+        return "cuda-graph", "auto: CUDA device and triton available"
+    if name in ("fused", "cuda-graph") and not triton_available():
+        raise BackendUnavailable(f"backend {name!r} needs triton: pip install triton, or use backend='reference'")
+    if name == "cuda-graph" and device.type != "cuda":
+        why = "torch.cuda.is_available() is False" if not torch.cuda.is_available() else f"device is {device}"
+        raise BackendUnavailable(f"backend 'cuda-graph' needs a CUDA device ({why}): pass device='cuda', "
+                           "or use backend='reference' or 'fused'")
+    return name, "requested"
