@@ -1,0 +1,171 @@
+"""Latency of the sampling loop, the beam decode and end to end: reference and engine side by side.
+
+    python bench/latency.py --preset base --device cuda --batch-sizes 1 8 64 256 --json out.json
+    python bench/latency.py --preset tiny --device cpu --batch-sizes 1 8 --engine-backend fused   # smoke
+
+Models are built from the preset's config with random weights (no downloads). Random GPT-2 weights
+never emit EOS, so every decode runs the full --max-new-tokens: a fixed, worst-case workload. Warm-up
+runs are excluded; each figure is the median and p90 over --repeats. The sampling loop's FLOPs and bytes
+per step are counted from the model's shapes and compared with a floor: max(FLOPs / matmul rate, bytes /
+copy bandwidth), both measured on this device in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ldlm.beam_search import BeamSearchConfig, beam_search
+from ldlm.checkpoint import Components
+from ldlm.config import ModelConfig
+from ldlm.decoder import LatentDecoder, train_bpe_tokenizer
+from ldlm.encoder import build_tiny_encoder
+from ldlm.pipeline import Pipeline
+from ldlm.reverse import ReverseTransformer
+
+
+def bench_components(preset: str, vocab_size: int | None) -> Components:
+    """The preset's reverse transformer and GPT-2 decoder at full size, random weights. The encoder is a tiny
+    stand-in (sampling and decoding never run it); the tokenizer only supplies EOS."""
+    config = replace(ModelConfig.from_preset(preset), encoder=None)
+    tokenizer = train_bpe_tokenizer(["a small corpus for the benchmark's tokenizer"], 300)
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab_size or config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(0)
+    decoder = LatentDecoder(config, gpt2, tokenizer).eval()
+    reverse = ReverseTransformer(config).eval()
+    zeros = torch.zeros(config.latent_dim)
+    return Components(config, build_tiny_encoder(config.latent_dim), decoder, reverse, zeros, zeros + 1, True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "repeats": repeats}
+
+
+def reverse_step_cost(config: ModelConfig, batch: int, bytes_per_param: int = 4) -> tuple[float, float]:
+    """(FLOPs, bytes) of one sampling step: the reverse transformer on one latent token per item, plus the
+    update (read x, x0_hat, noise; write x). Weights are read once per step."""
+    d, D, E = config.d_model, config.latent_dim, config.time_embed_dim
+    linear_params = (D + E) * d + config.n_layers * (4 * d * d + 2 * config.mlp_ratio * d * d) + d * D
+    flops = 2.0 * linear_params * batch
+    all_params = sum(p.numel() for p in ReverseTransformer(config).parameters())
+    bytes_moved = all_params * bytes_per_param + 4 * batch * D * bytes_per_param
+    return flops, bytes_moved
+
+
+def device_rates(device: torch.device) -> dict:
+    """Measured matmul FLOP/s (fp32) and device copy bandwidth, for the floor."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    mm = timed(lambda: a @ b, device, 2, 5)["median_s"]
+    src = torch.empty(64 * 2**20 if device.type == "cuda" else 8 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), device, 2, 5)["median_s"]
+    return {"matmul_tflops": 2 * n**3 / mm / 1e12, "copy_gbs": 2 * src.numel() * 4 / copy / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base", help="model sizes (default base)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--engine-backend", default="auto", help="backend for the engine column (default auto)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    parser.add_argument("--steps", type=int, default=None, help="ddim steps (ddpm always runs 1000)")
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=None, help="decoder vocabulary (default: the preset's)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate")
+    parser.add_argument("--json", help="write all results to this file")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    components = bench_components(args.preset, args.vocab_size)
+    reference = Pipeline(components, device, backend="reference")
+    engine = Pipeline(components, device, backend=args.engine_backend)
+    config = reference.config
+    search = BeamSearchConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    rates = device_rates(device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+               "preset": args.preset, "engine_backend": engine.backend, "torch": torch.__version__,
+               "sampler": args.sampler, "steps": args.steps, "rates": rates, "rows": []}
+    print(f"device {results['device']}, engine backend {engine.backend}, matmul {rates['matmul_tflops']:.2f} TFLOP/s, "
+          f"copy {rates['copy_gbs']:.0f} GB/s")
+    sample = dict(sampler=args.sampler, steps=args.steps, seed=0, progress=False)
+
+    for batch in args.batch_sizes:
+        latents = torch.randn(batch, config.latent_dim, device=device)
+        row = {"batch": batch}
+        row["sample_reference"] = timed(lambda: reference.sample_latents(batch, **sample), device, args.warmup, args.repeats)
+        row["sample_engine"] = timed(lambda: engine.sample_latents(batch, **sample), device, args.warmup, args.repeats)
+        row["decode_reference"] = timed(lambda: beam_search(reference.decoder, latents, search), device, args.warmup,
+                                        args.repeats)
+        row["decode_engine"] = timed(lambda: engine.decode(latents, num_beams=args.num_beams,
+                                                           max_new_tokens=args.max_new_tokens, progress=False),
+                                     device, args.warmup, args.repeats)
+        if not args.skip_hf:
+            prefix = reference.decoder.prefix(latents).detach()
+
+            def hf_generate():
+                with torch.no_grad():
+                    reference.decoder.gpt2.generate(
+                        inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
+                        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                        min_new_tokens=args.max_new_tokens, no_repeat_ngram_size=3, early_stopping=True,
+                        do_sample=False, pad_token_id=reference.decoder.pad_token_id)
+            row["decode_hf_generate"] = timed(hf_generate, device, args.warmup, args.repeats)
+        # end to end = sampling loop + beam decode (medians added; encoding is not part of unconditional generation)
+        row["end_to_end_reference"] = {"median_s": row["sample_reference"]["median_s"] + row["decode_reference"]["median_s"]}
+        row["end_to_end_engine"] = {"median_s": row["sample_engine"]["median_s"] + row["decode_engine"]["median_s"]}
+
+        n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
+        flops, bytes_moved = reverse_step_cost(config, batch)
+        floor_s = max(flops / (rates["matmul_tflops"] * 1e12), bytes_moved / (rates["copy_gbs"] * 1e9))
+        per_step = row["sample_engine"]["median_s"] / n_steps
+        row["per_step"] = {"flops": flops, "bytes": bytes_moved, "floor_us": floor_s * 1e6, "engine_us": per_step * 1e6,
+                           "engine_tflops": flops / per_step / 1e12, "engine_gbs": bytes_moved / per_step / 1e9}
+        row["speedup_sample"] = row["sample_reference"]["median_s"] / row["sample_engine"]["median_s"]
+        row["speedup_decode_vs_reference"] = row["decode_reference"]["median_s"] / row["decode_engine"]["median_s"]
+        if "decode_hf_generate" in row:
+            row["speedup_decode_vs_hf"] = row["decode_hf_generate"]["median_s"] / row["decode_engine"]["median_s"]
+        row["speedup_end_to_end"] = row["end_to_end_reference"]["median_s"] / row["end_to_end_engine"]["median_s"]
+        results["rows"].append(row)
+        print(f"batch {batch:4d}: sample {row['sample_reference']['median_s']*1e3:9.1f} -> "
+              f"{row['sample_engine']['median_s']*1e3:9.1f} ms ({row['speedup_sample']:.1f}x), "
+              f"decode {row['decode_reference']['median_s']*1e3:9.1f} -> {row['decode_engine']['median_s']*1e3:9.1f} ms "
+              f"({row['speedup_decode_vs_reference']:.1f}x; vs HF {row.get('speedup_decode_vs_hf', float('nan')):.1f}x), "
+              f"step {per_step*1e6:.0f} us vs floor {floor_s*1e6:.0f} us", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
