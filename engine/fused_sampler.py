@@ -51,6 +51,7 @@ class FusedSampler:
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")
         self.chunk = chunk
         self.fused_update = _fused_update()
+        self._rng = torch.Generator(device=self.device) if self.graphs else None
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
     def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool) -> None:
@@ -72,27 +73,23 @@ class FusedSampler:
             self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1))
         return self._buffers[key]
 
-    def _graph(self, buf: _Buffers, generator: torch.Generator | None, draw: bool) -> torch.cuda.CUDAGraph:
+    def _graph(self, buf: _Buffers, draw: bool) -> torch.cuda.CUDAGraph:
+        """Capture `chunk` steps (with or without the noise draw) once per buffer; the caller resets the
+        buffers and the generator state afterwards, so warm-up and capture leave no trace in results."""
         if draw not in buf.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            saved = (buf.x.clone(), buf.step.clone(), buf.first_bad_step.clone(),
-                     generator.get_state() if generator is not None else None)
             with torch.cuda.stream(stream):  # warm-up on a side stream (allocations, autotuning, lazy init)
                 for _ in range(2):
-                    self._one_step(buf, generator, draw)
+                    buf.step.zero_()
+                    self._one_step(buf, self._rng, draw)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            if generator is not None:
-                graph.register_generator_state(generator)
+            graph.register_generator_state(self._rng)  # graph-safe Philox: each replay advances its offset
+            buf.step.zero_()
             with torch.cuda.graph(graph):
                 for _ in range(self.chunk):
-                    self._one_step(buf, generator, draw)
-            buf.x.copy_(saved[0])
-            buf.step.copy_(saved[1])
-            buf.first_bad_step.copy_(saved[2])
-            if saved[3] is not None:
-                generator.set_state(saved[3])
+                    self._one_step(buf, self._rng, draw)
             buf.graphs[draw] = graph
         return buf.graphs[draw]
 
@@ -100,10 +97,17 @@ class FusedSampler:
     def __call__(self, x_start: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor."""
         buf = self._buffers_for(*x_start.shape)
+        draws = [self.tables.draws_noise(s) for s in range(self.tables.num_steps)]
+        rng = generator
+        if self.graphs:  # graphs draw from one registered generator, synced with the caller's before and after
+            for draw in set(draws):
+                self._graph(buf, draw)
+            rng = self._rng
+            if generator is not None:
+                rng.set_state(generator.get_state())
         buf.x.copy_(x_start)
         buf.step.zero_()
         buf.first_bad_step.fill_(-1)
-        draws = [self.tables.draws_noise(s) for s in range(self.tables.num_steps)]
         s = 0
         while s < len(draws):
             draw = draws[s]
@@ -111,15 +115,16 @@ class FusedSampler:
             while s + run < len(draws) and draws[s + run] == draw:
                 run += 1
             if self.graphs:
-                graph = self._graph(buf, generator, draw)
                 for _ in range(run // self.chunk):
-                    graph.replay()
+                    buf.graphs[draw].replay()
                 for _ in range(run % self.chunk):
-                    self._one_step(buf, generator, draw)
+                    self._one_step(buf, rng, draw)
             else:
                 for _ in range(run):
-                    self._one_step(buf, generator, draw)
+                    self._one_step(buf, rng, draw)
             s += run
+        if self.graphs and generator is not None:
+            generator.set_state(rng.get_state())
         bad = int(buf.first_bad_step)  # the one host synchronization of the loop
         if bad >= 0:
             bad_items = (~torch.isfinite(buf.x).all(dim=1)).nonzero().flatten().tolist()

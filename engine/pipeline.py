@@ -1,4 +1,5 @@
-"""The reference pipeline: encode, denoise, decode, in plain PyTorch. Every fast path is checked against it."""
+"""The pipeline: encode, denoise, decode. The reference backend is plain PyTorch and every fast path
+(ldlm.backends) is checked against it."""
 
 from __future__ import annotations
 
