@@ -22,4 +22,7 @@ timeout 90 python bench/kernel_bandwidth.py --json "$out/kernel.json" > "$out/ke
 timeout 300 python bench/latency.py --preset base --batch-sizes 1 8 64 256 --repeats 3 \
   --json "$out/latency.json" > "$out/latency.log" 2>&1 || tail -5 "$out/latency.log"
 
+timeout 120 python bench/latency.py --preset base --batch-sizes 64 --repeats 3 --dtype bfloat16 --skip-hf \
+  --json "$out/latency_bf16.json" > "$out/latency_bf16.log" 2>&1 || tail -5 "$out/latency_bf16.log"
+
 python bench/gpu_table.py "$out" | tee "$out/table.md"

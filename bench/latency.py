@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--preset", default="base", help="model sizes (default base)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--engine-backend", default="auto", help="backend for the engine column (default auto)")
+    parser.add_argument("--dtype", default="float32", help="engine dtype: float32 (parity), bfloat16, float16")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     parser.add_argument("--steps", type=int, default=None, help="ddim steps (ddpm always runs 1000)")
@@ -109,12 +110,12 @@ def main() -> None:
     device = torch.device(args.device)
     components = bench_components(args.preset, args.vocab_size)
     reference = Pipeline(components, device, backend="reference")
-    engine = Pipeline(components, device, backend=args.engine_backend)
+    engine = Pipeline(components, device, backend=args.engine_backend, dtype=args.dtype)
     config = reference.config
     search = BeamSearchConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     rates = device_rates(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               "preset": args.preset, "engine_backend": engine.backend, "torch": torch.__version__,
+               "preset": args.preset, "engine_backend": engine.backend, "dtype": args.dtype, "torch": torch.__version__,
                "sampler": args.sampler, "steps": args.steps, "rates": rates, "rows": []}
     print(f"device {results['device']}, engine backend {engine.backend}, matmul {rates['matmul_tflops']:.2f} TFLOP/s, "
           f"copy {rates['copy_gbs']:.0f} GB/s")
@@ -146,7 +147,7 @@ def main() -> None:
         row["end_to_end_engine"] = {"median_s": row["sample_engine"]["median_s"] + row["decode_engine"]["median_s"]}
 
         n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
-        flops, bytes_moved = reverse_step_cost(config, batch)
+        flops, bytes_moved = reverse_step_cost(config, batch, engine.dtype.itemsize)
         floor_s = max(flops / (rates["matmul_tflops"] * 1e12), bytes_moved / (rates["copy_gbs"] * 1e9))
         per_step = row["sample_engine"]["median_s"] / n_steps
         row["per_step"] = {"flops": flops, "bytes": bytes_moved, "floor_us": floor_s * 1e6, "engine_us": per_step * 1e6,

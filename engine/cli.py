@@ -24,6 +24,8 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="sampling/decoding implementation: auto picks cuda-graph on CUDA with triton, else reference")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="engine compute dtype (default float32, the parity mode; the reference is float32 only)")
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
@@ -55,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain text (one example a line) or .jsonl files with a text field")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model preset (default small)")
+    p.add_argument("--encoder", default=None,
+                   help="BERT-family encoder, a local path or hub id (default: the preset's); latent_dim follows it")
+    p.add_argument("--decoder", default=None,
+                   help="pretrained GPT-2 to fine-tune, a local path or hub id, with its tokenizer "
+                        "(default: a GPT-2 built from the preset with a BPE trained on --data)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--time-budget", type=float, default=600.0,
                    help="seconds for both stages together (default 600; 0 means only step limits)")
@@ -111,7 +118,8 @@ def cmd_train(args) -> None:
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
         seed=args.seed,
     )
-    summary = train(texts, args.out, ModelConfig.from_preset(args.preset), train_config,
+    overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
+    summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,
                     resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
 
@@ -119,7 +127,7 @@ def cmd_train(args) -> None:
 def _load(args):
     from .pipeline import load
 
-    pipe = load(args.checkpoint, device=args.device, backend=args.backend)
+    pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype)
     print(f"backend: {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
     return pipe
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,6 +18,19 @@ from .schedule import NoiseSchedule, add_noise
 from .step_tables import ddim_tables, ddpm_tables
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; choose one of {list(DTYPES)}")
+    return dtype
+
+
 def batch_bucket(n: int, limit: int) -> int:
     """The static batch size a batch of n runs at on the engine: the next power of two, at most `limit`."""
     return min(limit, 1 << max(0, n - 1).bit_length())
@@ -25,22 +39,31 @@ def batch_bucket(n: int, limit: int) -> int:
 class Pipeline:
     """Latent diffusion for text. Lists in, results in input order; `progress=False` silences the bars."""
 
-    def __init__(self, components: Components, device: str | torch.device = "cpu", backend: str = "auto"):
+    def __init__(self, components: Components, device: str | torch.device = "cpu", backend: str = "auto",
+                 dtype: str | torch.dtype = torch.float32):
         self.components = components
         self.config = components.config
         self.device = torch.device(device)
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
+        self.dtype = resolve_dtype(dtype)
+        if self.dtype != torch.float32 and self.backend == "reference":
+            raise ValueError(f"the reference backend runs in float32 only; use backend='fused' or 'cuda-graph' "
+                             f"for {self.dtype}")
         self._engine_cache: dict = {}  # fused samplers and static beam searches, built once per shape/setting
         self.encoder = components.encoder.to(self.device).eval()
         self.decoder = components.decoder.to(self.device).eval()
         self.reverse = components.reverse.to(self.device).eval()
+        # the engine's copies in its dtype (the same modules in float32, the parity mode)
+        self._engine_reverse = self.reverse if self.dtype == torch.float32 else copy.deepcopy(self.reverse).to(self.dtype)
+        self._engine_decoder = self.decoder if self.dtype == torch.float32 else copy.deepcopy(self.decoder).to(self.dtype)
         self.latent_mean = components.latent_mean.to(self.device)
         self.latent_std = components.latent_std.to(self.device)
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pipeline:
-        return cls(load_checkpoint(path), device, backend)
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
+             dtype: str | torch.dtype = torch.float32) -> Pipeline:
+        return cls(load_checkpoint(path), device, backend, dtype)
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(self.components, path)
@@ -72,8 +95,8 @@ class Pipeline:
             if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
                 bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
                 padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], x.shape[1])])
-                return fused(padded, generator)[: x.shape[0]]
-            return fused(x, generator)
+                return fused(padded, generator)[: x.shape[0]].float()
+            return fused(x, generator).float()
         extra = {"eta": eta} if sampler == "ddim" else {}
         return SAMPLERS[sampler](self.denoise, x, self.schedule, steps=steps, generator=generator,
                                  disable=not progress, start_t=start_t, **extra)
@@ -88,7 +111,7 @@ class Pipeline:
                 tables = ddpm_tables(schedule, check_ddpm_steps(schedule.num_timesteps, steps, start_t))
             else:
                 tables = ddim_tables(schedule, steps or 50, eta, start_t)
-            self._engine_cache[key] = FusedSampler(self.reverse, tables, device=self.device,
+            self._engine_cache[key] = FusedSampler(self._engine_reverse, tables, device=self.device, dtype=self.dtype,
                                                    graphs=self.backend == "cuda-graph")
         return self._engine_cache[key]
 
@@ -97,7 +120,7 @@ class Pipeline:
 
         key = ("beam", batch, search)
         if key not in self._engine_cache:
-            self._engine_cache[key] = StaticBeamSearch(self.decoder, batch, search,
+            self._engine_cache[key] = StaticBeamSearch(self._engine_decoder, batch, search,
                                                        graphs=self.backend == "cuda-graph")
         return self._engine_cache[key]
 
@@ -175,6 +198,10 @@ class Pipeline:
         return self.decode(latents, num_beams=num_beams, progress=progress)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pipeline:
-    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`). backend: see ldlm.backends."""
-    return Pipeline.load(path, device, backend)
+def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
+         dtype: str | torch.dtype = torch.float32) -> Pipeline:
+    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`).
+
+    backend: see ldlm.backends. dtype: the engine's compute dtype (float32, the parity mode; bfloat16;
+    float16); the reference backend is float32 only."""
+    return Pipeline.load(path, device, backend, dtype)

@@ -73,7 +73,8 @@ class StaticBeamSearch:
             tokens, torch.empty(B, K, device=dev), torch.empty_like(tokens), torch.empty(B, K, device=dev),
             torch.empty(B, K, dtype=torch.bool, device=dev), torch.empty(B, 1, dtype=torch.bool, device=dev),
             torch.empty((), dtype=torch.bool, device=dev), torch.empty((), dtype=torch.long, device=dev))
-        self.latents = torch.zeros(B, decoder.config.latent_dim, device=dev)  # static input
+        dtype = next(decoder.parameters()).dtype
+        self.latents = torch.zeros(B, decoder.config.latent_dim, device=dev, dtype=dtype)  # static input
         self._graph = None
 
     def _reset(self) -> BeamState:

@@ -51,3 +51,20 @@ def test_fused_reconstruct_and_vary_match_reference(pipelines):
 
 def test_batch_bucket():
     assert [batch_bucket(n, 256) for n in (1, 2, 3, 8, 9, 64, 65, 256, 300)] == [1, 2, 4, 8, 16, 64, 128, 256, 256]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_engine_stays_close_to_fp32(tiny_checkpoint, dtype):
+    reference = ldlm.load(tiny_checkpoint, backend="reference")
+    low = ldlm.load(tiny_checkpoint, backend="fused", dtype=dtype)
+    kwargs = dict(n=4, sampler="ddim", steps=20, seed=3, progress=False)
+    expected, got = reference.sample_latents(**kwargs), low.sample_latents(**kwargs)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # loose by design: 20 steps of a half-precision model; the figure is relative to the latents' spread
+    assert ((got - expected).norm() / expected.norm()).item() < 0.1
+    assert len(low.decode(got, progress=False)) == 4
+
+
+def test_reference_refuses_low_precision(tiny_checkpoint):
+    with pytest.raises(ValueError, match="reference backend runs in float32 only"):
+        ldlm.load(tiny_checkpoint, backend="reference", dtype="bfloat16")

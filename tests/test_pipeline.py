@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -104,3 +105,23 @@ def test_resume_continues_where_training_stopped(tmp_path):
     assert ldlm.load(out).generate(1, sampler="ddim", steps=3, progress=False)
     with pytest.raises(ValueError, match="other data"):
         train(TINY_TEXTS[:8], out, config, tiny_train_config(), resume=True, **quiet)
+
+
+def test_pretrained_decoder_path_brings_its_tokenizer(tmp_path):
+    """A user-supplied GPT-2 (saved with save_pretrained) is fine-tuned with its own tokenizer and config."""
+    from transformers import GPT2LMHeadModel
+
+    from ldlm.decoder import gpt2_config, train_bpe_tokenizer
+
+    config = ModelConfig.from_preset("tiny")
+    tokenizer = train_bpe_tokenizer(["some other corpus entirely, for a pretrained tokenizer"] * 4, 280)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config(dataclasses.replace(config, n_embd=48, n_head=4), tokenizer)).save_pretrained(
+        tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "run"
+    train(TINY_TEXTS, out, dataclasses.replace(config, decoder=str(tmp_path / "gpt2")),
+          tiny_train_config(decoder_steps=5, diffusion_steps=5), progress=False, log=lambda *_: None)
+    pipe = ldlm.load(out)
+    assert pipe.decoder.gpt2.config.n_embd == 48 and len(pipe.decoder.tokenizer) == len(tokenizer)
+    assert len(pipe.reconstruct(["the cat sat."], progress=False)) == 1
