@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
             _add_sampling_flags(p)
         _add_common_flags(p)
 
+    p = sub.add_parser("eval", help="score reconstruction and samples against references (MAUVE, Div, Mem, BLEU)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (omit to score --samples alone)")
+    p.add_argument("--references", required=True, help="reference texts (held out from training), txt or jsonl")
+    p.add_argument("--train", required=True, nargs="+", help="the training texts, for memorization (Mem)")
+    p.add_argument("--samples", help="also score the texts of this file (e.g. a baseline's samples)")
+    p.add_argument("--num-samples", type=int, default=500, help="samples on each side of MAUVE (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and the reference split (default 0)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (default ddpm)")
+    p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
+    p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
+    _add_common_flags(p)
+
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory")
 
@@ -152,6 +165,23 @@ def cmd_vary(args) -> None:
     _print_results(args, texts, outputs, strength=args.strength, sampler=args.sampler, seed=args.seed)
 
 
+def cmd_eval(args) -> None:
+    from .data import read_corpus, read_texts
+    from .evaluate import EvalSettings, evaluate, format_table
+
+    if args.checkpoint is None and args.samples is None:
+        raise ValueError("give a checkpoint, --samples FILE, or both")
+    settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                            num_beams=args.num_beams)
+    result = evaluate(read_texts(args.references, args.text_field), read_corpus(args.train, args.text_field),
+                      pipe=_load(args) if args.checkpoint else None,
+                      samples=read_texts(args.samples, args.text_field) if args.samples else None,
+                      settings=settings, progress=not args.no_progress)
+    print(format_table(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+
+
 def cmd_info(args) -> None:
     from .checkpoint import load_checkpoint
 
@@ -181,7 +211,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary,
-            "info": cmd_info, "demo": cmd_demo}
+            "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):
 def test_every_flag_has_help():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "info", "demo"}
+    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "eval", "info", "demo"}
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help, f"ldlm {name} {action.option_strings or action.dest} has no help"

@@ -1,0 +1,109 @@
+"""`ldlm eval`: reconstruction and sample quality of a checkpoint (or of any file of samples) against references.
+
+Rows of the result:
+- model: reconstruction from clean latents (exact match, corpus BLEU, teacher-forced token accuracy) and
+  unconditional samples scored against the references (MAUVE, Div, Mem, mean length, degenerate rate);
+- samples: the same sample scores for a file of texts (for instance a plain language model's samples);
+- reference: one half of the references scored against the other half, the ceiling for every figure.
+
+MAUVE runs on sentence features of the offline default encoder (all-MiniLM-L6-v2, mean-pooled), with the
+same number of texts on both sides.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import metrics
+from .config import DEFAULT_ENCODER
+from .encoder import LatentEncoder
+
+
+@dataclass
+class EvalSettings:
+    num_samples: int = 500  # unconditional samples (and references on the other side of MAUVE)
+    seed: int = 0
+    sampler: str = "ddpm"
+    steps: int | None = None
+    num_beams: int = 4
+    max_references: int = 1000  # references used for reconstruction
+
+
+def features(encoder: LatentEncoder, texts: list[str]):
+    """Sentence features for MAUVE; an empty text gets a placeholder (it is counted as degenerate anyway)."""
+    return encoder.encode([t if t.strip() else "[empty]" for t in texts]).cpu().numpy()
+
+
+def token_accuracy(pipe, texts: list[str], batch_size: int = 64) -> float:
+    """Teacher-forced next-token accuracy of the decoder on the texts' own clean latents."""
+    correct = total = 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            ids, mask = pipe.decoder.tokenize(batch)
+            ids, mask = ids.to(pipe.device), mask.to(pipe.device)
+            predicted = pipe.decoder(pipe.encode(batch), ids, mask).argmax(dim=-1)
+            correct += int(((predicted == ids) & mask.bool()).sum())
+            total += int(mask.sum())
+    return correct / total if total else 0.0
+
+
+def sample_scores(samples: list[str], references: list[str], train_texts: list[str], encoder: LatentEncoder,
+                  seed: int) -> dict:
+    return {
+        "n": len(samples),
+        "mauve": metrics.mauve_score(features(encoder, samples), features(encoder, references), seed=seed),
+        "div": metrics.diversity(samples),
+        "mem": metrics.memorization(samples, train_texts),
+        "mean_length": metrics.mean_length(samples),
+        "degenerate": metrics.degenerate_rate(samples),
+    }
+
+
+def evaluate(references: list[str], train_texts: list[str], *, pipe=None, samples: list[str] | None = None,
+             settings: EvalSettings | None = None, feature_encoder: LatentEncoder | None = None,
+             progress: bool = True) -> dict:
+    """Score a pipeline (reconstruction + its own samples) and/or a list of samples; add the reference row."""
+    s = settings or EvalSettings()
+    if len(references) < 4:
+        raise ValueError(f"need at least 4 references to score (and to split in halves), got {len(references)}")
+    encoder = feature_encoder or LatentEncoder.from_pretrained(DEFAULT_ENCODER)
+    shuffled = references[:]
+    random.Random(s.seed).shuffle(shuffled)
+    half = min(len(shuffled) // 2, s.num_samples)
+    result = {"settings": asdict(s), "rows": {}}
+
+    if pipe is not None:
+        recon_refs = references[: s.max_references]
+        outputs = pipe.reconstruct(recon_refs, num_beams=s.num_beams, progress=progress)
+        row = {"reconstruction": {"n": len(recon_refs), "exact_match": metrics.exact_match(outputs, recon_refs),
+                                  "bleu": metrics.corpus_bleu(outputs, recon_refs),
+                                  "token_accuracy": token_accuracy(pipe, recon_refs)}}
+        n = min(s.num_samples, len(shuffled))
+        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
+                                  progress=progress)
+        row["samples"] = sample_scores(generated, shuffled[:n], train_texts, encoder, s.seed)
+        row["examples"] = generated[:10]
+        result["rows"]["model"] = row
+    if samples is not None:
+        n = min(len(samples), len(shuffled))
+        result["rows"]["samples"] = {"samples": sample_scores(samples[:n], shuffled[:n], train_texts, encoder, s.seed),
+                                     "examples": samples[:10]}
+    result["rows"]["reference"] = {"samples": sample_scores(shuffled[:half], shuffled[half : 2 * half], train_texts,
+                                                            encoder, s.seed)}
+    return result
+
+
+def format_table(result: dict) -> str:
+    cols = ["exact_match", "bleu", "token_accuracy", "mauve", "div", "mem", "mean_length", "degenerate", "n"]
+    lines = ["| row | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for name, row in result["rows"].items():
+        values = {**row.get("reconstruction", {}), **row.get("samples", {})}
+        if "reconstruction" in row:
+            values["n"] = f"{row['reconstruction']['n']} / {row['samples']['n']}"
+        cells = [f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, "-")) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

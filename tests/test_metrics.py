@@ -1,0 +1,72 @@
+"""Quality measures on hand-checked inputs, and `ldlm eval` end to end on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ldlm import metrics
+from ldlm.cli import main
+from ldlm.encoder import build_tiny_encoder
+from ldlm.evaluate import EvalSettings, evaluate, format_table
+
+from .conftest import TINY_TEXTS
+
+
+def test_diversity():
+    assert metrics.diversity(["a b c d e"]) == 1.0
+    # "a b a b a b": bigrams 5 (2 unique), trigrams 4 (2 unique), 4-grams 3 (2 unique)
+    assert metrics.diversity(["a b a b a b"]) == pytest.approx((2 / 5) * (2 / 4) * (2 / 3))
+    assert metrics.diversity(["too short"]) == 0.0
+
+
+def test_memorization():
+    train = ["the cat sat on the mat today"]
+    assert metrics.memorization(["the cat sat on the mat"], train) == 1.0
+    assert metrics.memorization(["a dog sat on the mat"], train) == pytest.approx(1 / 3)  # only "sat on the mat"
+    assert metrics.memorization(["x y"], train) == 0.0
+
+
+def test_length_degenerate_exact_match():
+    assert metrics.mean_length(["a b", "c d e f"]) == 3.0
+    assert metrics.is_degenerate("") and metrics.is_degenerate("   ")
+    assert metrics.is_degenerate("go go go go go go go go go go")
+    assert not metrics.is_degenerate("a perfectly normal sentence about a cat on a mat")
+    assert metrics.degenerate_rate(["", "fine text here"]) == 0.5
+    assert metrics.exact_match(["a", "b "], ["a", "c"]) == 0.5
+
+
+def test_bleu_and_mauve_bounds():
+    assert metrics.corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    rng = np.random.default_rng(0)
+    same = metrics.mauve_score(rng.normal(size=(60, 8)), rng.normal(size=(60, 8)))
+    apart = metrics.mauve_score(rng.normal(size=(60, 8)), rng.normal(size=(60, 8)) + 5.0)
+    assert 0 < apart < same <= 1
+
+
+def test_evaluate_tiny_pipeline(tiny_pipeline):
+    encoder = build_tiny_encoder(32)
+    result = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=tiny_pipeline, samples=["a cat.", "", "b dog sat."],
+                      settings=EvalSettings(num_samples=6, sampler="ddim", steps=5), feature_encoder=encoder,
+                      progress=False)
+    rows = result["rows"]
+    assert set(rows) == {"model", "samples", "reference"}
+    assert rows["model"]["samples"]["n"] == 6 and rows["samples"]["samples"]["n"] == 3
+    assert rows["samples"]["samples"]["degenerate"] == pytest.approx(1 / 3)
+    assert 0 <= rows["model"]["reconstruction"]["token_accuracy"] <= 1
+    assert rows["reference"]["samples"]["mem"] == 1.0  # the references are the training texts here
+    assert "| model |" in format_table(result)
+
+
+def test_eval_cli_scores_a_sample_file(tmp_path, capsys):
+    refs, train, samples = tmp_path / "refs.txt", tmp_path / "train.txt", tmp_path / "samples.txt"
+    refs.write_text("\n".join(TINY_TEXTS[:16]))
+    train.write_text("\n".join(TINY_TEXTS))
+    samples.write_text("the cat sat on the mat.\na dog ran.\nrain fell on the town.\n")
+    code = main(["eval", "--references", str(refs), "--train", str(train), "--samples", str(samples),
+                 "--output", str(tmp_path / "out.json"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| samples |" in out and "| reference |" in out
+    assert json.loads((tmp_path / "out.json").read_text())["rows"]["samples"]["samples"]["n"] == 3
