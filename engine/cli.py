@@ -106,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
     _add_common_flags(p)
 
+    p = sub.add_parser("baseline", help="a plain GPT-2 language model of the decoder's size: train or sample")
+    base = p.add_subparsers(dest="baseline_command", required=True, metavar="ACTION", help="train or sample")
+    q = base.add_parser("train", help="train on the same texts with a time budget")
+    q.add_argument("--data", nargs="+", required=True, metavar="FILE", help="plain text or .jsonl training files")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--preset", choices=sorted(PRESETS), default="small", help="decoder sizes to match (default small)")
+    q.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
+    q.add_argument("--time-budget", type=float, default=600.0, help="training seconds (default 600)")
+    q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    q.add_argument("--no-progress", action="store_true", help="turn progress bars off")
+    q = base.add_parser("sample", help="nucleus samples (p=0.95), one per line")
+    q.add_argument("model", help="directory written by `ldlm baseline train`")
+    q.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples (default 8)")
+    q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    q.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    q.add_argument("--output", help="write the samples to this file instead of printing them")
+
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory")
 
@@ -182,6 +199,24 @@ def cmd_eval(args) -> None:
         Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
 
 
+def cmd_baseline(args) -> None:
+    from .baseline import sample_language_model, train_language_model
+    from .config import ModelConfig
+    from .data import read_corpus
+
+    if args.baseline_command == "train":
+        texts = read_corpus(args.data, args.text_field)
+        summary = train_language_model(texts, args.out, ModelConfig.from_preset(args.preset),
+                                       time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+        return
+    texts = sample_language_model(args.model, args.num_samples, seed=args.seed, top_p=args.top_p)
+    if args.output:
+        Path(args.output).write_text("\n".join(texts) + "\n", encoding="utf-8")
+    else:
+        print("\n".join(texts))
+
+
 def cmd_info(args) -> None:
     from .checkpoint import load_checkpoint
 
@@ -211,7 +246,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary,
-            "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+            "eval": cmd_eval, "baseline": cmd_baseline, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,13 @@ def _fingerprint(texts: list[str], encoder_name: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def warmup_cosine(step: int, done: float, warmup_steps: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine from 1 to 0.1 as `done` goes from 0 to 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=print) -> Components:
     """Fresh models for `config`: the encoder (pretrained, or a tiny one built in code), a GPT-2 decoder whose
     tokenizer is trained on `texts`, a randomly initialized reverse transformer; identity latent statistics."""
@@ -193,10 +200,8 @@ class Trainer:
             params = [p for p in self.components.decoder.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=self.cfg.decoder_lr, weight_decay=0.01)
 
-            def lr_factor(step: int, done: float) -> float:  # linear warm-up, then cosine to 10%
-                if step < self.cfg.warmup_steps:
-                    return (step + 1) / self.cfg.warmup_steps
-                return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done)))
+            def lr_factor(step: int, done: float) -> float:
+                return warmup_cosine(step, done, self.cfg.warmup_steps)
         else:
             optimizer = torch.optim.Adam(self.components.reverse.parameters(), lr=self.cfg.diffusion_lr)
 

@@ -74,8 +74,9 @@ def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):
 def test_every_flag_has_help():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "eval", "info", "demo"}
-    for name, sub in subparsers.items():
+    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "eval", "baseline", "info", "demo"}
+    baseline = next(a for a in subparsers["baseline"]._actions if a.dest == "baseline_command").choices
+    for name, sub in [*subparsers.items(), *(("baseline " + k, v) for k, v in baseline.items())]:
         for action in sub._actions:
             assert action.help, f"ldlm {name} {action.option_strings or action.dest} has no help"
 
@@ -84,3 +85,14 @@ def test_console_script_is_installed():
     assert shutil.which("ldlm"), "install the project (pip install .) so the `ldlm` command exists"
     result = subprocess.run(["ldlm", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "reconstruct" in result.stdout
+
+
+def test_baseline_train_and_sample(capsys, tmp_path, data_file):
+    out = tmp_path / "lm"
+    code, stdout, _ = run(capsys, "baseline", "train", "--data", str(data_file), "--out", str(out), "--preset", "tiny",
+                          "--time-budget", "1", "--no-progress")
+    assert code == 0 and json.loads(stdout)["steps"] > 0
+    code, _, _ = run(capsys, "baseline", "sample", str(out), "-n", "5", "--output", str(tmp_path / "s.txt"))
+    first = (tmp_path / "s.txt").read_text().splitlines()
+    code, _, _ = run(capsys, "baseline", "sample", str(out), "-n", "5", "--output", str(tmp_path / "s.txt"))
+    assert code == 0 and len(first) == 5 and (tmp_path / "s.txt").read_text().splitlines() == first
