@@ -24,7 +24,7 @@ from .encoder import LatentEncoder
 
 @dataclass
 class EvalSettings:
-    num_samples: int = 500  # unconditional samples (and references on the other side of MAUVE)
+    num_samples: int = 500  # at most this many samples, scored against as many held-out references
     seed: int = 0
     sampler: str = "ddpm"
     steps: int | None = None
@@ -73,8 +73,11 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
     encoder = feature_encoder or LatentEncoder.from_pretrained(DEFAULT_ENCODER)
     shuffled = references[:]
     random.Random(s.seed).shuffle(shuffled)
-    half = min(len(shuffled) // 2, s.num_samples)
-    result = {"settings": asdict(s), "rows": {}}
+    # every row scores n texts against the same n held-out references (the second half), so that MAUVE,
+    # Div and Mem compare like with like: Div in particular falls as the number of texts grows
+    n = min(len(shuffled) // 2, s.num_samples)
+    first_half, second_half = shuffled[:n], shuffled[n : 2 * n]
+    result = {"settings": asdict(s), "n": n, "rows": {}}
 
     if pipe is not None:
         recon_refs = references[: s.max_references]
@@ -82,18 +85,17 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
         row = {"reconstruction": {"n": len(recon_refs), "exact_match": metrics.exact_match(outputs, recon_refs),
                                   "bleu": metrics.corpus_bleu(outputs, recon_refs),
                                   "token_accuracy": token_accuracy(pipe, recon_refs)}}
-        n = min(s.num_samples, len(shuffled))
         generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
                                   progress=progress)
-        row["samples"] = sample_scores(generated, shuffled[:n], train_texts, encoder, s.seed)
+        row["samples"] = sample_scores(generated, second_half, train_texts, encoder, s.seed)
         row["examples"] = generated[:10]
         result["rows"]["model"] = row
     if samples is not None:
-        n = min(len(samples), len(shuffled))
-        result["rows"]["samples"] = {"samples": sample_scores(samples[:n], shuffled[:n], train_texts, encoder, s.seed),
+        if len(samples) < n:
+            raise ValueError(f"--samples has {len(samples)} texts; give at least {n} (one per reference scored)")
+        result["rows"]["samples"] = {"samples": sample_scores(samples[:n], second_half, train_texts, encoder, s.seed),
                                      "examples": samples[:10]}
-    result["rows"]["reference"] = {"samples": sample_scores(shuffled[:half], shuffled[half : 2 * half], train_texts,
-                                                            encoder, s.seed)}
+    result["rows"]["reference"] = {"samples": sample_scores(first_half, second_half, train_texts, encoder, s.seed)}
     return result
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between held-out evaluations
     save_every: float = 300.0  # seconds between checkpoints
     holdout_fraction: float = 0.02  # share of the data held out for validation loss (at most 500 lines)
+    decoder_noise: float = 0.0  # stage 1 trains on latents + N(0, (decoder_noise * latent_std)^2): robust decoding
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -264,7 +265,11 @@ class Trainer:
             t0 = time.perf_counter()
             idx = torch.randint(0, n_train, (batch_size,), generator=self.generator)
             if stage == "decoder":
-                loss = self._decoder_loss(self.train_latents[idx], [self.train_ids[i] for i in idx.tolist()])
+                latents = self.train_latents[idx]
+                if self.cfg.decoder_noise > 0:  # imperfect sampled latents should still decode (issue 4 lever)
+                    noise = torch.randn(latents.shape, generator=self.generator)
+                    latents = latents + self.cfg.decoder_noise * c.latent_std * noise
+                loss = self._decoder_loss(latents, [self.train_ids[i] for i in idx.tolist()])
             else:
                 t = torch.randint(0, self.schedule.num_timesteps, (batch_size,), generator=self.generator)
                 noise = torch.randn(batch_size, c.config.latent_dim, generator=self.generator)

@@ -48,13 +48,17 @@ def test_bleu_and_mauve_bounds():
 
 def test_evaluate_tiny_pipeline(tiny_pipeline):
     encoder = build_tiny_encoder(32)
-    result = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=tiny_pipeline, samples=["a cat.", "", "b dog sat."],
+    samples = ["a cat.", "", "b dog sat.", "the sun sets.", "we ate pizza.", "rain fell."]
+    result = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=tiny_pipeline, samples=samples,
                       settings=EvalSettings(num_samples=6, sampler="ddim", steps=5), feature_encoder=encoder,
                       progress=False)
     rows = result["rows"]
-    assert set(rows) == {"model", "samples", "reference"}
-    assert rows["model"]["samples"]["n"] == 6 and rows["samples"]["samples"]["n"] == 3
-    assert rows["samples"]["samples"]["degenerate"] == pytest.approx(1 / 3)
+    assert set(rows) == {"model", "samples", "reference"} and result["n"] == 6
+    assert rows["model"]["samples"]["n"] == rows["samples"]["samples"]["n"] == rows["reference"]["samples"]["n"] == 6
+    assert rows["samples"]["samples"]["degenerate"] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="--samples has 2 texts; give at least 6"):
+        evaluate(TINY_TEXTS[:16], TINY_TEXTS, samples=samples[:2], settings=EvalSettings(num_samples=6),
+                 feature_encoder=encoder)
     assert 0 <= rows["model"]["reconstruction"]["token_accuracy"] <= 1
     assert rows["reference"]["samples"]["mem"] == 1.0  # the references are the training texts here
     assert "| model |" in format_table(result)
@@ -62,7 +66,7 @@ def test_evaluate_tiny_pipeline(tiny_pipeline):
 
 def test_eval_cli_scores_a_sample_file(tmp_path, capsys):
     refs, train, samples = tmp_path / "refs.txt", tmp_path / "train.txt", tmp_path / "samples.txt"
-    refs.write_text("\n".join(TINY_TEXTS[:16]))
+    refs.write_text("\n".join(TINY_TEXTS[:6]))
     train.write_text("\n".join(TINY_TEXTS))
     samples.write_text("the cat sat on the mat.\na dog ran.\nrain fell on the town.\n")
     code = main(["eval", "--references", str(refs), "--train", str(train), "--samples", str(samples),

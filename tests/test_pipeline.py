@@ -125,3 +125,14 @@ def test_pretrained_decoder_path_brings_its_tokenizer(tmp_path):
     pipe = ldlm.load(out)
     assert pipe.decoder.gpt2.config.n_embd == 48 and len(pipe.decoder.tokenizer) == len(tokenizer)
     assert len(pipe.reconstruct(["the cat sat."], progress=False)) == 1
+
+
+def test_decoder_noise_changes_training_but_not_validation(tmp_path):
+    """The noised-latent lever perturbs stage 1's training batches only; held-out loss stays on clean latents."""
+    config = ModelConfig.from_preset("tiny")
+    quiet = dict(progress=False, log=lambda *_: None)
+    clean = train(TINY_TEXTS, tmp_path / "clean", config, tiny_train_config(decoder_steps=20, diffusion_steps=1), **quiet)
+    noised = train(TINY_TEXTS, tmp_path / "noised", config,
+                   tiny_train_config(decoder_steps=20, diffusion_steps=1, decoder_noise=0.5), **quiet)
+    assert noised["decoder"]["train_loss"] != clean["decoder"]["train_loss"]
+    assert noised["decoder"]["val_loss"] is not None and clean["decoder"]["val_loss"] is not None
