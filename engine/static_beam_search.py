@@ -67,6 +67,7 @@ class StaticBeamSearch:
         self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
         self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K
         self.batch_offset = torch.arange(self.B, device=self.device)[:, None] * self.K
+        self.identity_rows = torch.arange(self.B * self.K, device=self.device)  # cache order kept once frozen
         B, K, T, dev = self.B, self.K, self.T, self.device
         tokens = torch.empty((B, K, T), dtype=torch.long, device=dev)
         self.state = BeamState(  # one persistent state: a captured graph reads and writes these very tensors
@@ -137,8 +138,7 @@ class StaticBeamSearch:
         s.finished_scores.copy_(torch.where(a, finished_scores, s.finished_scores))
         s.is_finished.copy_(torch.where(a, is_finished, s.is_finished))
         s.improvable.copy_(torch.where(a, improvable, s.improvable))
-        identity = torch.arange(B * K, device=self.device)
-        self.model.reorder(torch.where(a, (source_beam + self.batch_offset).view(-1), identity))
+        self.model.reorder(torch.where(a, (source_beam + self.batch_offset).view(-1), self.identity_rows))
         s.active.copy_(a & ~stop)
         s.cur.add_(1)
 

@@ -80,6 +80,9 @@ class StaticKVGPT2:
         return self._logits(h[:, 0, :])
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Row r of the cache becomes old row rows[r] (beam reordering), on the device."""
-        self.k_cache.copy_(self.k_cache.index_select(1, rows))
-        self.v_cache.copy_(self.v_cache.index_select(1, rows))
+        """Row r of the cache becomes old row rows[r] (beam reordering), on the device. Layer by layer, so the
+        temporary is one layer's cache, not the whole cache. (It still moves the full static length every
+        token; cache indirection would avoid that copy, see bench/RESULTS.md.)"""
+        for layer in range(self.k_cache.shape[0]):
+            self.k_cache[layer].copy_(self.k_cache[layer].index_select(0, rows))
+            self.v_cache[layer].copy_(self.v_cache[layer].index_select(0, rows))
