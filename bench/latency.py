@@ -67,14 +67,13 @@ def timed(fn, device, warmup: int, repeats: int) -> dict:
             "repeats": repeats}
 
 
-def reverse_step_cost(config: ModelConfig, batch: int, bytes_per_param: int = 4) -> tuple[float, float]:
+def reverse_step_cost(config: ModelConfig, n_params: int, batch: int, bytes_per_param: int = 4) -> tuple[float, float]:
     """(FLOPs, bytes) of one sampling step: the reverse transformer on one latent token per item, plus the
-    update (read x, x0_hat, noise; write x). Weights are read once per step."""
+    update (read x, x0_hat, noise; write x). Weights (n_params) are read once per step."""
     d, D, E = config.d_model, config.latent_dim, config.time_embed_dim
     linear_params = (D + E) * d + config.n_layers * (4 * d * d + 2 * config.mlp_ratio * d * d) + d * D
     flops = 2.0 * linear_params * batch
-    all_params = sum(p.numel() for p in ReverseTransformer(config).parameters())
-    bytes_moved = all_params * bytes_per_param + 4 * batch * D * bytes_per_param
+    bytes_moved = n_params * bytes_per_param + 4 * batch * D * bytes_per_param
     return flops, bytes_moved
 
 
@@ -147,7 +146,8 @@ def main() -> None:
         row["end_to_end_engine"] = {"median_s": row["sample_engine"]["median_s"] + row["decode_engine"]["median_s"]}
 
         n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
-        flops, bytes_moved = reverse_step_cost(config, batch, engine.dtype.itemsize)
+        n_params = sum(p.numel() for p in components.reverse.parameters())
+        flops, bytes_moved = reverse_step_cost(config, n_params, batch, engine.dtype.itemsize)
         floor_s = max(flops / (rates["matmul_tflops"] * 1e12), bytes_moved / (rates["copy_gbs"] * 1e9))
         per_step = row["sample_engine"]["median_s"] / n_steps
         row["per_step"] = {"flops": flops, "bytes": bytes_moved, "floor_us": floor_s * 1e6, "engine_us": per_step * 1e6,

@@ -10,10 +10,13 @@ import ldlm
 from ldlm.backends import resolve_backend
 from ldlm.pipeline import batch_bucket
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CPU only through its interpreter
+
 
 @pytest.fixture()
 def pipelines(tiny_checkpoint):
-    return ldlm.load(tiny_checkpoint, backend="reference"), ldlm.load(tiny_checkpoint, backend="fused")
+    return (ldlm.load(tiny_checkpoint, device=DEVICE, backend="reference"),
+            ldlm.load(tiny_checkpoint, device=DEVICE, backend="fused"))
 
 
 def test_auto_on_cpu_is_reference_and_says_why():
@@ -55,8 +58,8 @@ def test_batch_bucket():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_engine_stays_close_to_fp32(tiny_checkpoint, dtype):
-    reference = ldlm.load(tiny_checkpoint, backend="reference")
-    low = ldlm.load(tiny_checkpoint, backend="fused", dtype=dtype)
+    reference = ldlm.load(tiny_checkpoint, device=DEVICE, backend="reference")
+    low = ldlm.load(tiny_checkpoint, device=DEVICE, backend="fused", dtype=dtype)
     kwargs = dict(n=4, sampler="ddim", steps=20, seed=3, progress=False)
     expected, got = reference.sample_latents(**kwargs), low.sample_latents(**kwargs)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
