@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-batch-size", type=int, default=256, help="stage 2 batch size (default 256)")
     p.add_argument("--decoder-noise", type=float, default=0.0,
                    help="train the decoder on latents noised with this many per-dimension stds (default 0: clean)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an EMA of the reverse transformer with this decay, e.g. 0.999, and serve it (default off)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (default 200)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches and noise (default 0)")
@@ -148,7 +150,7 @@ def cmd_train(args) -> None:
         time_budget=args.time_budget or None, decoder_share=args.decoder_share, decoder_steps=args.decoder_steps,
         diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
-        seed=args.seed, decoder_noise=args.decoder_noise,
+        seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay,
     )
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
     summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,

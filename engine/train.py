@@ -10,6 +10,7 @@ needs (step counters, optimizer and RNG state, the latent cache, a JSONL log).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .checkpoint import Components, load_checkpoint, save_checkpoint
@@ -49,6 +50,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between held-out evaluations
     save_every: float = 300.0  # seconds between checkpoints
     holdout_fraction: float = 0.02  # share of the data held out for validation loss (at most 500 lines)
+    ema_decay: float | None = None  # keep an EMA of the reverse transformer (served and validated); None: off
     decoder_noise: float = 0.0  # stage 1 trains on latents + N(0, (decoder_noise * latent_std)^2): robust decoding
     seed: int = 0
 
@@ -102,6 +104,7 @@ class Trainer:
         self.train_texts, self.val_texts = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
         fingerprint = _fingerprint(texts, model_config.encoder)
         self.generator = torch.Generator().manual_seed(train_config.seed)
+        self.ema: ReverseTransformer | None = None  # EMA weights of the reverse transformer, when enabled
 
         if resume:
             self.components, self.state = self._load_state(fingerprint)
@@ -130,7 +133,12 @@ class Trainer:
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"{self.out} was trained on other data or another encoder: resume with the same --data")
         self.generator.set_state(load_file(str(self.state_dir / "rng.safetensors"))["generator"])
-        return load_checkpoint(self.out), state
+        components = load_checkpoint(self.out)
+        raw = self.state_dir / "reverse_raw.safetensors"
+        if raw.is_file():  # the checkpoint serves EMA weights; training continues from the raw ones
+            self.ema = copy.deepcopy(components.reverse)
+            load_model(components.reverse, str(raw))
+        return components, state
 
     def _latents(self, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of the train and validation texts, encoded once and cached under training/."""
@@ -158,9 +166,9 @@ class Trainer:
         ids, mask = self.components.decoder.pad(rows)
         return self.components.decoder.loss(latents, ids, mask)
 
-    def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model=None) -> torch.Tensor:
         x_t = add_noise(self.schedule, z0, t, noise)
-        return F.mse_loss(self.components.reverse(x_t, t.float()), z0)
+        return F.mse_loss((model or self.components.reverse)(x_t, t.float()), z0)
 
     def _normalized(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.components.latent_mean) / self.components.latent_std
@@ -181,7 +189,7 @@ class Trainer:
                 z0 = self._normalized(latents)
                 t = torch.randint(0, self.schedule.num_timesteps, (len(z0),), generator=fixed)
                 noise = torch.randn(z0.shape, generator=fixed)
-                losses.append(self._diffusion_loss(z0, t, noise).item() * len(latents))
+                losses.append(self._diffusion_loss(z0, t, noise, self.ema).item() * len(latents))
         module.train()
         return sum(losses) / len(self.val_texts)
 
@@ -214,8 +222,12 @@ class Trainer:
         return optimizer, lr_factor
 
     def save(self) -> None:
-        save_checkpoint(self.components, self.out)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.ema is not None:  # serve the EMA weights; keep the raw ones for --resume
+            save_checkpoint(dataclasses.replace(self.components, reverse=self.ema), self.out)
+            save_model(self.components.reverse, str(self.state_dir / "reverse_raw.safetensors"))
+        else:
+            save_checkpoint(self.components, self.out)
         for stage, optimizer in getattr(self, "_optimizers", {}).items():
             save_optimizer(optimizer, self.state_dir / f"{stage}_optimizer.safetensors")
         save_file({"generator": self.generator.get_state()}, str(self.state_dir / "rng.safetensors"))
@@ -251,6 +263,8 @@ class Trainer:
         module.train()
         optimizer, lr_factor = self._optimizer(stage)
         self._optimizers[stage] = optimizer
+        if stage == "diffusion" and self.cfg.ema_decay and self.ema is None:
+            self.ema = copy.deepcopy(module).eval().requires_grad_(False)
         base_lr = optimizer.param_groups[0]["lr"]
         batch_size = self.cfg.decoder_batch_size if stage == "decoder" else self.cfg.diffusion_batch_size
         max_steps, max_seconds = self._stage_limits(stage)
@@ -283,6 +297,9 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
+            if stage == "diffusion" and self.ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(self.ema.parameters()), list(module.parameters()), 1 - self.cfg.ema_decay)
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt

@@ -136,3 +136,18 @@ def test_decoder_noise_changes_training_but_not_validation(tmp_path):
                    tiny_train_config(decoder_steps=20, diffusion_steps=1, decoder_noise=0.5), **quiet)
     assert noised["decoder"]["train_loss"] != clean["decoder"]["train_loss"]
     assert noised["decoder"]["val_loss"] is not None and clean["decoder"]["val_loss"] is not None
+
+
+def test_ema_weights_are_served_and_resume_continues_from_raw_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    config = ModelConfig.from_preset("tiny")
+    quiet = dict(progress=False, log=lambda *_: None)
+    out = tmp_path / "ema"
+    train(TINY_TEXTS, out, config, tiny_train_config(decoder_steps=2, diffusion_steps=15, ema_decay=0.9), **quiet)
+    served, raw = load_file(str(out / "reverse.safetensors")), load_file(str(out / "training" / "reverse_raw.safetensors"))
+    assert served.keys() == raw.keys() and any(not torch.equal(served[k], raw[k]) for k in served)
+    summary = train(TINY_TEXTS, out, config, tiny_train_config(decoder_steps=2, diffusion_steps=25, ema_decay=0.9),
+                    resume=True, **quiet)
+    assert summary["diffusion"]["steps"] == 25
+    assert not torch.equal(load_file(str(out / "reverse.safetensors"))["out_proj.weight"], served["out_proj.weight"])
