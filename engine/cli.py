@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default=None,
                    help="pretrained GPT-2 to fine-tune, a local path or hub id, with its tokenizer "
                         "(default: a GPT-2 built from the preset with a BPE trained on --data)")
+    p.add_argument("--self-condition", action="store_true",
+                   help="self-condition the reverse transformer on its previous x0 estimate (Chen et al. 2022)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--time-budget", type=float, default=600.0,
                    help="seconds for both stages together (default 600; 0 means only step limits)")
@@ -153,6 +155,8 @@ def cmd_train(args) -> None:
         seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay,
     )
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
+    if args.self_condition:
+        overrides["self_condition"] = True
     summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,
                     resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))

@@ -27,6 +27,7 @@ class ModelConfig:
     time_embed_dim: int = 128  # size of the sinusoidal embedding of continuous t
     mlp_ratio: int = 4  # feed-forward width = mlp_ratio * d_model
     dropout: float = 0.0  # dropout inside the reverse transformer while training
+    self_condition: bool = False  # also input the previous step's x0 estimate (Chen et al. 2022); issue 4 lever
     # --- decoder: GPT-2 conditioned on the latent through learned prefix embeddings ---
     decoder: str | None = None  # path/id of a pretrained GPT-2 (brings its tokenizer); None: built from the fields below
     n_prefix: int = 8  # prefix embeddings made from one latent

@@ -34,6 +34,7 @@ class _Buffers:
     noise: torch.Tensor  # (B, D) this step's noise
     step: torch.Tensor  # (1,) int64 device step counter
     first_bad_step: torch.Tensor  # (1,) int64: first step whose output was non-finite, -1 while all are finite
+    x0_prev: torch.Tensor  # (B, D) the previous step's x0 estimate (self-conditioned models; zeros at the start)
     graphs: dict = field(default_factory=dict)  # draws_noise -> CUDAGraph of `chunk` steps
 
 
@@ -44,6 +45,7 @@ class FusedSampler:
                  dtype: torch.dtype = torch.float32, graphs: bool | None = None, chunk: int = 1,
                  clamp: float | None = None):
         self.reverse, self.device, self.dtype, self.clamp = reverse, torch.device(device), dtype, clamp
+        self.self_condition = reverse.config.self_condition
         self.tables = tables.to(self.device)
         self.t_values = self.tables.timesteps.to(torch.float32)  # (S,) continuous t fed to the model
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
@@ -56,7 +58,11 @@ class FusedSampler:
 
     def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool) -> None:
         t = self.t_values.index_select(0, buf.step).expand(buf.x.shape[0])  # (B,) gathered on the device
-        x0_hat = self.reverse(buf.x, t).to(self.dtype)
+        if self.self_condition:
+            x0_hat = self.reverse(buf.x, t, buf.x0_prev).to(self.dtype)
+            buf.x0_prev.copy_(x0_hat)
+        else:
+            x0_hat = self.reverse(buf.x, t).to(self.dtype)
         if draw:
             buf.noise.normal_(generator=generator)
         self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
@@ -70,7 +76,8 @@ class FusedSampler:
         if key not in self._buffers:
             x = torch.zeros(batch, dim, device=self.device, dtype=self.dtype)
             counter = torch.zeros(1, dtype=torch.int64, device=self.device)
-            self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1))
+            self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1),
+                                          torch.zeros_like(x))
         return self._buffers[key]
 
     def _graph(self, buf: _Buffers, draw: bool) -> torch.cuda.CUDAGraph:
@@ -108,6 +115,7 @@ class FusedSampler:
         buf.x.copy_(x_start)
         buf.step.zero_()
         buf.first_bad_step.fill_(-1)
+        buf.x0_prev.zero_()
         s = 0
         while s < len(draws):
             draw = draws[s]

@@ -14,6 +14,7 @@ from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
 from .samplers import SAMPLERS, check_ddpm_steps
+from .reverse import self_conditioned
 from .schedule import NoiseSchedule, add_noise
 from .step_tables import ddim_tables, ddpm_tables
 
@@ -79,10 +80,6 @@ class Pipeline:
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_std + self.latent_mean
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The reverse transformer on normalized latents: (B, D), (B,) -> x0_hat (B, D)."""
-        return self.reverse(x_t, t)
-
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -98,7 +95,7 @@ class Pipeline:
                 return fused(padded, generator)[: x.shape[0]].float()
             return fused(x, generator).float()
         extra = {"eta": eta} if sampler == "ddim" else {}
-        return SAMPLERS[sampler](self.denoise, x, self.schedule, steps=steps, generator=generator,
+        return SAMPLERS[sampler](self_conditioned(self.reverse), x, self.schedule, steps=steps, generator=generator,
                                  disable=not progress, start_t=start_t, **extra)
 
     def _fused_sampler(self, sampler: str, steps: int | None, eta: float, start_t: int | None):

@@ -68,19 +68,40 @@ class ReverseTransformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.in_proj = nn.Linear(config.latent_dim + config.time_embed_dim, config.d_model)
+        inputs = config.latent_dim * (2 if config.self_condition else 1) + config.time_embed_dim
+        self.in_proj = nn.Linear(inputs, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.latent_dim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, D) or (B, K, D) latent tokens; t: (B,) continuous timestep in [0, T). Returns x_t's shape."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: (B, D) or (B, K, D) latent tokens; t: (B,) continuous timestep in [0, T); x0_prev: the previous
+        x0 estimate, x_t's shape, used only with config.self_condition (None: zeros). Returns x_t's shape."""
         single = x_t.dim() == 2
         x = x_t[:, None, :] if single else x_t  # (B, K, D)
         temb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)  # (B, E)
         temb = temb[:, None, :].expand(-1, x.shape[1], -1)  # (B, K, E)
-        h = self.in_proj(torch.cat([x, temb], dim=-1))  # (B, K, d_model)
+        parts = [x]
+        if self.config.self_condition:
+            prev = torch.zeros_like(x) if x0_prev is None else (x0_prev[:, None, :] if single else x0_prev)
+            parts.append(prev)  # (B, K, D)
+        h = self.in_proj(torch.cat([*parts, temb], dim=-1))  # (B, K, d_model)
         for block in self.blocks:
             h = block(h)
         out = self.out_proj(self.ln_f(h))  # (B, K, D)
         return out[:, 0, :] if single else out
+
+
+def self_conditioned(model: ReverseTransformer):
+    """A denoiser (x_t, t) -> x0_hat for the samplers: feeds each estimate back as the next step's x0_prev
+    when the model is self-conditioned (one fresh state per sampling run); the model itself otherwise."""
+    if not model.config.self_condition:
+        return model
+    previous = None
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal previous
+        previous = model(x_t, t, previous)
+        return previous
+
+    return denoise

@@ -166,9 +166,17 @@ class Trainer:
         ids, mask = self.components.decoder.pad(rows)
         return self.components.decoder.loss(latents, ids, mask)
 
-    def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model=None) -> torch.Tensor:
+    def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model=None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        model = model or self.components.reverse
         x_t = add_noise(self.schedule, z0, t, noise)
-        return F.mse_loss((model or self.components.reverse)(x_t, t.float()), z0)
+        x0_prev = None
+        if self.config.self_condition:  # half the batch sees its own (detached) first estimate, half sees zeros
+            with torch.no_grad():
+                estimate = model(x_t, t.float())
+            keep = torch.rand(z0.shape[0], generator=generator or self.generator) < 0.5
+            x0_prev = torch.where(keep[:, None], estimate, torch.zeros_like(estimate))
+        return F.mse_loss(model(x_t, t.float(), x0_prev), z0)
 
     def _normalized(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.components.latent_mean) / self.components.latent_std
@@ -189,7 +197,7 @@ class Trainer:
                 z0 = self._normalized(latents)
                 t = torch.randint(0, self.schedule.num_timesteps, (len(z0),), generator=fixed)
                 noise = torch.randn(z0.shape, generator=fixed)
-                losses.append(self._diffusion_loss(z0, t, noise, self.ema).item() * len(latents))
+                losses.append(self._diffusion_loss(z0, t, noise, self.ema, fixed).item() * len(latents))
         module.train()
         return sum(losses) / len(self.val_texts)
 

@@ -151,3 +151,14 @@ def test_ema_weights_are_served_and_resume_continues_from_raw_weights(tmp_path):
                     resume=True, **quiet)
     assert summary["diffusion"]["steps"] == 25
     assert not torch.equal(load_file(str(out / "reverse.safetensors"))["out_proj.weight"], served["out_proj.weight"])
+
+
+def test_self_conditioning_trains_and_samples(tmp_path):
+    config = dataclasses.replace(ModelConfig.from_preset("tiny"), self_condition=True)
+    out = tmp_path / "sc"
+    train(TINY_TEXTS, out, config, tiny_train_config(decoder_steps=2, diffusion_steps=10), progress=False,
+          log=lambda *_: None)
+    pipe = ldlm.load(out)
+    assert pipe.config.self_condition and pipe.reverse.in_proj.in_features == 2 * 32 + config.time_embed_dim
+    a = pipe.sample_latents(2, sampler="ddim", steps=5, seed=1, progress=False)
+    assert torch.equal(a, pipe.sample_latents(2, sampler="ddim", steps=5, seed=1, progress=False))
