@@ -22,6 +22,8 @@ timeout 90 python bench/kernel_bandwidth.py --json "$out/kernel.json" > "$out/ke
 timeout 300 python bench/latency.py --preset base --batch-sizes 1 8 64 256 --repeats 3 \
   --json "$out/latency.json" > "$out/latency.log" 2>&1 || tail -5 "$out/latency.log"
 
+timeout 90 python bench/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 \
+  --json "$out/granularity.json" > "$out/granularity.log" 2>&1 || tail -5 "$out/granularity.log"
 timeout 120 python bench/latency.py --preset base --batch-sizes 64 --repeats 3 --dtype bfloat16 --skip-hf \
   --json "$out/latency_bf16.json" > "$out/latency_bf16.log" 2>&1 || tail -5 "$out/latency_bf16.log"
 

@@ -29,6 +29,10 @@ def main(out: Path) -> None:
                 lines.append(f"| batch {b}: beam decode, 4 beams, 64 tokens | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
                              f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x |{target_d} |")
         lines.append(f"| device | {lat['device']}, engine {lat['engine_backend']} | |")
+    if (out / "granularity.json").exists():
+        for row in json.loads((out / "granularity.json").read_text())["rows"]:
+            lines.append(f"| graph granularity, batch 64: {row['chunk']} steps per graph | {row['median_ms']:.1f} ms per "
+                         f"1000 steps, {row['graph_memory_mb']:.0f} MiB | fastest within memory |")
     if (out / "latency_bf16.json").exists():
         row = json.loads((out / "latency_bf16.json").read_text())["rows"][0]
         lines.append(f"| batch {row['batch']} bf16 engine: sampling loop | {row['sample_engine']['median_s']*1e3:.1f} ms = "
