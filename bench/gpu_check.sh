@@ -13,13 +13,13 @@ pip install --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee "$out/versions.txt"
 
-timeout 150 python -m pytest -q tests/test_gpu.py tests/test_fused_update.py tests/test_fused_sampler.py \
+timeout 120 python -m pytest -q tests/test_gpu.py tests/test_fused_update.py tests/test_fused_sampler.py \
   tests/test_static_beam_search.py tests/test_backends.py > "$out/tests.log" 2>&1
 echo "tests exit $?" >> "$out/tests.log"
 tail -3 "$out/tests.log"
 
 timeout 60 python bench/kernel_bandwidth.py --json "$out/kernel.json" > "$out/kernel.log" 2>&1 || tail -5 "$out/kernel.log"
-timeout 200 python bench/latency.py --preset base --batch-sizes 1 8 64 256 --repeats 3 \
+timeout 180 python bench/latency.py --preset base --batch-sizes 1 8 64 256 --repeats 3 \
   --json "$out/latency.json" > "$out/latency.log" 2>&1 || tail -5 "$out/latency.log"
 
 timeout 60 python bench/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 \
