@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -40,4 +41,8 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, str]:
         why = "torch.cuda.is_available() is False" if not torch.cuda.is_available() else f"device is {device}"
         raise BackendUnavailable(f"backend 'cuda-graph' needs a CUDA device ({why}): pass device='cuda', "
                            "or use backend='reference' or 'fused'")
+    if name == "fused" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads the variable once, when it is first imported (often already done by torch's imports)
+        raise BackendUnavailable("backend 'fused' on CPU runs Triton's interpreter: start Python with "
+                                 "TRITON_INTERPRET=1 in the environment, or use backend='reference'")
     return name, "requested"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.backends import resolve_backend
+from ldlm.backends import BackendUnavailable, resolve_backend
 from ldlm.pipeline import batch_bucket
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CPU only through its interpreter
@@ -71,3 +71,9 @@ def test_low_precision_engine_stays_close_to_fp32(tiny_checkpoint, dtype):
 def test_reference_refuses_low_precision(tiny_checkpoint):
     with pytest.raises(ValueError, match="reference backend runs in float32 only"):
         ldlm.load(tiny_checkpoint, backend="reference", dtype="bfloat16")
+
+
+def test_fused_on_cpu_needs_the_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="start Python with TRITON_INTERPRET=1"):
+        resolve_backend("fused", torch.device("cpu"))
