@@ -46,6 +46,7 @@ class FusedSampler:
                  clamp: float | None = None):
         self.reverse, self.device, self.dtype, self.clamp = reverse, torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
+        self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
         self.tables = tables.to(self.device)
         self.t_values = self.tables.timesteps.to(torch.float32)  # (S,) continuous t fed to the model
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
@@ -104,7 +105,7 @@ class FusedSampler:
     def __call__(self, x_start: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor."""
         buf = self._buffers_for(*x_start.shape)
-        draws = [self.tables.draws_noise(s) for s in range(self.tables.num_steps)]
+        draws = self.draws
         rng = generator
         if self.graphs:  # graphs draw from one registered generator, synced with the caller's before and after
             for draw in set(draws):
