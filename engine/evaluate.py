@@ -51,11 +51,11 @@ def token_accuracy(pipe, texts: list[str], batch_size: int = 64) -> float:
     return correct / total if total else 0.0
 
 
-def sample_scores(samples: list[str], references: list[str], train_texts: list[str], encoder: LatentEncoder,
+def sample_scores(samples: list[str], reference_features, train_texts: list[str], encoder: LatentEncoder,
                   seed: int) -> dict:
     return {
         "n": len(samples),
-        "mauve": metrics.mauve_score(features(encoder, samples), features(encoder, references), seed=seed),
+        "mauve": metrics.mauve_score(features(encoder, samples), reference_features, seed=seed),
         "div": metrics.diversity(samples),
         "mem": metrics.memorization(samples, train_texts),
         "mean_length": metrics.mean_length(samples),
@@ -77,6 +77,7 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
     # Div and Mem compare like with like: Div in particular falls as the number of texts grows
     n = min(len(shuffled) // 2, s.num_samples)
     first_half, second_half = shuffled[:n], shuffled[n : 2 * n]
+    second_features = features(encoder, second_half)  # the side every row is compared with, encoded once
     result = {"settings": asdict(s), "n": n, "rows": {}}
 
     if pipe is not None:
@@ -87,15 +88,15 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
                                   "token_accuracy": token_accuracy(pipe, recon_refs)}}
         generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
                                   progress=progress)
-        row["samples"] = sample_scores(generated, second_half, train_texts, encoder, s.seed)
+        row["samples"] = sample_scores(generated, second_features, train_texts, encoder, s.seed)
         row["examples"] = generated[:10]
         result["rows"]["model"] = row
     if samples is not None:
         if len(samples) < n:
             raise ValueError(f"--samples has {len(samples)} texts; give at least {n} (one per reference scored)")
-        result["rows"]["samples"] = {"samples": sample_scores(samples[:n], second_half, train_texts, encoder, s.seed),
+        result["rows"]["samples"] = {"samples": sample_scores(samples[:n], second_features, train_texts, encoder, s.seed),
                                      "examples": samples[:10]}
-    result["rows"]["reference"] = {"samples": sample_scores(first_half, second_half, train_texts, encoder, s.seed)}
+    result["rows"]["reference"] = {"samples": sample_scores(first_half, second_features, train_texts, encoder, s.seed)}
     return result
 
 
