@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the decoder on latents noised with this many per-dimension stds (default 0: clean)")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="keep an EMA of the reverse transformer with this decay, e.g. 0.999, and serve it (default off)")
+    p.add_argument("--decoder-from", metavar="CHECKPOINT", default=None,
+                   help="reuse this checkpoint's trained decoder, tokenizer and encoder; skips stage 1")
+    p.add_argument("--reverse-from", metavar="CHECKPOINT", default=None,
+                   help="reuse this checkpoint's reverse transformer, latent statistics and encoder; skips stage 2")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (default 200)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches and noise (default 0)")
@@ -153,6 +157,7 @@ def cmd_train(args) -> None:
         diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
         seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay,
+        decoder_from=args.decoder_from, reverse_from=args.reverse_from,
     )
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
     if args.self_condition:

@@ -67,6 +67,13 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# The fields each trained part depends on: a part reused from another checkpoint brings these values along.
+ENCODER_FIELDS = ("encoder", "latent_dim", "encoder_max_tokens")
+REVERSE_FIELDS = ("num_timesteps", "beta_start", "beta_end", "d_model", "n_layers", "n_heads", "time_embed_dim",
+                  "mlp_ratio", "dropout", "self_condition")
+DECODER_FIELDS = ("decoder", "n_prefix", "n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "max_text_tokens")
+
+
 PRESETS: dict[str, ModelConfig] = {
     # The design's sizes: a BERT-base-sized 768-d latent and a GPT-2 small decoder (random init unless weights are given).
     "base": ModelConfig(encoder="bert-base-uncased", latent_dim=768, n_embd=768, n_layer=12, n_head=12,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .checkpoint import Components, load_checkpoint, save_checkpoint
-from .config import ModelConfig
+from .config import DECODER_FIELDS, ENCODER_FIELDS, REVERSE_FIELDS, ModelConfig
 from .data import split_holdout
 from .decoder import LatentDecoder
 from .encoder import LatentEncoder, build_tiny_encoder
@@ -52,11 +52,14 @@ class TrainConfig:
     holdout_fraction: float = 0.02  # share of the data held out for validation loss (at most 500 lines)
     ema_decay: float | None = None  # keep an EMA of the reverse transformer (served and validated); None: off
     decoder_noise: float = 0.0  # stage 1 trains on latents + N(0, (decoder_noise * latent_std)^2): robust decoding
+    decoder_from: str | None = None  # reuse this checkpoint's trained decoder and tokenizer: stage 1 is skipped
+    reverse_from: str | None = None  # reuse this checkpoint's reverse transformer and latent statistics: stage 2 is skipped
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.time_budget is None and (self.decoder_steps is None or self.diffusion_steps is None):
-            raise ValueError("give a time budget, or step limits for both stages")
+        if self.time_budget is None and ((self.decoder_steps is None and self.decoder_from is None)
+                                         or (self.diffusion_steps is None and self.reverse_from is None)):
+            raise ValueError("give a time budget, or step limits for each stage that is trained")
         if not 0.0 < self.decoder_share < 1.0:
             raise ValueError(f"decoder_share must be in (0, 1), got {self.decoder_share}")
 
@@ -75,22 +78,51 @@ def warmup_cosine(step: int, done: float, warmup_steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
-def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=print) -> Components:
+def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=print,
+                     reused: dict[str, Components] | None = None) -> Components:
     """Fresh models for `config`: the encoder (pretrained, or a tiny one built in code), a GPT-2 decoder whose
-    tokenizer is trained on `texts`, a randomly initialized reverse transformer; identity latent statistics."""
-    if config.encoder is None:
+    tokenizer is trained on `texts`, a randomly initialized reverse transformer; identity latent statistics.
+    `reused` maps a stage ("decoder", "diffusion") to a trained checkpoint whose part (and encoder) is taken as is."""
+    reused = reused or {}
+    source = next(iter(reused.values()), None)
+    if source is not None:  # a reused part only makes sense in its own latent space: take the encoder along
+        encoder, bundled = source.encoder, source.encoder_bundled
+    elif config.encoder is None:
         encoder, bundled = build_tiny_encoder(config.latent_dim, seed=seed), True
     else:
         encoder, bundled = LatentEncoder.from_pretrained(config.encoder, config.encoder_max_tokens), False
     if encoder.latent_dim != config.latent_dim:
         config = dataclasses.replace(config, latent_dim=encoder.latent_dim)
         log(f"latent_dim set to the encoder's hidden size, {encoder.latent_dim}")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # each part seeded on its own, so reusing one leaves the other's init unchanged
         torch.manual_seed(seed)
-        decoder = LatentDecoder.build(config, texts)
-        reverse = ReverseTransformer(config)
-    zeros = torch.zeros(config.latent_dim)
-    return Components(config, encoder, decoder, reverse, zeros, zeros + 1, encoder_bundled=bundled)
+        decoder = reused["decoder"].decoder if "decoder" in reused else LatentDecoder.build(config, texts)
+        torch.manual_seed(seed + 1)
+        reverse = reused["diffusion"].reverse if "diffusion" in reused else ReverseTransformer(config)
+    mean, std = torch.zeros(config.latent_dim), torch.ones(config.latent_dim)
+    if "diffusion" in reused:  # the reverse transformer was trained in its checkpoint's normalization
+        mean, std = reused["diffusion"].latent_mean, reused["diffusion"].latent_std
+    return Components(config, encoder, decoder, reverse, mean, std, encoder_bundled=bundled)
+
+
+def load_reused_parts(config: ModelConfig, train_config: TrainConfig) -> tuple[ModelConfig, dict[str, Components]]:
+    """The checkpoints named by `decoder_from` / `reverse_from`, and `config` with those parts' fields taken from
+    them. They must share one encoder, since each part is tied to the latent space it was trained in."""
+    reused, encoder_of = {}, {}
+    for stage, path, fields in (("decoder", train_config.decoder_from, DECODER_FIELDS),
+                                ("diffusion", train_config.reverse_from, REVERSE_FIELDS)):
+        if path is None:
+            continue
+        source = load_checkpoint(path)
+        encoder_of[path] = {f: getattr(source.config, f) for f in ENCODER_FIELDS}
+        config = dataclasses.replace(config, **{f: getattr(source.config, f) for f in fields})
+        reused[stage] = source
+    if len({json.dumps(e, sort_keys=True) for e in encoder_of.values()}) > 1:
+        raise ValueError(f"the reused checkpoints were trained on different encoders ({encoder_of}): "
+                         "combine parts trained with the same encoder")
+    if encoder_of:
+        config = dataclasses.replace(config, **next(iter(encoder_of.values())))
+    return config, reused
 
 
 class Trainer:
@@ -111,13 +143,18 @@ class Trainer:
         else:
             if (self.out / "config.json").exists():
                 raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume, or a new --out")
-            self.components = build_components(model_config, self.train_texts, seed=train_config.seed, log=log)
+            model_config, reused = load_reused_parts(model_config, train_config)
+            fingerprint = _fingerprint(texts, model_config.encoder)
+            self.components = build_components(model_config, self.train_texts, seed=train_config.seed, log=log,
+                                               reused=reused)
             self.state = {"fingerprint": fingerprint, "stage": STAGES[0], "steps": {s: 0 for s in STAGES},
-                          "elapsed": {s: 0.0 for s in STAGES}, "train_config": dataclasses.asdict(train_config)}
+                          "elapsed": {s: 0.0 for s in STAGES}, "train_config": dataclasses.asdict(train_config),
+                          "reused": {stage: str(Path(p)) for stage, p in (("decoder", train_config.decoder_from),
+                                                                          ("diffusion", train_config.reverse_from)) if p}}
         c = self.components
         self.config = c.config
         self.train_latents, self.val_latents = self._latents(fingerprint)
-        if not resume:  # normalization statistics come from the training split
+        if not resume and train_config.reverse_from is None:  # normalization statistics come from the training split
             c.latent_mean = self.train_latents.mean(dim=0)
             c.latent_std = self.train_latents.std(dim=0).clamp(min=1e-6)
         self.schedule = NoiseSchedule.from_config(self.config)
@@ -246,6 +283,8 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _budget_left(self, stage: str) -> bool:
+        if stage in self.state.get("reused", {}):
+            return False
         max_steps, max_seconds = self._stage_limits(stage)
         return ((max_steps is None or self.state["steps"][stage] < max_steps)
                 and (max_seconds is None or self.state["elapsed"][stage] < max_seconds))
@@ -259,6 +298,8 @@ class Trainer:
             if self._budget_left(stage):
                 self.state["stage"] = stage
                 summary[stage] = self._run_stage(stage)
+            elif stage in self.state.get("reused", {}):
+                summary[stage] = {"reused_from": self.state["reused"][stage]}
             else:
                 summary[stage] = {"steps": self.state["steps"][stage], "seconds": self.state["elapsed"][stage]}
         self.state["stage"] = "done"

@@ -162,3 +162,31 @@ def test_self_conditioning_trains_and_samples(tmp_path):
     assert pipe.config.self_condition and pipe.reverse.in_proj.in_features == 2 * 32 + config.time_embed_dim
     a = pipe.sample_latents(2, sampler="ddim", steps=5, seed=1, progress=False)
     assert torch.equal(a, pipe.sample_latents(2, sampler="ddim", steps=5, seed=1, progress=False))
+
+
+def test_reusing_a_trained_part_skips_its_stage_and_keeps_it_exactly(tiny_checkpoint, tmp_path):
+    """--decoder-from / --reverse-from: measure a change to one part against the same other part."""
+    from safetensors.torch import load_file
+
+    quiet = dict(progress=False, log=lambda *_: None)
+    config = dataclasses.replace(ModelConfig.from_preset("tiny"), self_condition=True, n_embd=48)
+    out = tmp_path / "new_reverse"
+    summary = train(TINY_TEXTS, out, config,
+                    tiny_train_config(decoder_steps=None, diffusion_steps=5, decoder_from=str(tiny_checkpoint)), **quiet)
+    assert summary["decoder"] == {"reused_from": str(tiny_checkpoint)} and summary["diffusion"]["steps"] == 5
+    pipe = ldlm.load(out)
+    assert pipe.config.self_condition and pipe.config.n_embd == 32  # the reused decoder's fields win
+    for name in ("decoder.safetensors", "latent_stats.safetensors"):  # same data: the same statistics
+        ours, theirs = load_file(str(out / name)), load_file(str(tiny_checkpoint / name))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    out = tmp_path / "new_decoder"
+    summary = train(TINY_TEXTS, out, ModelConfig.from_preset("tiny"),
+                    tiny_train_config(decoder_steps=4, diffusion_steps=None, reverse_from=str(tiny_checkpoint)), **quiet)
+    assert summary["diffusion"] == {"reused_from": str(tiny_checkpoint)} and summary["decoder"]["steps"] == 4
+    ours, theirs = load_file(str(out / "reverse.safetensors")), load_file(str(tiny_checkpoint / "reverse.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert ldlm.load(out).generate(1, sampler="ddim", steps=3, progress=False)
+
+    with pytest.raises(ValueError, match="step limits for each stage"):
+        tiny_train_config(decoder_steps=None, diffusion_steps=5)
