@@ -4,7 +4,10 @@
     fused       the engine's code path without graphs: fused Triton update on static buffers, static-KV beam
                 search; runs anywhere Triton runs (on CPU through TRITON_INTERPRET=1), for debugging and tests
     cuda-graph  the engine on CUDA: the same, with the sampling steps and the decode step captured as graphs
-    auto        cuda-graph where CUDA and Triton are available, else reference
+    onnx        the networks exported by `ldlm export`, run by ONNX Runtime from the export directory alone
+                (ldlm.onnx_runtime); the sampling and beam-search arithmetic is the reference's
+    auto        onnx for an export directory; for a checkpoint, cuda-graph where CUDA and Triton are
+                available, else reference
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "fused", "cuda-graph")
+BACKENDS = ("auto", "reference", "fused", "cuda-graph", "onnx")
+ENGINE_BACKENDS = ("fused", "cuda-graph")  # the Triton/CUDA-graph engine (ldlm.fused_sampler, static beam search)
 
 
 class BackendUnavailable(RuntimeError):
@@ -25,10 +29,19 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(name: str, device: torch.device) -> tuple[str, str]:
-    """(backend, why) for a requested name on a device; raises with what to do when it cannot run."""
+def resolve_backend(name: str, device: torch.device, export: bool = False) -> tuple[str, str]:
+    """(backend, why) for a requested name on a device, for a checkpoint or (export=True) an ONNX export
+    directory; raises with what to do when it cannot run."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
+    if export:
+        if name not in ("auto", "onnx"):
+            raise BackendUnavailable(f"this is an ONNX export directory, which only backend 'onnx' runs; load the "
+                                     f"checkpoint it was exported from for backend {name!r}")
+        return "onnx", "requested" if name == "onnx" else "auto: an ONNX export directory"
+    if name == "onnx":
+        raise BackendUnavailable("backend 'onnx' runs an export directory: write one with "
+                                 "`ldlm export CHECKPOINT OUTDIR` and load that")
     if name == "auto":
         if device.type != "cuda":
             return "reference", f"auto: device is {device.type}, CUDA graphs need a CUDA device"

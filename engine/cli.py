@@ -1,4 +1,4 @@
-"""The `ldlm` command line: train, generate, reconstruct, vary, info, demo."""
+"""The `ldlm` command line: train, generate, reconstruct, vary, eval, baseline, export, info, demo."""
 
 from __future__ import annotations
 
@@ -23,9 +23,17 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=4, help="beams in the decoder's beam search (default 4)")
     p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="sampling/decoding implementation: auto picks cuda-graph on CUDA with triton, else reference")
+                   help="implementation: auto picks onnx for an export directory, cuda-graph on CUDA with triton, "
+                        "else reference")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="engine compute dtype (default float32, the parity mode; the reference is float32 only)")
+                   help="engine compute dtype (default float32, the parity mode; the reference is float32 only; "
+                        "onnx runs float32 or float16 graphs)")
+    p.add_argument("--onnx-provider", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="onnx backend: ONNX Runtime provider (default auto: CUDA if installed and --device cuda)")
+    p.add_argument("--onnx-threads", type=int, default=0, help="onnx backend: intra-op threads (default 0: all cores)")
+    p.add_argument("--onnx-opt-level", choices=["disable", "basic", "extended", "all"], default="all",
+                   help="onnx backend: graph optimization level (default all)")
+    p.add_argument("--int8", action="store_true", help="onnx backend: run the int8-quantized reverse transformer")
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
@@ -133,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
     q.add_argument("--output", help="write the samples to this file instead of printing them")
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs and a manifest (for backend onnx)")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("outdir", help="new directory for the graphs, tokenizers and manifest.json")
+    p.add_argument("--no-fp16", action="store_true", help="skip the float16 graphs")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8-quantized reverse transformer")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory")
 
@@ -170,7 +185,11 @@ def cmd_train(args) -> None:
 def _load(args):
     from .pipeline import load
 
-    pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype)
+    from .onnx_runtime import OnnxOptions
+
+    options = OnnxOptions(provider=args.onnx_provider, intra_op_threads=args.onnx_threads,
+                          optimization_level=args.onnx_opt_level, int8_reverse=args.int8)
+    pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype, onnx_options=options)
     print(f"backend: {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
     return pipe
 
@@ -230,6 +249,13 @@ def cmd_baseline(args) -> None:
         print("\n".join(texts))
 
 
+def cmd_export(args) -> None:
+    from ldlm.export.onnx_export import export_checkpoint
+
+    variants = ("float32",) if args.no_fp16 else ("float32", "float16")
+    export_checkpoint(args.checkpoint, args.outdir, variants=variants, int8=not args.no_int8, opset=args.opset)
+
+
 def cmd_info(args) -> None:
     from .checkpoint import load_checkpoint
 
@@ -259,7 +285,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary,
-            "eval": cmd_eval, "baseline": cmd_baseline, "info": cmd_info, "demo": cmd_demo}
+            "eval": cmd_eval, "baseline": cmd_baseline, "export": cmd_export, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

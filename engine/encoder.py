@@ -57,33 +57,44 @@ class LatentEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """texts -> (N, latent_dim) float32 on the encoder's device, in input order.
-
-        Texts longer than the encoder's limit are truncated with a warning naming the item. Batches
-        are formed from length-sorted texts to cut padding; padding never enters the mean.
-        """
-        check_texts(texts)
+        """texts -> (N, latent_dim) float32 on the encoder's device, in input order (see `encode_texts`)."""
         device = next(self.model.parameters()).device
-        out = torch.empty(len(texts), self.latent_dim, device=device)
-        if not texts:
-            return out
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
-        for i, n in enumerate(lengths):
-            if n > self.max_tokens:
-                warnings.warn(
-                    f"text {i} has {n} encoder tokens, more than the encoder's limit of {self.max_tokens}: "
-                    f"truncated ({texts[i][:40]!r}...); shorten it to keep all of it",
-                    stacklevel=2,
-                )
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = self.tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            ).to(device)
-            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            out[idx] = masked_mean(hidden.float(), batch["attention_mask"])
+
+        def pooled(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return masked_mean(hidden.float(), attention_mask)
+
+        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_dim, pooled, device, batch_size)
+
+
+def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_dim: int, pooled, device: torch.device,
+                 batch_size: int = 64) -> torch.Tensor:
+    """texts -> (N, latent_dim) float32 on `device`, in input order; `pooled(input_ids, attention_mask)` gives a
+    batch's latents (the PyTorch encoder, or its exported graph).
+
+    Texts longer than the encoder's limit are truncated with a warning naming the item. Batches are formed
+    from length-sorted texts to cut padding; padding never enters the mean.
+    """
+    check_texts(texts)
+    out = torch.empty(len(texts), latent_dim, device=device)
+    if not texts:
         return out
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            warnings.warn(
+                f"text {i} has {n} encoder tokens, more than the encoder's limit of {max_tokens}: "
+                f"truncated ({texts[i][:40]!r}...); shorten it to keep all of it",
+                stacklevel=3,
+            )
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        ).to(device)
+        out[idx] = pooled(batch["input_ids"], batch["attention_mask"])
+    return out
 
 
 def build_tiny_encoder(hidden_size: int = 32, seed: int = 0) -> LatentEncoder:

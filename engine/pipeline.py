@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends import resolve_backend
+from .backends import ENGINE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
@@ -41,32 +41,48 @@ class Pipeline:
     """Latent diffusion for text. Lists in, results in input order; `progress=False` silences the bars."""
 
     def __init__(self, components: Components, device: str | torch.device = "cpu", backend: str = "auto",
-                 dtype: str | torch.dtype = torch.float32):
+                 dtype: str | torch.dtype = torch.float32, *, backend_reason: str | None = None):
         self.components = components
         self.config = components.config
         self.device = torch.device(device)
-        self.backend, self.backend_reason = resolve_backend(backend, self.device)
         self.dtype = resolve_dtype(dtype)
+        self._engine_cache: dict = {}  # fused samplers and static beam searches, built once per shape/setting
+        self.latent_mean = components.latent_mean.to(self.device)
+        self.latent_std = components.latent_std.to(self.device)
+        self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
+        if backend == "onnx":  # parts already running in ONNX Runtime (Pipeline.load of an export directory)
+            self.backend, self.backend_reason = "onnx", backend_reason or "onnx"
+            self.encoder, self.decoder, self.reverse = components.encoder, components.decoder, components.reverse
+            return
+        self.backend, self.backend_reason = resolve_backend(backend, self.device)
         if self.dtype != torch.float32 and self.backend == "reference":
             raise ValueError(f"the reference backend runs in float32 only; use backend='fused' or 'cuda-graph' "
                              f"for {self.dtype}")
-        self._engine_cache: dict = {}  # fused samplers and static beam searches, built once per shape/setting
         self.encoder = components.encoder.to(self.device).eval()
         self.decoder = components.decoder.to(self.device).eval()
         self.reverse = components.reverse.to(self.device).eval()
         # the engine's copies in its dtype (the same modules in float32, the parity mode)
         self._engine_reverse = self.reverse if self.dtype == torch.float32 else copy.deepcopy(self.reverse).to(self.dtype)
         self._engine_decoder = self.decoder if self.dtype == torch.float32 else copy.deepcopy(self.decoder).to(self.dtype)
-        self.latent_mean = components.latent_mean.to(self.device)
-        self.latent_std = components.latent_std.to(self.device)
-        self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-             dtype: str | torch.dtype = torch.float32) -> Pipeline:
-        return cls(load_checkpoint(path), device, backend, dtype)
+             dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
+        from ldlm.export.manifest import is_export
+
+        device = torch.device(device)
+        if not is_export(path):
+            resolve_backend(backend, device)  # fail before loading weights
+            return cls(load_checkpoint(path), device, backend, dtype)
+        from .onnx_runtime import load_onnx_components
+
+        resolve_backend(backend, device, export=True)
+        components, why = load_onnx_components(path, device, resolve_dtype(dtype), onnx_options)
+        return cls(components, device, "onnx", dtype, backend_reason=why)
 
     def save(self, path: str | Path) -> Path:
+        if self.backend == "onnx":
+            raise ValueError("an ONNX export holds no PyTorch weights to save; save from the checkpoint instead")
         return save_checkpoint(self.components, path)
 
     # --- latents ---------------------------------------------------------------------------------
@@ -87,7 +103,7 @@ class Pipeline:
                      generator: torch.Generator, start_t: int | None, progress: bool) -> torch.Tensor:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if self.backend != "reference":
+        if self.backend in ENGINE_BACKENDS:
             fused = self._fused_sampler(sampler, steps, eta, start_t)
             if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
                 bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
@@ -152,7 +168,7 @@ class Pipeline:
         texts = []
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decode", disable=not progress, leave=False):
             batch = latents[start : start + batch_size].to(self.device, torch.float32)
-            if self.backend == "reference":
+            if self.backend not in ENGINE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
                 token_ids = beam_search(self.decoder, batch, search)
             else:
                 token_ids = self._beam_searcher(batch_bucket(len(batch), batch_size), search)(batch)
@@ -196,9 +212,11 @@ class Pipeline:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-         dtype: str | torch.dtype = torch.float32) -> Pipeline:
-    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`).
+         dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
+    """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`), or an export directory written
+    by `ldlm export` (backend 'onnx').
 
     backend: see ldlm.backends. dtype: the engine's compute dtype (float32, the parity mode; bfloat16;
-    float16); the reference backend is float32 only."""
-    return Pipeline.load(path, device, backend, dtype)
+    float16); the reference backend is float32 only; onnx runs the float32 or float16 graphs.
+    onnx_options: ldlm.onnx_runtime.OnnxOptions (provider, threads, optimization level, int8 reverse)."""
+    return Pipeline.load(path, device, backend, dtype, onnx_options)

@@ -32,8 +32,8 @@ def test_cuda_graph_without_cuda_is_a_clear_error():
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend 'onnx'"):
-        resolve_backend("onnx", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        resolve_backend("tensorrt", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 25, 0.0), ("ddim", 25, 1.0)])

@@ -1,0 +1,238 @@
+"""The `onnx` backend: the pipeline's three networks run by ONNX Runtime from an export directory alone.
+
+No PyTorch module or weight is loaded. torch stays in the loop for what must be bit-identical to the reference
+path: the noise generator, the schedule's tables and the samplers' arithmetic, and the beam-search bookkeeping
+(ldlm.samplers and ldlm.beam_search run unchanged on these parts). Inputs and outputs are bound to torch
+tensors' memory with IOBinding, so nothing is copied between the two, on the CPU or, with `onnxruntime-gpu`,
+on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backends import BackendUnavailable
+from .checkpoint import Components
+from .config import ModelConfig
+from .decoder import load_tokenizer
+from .encoder import encode_texts
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+_ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    provider: str = "auto"  # auto (CUDA when installed and the device is cuda, else CPU) | cpu | cuda
+    intra_op_threads: int = 0  # threads inside one operator; 0: ONNX Runtime's default (the physical cores)
+    inter_op_threads: int = 0  # threads across independent operators; 0: default
+    optimization_level: str = "all"  # graph optimizations: disable | basic | extended | all
+    int8_reverse: bool = False  # run the dynamically quantized (int8) reverse transformer
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("auto", *PROVIDERS):
+            raise ValueError(f"unknown provider {self.provider!r}; choose auto, cpu or cuda")
+        if self.optimization_level not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"unknown optimization_level {self.optimization_level!r}; choose one of {OPTIMIZATION_LEVELS}")
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailable("backend 'onnx' needs ONNX Runtime: pip install 'ldlm[onnx]' (or onnxruntime-gpu "
+                                 "for CUDA), or use backend='reference' on the checkpoint") from e
+    return onnxruntime
+
+
+def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, str]:
+    """(provider, why). A provider that is asked for but not installed fails here, before any work."""
+    ort = _import_onnxruntime()
+    available = ort.get_available_providers()
+    if options.provider == "cuda" or (options.provider == "auto" and device.type == "cuda"):
+        if PROVIDERS["cuda"] not in available:
+            raise BackendUnavailable(f"ONNX Runtime has no CUDA provider here (available: {available}): "
+                                     "pip install onnxruntime-gpu, or use provider='cpu'")
+        if device.type != "cuda":
+            raise BackendUnavailable("provider 'cuda' keeps tensors on the GPU: pass device='cuda'")
+        return "cuda", "CUDAExecutionProvider with IOBinding (tensors stay on the GPU)"
+    if device.type != "cpu":
+        raise BackendUnavailable(f"provider 'cpu' runs on the CPU: pass device='cpu', not {device}")
+    why = "requested" if options.provider == "cpu" else (
+        "auto: device is cpu" if PROVIDERS["cuda"] in available else "auto: onnxruntime has no CUDA provider")
+    return "cpu", f"CPUExecutionProvider ({why})"
+
+
+class Graph:
+    """One ONNX Runtime session whose inputs and outputs are torch tensors bound by pointer (IOBinding)."""
+
+    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions):
+        ort = _import_onnxruntime()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[options.optimization_level]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export`")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=[PROVIDERS[provider]])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... classes
+            raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "
+                             "corrupt or from an incompatible exporter; re-run `ldlm export`") from e
+        self.path = path
+        self.device_type = provider
+        expected = ([i["name"] for i in spec["inputs"]], [o["name"] for o in spec["outputs"]])
+        actual = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if expected != actual:
+            raise ValueError(f"{path} does not match manifest.json: the graph has inputs/outputs {actual}, the "
+                             f"manifest lists {expected}; re-run `ldlm export` (a graph was replaced)")
+        self.input_dtypes = {i["name"]: i["dtype"] for i in spec["inputs"]}
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Run with `inputs`, writing into the preallocated `outputs` (shapes known to the caller)."""
+        binding = self.session.io_binding()
+        keep = []  # the contiguous copies must outlive the run
+        for name, tensor in {**inputs, **outputs}.items():
+            tensor = tensor.contiguous()
+            keep.append(tensor)
+            bind = binding.bind_input if name in inputs else binding.bind_output
+            bind(name, self.device_type, tensor.device.index or 0, _ELEMENT_TYPES[tensor.dtype], tuple(tensor.shape),
+                 tensor.data_ptr())
+        self.session.run_with_iobinding(binding)
+        for name, tensor in outputs.items():
+            if not tensor.is_contiguous():
+                raise ValueError(f"output {name} must be a contiguous tensor")
+
+
+class OnnxEncoder:
+    """texts -> latents (N, D) with the exported encoder graph; the same batching as LatentEncoder."""
+
+    def __init__(self, graph: Graph, tokenizer, max_tokens: int, latent_dim: int, device: torch.device):
+        self.graph, self.tokenizer, self.max_tokens, self.latent_dim = graph, tokenizer, max_tokens, latent_dim
+        self.device = device
+
+    def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        latent = torch.empty(input_ids.shape[0], self.latent_dim, device=self.device)
+        self.graph.run({"input_ids": input_ids, "attention_mask": attention_mask}, {"latent": latent})
+        return latent
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_dim, self._pooled, self.device,
+                            batch_size)
+
+
+class OnnxReverse:
+    """The reverse transformer graph as a denoiser: (x_t (B, D), t (B,)[, x0_prev]) -> x0_hat (B, D)."""
+
+    def __init__(self, graph: Graph, config: ModelConfig):
+        self.graph, self.config = graph, config
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"x_t": x_t.float(), "t": t.float()}
+        if self.config.self_condition:
+            inputs["x0_prev"] = torch.zeros_like(inputs["x_t"]) if x0_prev is None else x0_prev.float()
+        out = torch.empty_like(inputs["x_t"])
+        self.graph.run(inputs, {"x0_hat": out})
+        return out
+
+
+class OnnxCache:
+    """The decoder's KV cache as one tensor (L, 2, R, H, S, hd), reordered like Hugging Face's caches."""
+
+    def __init__(self, present: torch.Tensor):
+        self.present = present
+
+    @property
+    def length(self) -> int:
+        return self.present.shape[4]
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        self.present = self.present.index_select(2, rows.to(self.present.device))
+
+
+class OnnxDecoder:
+    """The decoder graphs behind the interface the reference beam search uses (prefill, step, token ids)."""
+
+    def __init__(self, prefill: Graph, step: Graph, tokenizer, spec: dict, config: ModelConfig, device: torch.device):
+        self.prefill_graph, self.step_graph, self.tokenizer, self.spec = prefill, step, tokenizer, spec
+        self.config, self.device = config, device
+        self.eos_token_id, self.pad_token_id = spec["eos_token_id"], spec["pad_token_id"]
+
+    def _cache(self, rows: int, length: int) -> torch.Tensor:
+        s = self.spec
+        return torch.empty(s["n_layer"], 2, rows, s["n_head"], length, s["head_dim"], device=self.device)
+
+    def prefill(self, latents: torch.Tensor) -> tuple[torch.Tensor, OnnxCache]:
+        """latents (B, D) -> next-token logits (B, V) and the prefix's cache."""
+        B = latents.shape[0]
+        logits = torch.empty(B, self.spec["vocab_size"], device=self.device)
+        present = self._cache(B, self.config.n_prefix)
+        self.prefill_graph.run({"latent": latents.float()}, {"logits": logits, "present": present})
+        return logits, OnnxCache(present)
+
+    def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
+        """input_ids (R, 1), the token after the cache's S positions -> logits (R, V) and the grown cache."""
+        R, S = input_ids.shape[0], cache.length
+        if S >= self.spec["n_positions"]:
+            raise ValueError(f"the decoder's context of {self.spec['n_positions']} positions is full; "
+                             "lower max_new_tokens")
+        logits = torch.empty(R, self.spec["vocab_size"], device=self.device)
+        present = self._cache(R, S + 1)
+        self.step_graph.run(
+            {"input_ids": input_ids.long(), "position_ids": torch.full((R, 1), S, device=self.device),
+             "attention_mask": torch.ones(R, S + 1, dtype=torch.long, device=self.device), "past": cache.present},
+            {"logits": logits, "present": present})
+        return logits, OnnxCache(present)
+
+
+def load_onnx_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                         options: OnnxOptions | None = None) -> tuple[Components, str]:
+    """The pipeline's parts from an export directory, and which provider runs them and why.
+
+    Checks everything before any work: the manifest and every file's hash, the provider, and that each graph
+    loads and has the inputs and outputs the manifest lists."""
+    from ldlm.export.manifest import ExportError, read_manifest
+
+    options = options or OnnxOptions()
+    directory = Path(directory)
+    provider, why = resolve_provider(options, device)
+    manifest = read_manifest(directory)
+    variant = {torch.float32: "float32", torch.float16: "float16"}.get(dtype)
+    if variant is None or variant not in manifest["graphs"]:
+        raise ExportError(f"{directory} has no {dtype} graphs (it has {sorted(manifest['graphs'])}): export them "
+                          "with `ldlm export`, or pick another dtype")
+    specs = dict(manifest["graphs"][variant])
+    if options.int8_reverse:
+        if "reverse" not in manifest["graphs"].get("int8", {}):
+            raise ExportError(f"{directory} has no int8 reverse transformer: export without --no-int8")
+        specs["reverse"] = manifest["graphs"]["int8"]["reverse"]
+
+    def graph(name: str) -> Graph:
+        return Graph(directory / specs[name]["file"], specs[name], provider, options)
+
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{directory / 'manifest.json'} has an invalid model config: {e}") from e
+    encoder = OnnxEncoder(graph("encoder"), load_tokenizer(directory / manifest["tokenizers"]["encoder"]),
+                          manifest["encoder"]["max_tokens"], manifest["encoder"]["latent_dim"], device)
+    decoder = OnnxDecoder(graph("decoder_prefill"), graph("decoder_step"),
+                          load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
+                          device)
+    reverse = OnnxReverse(graph("reverse"), config)
+    stats = manifest["latent_stats"]
+    mean, std = torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
+    threads = options.intra_op_threads or os.cpu_count()
+    detail = f"{why}; {variant}{' + int8 reverse' if options.int8_reverse else ''} graphs"
+    if provider == "cpu":
+        detail += f", {threads} intra-op threads, optimization {options.optimization_level}"
+    return Components(config, encoder, decoder, reverse, mean, std, encoder_bundled=False), detail

@@ -1,0 +1,113 @@
+"""The four exported graphs as small modules with plain-tensor inputs and outputs.
+
+Caches go in and out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at index 0
+and values at 1, so a runtime needs no Hugging Face cache class. The decoder graphs re-state GPT-2's forward
+pass (as ldlm.static_gpt2 does) over the loaded model's own weights; tests check them against the module.
+Every graph computes in its weights' dtype and takes and returns float32, so fp32 and fp16 variants have the
+same interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldlm.decoder import LatentDecoder
+from ldlm.encoder import LatentEncoder, masked_mean
+from ldlm.reverse import ReverseTransformer
+from ldlm.static_gpt2 import check_supported
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class EncoderGraph(nn.Module):
+    """(input_ids (B, L) int64, attention_mask (B, L) int64) -> latent (B, D) float32: the masked mean."""
+
+    def __init__(self, encoder: LatentEncoder):
+        super().__init__()
+        self.model = encoder.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        return masked_mean(hidden.float(), attention_mask)
+
+
+class ReverseGraph(nn.Module):
+    """(x_t (B, D), t (B,) float32 [, x0_prev (B, D)]) -> x0_hat (B, D) float32."""
+
+    def __init__(self, reverse: ReverseTransformer):
+        super().__init__()
+        self.reverse = reverse
+        self.self_condition = reverse.config.self_condition
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = _dtype(self.reverse)
+        prev = x0_prev.to(dtype) if self.self_condition else None
+        return self.reverse(x_t.to(dtype), t, prev).float()
+
+
+class _GPT2Graph(nn.Module):
+    def __init__(self, decoder: LatentDecoder):
+        super().__init__()
+        check_supported(decoder.gpt2)
+        self.gpt2 = decoder.gpt2
+        cfg = decoder.gpt2.config
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        R, S, _ = x.shape
+        return x.view(R, S, self.n_head, self.head_dim).transpose(1, 2)  # (R, H, S, hd)
+
+    def _layers(self, h: torch.Tensor, past: torch.Tensor | None, attn_mask: torch.Tensor | None, causal: bool):
+        """h (R, S, E) -> (last hidden (R, S, E), present (L, 2, R, H, S_past + S, hd))."""
+        presents = []
+        for layer, block in enumerate(self.gpt2.transformer.h):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, S, hd)
+            if past is not None:
+                k = torch.cat([past[layer, 0].to(k.dtype), k], dim=2)  # (R, H, S_past + S, hd)
+                v = torch.cat([past[layer, 1].to(v.dtype), v], dim=2)
+            presents.append(torch.stack([k, v]))  # (2, R, H, S_past + S, hd)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (R, H, S, hd)
+            R, H, S, hd = attn.shape
+            h = h + block.attn.c_proj(attn.transpose(1, 2).reshape(R, S, H * hd))
+            h = h + block.mlp(block.ln_2(h))
+        return h, torch.stack(presents).float()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gpt2.lm_head(self.gpt2.transformer.ln_f(h)).float()
+
+
+class DecoderPrefillGraph(_GPT2Graph):
+    """latent (B, D) float32 -> (logits of the next token (B, V), present (L, 2, B, H, P, hd)) for the prefix."""
+
+    def __init__(self, decoder: LatentDecoder):
+        super().__init__(decoder)
+        self.prefix_proj = decoder.prefix_proj
+        self.n_prefix = decoder.config.n_prefix
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = latent.shape[0]
+        embeds = self.prefix_proj(latent.to(_dtype(self.gpt2))).view(B, self.n_prefix, -1)  # (B, P, E)
+        positions = torch.arange(self.n_prefix, device=latent.device)
+        h, present = self._layers(embeds + self.gpt2.transformer.wpe(positions), None, None, causal=True)
+        return self._logits(h[:, -1, :]), present
+
+
+class DecoderStepGraph(_GPT2Graph):
+    """One token per row on top of a cache.
+
+    input_ids (R, 1) int64, position_ids (R, 1) int64, attention_mask (R, S + 1) int64 over past and new
+    positions (1 = attend), past (L, 2, R, H, S, hd) float32 -> (logits (R, V), present (L, 2, R, H, S + 1, hd)).
+    """
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.gpt2.transformer
+        h = t.wte(input_ids) + t.wpe(position_ids)  # (R, 1, E)
+        visible = attention_mask.bool()[:, None, None, :]  # (R, 1, 1, S + 1)
+        h, present = self._layers(h, past, visible, causal=False)
+        return self._logits(h[:, -1, :]), present

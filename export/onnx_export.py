@@ -1,0 +1,203 @@
+"""`ldlm export`: a checkpoint -> four ONNX graphs (fp32, fp16 and an int8 reverse transformer) + a manifest.
+
+Exporter: torch's dynamo-based `torch.onnx.export(..., dynamo=True)` (torch.export, then onnxscript), torch's
+default since 2.9 and the path the TorchScript exporter's deprecation points to. It exports every graph here
+as is, including the Hugging Face BERT with its attention mask; the caches go in and out as plain tensors
+(export/graphs.py), so no cache class has to be traced. Example inputs use sizes of at least 2 on every
+dynamic axis, since torch.export specializes axes it sees at size 0 or 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldlm import __version__
+from ldlm.checkpoint import Components, load_checkpoint
+
+from .graphs import DecoderPrefillGraph, DecoderStepGraph, EncoderGraph, ReverseGraph
+from .manifest import GRAPHS, write_manifest
+
+OPSET = 18  # LayerNormalization needs 17; 18 is the newest opset ONNX Runtime's CPU and CUDA kernels fully cover
+VARIANTS = {"float32": "", "float16": ".fp16"}  # variant -> file suffix
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """How one graph is built and traced: its module, example inputs, and which axes are dynamic."""
+
+    build: Callable[[Components], nn.Module]
+    inputs: Callable[[Components], dict[str, torch.Tensor]]  # example inputs by name, in forward's order
+    outputs: tuple[str, ...]
+    dynamic: Callable[[], dict[str, dict[int, object]]]  # input name -> {axis: torch.export.Dim}
+
+
+def _dims():
+    Dim = torch.export.Dim
+    return Dim("batch", min=1, max=65536), Dim("length", min=1, max=4096), Dim("past", min=1, max=4096)
+
+
+def _encoder_inputs(c: Components) -> dict[str, torch.Tensor]:
+    real = c.encoder.tokenizer(["an example text", "two"])["input_ids"]  # unequal lengths: padding is traced
+    width = max(len(row) for row in real)
+    ids = torch.full((2, width), c.encoder.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(real):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _reverse_inputs(c: Components) -> dict[str, torch.Tensor]:
+    inputs = {"x_t": torch.randn(2, c.config.latent_dim), "t": torch.tensor([3.0, 700.0])}
+    if c.config.self_condition:
+        inputs["x0_prev"] = torch.randn(2, c.config.latent_dim)
+    return inputs
+
+
+def _cache_shape(c: Components, rows: int, length: int) -> tuple[int, ...]:
+    cfg = c.decoder.gpt2.config
+    return (cfg.n_layer, 2, rows, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+
+
+def _step_inputs(c: Components) -> dict[str, torch.Tensor]:
+    rows, past = 2, c.config.n_prefix
+    return {"input_ids": torch.tensor([[1], [2]]), "position_ids": torch.full((rows, 1), past),
+            "attention_mask": torch.ones(rows, past + 1, dtype=torch.long),
+            "past": torch.randn(_cache_shape(c, rows, past))}
+
+
+def _reverse_dynamic():
+    batch, _, _ = _dims()
+    return {"x_t": {0: batch}, "t": {0: batch}, "x0_prev": {0: batch}}
+
+
+SPECS: dict[str, GraphSpec] = {
+    "encoder": GraphSpec(lambda c: EncoderGraph(c.encoder), _encoder_inputs, ("latent",),
+                         lambda: (lambda b, n, _: {"input_ids": {0: b, 1: n}, "attention_mask": {0: b, 1: n}})(*_dims())),
+    "reverse": GraphSpec(lambda c: ReverseGraph(c.reverse), _reverse_inputs, ("x0_hat",), _reverse_dynamic),
+    "decoder_prefill": GraphSpec(lambda c: DecoderPrefillGraph(c.decoder),
+                                 lambda c: {"latent": torch.randn(2, c.config.latent_dim)}, ("logits", "present"),
+                                 lambda: {"latent": {0: _dims()[0]}}),
+    "decoder_step": GraphSpec(lambda c: DecoderStepGraph(c.decoder), _step_inputs, ("logits", "present"),
+                              lambda: (lambda b, _, s: {"input_ids": {0: b}, "position_ids": {0: b},
+                                                        "attention_mask": {0: b, 1: s + 1},
+                                                        "past": {2: b, 4: s}})(*_dims())),
+}
+
+
+def _in_dtype(components: Components, dtype: torch.dtype) -> Components:
+    if dtype == torch.float32:
+        return components
+    c = copy.copy(components)
+    c.encoder, c.decoder, c.reverse = (copy.deepcopy(m).to(dtype) for m in (c.encoder, c.decoder, c.reverse))
+    return c
+
+
+def _io(model_path: Path) -> dict[str, list[dict]]:
+    """Names, element types and shapes (ints or axis names) of a saved graph's inputs and outputs."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+
+    def describe(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+
+
+def export_graph(components: Components, name: str, path: Path, opset: int = OPSET) -> dict:
+    """Trace graph `name` of `components`, save it to `path`, validate it with the ONNX checker."""
+    import onnx
+
+    spec = SPECS[name]
+    module = spec.build(components).eval()
+    inputs = spec.inputs(components)
+    dynamic = {k: v for k, v in spec.dynamic().items() if k in inputs}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on renamed axes and deprecated pytree classes
+        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
+                          output_names=list(spec.outputs), dynamic_shapes=dynamic, opset_version=opset,
+                          dynamo=True, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    return {"file": path.name, **_io(path)}
+
+
+def quantize_reverse(source: Path, target: Path) -> dict:
+    """Dynamic int8 quantization of the reverse transformer's MatMul weights (activations quantized per call)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:  # shape inference first, as ONNX Runtime's quantizer asks
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    return {"file": target.name, **_io(target)}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxscript
+    import transformers
+
+    versions = {"ldlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "python": platform.python_version()}
+    try:
+        import onnxruntime
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, variants=("float32", "float16"),
+                      int8: bool = True, opset: int = OPSET, log=print) -> Path:
+    """Write the graphs of `checkpoint` (a directory or loaded Components) and their manifest into `out`."""
+    components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "float32" not in variants:
+        raise ValueError(f"variants must include float32 and come from {list(VARIANTS)}, got {list(variants)}")
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        raise FileExistsError(f"{out} already holds an export: pass a new directory, or delete it first")
+    out.mkdir(parents=True, exist_ok=True)
+    components.encoder.tokenizer.save_pretrained(out / "encoder_tokenizer")
+    components.decoder.tokenizer.save_pretrained(out / "decoder_tokenizer")
+
+    graphs: dict[str, dict] = {}
+    for variant in variants:
+        converted = _in_dtype(components, getattr(torch, variant))
+        graphs[variant] = {}
+        for name in GRAPHS:
+            path = out / f"{name}{VARIANTS[variant]}.onnx"
+            graphs[variant][name] = export_graph(converted, name, path, opset)
+            log(f"exported {name} ({variant}) -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if int8:
+        graphs["int8"] = {"reverse": quantize_reverse(out / "reverse.onnx", out / "reverse.int8.onnx")}
+        log(f"quantized reverse (int8) -> {out / 'reverse.int8.onnx'}")
+
+    gpt2 = components.decoder.gpt2.config
+    write_manifest(out, {
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "versions": _versions(),
+        "model": components.config.to_dict(),
+        "latent_stats": {"mean": components.latent_mean.tolist(), "std": components.latent_std.tolist()},
+        "tokenizers": {"encoder": "encoder_tokenizer", "decoder": "decoder_tokenizer"},
+        "encoder": {"latent_dim": components.encoder.latent_dim, "max_tokens": components.encoder.max_tokens},
+        "decoder": {"eos_token_id": components.decoder.eos_token_id, "pad_token_id": components.decoder.pad_token_id,
+                    "n_layer": gpt2.n_layer, "n_head": gpt2.n_head, "head_dim": gpt2.n_embd // gpt2.n_head,
+                    "vocab_size": gpt2.vocab_size, "n_positions": gpt2.n_positions},
+        "graphs": graphs,
+    })
+    log(f"wrote {out / 'manifest.json'}")
+    return out

@@ -1,0 +1,225 @@
+"""ONNX export and the ONNX Runtime backend against the PyTorch reference.
+
+Tolerances: fp32 graphs within 1e-5 (relative to the largest magnitude) of their modules; fp16 graphs within
+2e-2; end to end in fp32, latents within 1e-5 and the same decoded tokens as the reference path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")  # installed by .ci/run
+
+import ldlm
+from ldlm.backends import BackendUnavailable
+from ldlm.beam_search import BeamSearchConfig, beam_search
+from ldlm.checkpoint import load_checkpoint
+from ldlm.cli import main
+from ldlm.config import ModelConfig
+from ldlm.decoder import LatentDecoder
+from ldlm.export.manifest import ExportError, hash_files
+from ldlm.export.onnx_export import export_checkpoint, export_graph
+from ldlm.onnx_runtime import Graph, OnnxDecoder, OnnxOptions, OnnxReverse, load_onnx_components
+from ldlm.reverse import ReverseTransformer
+
+from .conftest import TINY_TEXTS
+
+CPU = torch.device("cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_checkpoint(tiny_checkpoint, out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def onnx_parts(exported):
+    return {dtype: load_onnx_components(exported, CPU, dtype)[0] for dtype in (torch.float32, torch.float16)}
+
+
+def test_manifest_lists_graphs_versions_and_hashes(exported):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["opset"] == 18 and manifest["versions"]["torch"] == torch.__version__
+    assert set(manifest["graphs"]) == {"float32", "float16", "int8"}
+    step = manifest["graphs"]["float32"]["decoder_step"]
+    assert [i["name"] for i in step["inputs"]] == ["input_ids", "position_ids", "attention_mask", "past"]
+    assert step["inputs"][3]["dtype"] == "float32" and len(step["inputs"][3]["shape"]) == 6
+    assert isinstance(step["inputs"][0]["shape"][0], str)  # the batch axis is dynamic
+    assert manifest["files"] == hash_files(exported) and "decoder_tokenizer/tokenizer.json" in manifest["files"]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_encoder_graph_matches_the_module(reference, onnx_parts, dtype, tol):
+    for texts in (TINY_TEXTS[:1], TINY_TEXTS[:3] + ["a much longer sentence than the others, padded less"]):
+        assert rel_err(onnx_parts[dtype].encoder.encode(texts), reference.encoder.encode(texts)) < tol
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_reverse_graph_matches_the_module(reference, onnx_parts, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 4, 7):
+        x, t = torch.randn(batch, 32, generator=g), torch.rand(batch, generator=g) * 999
+        with torch.no_grad():
+            expected = reference.reverse(x, t)
+        assert rel_err(onnx_parts[dtype].reverse(x, t), expected) < tol
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_decoder_graphs_match_the_module(reference, onnx_parts, dtype, tol):
+    decoder, onnx_decoder = reference.decoder, onnx_parts[dtype].decoder
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 5):
+        latents = torch.randn(batch, 32, generator=g)
+        with torch.no_grad():
+            logits, cache = decoder.prefill(latents)
+        onnx_logits, onnx_cache = onnx_decoder.prefill(latents)
+        assert rel_err(onnx_logits, logits) < tol
+        for length in range(3):  # growing past lengths: the dynamic axis of the step graph
+            ids = torch.randint(0, 200, (batch, 1), generator=g)
+            with torch.no_grad():
+                logits, cache = decoder.step(ids, cache)
+            onnx_logits, onnx_cache = onnx_decoder.step(ids, onnx_cache)
+            assert rel_err(onnx_logits, logits) < tol, (batch, length)
+        keys = torch.stack([layer.keys for layer in cache.layers])  # (L, R, H, S, hd)
+        assert rel_err(onnx_cache.present[:, 0], keys) < tol
+
+
+def test_beam_search_on_the_graphs_gives_the_reference_tokens(tmp_path):
+    """A random decoder (varied, non-empty hypotheses): the same tokens through ONNX Runtime."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny")
+    decoder = LatentDecoder.build(config, TINY_TEXTS).eval()
+    for p in decoder.parameters():
+        p.data.normal_(0, 0.5)
+    parts = dataclasses.make_dataclass("Parts", ["config", "decoder"])(config, decoder)
+    specs = {name: export_graph(parts, name, tmp_path / f"{name}.onnx") for name in ("decoder_prefill", "decoder_step")}
+    gpt2 = decoder.gpt2.config
+    spec = {"eos_token_id": decoder.eos_token_id, "pad_token_id": decoder.pad_token_id, "n_layer": gpt2.n_layer,
+            "n_head": gpt2.n_head, "head_dim": gpt2.n_embd // gpt2.n_head, "vocab_size": gpt2.vocab_size,
+            "n_positions": gpt2.n_positions}
+    graphs = [Graph(tmp_path / specs[n]["file"], specs[n], "cpu", OnnxOptions()) for n in specs]
+    onnx_decoder = OnnxDecoder(*graphs, decoder.tokenizer, spec, config, CPU)
+    latents = torch.randn(5, 32)
+    for search in (BeamSearchConfig(num_beams=3, max_new_tokens=12), BeamSearchConfig(num_beams=1, max_new_tokens=9)):
+        expected = beam_search(decoder, latents, search)
+        assert any(expected) and beam_search(onnx_decoder, latents, search) == expected
+
+
+def test_self_conditioned_reverse_graph_takes_the_previous_estimate(tmp_path):
+    config = dataclasses.replace(ModelConfig.from_preset("tiny"), self_condition=True)
+    torch.manual_seed(0)
+    reverse = ReverseTransformer(config).eval()
+    parts = dataclasses.make_dataclass("Parts", ["config", "reverse"])(config, reverse)
+    spec = export_graph(parts, "reverse", tmp_path / "reverse.onnx")
+    assert [i["name"] for i in spec["inputs"]] == ["x_t", "t", "x0_prev"]
+    onnx_reverse = OnnxReverse(Graph(tmp_path / "reverse.onnx", spec, "cpu", OnnxOptions()), config)
+    x, t, prev = torch.randn(3, 32), torch.tensor([1.0, 500.0, 999.0]), torch.randn(3, 32)
+    with torch.no_grad():
+        assert rel_err(onnx_reverse(x, t, prev), reverse(x, t, prev)) < 1e-5
+        assert rel_err(onnx_reverse(x, t), reverse(x, t)) < 1e-5  # None: zeros, as the module does
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", None), ("ddim", 20)])
+def test_onnx_pipeline_matches_the_reference_end_to_end(tiny_checkpoint, exported, sampler, steps):
+    ref, onnx = ldlm.load(tiny_checkpoint), ldlm.load(exported)
+    assert onnx.backend == "onnx" and "CPUExecutionProvider" in onnx.backend_reason
+    kwargs = {"sampler": sampler, "steps": steps, "seed": 3, "progress": False}
+    expected, got = ref.sample_latents(4, **kwargs), onnx.sample_latents(4, **kwargs)
+    assert rel_err(got, expected) < 1e-5
+    latents = expected * 3  # scaled to reach varied decodes of the briefly trained decoder
+    assert onnx.decode(latents, progress=False) == ref.decode(latents, progress=False)
+    assert onnx.vary(TINY_TEXTS[:3], strength=0.4, progress=False) == ref.vary(TINY_TEXTS[:3], strength=0.4,
+                                                                              progress=False)
+
+
+def test_int8_reverse_is_close_to_fp32(exported):
+    fp32 = ldlm.load(exported)
+    int8 = ldlm.load(exported, onnx_options=OnnxOptions(int8_reverse=True))
+    assert "int8" in int8.backend_reason
+    x, t = torch.randn(6, 32), torch.full((6,), 300.0)
+    err = rel_err(int8.reverse(x, t), fp32.reverse(x, t))
+    assert 0 < err < 0.1  # quantized: not equal, but near
+
+
+def _copy(exported, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(exported, target)
+    return target
+
+
+def _rehash(directory):
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = hash_files(directory)
+    path.write_text(json.dumps(manifest))
+
+
+def test_bad_exports_fail_at_load_with_what_to_do(exported, tmp_path):
+    broken = _copy(exported, tmp_path)
+    (broken / "reverse.onnx").unlink()
+    with pytest.raises(ExportError, match=r"reverse.onnx is missing.*re-run `ldlm export`"):
+        ldlm.load(broken)
+
+    broken = _copy(exported, tmp_path / "hash")
+    (broken / "decoder_step.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ExportError, match="decoder_step.onnx does not match its hash"):
+        ldlm.load(broken)
+    _rehash(broken)  # a corrupt graph whose manifest was rewritten: ONNX Runtime's own check names it
+    with pytest.raises(ValueError, match="decoder_step.onnx could not be loaded by ONNX Runtime"):
+        ldlm.load(broken)
+
+    broken = _copy(exported, tmp_path / "swap")
+    shutil.copy(broken / "encoder.onnx", broken / "reverse.onnx")
+    _rehash(broken)
+    with pytest.raises(ValueError, match="reverse.onnx does not match manifest.json"):
+        ldlm.load(broken)
+
+    broken = _copy(exported, tmp_path / "json")
+    (broken / "manifest.json").write_text("{")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        ldlm.load(broken)
+
+
+def test_backend_and_provider_errors(tiny_checkpoint, exported):
+    with pytest.raises(BackendUnavailable, match="ldlm export CHECKPOINT OUTDIR"):
+        ldlm.load(tiny_checkpoint, backend="onnx")
+    with pytest.raises(BackendUnavailable, match="only backend 'onnx' runs"):
+        ldlm.load(exported, backend="reference")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="pip install onnxruntime-gpu"):
+            ldlm.load(exported, onnx_options=OnnxOptions(provider="cuda"))
+    with pytest.raises(ExportError, match="no torch.bfloat16 graphs"):
+        ldlm.load(exported, dtype="bfloat16")
+    with pytest.raises(FileExistsError, match="already holds an export"):
+        export_checkpoint(tiny_checkpoint, exported)
+
+
+def test_cli_export_then_generate_with_onnx(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(tiny_checkpoint), str(out), "--no-fp16", "--no-int8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"float32"}
+    assert main(["generate", str(out), "-n", "2", "--sampler", "ddim", "--steps", "5", "--json", "--no-progress",
+                 "--onnx-threads", "1"]) == 0
+    assert main(["generate", str(tiny_checkpoint), "--backend", "onnx"]) == 2  # a checkpoint: export it first
+    captured = capsys.readouterr()
+    assert len([line for line in captured.out.splitlines() if line.startswith("{")]) == 2
+    assert "backend: onnx (CPUExecutionProvider" in captured.err
