@@ -85,7 +85,9 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
         outputs = pipe.reconstruct(recon_refs, num_beams=s.num_beams, progress=progress)
         row = {"reconstruction": {"n": len(recon_refs), "exact_match": metrics.exact_match(outputs, recon_refs),
                                   "bleu": metrics.corpus_bleu(outputs, recon_refs),
-                                  "token_accuracy": token_accuracy(pipe, recon_refs)}}
+                                  # teacher forcing needs the PyTorch decoder (the onnx backend has no training graph)
+                                  "token_accuracy": token_accuracy(pipe, recon_refs)
+                                  if isinstance(pipe.decoder, torch.nn.Module) else None}}
         generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
                                   progress=progress)
         row["samples"] = sample_scores(generated, second_features, train_texts, encoder, s.seed)
@@ -107,6 +109,6 @@ def format_table(result: dict) -> str:
         values = {**row.get("reconstruction", {}), **row.get("samples", {})}
         if "reconstruction" in row:
             values["n"] = f"{row['reconstruction']['n']} / {row['samples']['n']}"
-        cells = [f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, "-")) for c in cols]
+        cells = [f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c) or "-") for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -127,7 +127,8 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
                           output_names=list(spec.outputs), dynamic_shapes=dynamic, opset_version=opset,
                           dynamo=True, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
-    return {"file": path.name, **_io(path)}
+    data = path.with_name(path.name + ".data")  # the exporter moves large weights into an external data file
+    return {"file": path.name, **({"external_data": data.name} if data.is_file() else {}), **_io(path)}
 
 
 def quantize_reverse(source: Path, target: Path) -> dict:
@@ -180,7 +181,8 @@ def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, v
         for name in GRAPHS:
             path = out / f"{name}{VARIANTS[variant]}.onnx"
             graphs[variant][name] = export_graph(converted, name, path, opset)
-            log(f"exported {name} ({variant}) -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            size = sum(p.stat().st_size for p in out.glob(f"{path.name}*"))
+            log(f"exported {name} ({variant}) -> {path} ({size / 2**20:.1f} MiB)")
     if int8:
         graphs["int8"] = {"reverse": quantize_reverse(out / "reverse.onnx", out / "reverse.int8.onnx")}
         log(f"quantized reverse (int8) -> {out / 'reverse.int8.onnx'}")

@@ -223,3 +223,16 @@ def test_cli_export_then_generate_with_onnx(tiny_checkpoint, tmp_path, capsys):
     captured = capsys.readouterr()
     assert len([line for line in captured.out.splitlines() if line.startswith("{")]) == 2
     assert "backend: onnx (CPUExecutionProvider" in captured.err
+
+
+def test_evaluate_runs_on_the_onnx_backend(exported):
+    """`ldlm eval EXPORT`: reconstruction and samples as usual; teacher-forced accuracy needs the PyTorch decoder."""
+    from ldlm.encoder import build_tiny_encoder
+    from ldlm.evaluate import EvalSettings, evaluate, format_table
+
+    result = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=ldlm.load(exported), feature_encoder=build_tiny_encoder(32),
+                      settings=EvalSettings(num_samples=6, sampler="ddim", steps=5), progress=False)
+    model = result["rows"]["model"]
+    assert model["reconstruction"]["token_accuracy"] is None and 0 <= model["reconstruction"]["bleu"] <= 100
+    assert model["samples"]["n"] == 6
+    assert format_table(result).splitlines()[2].split(" | ")[3] == "-"  # the model row's token_accuracy cell
