@@ -71,14 +71,16 @@ def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, s
 class Graph:
     """One ONNX Runtime session whose inputs and outputs are torch tensors bound by pointer (IOBinding)."""
 
-    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions):
+    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, spin: bool = False):
         ort = _import_onnxruntime()
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
-        # ORT's pool spins after each run by default, taking the cores from the torch work between runs (the
-        # sampler's update, log-softmax and top-k in beam search): measured 2x slower decoding with spinning.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ORT's pool spins after each run (its default), which keeps the cores from torch's work between runs.
+        # Measured on 2 cores (bench/RESULTS.md): spinning makes the sampling loop (reverse graph back to back,
+        # tiny updates between) 1.6x faster, and the beam decode (log-softmax and top-k over the vocabulary
+        # between steps) 2x slower; so only the reverse graph spins.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -220,7 +222,7 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
         specs["reverse"] = manifest["graphs"]["int8"]["reverse"]
 
     def graph(name: str) -> Graph:
-        return Graph(directory / specs[name]["file"], specs[name], provider, options)
+        return Graph(directory / specs[name]["file"], specs[name], provider, options, spin=name == "reverse")
 
     try:
         config = ModelConfig.from_dict(manifest["model"])
