@@ -94,9 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
-    p = sub.add_parser("generate", help="unconditional samples: noise -> denoise -> decode")
-    p.add_argument("checkpoint", help="checkpoint directory")
-    p.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples (default 8)")
+    p = sub.add_parser("generate", help="unconditional samples, or a batch job over a JSONL file (--input/--output)")
+    p.add_argument("checkpoint", help="checkpoint directory (or an export directory, for backend onnx)")
+    p.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples without --input (default 8)")
+    p.add_argument("--input", help="batch job: JSONL, one {\"id\", [\"text\", \"mode\", \"strength\"], [\"seed\"]} per line")
+    p.add_argument("--output", help="batch job: JSONL written in input order, flushed batch by batch")
+    p.add_argument("--resume", action="store_true", help="batch job: skip the ids --output already holds (same settings)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch job: items per batch (default 64; halved on OOM)")
+    p.add_argument("--ray", action="store_true", help="batch job: run on Ray, one pipeline actor per GPU or CPU worker")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--ray-workers", type=int, default=None, help="pipeline actors (default: GPUs, else CPUs / 2)")
     _add_sampling_flags(p)
     _add_common_flags(p)
 
@@ -195,10 +202,40 @@ def _load(args):
 
 
 def cmd_generate(args) -> None:
+    if args.input or args.output:
+        return _run_generate_job(args)
     pipe = _load(args)
     texts = pipe.generate(args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
                           num_beams=args.num_beams, progress=not args.no_progress)
     _print_results(args, [None] * len(texts), texts, sampler=args.sampler, steps=args.steps, seed=args.seed)
+
+
+def _run_generate_job(args) -> None:
+    import logging
+
+    from .jobs import JobSettings, model_fingerprint, read_items, run_job, unconditional_items
+
+    if not args.output:
+        raise ValueError("--input needs --output FILE (the job's JSONL results)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
+                           eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed)
+    if args.input:
+        with open(args.input, "rb") as f:
+            items = read_items(f, args.seed)
+    else:
+        items = unconditional_items(args.num_samples, args.seed)
+    if args.ray:
+        from .ray_jobs import run_job_on_ray
+
+        counts = run_job_on_ray(args, items, settings)
+    else:
+        counts = run_job(_load(args), items, args.output, settings, batch_size=args.batch_size, resume=args.resume,
+                         progress=not args.no_progress)
+    print(f"{args.output}: {counts['written']} written, {counts['errors']} bad lines reported, "
+          f"{counts['skipped']} already done", file=sys.stderr)
 
 
 def cmd_reconstruct(args) -> None:

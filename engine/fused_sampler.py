@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .samplers import ItemNoise
 from .step_tables import StepTables
 
 
@@ -57,14 +58,16 @@ class FusedSampler:
         self._rng = torch.Generator(device=self.device) if self.graphs else None
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
-    def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool) -> None:
+    def _one_step(self, buf: _Buffers, generator: torch.Generator | ItemNoise | None, draw: bool) -> None:
         t = self.t_values.index_select(0, buf.step).expand(buf.x.shape[0])  # (B,) gathered on the device
         if self.self_condition:
             x0_hat = self.reverse(buf.x, t, buf.x0_prev).to(self.dtype)
             buf.x0_prev.copy_(x0_hat)
         else:
             x0_hat = self.reverse(buf.x, t).to(self.dtype)
-        if draw:
+        if draw and isinstance(generator, ItemNoise):  # per-item streams, drawn on the host as the reference does
+            buf.noise.copy_(generator.randn(tuple(buf.noise.shape[1:]), buf.noise.device, buf.noise.dtype))
+        elif draw:
             buf.noise.normal_(generator=generator)
         self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
                           self.tables.coef_noise, buf.step, out=buf.x, clamp=self.clamp)
@@ -102,12 +105,14 @@ class FusedSampler:
         return buf.graphs[draw]
 
     @torch.no_grad()
-    def __call__(self, x_start: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor."""
+    def __call__(self, x_start: torch.Tensor, generator: torch.Generator | ItemNoise | None = None) -> torch.Tensor:
+        """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor. With per-item
+        noise (ItemNoise, batch jobs) the steps run without graphs: each step's noise comes from the host."""
         buf = self._buffers_for(*x_start.shape)
         draws = self.draws
         rng = generator
-        if self.graphs:  # graphs draw from one registered generator, synced with the caller's before and after
+        graphs = self.graphs and not isinstance(generator, ItemNoise)
+        if graphs:  # graphs draw from one registered generator, synced with the caller's before and after
             for draw in set(draws):
                 self._graph(buf, draw)
             rng = self._rng
@@ -123,7 +128,7 @@ class FusedSampler:
             run = 1
             while s + run < len(draws) and draws[s + run] == draw:
                 run += 1
-            if self.graphs:
+            if graphs:
                 for _ in range(run // self.chunk):
                     buf.graphs[draw].replay()
                 for _ in range(run % self.chunk):
@@ -132,7 +137,7 @@ class FusedSampler:
                 for _ in range(run):
                     self._one_step(buf, rng, draw)
             s += run
-        if self.graphs and generator is not None:
+        if graphs and generator is not None:
             generator.set_state(rng.get_state())
         bad = int(buf.first_bad_step)  # the one host synchronization of the loop
         if bad >= 0:

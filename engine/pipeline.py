@@ -13,7 +13,7 @@ from .backends import ENGINE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
-from .samplers import SAMPLERS, check_ddpm_steps
+from .samplers import SAMPLERS, ItemNoise, check_ddpm_steps
 from .reverse import self_conditioned
 from .schedule import NoiseSchedule, add_noise
 from .step_tables import ddim_tables, ddpm_tables
@@ -100,12 +100,12 @@ class Pipeline:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
-                     generator: torch.Generator, start_t: int | None, progress: bool) -> torch.Tensor:
+                     generator: torch.Generator | ItemNoise, start_t: int | None, progress: bool) -> torch.Tensor:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.backend in ENGINE_BACKENDS:
             fused = self._fused_sampler(sampler, steps, eta, start_t)
-            if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
+            if self.backend == "cuda-graph" and not isinstance(generator, ItemNoise):  # graphs per bucket: pad
                 bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
                 padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], x.shape[1])])
                 return fused(padded, generator)[: x.shape[0]].float()
@@ -139,15 +139,24 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, n: int, *, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
-                       seed: int = 0, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+                       seed: int = 0, seeds: list[int] | None = None, batch_size: int = 256,
+                       progress: bool = True) -> torch.Tensor:
         """n raw latents (n, D) from Gaussian noise. One generator seeded with `seed` draws x_T, then
-        each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents."""
+        each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents.
+        With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
+        its latent depends on its seed alone, whatever the batch."""
         check_count(n)
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"seeds has {len(seeds)} entries for {n} samples: give one seed per sample")
         generator = self._generator(seed)
         out = []
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
-            x = torch.randn(size, self.config.latent_dim, generator=generator, device=self.device)
+            if seeds is not None:
+                generator = ItemNoise(seeds[start : start + size])
+                x = generator.randn((self.config.latent_dim,), self.device)
+            else:
+                x = torch.randn(size, self.config.latent_dim, generator=generator, device=self.device)
             z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
                                   start_t=None, progress=progress)
             out.append(self.denormalize(z))
@@ -189,26 +198,41 @@ class Pipeline:
 
     @torch.no_grad()
     def vary(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str = "ddpm",
-             seed: int = 0, *, eta: float = 0.0, num_beams: int = 4, progress: bool = True) -> list[str]:
+             seed: int = 0, *, eta: float = 0.0, num_beams: int = 4, seeds: list[int] | None = None,
+             progress: bool = True) -> list[str]:
         """Encode, noise the latent to t = strength * T, denoise from there, decode (SDEdit, Meng et al. 2022).
 
-        strength 0 returns the reconstruction; 1 starts from (almost) pure noise.
+        strength 0 returns the reconstruction; 1 starts from (almost) pure noise. `seeds`: one per text, each
+        text drawing its noise from its own generator (as in sample_latents).
         """
+        return self.decode(self.vary_latents(texts, strength, steps, sampler, seed, eta=eta, seeds=seeds,
+                                             progress=progress), num_beams=num_beams, progress=progress)
+
+    @torch.no_grad()
+    def vary_latents(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str = "ddpm",
+                     seed: int = 0, *, eta: float = 0.0, seeds: list[int] | None = None,
+                     progress: bool = True) -> torch.Tensor:
+        """The latents `vary` decodes: (N, D)."""
         check_texts(texts)
         check_strength(strength)
+        if seeds is not None and len(seeds) != len(texts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(texts)} texts: give one seed per text")
         latents = self.encode(texts)
         start_t = min(self.schedule.num_timesteps - 1, round(strength * self.schedule.num_timesteps))
         if strength > 0 and texts:
-            generator = self._generator(seed)
+            generator = ItemNoise(seeds) if seeds is not None else self._generator(seed)
             z0 = self.normalize(latents)
             t = torch.full((z0.shape[0],), start_t, device=self.device, dtype=torch.long)
-            noise = torch.randn(z0.shape, generator=generator, device=self.device)
+            if seeds is not None:
+                noise = generator.randn((z0.shape[1],), self.device)
+            else:
+                noise = torch.randn(z0.shape, generator=generator, device=self.device)
             x = add_noise(self.schedule, z0, t, noise)
             if sampler == "ddpm":
                 steps = None  # DDPM runs every timestep from start_t
             latents = self.denormalize(self._run_sampler(x, sampler=sampler, steps=steps, eta=eta,
                                                          generator=generator, start_t=start_t, progress=progress))
-        return self.decode(latents, num_beams=num_beams, progress=progress)
+        return latents
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",

@@ -43,7 +43,33 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return grid.tolist()
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+class ItemNoise:
+    """Noise drawn for each batch item from its own generator, seeded by the item's seed (on the CPU, so a seed
+    gives the same noise on every device). An item's result then depends on its seed alone, not on the batch
+    it ran in or its place there: what batch jobs need to resume and to split work across machines.
+    Pass it as a sampler's `generator`."""
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = list(seeds)
+        self.generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
+
+    def randn(self, shape: tuple[int, ...], device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(len(seeds), *shape): row i from generator i."""
+        rows = [torch.randn(shape, generator=g) for g in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype) if rows else torch.empty(0, *shape, device=device)
+
+    def subset(self, index: list[int]) -> ItemNoise:
+        """The generators of some items, in their current states (shared, so draws advance them)."""
+        part = ItemNoise([])
+        part.seeds = [self.seeds[i] for i in index]
+        part.generators = [self.generators[i] for i in index]
+        return part
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | ItemNoise | None) -> torch.Tensor:
+    if isinstance(generator, ItemNoise):
+        return generator.randn(tuple(x.shape[1:]), x.device, x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
