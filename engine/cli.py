@@ -189,14 +189,18 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _onnx_options(args):
+    from .onnx_runtime import OnnxOptions
+
+    return OnnxOptions(provider=args.onnx_provider, intra_op_threads=args.onnx_threads,
+                       optimization_level=args.onnx_opt_level, int8_reverse=args.int8)
+
+
 def _load(args):
     from .pipeline import load
 
-    from .onnx_runtime import OnnxOptions
-
-    options = OnnxOptions(provider=args.onnx_provider, intra_op_threads=args.onnx_threads,
-                          optimization_level=args.onnx_opt_level, int8_reverse=args.int8)
-    pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype, onnx_options=options)
+    pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype,
+                onnx_options=_onnx_options(args))
     print(f"backend: {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
     return pipe
 
@@ -230,7 +234,10 @@ def _run_generate_job(args) -> None:
     if args.ray:
         from .ray_jobs import run_job_on_ray
 
-        counts = run_job_on_ray(args, items, settings)
+        load_kwargs = {"backend": args.backend, "dtype": args.dtype, "onnx_options": _onnx_options(args)}
+        counts = run_job_on_ray(args.checkpoint, items, args.output, settings, load_kwargs=load_kwargs,
+                                batch_size=args.batch_size, resume=args.resume, workers=args.ray_workers,
+                                address=args.ray_address, progress=not args.no_progress)
     else:
         counts = run_job(_load(args), items, args.output, settings, batch_size=args.batch_size, resume=args.resume,
                          progress=not args.no_progress)

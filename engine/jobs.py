@@ -243,7 +243,7 @@ def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, 
         raise FileExistsError(f"{output} already exists: pass --resume to continue it, or choose a new --output")
     done = done_keys(output, settings) if resume else set()
     todo = [item for item in items if item.key not in done]
-    _mark_truncated(pipe, todo)
+    mark_truncated(pipe, todo)
     writer = OutputWriter(output)
     counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
     bar = tqdm(total=len(todo), desc="generate", unit="item", disable=not progress, dynamic_ncols=True)
@@ -275,7 +275,7 @@ def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, 
     return counts
 
 
-def _mark_truncated(pipe, items: list[Item]) -> None:
+def mark_truncated(pipe, items: list[Item]) -> None:
     """Texts over the encoder's limit are truncated (as the API does, with a warning); their lines say so."""
     with_text = [item for item in items if item.error is None and item.text is not None]
     if not with_text:

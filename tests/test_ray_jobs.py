@@ -1,0 +1,39 @@
+"""Batch jobs on a local Ray cluster of two CPU workers: the same records, in the same order, as a local run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is part of the test extra")  # installed by .ci/run
+
+from ldlm.jobs import read_items, run_job  # noqa: E402
+from ldlm.ray_jobs import run_job_on_ray  # noqa: E402
+
+from .test_jobs import BAD, GOOD, read_jsonl, settings_for, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def test_ray_job_matches_a_local_run_and_resumes(local_cluster, tiny_checkpoint, tiny_pipeline, tmp_path):
+    source = tmp_path / "in.jsonl"
+    rows = [*GOOD, BAD[0], *({"id": f"s{i}"} for i in range(6)), {"id": "long", "text": "a b c d " * 50}, BAD[2]]
+    write_jsonl(source, rows)
+    settings = settings_for(tiny_checkpoint)
+    local = tmp_path / "local.jsonl"
+    run_job(tiny_pipeline, read_items(source.open("rb"), 0), local, settings, batch_size=3, progress=False)
+
+    on_ray = tmp_path / "ray.jsonl"  # a job that stopped after 5 items (written locally), resumed on Ray
+    run_job(tiny_pipeline, read_items(source.open("rb"), 0)[:5], on_ray, settings, progress=False)
+    counts = run_job_on_ray(str(tiny_checkpoint), read_items(source.open("rb"), 0), on_ray, settings, workers=2,
+                            batch_size=2, resume=True, load_kwargs={"backend": "reference"}, progress=False)
+    assert counts == {"written": 7, "errors": 2, "skipped": 5}
+    assert read_jsonl(on_ray) == read_jsonl(local)
+    assert json.loads(on_ray.read_text().splitlines()[-2])["truncated"] is True
