@@ -3,7 +3,7 @@
     python bench/latency.py --preset base --device cuda --batch-sizes 1 8 64 256 --json out.json
     python bench/latency.py --preset tiny --device cpu --batch-sizes 1 8 --engine-backend fused   # smoke
 
-Models are built from the preset's config with random weights (no downloads). Random GPT-2 weights
+Models are built from the preset's config with random weights (no downloads; ldlm.benchmark). Random GPT-2 weights
 never emit EOS, so every decode runs the full --max-new-tokens: a fixed, worst-case workload. Warm-up
 runs are excluded; each figure is the median and p90 over --repeats. The sampling loop's FLOPs and bytes
 per step are counted from the model's shapes and compared with a floor: max(FLOPs / matmul rate, bytes /
@@ -15,56 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from dataclasses import replace
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from ldlm.beam_search import BeamSearchConfig, beam_search
-from ldlm.checkpoint import Components
+from ldlm.benchmark import bench_components, timed
 from ldlm.config import ModelConfig
-from ldlm.decoder import LatentDecoder, train_bpe_tokenizer
-from ldlm.encoder import build_tiny_encoder
 from ldlm.pipeline import Pipeline
-from ldlm.reverse import ReverseTransformer
-
-
-def bench_components(preset: str, vocab_size: int | None) -> Components:
-    """The preset's reverse transformer and GPT-2 decoder at full size, random weights. The encoder is a tiny
-    stand-in (sampling and decoding never run it); the tokenizer only supplies EOS."""
-    config = replace(ModelConfig.from_preset(preset), encoder=None)
-    tokenizer = train_bpe_tokenizer(["a small corpus for the benchmark's tokenizer"], 300)
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=vocab_size or config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    torch.manual_seed(0)
-    decoder = LatentDecoder(config, gpt2, tokenizer).eval()
-    reverse = ReverseTransformer(config).eval()
-    zeros = torch.zeros(config.latent_dim)
-    return Components(config, build_tiny_encoder(config.latent_dim), decoder, reverse, zeros, zeros + 1, True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "repeats": repeats}
 
 
 def reverse_step_cost(config: ModelConfig, n_params: int, batch: int, bytes_per_param: int = 4) -> tuple[float, float]:

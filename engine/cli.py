@@ -148,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
     q.add_argument("--output", help="write the samples to this file instead of printing them")
 
+    p = sub.add_parser("bench", help="latency per stage (encode, sampling loop, decode) and end to end, per backend")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint (or export) directory; omit it to use --preset")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="benchmark a preset's sizes with random weights")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"],
+                   help="backends to compare (default auto); onnx exports a checkpoint or preset to a temp folder")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (default ddpm, 1000 steps)")
+    p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="engine dtype (default float32); the reference runs float32 regardless")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
+    p.add_argument("--num-beams", type=int, default=4, help="beams of the decode (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="decode length bound (default 64)")
+    p.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON to FILE")
+    p.add_argument("--plot", metavar="FILE", help="draw latency against batch size per backend into FILE (png)")
+
     p = sub.add_parser("export", help="export a checkpoint to ONNX graphs and a manifest (for backend onnx)")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("outdir", help="new directory for the graphs, tokenizers and manifest.json")
@@ -293,6 +311,56 @@ def cmd_baseline(args) -> None:
         print("\n".join(texts))
 
 
+def cmd_bench(args) -> None:
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    from .backends import resolve_backend
+    from .benchmark import BenchSettings, bench_components, bench_pipeline, format_table, plot
+    from .checkpoint import load_checkpoint
+    from .export.manifest import is_export
+    from .pipeline import Pipeline, load
+
+    if (args.checkpoint is None) == (args.preset is None):
+        raise ValueError("give a checkpoint directory or --preset NAME (not both)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'ldlm[bench]' (or drop --plot)")
+    settings = BenchSettings(batch_sizes=tuple(args.batch_sizes), sampler=args.sampler, steps=args.steps,
+                             warmup=args.warmup, iters=args.iters, num_beams=args.num_beams,
+                             max_new_tokens=args.max_new_tokens)
+    for backend in args.backends:  # fail before any work when a backend cannot run here
+        if backend != "onnx" and not (args.checkpoint and is_export(args.checkpoint)):
+            resolve_backend(backend, torch.device(args.device))
+    components = None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends:
+            dtype = "float32" if backend == "reference" else args.dtype
+            if args.checkpoint and is_export(args.checkpoint):
+                pipe = load(args.checkpoint, device=args.device, backend=backend, dtype=dtype)
+            elif backend == "onnx":
+                from .export.onnx_export import export_checkpoint
+
+                source = args.checkpoint or components or bench_components(args.preset)
+                variants = ("float32",) if dtype == "float32" else ("float32", dtype)
+                export = export_checkpoint(source, f"{tmp}/export", variants=variants, int8=False, log=lambda *_: None)
+                pipe = load(export, device=args.device, dtype=dtype)
+            else:
+                if components is None:
+                    components = load_checkpoint(args.checkpoint) if args.checkpoint else bench_components(args.preset)
+                pipe = Pipeline(components, args.device, backend, dtype)
+            name = pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}"
+            print(f"benchmarking {name} ({pipe.backend_reason})", file=sys.stderr)
+            rows += bench_pipeline(pipe, name, settings)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str))
+    if args.plot:
+        plot(rows, args.plot)
+
+
 def cmd_export(args) -> None:
     from ldlm.export.onnx_export import export_checkpoint
 
@@ -329,7 +397,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary,
-            "eval": cmd_eval, "baseline": cmd_baseline, "export": cmd_export, "info": cmd_info, "demo": cmd_demo}
+            "eval": cmd_eval, "baseline": cmd_baseline, "export": cmd_export, "bench": cmd_bench, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

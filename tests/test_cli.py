@@ -75,7 +75,7 @@ def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):
 def test_every_flag_has_help():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "eval", "baseline", "export", "info", "demo"}
+    assert set(subparsers) == {"train", "generate", "reconstruct", "vary", "eval", "baseline", "export", "bench", "info", "demo"}
     baseline = next(a for a in subparsers["baseline"]._actions if a.dest == "baseline_command").choices
     for name, sub in [*subparsers.items(), *(("baseline " + k, v) for k, v in baseline.items())]:
         for action in sub._actions:

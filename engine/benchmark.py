@@ -1,0 +1,151 @@
+"""`ldlm bench`: latency of each stage (encode, sampling loop, decode) and end to end, per backend and batch size.
+
+A preset is benchmarked with random weights built from its config (no downloads; random GPT-2 weights never
+emit EOS, so every decode runs the full `max_new_tokens`: a fixed worst case), a checkpoint with its own.
+Warm-up iterations are excluded; each figure is the median, p90 and p99 over the timed iterations, and
+samples/s is the batch over the median.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from .checkpoint import Components
+from .config import ModelConfig
+from .decoder import LatentDecoder, train_bpe_tokenizer
+from .encoder import LatentEncoder, build_tiny_encoder
+from .reverse import ReverseTransformer
+
+STAGES = ("encode", "loop", "decode", "end_to_end")
+
+# BERT sizes standing in for each preset's pretrained encoder (bert-base-uncased, all-MiniLM-L6-v2)
+ENCODER_SIZES = {"base": {"num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+                 "small": {"num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}}
+
+
+def bench_components(preset: str, vocab_size: int | None = None, seed: int = 0) -> Components:
+    """The preset's encoder, reverse transformer and GPT-2 decoder at full size with random weights. The
+    tokenizers are small (the encoder's reads characters; the decoder's only supplies EOS): token counts, not
+    vocabularies, set the cost."""
+    config = ModelConfig.from_preset(preset)
+    tiny = build_tiny_encoder(config.latent_dim, seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if preset in ENCODER_SIZES:
+            bert = BertModel(BertConfig(vocab_size=tiny.model.config.vocab_size, hidden_size=config.latent_dim,
+                                        max_position_embeddings=512, **ENCODER_SIZES[preset]))
+            encoder = LatentEncoder(bert, tiny.tokenizer)
+        else:
+            encoder = tiny
+        tokenizer = train_bpe_tokenizer(["a small corpus for the benchmark's tokenizer"], 300)
+        gpt2 = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab_size or config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+            n_layer=config.n_layer, n_head=config.n_head, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        decoder = LatentDecoder(dataclasses.replace(config, encoder=None), gpt2, tokenizer).eval()
+        reverse = ReverseTransformer(config).eval()
+    zeros = torch.zeros(config.latent_dim)
+    return Components(dataclasses.replace(config, encoder=None), encoder, decoder, reverse, zeros, zeros + 1, True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> dict:
+    """Median, p90 and p99 seconds of `fn` over `iters` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+
+    def pct(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return {"median_s": statistics.median(times), "p90_s": pct(0.9), "p99_s": pct(0.99), "iters": iters}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    sampler: str = "ddpm"
+    steps: int | None = None  # ddim steps (ddpm runs all T)
+    warmup: int = 1
+    iters: int = 5
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    text_words: int = 24  # words per input text of the encode stage
+
+
+def bench_texts(n: int, words: int) -> list[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [" ".join(letters[(i + j) % 26] * 3 for j in range(words)) for i in range(n)]
+
+
+def bench_pipeline(pipe, name: str, settings: BenchSettings) -> list[dict]:
+    """One row per (batch size, stage) for a loaded pipeline."""
+    rows = []
+    for batch in settings.batch_sizes:
+        texts = bench_texts(batch, settings.text_words)
+        sample = {"steps": settings.steps, "sampler": settings.sampler, "seed": 0, "batch_size": batch,
+                  "progress": False}
+        latents = pipe.sample_latents(batch, **{**sample, "sampler": "ddim", "steps": 2})
+        decode = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens, "batch_size": batch,
+                  "progress": False}
+
+        def end_to_end(texts=texts, batch=batch):
+            pipe.encode(texts)
+            pipe.decode(pipe.sample_latents(batch, **sample), **decode)
+
+        stages = {"encode": lambda texts=texts: pipe.encode(texts),
+                  "loop": lambda batch=batch: pipe.sample_latents(batch, **sample),
+                  "decode": lambda latents=latents: pipe.decode(latents, **decode),
+                  "end_to_end": end_to_end}
+        for stage, fn in stages.items():
+            result = timed(fn, pipe.device, settings.warmup, settings.iters)
+            rows.append({"backend": name, "batch": batch, "stage": stage, **result,
+                         "samples_per_s": batch / result["median_s"]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| backend | batch | stage | median | p90 | p99 | samples/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['stage']} | {r['median_s'] * 1e3:.1f} ms | "
+                     f"{r['p90_s'] * 1e3:.1f} ms | {r['p99_s'] * 1e3:.1f} ms | {r['samples_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Latency against batch size, one line per backend, one panel per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.5), squeeze=False)
+    for ax, stage in zip(axes[0], STAGES):
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            points = sorted((r["batch"], r["median_s"] * 1e3) for r in rows if r["backend"] == backend and r["stage"] == stage)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=backend)
+        ax.set(title=stage, xlabel="batch size", ylabel="median latency (ms)", xscale="log", yscale="log")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,29 @@
+"""`ldlm bench`: every stage timed per backend and batch size, JSON and a plot written."""
+
+from __future__ import annotations
+
+import json
+
+from ldlm.benchmark import STAGES
+from ldlm.cli import main
+
+
+def test_bench_a_preset_on_two_backends(tmp_path, capsys):
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--preset", "tiny", "--backends", "reference", "onnx", "--batch-sizes", "1", "3",
+                 "--sampler", "ddim", "--steps", "3", "--iters", "3", "--max-new-tokens", "4", "--json", str(out),
+                 "--plot", str(picture)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["batch"], r["stage"]) for r in rows} == {
+        (b, n, s) for b in ("reference", "onnx") for n in (1, 3) for s in STAGES}
+    for r in rows:
+        assert 0 < r["median_s"] <= r["p90_s"] <= r["p99_s"] and r["iters"] == 3
+        assert abs(r["samples_per_s"] - r["batch"] / r["median_s"]) < 1e-6 * r["samples_per_s"]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| onnx | 3 | end_to_end |" in capsys.readouterr().out
+
+
+def test_bench_usage_errors(tiny_checkpoint, capsys):
+    assert main(["bench", str(tiny_checkpoint), "--preset", "tiny"]) == 2
+    assert "not both" in capsys.readouterr().err
