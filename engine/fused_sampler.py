@@ -36,7 +36,9 @@ class _Buffers:
     step: torch.Tensor  # (1,) int64 device step counter
     first_bad_step: torch.Tensor  # (1,) int64: first step whose output was non-finite, -1 while all are finite
     x0_prev: torch.Tensor  # (B, D) the previous step's x0 estimate (self-conditioned models; zeros at the start)
-    graphs: dict = field(default_factory=dict)  # draws_noise -> CUDAGraph of `chunk` steps
+    noise_table: torch.Tensor | None = None  # (draws, B, D) per-item noise (ItemNoise), filled before each run
+    draw_index: torch.Tensor | None = None  # (1,) int64 device counter: the table row the next draw reads
+    graphs: dict = field(default_factory=dict)  # (draws_noise, from_table) -> CUDAGraph of `chunk` steps
 
 
 class FusedSampler:
@@ -58,15 +60,16 @@ class FusedSampler:
         self._rng = torch.Generator(device=self.device) if self.graphs else None
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
-    def _one_step(self, buf: _Buffers, generator: torch.Generator | ItemNoise | None, draw: bool) -> None:
+    def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool, from_table: bool) -> None:
         t = self.t_values.index_select(0, buf.step).expand(buf.x.shape[0])  # (B,) gathered on the device
         if self.self_condition:
             x0_hat = self.reverse(buf.x, t, buf.x0_prev).to(self.dtype)
             buf.x0_prev.copy_(x0_hat)
         else:
             x0_hat = self.reverse(buf.x, t).to(self.dtype)
-        if draw and isinstance(generator, ItemNoise):  # per-item streams, drawn on the host as the reference does
-            buf.noise.copy_(generator.randn(tuple(buf.noise.shape[1:]), buf.noise.device, buf.noise.dtype))
+        if draw and from_table:  # per-item noise, pre-drawn into the table (static, so graphs replay it)
+            buf.noise.copy_(buf.noise_table.index_select(0, buf.draw_index)[0])
+            buf.draw_index.add_(1)
         elif draw:
             buf.noise.normal_(generator=generator)
         self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
@@ -84,42 +87,60 @@ class FusedSampler:
                                           torch.zeros_like(x))
         return self._buffers[key]
 
-    def _graph(self, buf: _Buffers, draw: bool) -> torch.cuda.CUDAGraph:
-        """Capture `chunk` steps (with or without the noise draw) once per buffer; the caller resets the
-        buffers and the generator state afterwards, so warm-up and capture leave no trace in results."""
-        if draw not in buf.graphs:
+    def _graph(self, buf: _Buffers, draw: bool, from_table: bool) -> torch.cuda.CUDAGraph:
+        """Capture `chunk` steps (with or without the noise draw, from the generator or the table) once per
+        buffer; the caller resets the buffers and the generator state afterwards, so warm-up and capture leave
+        no trace in results."""
+        key = (draw, from_table)
+        if key not in buf.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up on a side stream (allocations, autotuning, lazy init)
                 for _ in range(2):
                     buf.step.zero_()
-                    self._one_step(buf, self._rng, draw)
+                    if from_table:
+                        buf.draw_index.zero_()
+                    self._one_step(buf, self._rng, draw, from_table)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self._rng)  # graph-safe Philox: each replay advances its offset
             buf.step.zero_()
+            if from_table:
+                buf.draw_index.zero_()
             with torch.cuda.graph(graph):
                 for _ in range(self.chunk):
-                    self._one_step(buf, self._rng, draw)
-            buf.graphs[draw] = graph
-        return buf.graphs[draw]
+                    self._one_step(buf, self._rng, draw, from_table)
+            buf.graphs[key] = graph
+        return buf.graphs[key]
 
     @torch.no_grad()
     def __call__(self, x_start: torch.Tensor, generator: torch.Generator | ItemNoise | None = None) -> torch.Tensor:
         """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor. With per-item
-        noise (ItemNoise, batch jobs) the steps run without graphs: each step's noise comes from the host."""
+        noise (ItemNoise, batch jobs) every draw the run needs is taken from it up front into a device table that
+        the steps (graphed or not) read in order: the same values the reference samplers draw step by step."""
         buf = self._buffers_for(*x_start.shape)
         draws = self.draws
-        rng = generator
-        graphs = self.graphs and not isinstance(generator, ItemNoise)
-        if graphs:  # graphs draw from one registered generator, synced with the caller's before and after
+        from_table = isinstance(generator, ItemNoise)
+        rng = None if from_table else generator
+        if from_table:
+            n_draws = sum(draws)
+            if buf.noise_table is None:
+                buf.noise_table = torch.zeros(max(1, n_draws), *buf.x.shape, device=self.device, dtype=self.dtype)
+                buf.draw_index = torch.zeros(1, dtype=torch.int64, device=self.device)
+            if n_draws:  # items beyond len(seeds) are the batch bucket's padding: zero noise
+                rows = generator.rows(n_draws, tuple(buf.x.shape[1:]))  # (draws, items, D)
+                buf.noise_table[:, : rows.shape[1]].copy_(rows)
+                buf.noise_table[:, rows.shape[1] :].zero_()
+        if self.graphs:  # graphs draw from one registered generator, synced with the caller's before and after
             for draw in set(draws):
-                self._graph(buf, draw)
+                self._graph(buf, draw, from_table)
             rng = self._rng
-            if generator is not None:
+            if generator is not None and not from_table:
                 rng.set_state(generator.get_state())
         buf.x.copy_(x_start)
         buf.step.zero_()
+        if from_table:
+            buf.draw_index.zero_()
         buf.first_bad_step.fill_(-1)
         buf.x0_prev.zero_()
         s = 0
@@ -128,16 +149,16 @@ class FusedSampler:
             run = 1
             while s + run < len(draws) and draws[s + run] == draw:
                 run += 1
-            if graphs:
+            if self.graphs:
                 for _ in range(run // self.chunk):
-                    buf.graphs[draw].replay()
+                    buf.graphs[(draw, from_table)].replay()
                 for _ in range(run % self.chunk):
-                    self._one_step(buf, rng, draw)
+                    self._one_step(buf, rng, draw, from_table)
             else:
                 for _ in range(run):
-                    self._one_step(buf, rng, draw)
+                    self._one_step(buf, rng, draw, from_table)
             s += run
-        if graphs and generator is not None:
+        if self.graphs and generator is not None and not from_table:
             generator.set_state(rng.get_state())
         bad = int(buf.first_bad_step)  # the one host synchronization of the loop
         if bad >= 0:

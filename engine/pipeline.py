@@ -105,7 +105,7 @@ class Pipeline:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.backend in ENGINE_BACKENDS:
             fused = self._fused_sampler(sampler, steps, eta, start_t)
-            if self.backend == "cuda-graph" and not isinstance(generator, ItemNoise):  # graphs per bucket: pad
+            if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
                 bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
                 padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], x.shape[1])])
                 return fused(padded, generator)[: x.shape[0]].float()

@@ -47,24 +47,37 @@ class ItemNoise:
     """Noise drawn for each batch item from its own generator, seeded by the item's seed (on the CPU, so a seed
     gives the same noise on every device). An item's result then depends on its seed alone, not on the batch
     it ran in or its place there: what batch jobs need to resume and to split work across machines.
-    Pass it as a sampler's `generator`."""
+    Pass it as a sampler's `generator`.
+
+    Each item's stream is a sequence of rows of one shape, drawn from its generator in blocks of BLOCK rows and
+    served in order; so asking for rows one step at a time (the reference samplers) or many at once (the
+    engine, which copies a whole table to the device) gives the same values."""
+
+    BLOCK = 64
 
     def __init__(self, seeds: list[int]):
         self.seeds = list(seeds)
         self.generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
+        self._buffers: list[torch.Tensor | None] = [None] * len(self.seeds)  # drawn rows not yet served
+
+    def rows(self, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next n rows of every item: (n, len(seeds), *shape), float32 on the CPU."""
+        out = torch.empty(n, len(self.seeds), *shape)
+        for i, generator in enumerate(self.generators):
+            buffer = self._buffers[i]
+            if buffer is not None and tuple(buffer.shape[1:]) != tuple(shape):
+                raise ValueError(f"ItemNoise serves one row shape per run: {tuple(buffer.shape[1:])}, not {shape}")
+            while buffer is None or buffer.shape[0] < n:
+                block = torch.randn((self.BLOCK, *shape), generator=generator)
+                buffer = block if buffer is None else torch.cat([buffer, block])
+            out[:, i] = buffer[:n]
+            self._buffers[i] = buffer[n:]
+        return out
 
     def randn(self, shape: tuple[int, ...], device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(len(seeds), *shape): row i from generator i."""
-        rows = [torch.randn(shape, generator=g) for g in self.generators]
-        return torch.stack(rows).to(device=device, dtype=dtype) if rows else torch.empty(0, *shape, device=device)
-
-    def subset(self, index: list[int]) -> ItemNoise:
-        """The generators of some items, in their current states (shared, so draws advance them)."""
-        part = ItemNoise([])
-        part.seeds = [self.seeds[i] for i in index]
-        part.generators = [self.generators[i] for i in index]
-        return part
+        """The next row of every item: (len(seeds), *shape)."""
+        return self.rows(1, shape)[0].to(device=device, dtype=dtype)
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | ItemNoise | None) -> torch.Tensor:

@@ -94,3 +94,43 @@ def test_self_conditioned_model_matches_reference(schedule):
     plain = sample_ddim(model, _start(3, 32, 2)[0], schedule, steps=30, eta=1.0, generator=_start(3, 32, 2)[1],
                         disable=True)
     assert not torch.allclose(plain, expected)
+
+
+@pytest.mark.parametrize("graphs", [False] + ([True] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 1.0)])
+def test_per_item_noise_table_matches_reference(reverse, schedule, graphs, sampler, eta):
+    """Batch jobs' per-item seeds: the engine copies every draw into a device table up front; the reference
+    draws step by step. Same values, also with padding rows beyond the seeded items (batch buckets)."""
+    from ldlm.samplers import ItemNoise
+
+    seeds = [7, 8, 9]
+    if sampler == "ddpm":
+        run_ref = lambda x, g: sample_ddpm(reverse, x, schedule, generator=g, disable=True)  # noqa: E731
+        tables = ddpm_tables(schedule.to("cpu"))
+    else:
+        run_ref = lambda x, g: sample_ddim(reverse, x, schedule, steps=30, eta=eta, generator=g, disable=True)  # noqa: E731
+        tables = ddim_tables(schedule.to("cpu"), 30, eta)
+    noise = ItemNoise(seeds)
+    x = noise.randn((32,), DEVICE)
+    expected = run_ref(x, noise)
+    noise = ItemNoise(seeds)
+    x = noise.randn((32,), DEVICE)
+    padded = torch.cat([x, torch.zeros(2, 32, device=DEVICE)])  # a bucket of 5 for 3 items
+    sampler_ = FusedSampler(reverse, tables, device=DEVICE, graphs=graphs)
+    for _ in range(2):  # a second call refills the table (and replays graphs on CUDA)
+        got = sampler_(padded, noise)[:3]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        noise = ItemNoise(seeds)
+        noise.randn((32,))  # skip x_T, as the first run did
+
+
+def test_item_noise_serves_the_same_rows_one_by_one_or_at_once():
+    from ldlm.samplers import ItemNoise
+
+    stepwise = ItemNoise([1, 2])
+    one_by_one = torch.stack([stepwise.randn((5,)) for _ in range(70)])  # 70 rows, past one block of 64
+    a = ItemNoise([1, 2])
+    once = torch.cat([a.rows(3, (5,)), a.rows(67, (5,))])
+    assert torch.equal(one_by_one, once) and not torch.equal(once[:, 0], once[:, 1])
+    with pytest.raises(ValueError, match="one row shape per run"):
+        a.rows(1, (6,))
