@@ -188,5 +188,12 @@ def test_reusing_a_trained_part_skips_its_stage_and_keeps_it_exactly(tiny_checkp
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert ldlm.load(out).generate(1, sampler="ddim", steps=3, progress=False)
 
+    out = tmp_path / "combined"  # both parts reused: a new checkpoint assembled without training
+    summary = train(TINY_TEXTS, out, ModelConfig.from_preset("tiny"),
+                    tiny_train_config(decoder_steps=None, diffusion_steps=None, decoder_from=str(tmp_path / "new_decoder"),
+                                      reverse_from=str(tmp_path / "new_reverse")), **quiet)
+    assert set(summary["decoder"]) == set(summary["diffusion"]) == {"reused_from"}
+    assert ldlm.load(out).config.self_condition and ldlm.load(out).generate(1, sampler="ddim", steps=3, progress=False)
+
     with pytest.raises(ValueError, match="step limits for each stage"):
         tiny_train_config(decoder_steps=None, diffusion_steps=5)
