@@ -11,10 +11,11 @@ from .backends import BACKENDS, BackendUnavailable
 from .config import PRESETS
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, default_sampler: str = "ddpm") -> None:
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=default_sampler,
-                   help=f"reverse-diffusion sampler (default {default_sampler}; ddpm always runs every timestep)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps for ddim (default 50)")
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="reverse-diffusion sampler (default: the checkpoint's, DDIM 50 for preset small; "
+                        "ddpm always runs every timestep)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps for ddim (default: the checkpoint's, or 50)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale: 0 deterministic, 1 ancestral (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default 0)")
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="also score the texts of this file (e.g. a baseline's samples)")
     p.add_argument("--num-samples", type=int, default=500, help="samples on each side of MAUVE (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the reference split (default 0)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (default ddpm)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="sampler (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
@@ -229,7 +230,8 @@ def cmd_generate(args) -> None:
     pipe = _load(args)
     texts = pipe.generate(args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
                           num_beams=args.num_beams, progress=not args.no_progress)
-    _print_results(args, [None] * len(texts), texts, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    sampler, steps = pipe.sampling(args.sampler, args.steps)
+    _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
 
 
 def _run_generate_job(args) -> None:
@@ -271,9 +273,11 @@ def cmd_reconstruct(args) -> None:
 
 def cmd_vary(args) -> None:
     texts = _texts_from_args(args)
-    outputs = _load(args).vary(texts, args.strength, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                               eta=args.eta, num_beams=args.num_beams, progress=not args.no_progress)
-    _print_results(args, texts, outputs, strength=args.strength, sampler=args.sampler, seed=args.seed)
+    pipe = _load(args)
+    outputs = pipe.vary(texts, args.strength, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
+                        num_beams=args.num_beams, progress=not args.no_progress)
+    sampler, _ = pipe.sampling(args.sampler, args.steps)
+    _print_results(args, texts, outputs, strength=args.strength, sampler=sampler, seed=args.seed)
 
 
 def cmd_eval(args) -> None:

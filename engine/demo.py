@@ -61,7 +61,8 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
 
     start = time.perf_counter()
     samples = pipe.generate(num_samples, seed=0, progress=progress)
-    timings[f"generate {num_samples} (ddpm, 1000 steps)"] = time.perf_counter() - start
+    sampler, steps = pipe.sampling(None, None)
+    timings[f"generate {num_samples} ({sampler}, {steps or 1000} steps)"] = time.perf_counter() - start
 
     _, held_out = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
     examples = held_out[:3]

@@ -26,7 +26,7 @@ from .encoder import LatentEncoder
 class EvalSettings:
     num_samples: int = 500  # at most this many samples, scored against as many held-out references
     seed: int = 0
-    sampler: str = "ddpm"
+    sampler: str | None = None  # None: the checkpoint's default
     steps: int | None = None
     num_beams: int = 4
     max_references: int = 1000  # references used for reconstruction

@@ -36,7 +36,7 @@ class JobSettings:
     """What decides the outputs besides each item's own fields; hashed to guard `resume`."""
 
     model: str  # a fingerprint of the checkpoint or export (see model_fingerprint)
-    sampler: str = "ddpm"
+    sampler: str | None = None  # None: the checkpoint's default (it is part of the model fingerprint)
     steps: int | None = None
     eta: float = 0.0
     num_beams: int = 4

@@ -96,6 +96,12 @@ class Pipeline:
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_std + self.latent_mean
 
+    def sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+        """The sampler and steps to run: the given ones, or the checkpoint's defaults (ModelConfig.sampler)."""
+        if sampler is None:
+            return self.config.sampler, steps if steps is not None else self.config.sampling_steps
+        return sampler, steps
+
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -138,14 +144,15 @@ class Pipeline:
         return self._engine_cache[key]
 
     @torch.no_grad()
-    def sample_latents(self, n: int, *, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
+    def sample_latents(self, n: int, *, steps: int | None = None, sampler: str | None = None, eta: float = 0.0,
                        seed: int = 0, seeds: list[int] | None = None, batch_size: int = 256,
                        progress: bool = True) -> torch.Tensor:
         """n raw latents (n, D) from Gaussian noise. One generator seeded with `seed` draws x_T, then
         each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents.
         With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
-        its latent depends on its seed alone, whatever the batch."""
+        its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default."""
         check_count(n)
+        sampler, steps = self.sampling(sampler, steps)
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"seeds has {len(seeds)} entries for {n} samples: give one seed per sample")
         generator = self._generator(seed)
@@ -185,7 +192,7 @@ class Pipeline:
                 texts.append(self.decoder.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
 
-    def generate(self, n: int, steps: int | None = None, sampler: str = "ddpm", seed: int = 0, *,
+    def generate(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
                  eta: float = 0.0, num_beams: int = 4, batch_size: int = 256, progress: bool = True) -> list[str]:
         """n unconditional samples: noise -> reverse diffusion -> beam-search decode."""
         latents = self.sample_latents(n, steps=steps, sampler=sampler, eta=eta, seed=seed,
@@ -197,7 +204,7 @@ class Pipeline:
         return self.decode(self.encode(texts), num_beams=num_beams, progress=progress)
 
     @torch.no_grad()
-    def vary(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str = "ddpm",
+    def vary(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str | None = None,
              seed: int = 0, *, eta: float = 0.0, num_beams: int = 4, seeds: list[int] | None = None,
              progress: bool = True) -> list[str]:
         """Encode, noise the latent to t = strength * T, denoise from there, decode (SDEdit, Meng et al. 2022).
@@ -209,10 +216,11 @@ class Pipeline:
                                              progress=progress), num_beams=num_beams, progress=progress)
 
     @torch.no_grad()
-    def vary_latents(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str = "ddpm",
+    def vary_latents(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str | None = None,
                      seed: int = 0, *, eta: float = 0.0, seeds: list[int] | None = None,
                      progress: bool = True) -> torch.Tensor:
         """The latents `vary` decodes: (N, D)."""
+        sampler, steps = self.sampling(sampler, steps)
         check_texts(texts)
         check_strength(strength)
         if seeds is not None and len(seeds) != len(texts):

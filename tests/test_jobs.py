@@ -141,11 +141,13 @@ def test_job_killed_mid_run_and_resumed_writes_every_id_once(tiny_checkpoint, tm
                "--sampler", "ddpm", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "ldlm.cli", *command], env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 4):
+    deadline = time.time() + 600  # generous: a loaded CI machine starts Python slowly
+    while time.time() < deadline and process.poll() is None and (
+            not out.exists() or len(out.read_bytes().splitlines()) < 4):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert out.exists(), f"the job wrote nothing before it was killed: {process.stderr.read().decode()[-2000:]}"
     written = len(out.read_bytes().splitlines())
     assert 4 <= written < 41, "the job should have been killed mid-run"
     assert main([*command, "--resume"]) == 0

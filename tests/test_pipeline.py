@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ldlm
+from ldlm.checkpoint import load_checkpoint
 from ldlm.config import ModelConfig
 from ldlm.train import train
 
@@ -197,3 +198,17 @@ def test_reusing_a_trained_part_skips_its_stage_and_keeps_it_exactly(tiny_checkp
 
     with pytest.raises(ValueError, match="step limits for each stage"):
         tiny_train_config(decoder_steps=None, diffusion_steps=5)
+
+
+def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
+    """Preset `small` samples with DDIM 50 by default (issue 4's measurement); `small-designed` with DDPM 1000."""
+    assert ModelConfig.from_preset("small").sampler == "ddim" and ModelConfig.from_preset("small").sampling_steps == 50
+    assert ModelConfig.from_preset("small-designed").sampler == "ddpm"
+    components = load_checkpoint(tiny_checkpoint)
+    components.config = dataclasses.replace(components.config, sampler="ddim", sampling_steps=7)
+    pipe = ldlm.Pipeline(components)
+    assert pipe.sampling(None, None) == ("ddim", 7) and pipe.sampling("ddpm", None) == ("ddpm", None)
+    default = pipe.sample_latents(2, seed=1, progress=False)
+    assert torch.equal(default, pipe.sample_latents(2, sampler="ddim", steps=7, seed=1, progress=False))
+    with pytest.raises(ValueError, match="sampler must be 'ddpm' or 'ddim'"):
+        ModelConfig(sampler="euler")
