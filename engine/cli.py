@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-int8", action="store_true", help="skip the int8-quantized reverse transformer")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
-    p = sub.add_parser("info", help="describe a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint directory")
+    p = sub.add_parser("info", help="describe a checkpoint or an ONNX export")
+    p.add_argument("checkpoint", help="checkpoint or export directory")
 
     p = sub.add_parser("demo", help="train the small preset on text shipped with Python (cached), then sample")
     p.add_argument("--data", nargs="+", metavar="FILE", help="train on these files instead of Python's documentation")
@@ -374,6 +374,17 @@ def cmd_export(args) -> None:
 
 def cmd_info(args) -> None:
     from .checkpoint import load_checkpoint
+    from .export.manifest import is_export, read_manifest
+
+    if is_export(args.checkpoint):  # an ONNX export: its manifest, checked, without the bulky parts
+        manifest = read_manifest(args.checkpoint)
+        graphs = {variant: {name: {"file": g["file"], "inputs": [i["name"] for i in g["inputs"]],
+                                   "outputs": [o["name"] for o in g["outputs"]]} for name, g in specs.items()}
+                  for variant, specs in manifest["graphs"].items()}
+        print(json.dumps({"export": str(args.checkpoint), "opset": manifest["opset"], "exporter": manifest["exporter"],
+                          "versions": manifest["versions"], "model": manifest["model"], "graphs": graphs,
+                          "files": len(manifest["files"]), "hashes": "verified"}, indent=2))
+        return
 
     c = load_checkpoint(args.checkpoint)
     meta = json.loads((Path(args.checkpoint) / "config.json").read_text())

@@ -223,6 +223,9 @@ def test_cli_export_then_generate_with_onnx(tiny_checkpoint, tmp_path, capsys):
     captured = capsys.readouterr()
     assert len([line for line in captured.out.splitlines() if line.startswith("{")]) == 2
     assert "backend: onnx (CPUExecutionProvider" in captured.err
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["hashes"] == "verified" and info["graphs"]["float32"]["reverse"]["outputs"] == ["x0_hat"]
 
 
 def test_evaluate_runs_on_the_onnx_backend(exported):
