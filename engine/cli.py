@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="decode the samples by nucleus sampling with this top-p instead of beam search")
     _add_common_flags(p)
 
     p = sub.add_parser("baseline", help="a plain GPT-2 language model of the decoder's size: train or sample")
@@ -287,7 +289,7 @@ def cmd_eval(args) -> None:
     if args.checkpoint is None and args.samples is None:
         raise ValueError("give a checkpoint, --samples FILE, or both")
     settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                            num_beams=args.num_beams)
+                            num_beams=args.num_beams, top_p=args.top_p)
     result = evaluate(read_texts(args.references, args.text_field), read_corpus(args.train, args.text_field),
                       pipe=_load(args) if args.checkpoint else None,
                       samples=read_texts(args.samples, args.text_field) if args.samples else None,

@@ -29,6 +29,7 @@ class EvalSettings:
     sampler: str | None = None  # None: the checkpoint's default
     steps: int | None = None
     num_beams: int = 4
+    top_p: float | None = None  # decode samples by nucleus sampling instead of beam search
     max_references: int = 1000  # references used for reconstruction
 
 
@@ -88,7 +89,7 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
                                   # teacher forcing needs the PyTorch decoder (the onnx backend has no training graph)
                                   "token_accuracy": token_accuracy(pipe, recon_refs)
                                   if isinstance(pipe.decoder, torch.nn.Module) else None}}
-        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
+        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams, top_p=s.top_p,
                                   progress=progress)
         row["samples"] = sample_scores(generated, second_features, train_texts, encoder, s.seed)
         row["examples"] = generated[:10]

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .backends import ENGINE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
+from .nucleus import nucleus_decode
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
 from .samplers import SAMPLERS, ItemNoise, check_ddpm_steps
 from .reverse import self_conditioned
@@ -172,8 +173,10 @@ class Pipeline:
     # --- text ------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, num_beams: int = 4, max_new_tokens: int | None = None,
-               no_repeat_ngram_size: int = 3, batch_size: int = 64, progress: bool = True) -> list[str]:
-        """Raw latents (N, D) -> N texts, by beam search."""
+               no_repeat_ngram_size: int = 3, batch_size: int = 64, top_p: float | None = None, seed: int = 0,
+               progress: bool = True) -> list[str]:
+        """Raw latents (N, D) -> N texts, by beam search; with top_p, by nucleus sampling (ldlm.nucleus, seeded
+        by `seed`) instead."""
         if latents.dim() != 2 or latents.shape[1] != self.config.latent_dim:
             raise ValueError(f"latents must be (N, {self.config.latent_dim}), got {tuple(latents.shape)}")
         bad = nonfinite_items(latents)
@@ -182,9 +185,13 @@ class Pipeline:
         search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=max_new_tokens or self.config.max_text_tokens,
                                   no_repeat_ngram_size=no_repeat_ngram_size)
         texts = []
+        generator = torch.Generator().manual_seed(seed)
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decode", disable=not progress, leave=False):
             batch = latents[start : start + batch_size].to(self.device, torch.float32)
-            if self.backend not in ENGINE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
+            if top_p is not None:
+                token_ids = nucleus_decode(self.decoder, batch, top_p=top_p, max_new_tokens=search.max_new_tokens,
+                                           generator=generator)
+            elif self.backend not in ENGINE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
                 token_ids = beam_search(self.decoder, batch, search)
             else:
                 token_ids = self._beam_searcher(batch_bucket(len(batch), batch_size), search)(batch)
@@ -193,11 +200,12 @@ class Pipeline:
         return texts
 
     def generate(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
-                 eta: float = 0.0, num_beams: int = 4, batch_size: int = 256, progress: bool = True) -> list[str]:
-        """n unconditional samples: noise -> reverse diffusion -> beam-search decode."""
+                 eta: float = 0.0, num_beams: int = 4, top_p: float | None = None, batch_size: int = 256,
+                 progress: bool = True) -> list[str]:
+        """n unconditional samples: noise -> reverse diffusion -> decode (beam search, or nucleus with top_p)."""
         latents = self.sample_latents(n, steps=steps, sampler=sampler, eta=eta, seed=seed,
                                       batch_size=batch_size, progress=progress)
-        return self.decode(latents, num_beams=num_beams, progress=progress)
+        return self.decode(latents, num_beams=num_beams, top_p=top_p, seed=seed, progress=progress)
 
     def reconstruct(self, texts: list[str], *, num_beams: int = 4, progress: bool = True) -> list[str]:
         """Encode then decode: what the decoder recovers from a clean latent."""

@@ -144,6 +144,8 @@ def test_onnx_pipeline_matches_the_reference_end_to_end(tiny_checkpoint, exporte
     assert rel_err(got, expected) < 1e-5
     latents = expected * 3  # scaled to reach varied decodes of the briefly trained decoder
     assert onnx.decode(latents, progress=False) == ref.decode(latents, progress=False)
+    assert onnx.decode(latents, top_p=0.9, seed=2, progress=False) == ref.decode(latents, top_p=0.9, seed=2,
+                                                                                 progress=False)
     assert onnx.vary(TINY_TEXTS[:3], strength=0.4, progress=False) == ref.vary(TINY_TEXTS[:3], strength=0.4,
                                                                               progress=False)
 

@@ -212,3 +212,19 @@ def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
     assert torch.equal(default, pipe.sample_latents(2, sampler="ddim", steps=7, seed=1, progress=False))
     with pytest.raises(ValueError, match="sampler must be 'ddpm' or 'ddim'"):
         ModelConfig(sampler="euler")
+
+
+def test_nucleus_decode_is_seeded_and_runs_on_both_decoders(tiny_pipeline):
+    """top_p decodes by nucleus sampling: the same seed gives the same texts; top_p -> 0 is greedy decoding."""
+    from ldlm.nucleus import nucleus_decode
+
+    latents = tiny_pipeline.sample_latents(4, sampler="ddim", steps=3, seed=0, progress=False) * 3
+    a = tiny_pipeline.decode(latents, top_p=0.9, seed=1, progress=False)
+    assert a == tiny_pipeline.decode(latents, top_p=0.9, seed=1, progress=False) and len(a) == 4
+    greedy = nucleus_decode(tiny_pipeline.decoder, latents, top_p=1e-9, max_new_tokens=8)
+    from ldlm.beam_search import BeamSearchConfig, beam_search
+
+    assert greedy == beam_search(tiny_pipeline.decoder, latents, BeamSearchConfig(num_beams=1, max_new_tokens=8,
+                                                                                  no_repeat_ngram_size=0))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        nucleus_decode(tiny_pipeline.decoder, latents, top_p=0.0)
