@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="batch job: run on Ray, one pipeline actor per GPU or CPU worker")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--ray-workers", type=int, default=None, help="pipeline actors (default: GPUs, else CPUs / 2)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="decode by nucleus sampling with this top-p instead of beam search (not in batch jobs)")
     _add_sampling_flags(p)
     _add_common_flags(p)
 
@@ -231,7 +233,7 @@ def cmd_generate(args) -> None:
         return _run_generate_job(args)
     pipe = _load(args)
     texts = pipe.generate(args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
-                          num_beams=args.num_beams, progress=not args.no_progress)
+                          num_beams=args.num_beams, top_p=args.top_p, progress=not args.no_progress)
     sampler, steps = pipe.sampling(args.sampler, args.steps)
     _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
 
@@ -243,6 +245,8 @@ def _run_generate_job(args) -> None:
 
     if not args.output:
         raise ValueError("--input needs --output FILE (the job's JSONL results)")
+    if args.top_p is not None:
+        raise ValueError("--top-p is for interactive generate; batch jobs decode by beam search")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
