@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="batch job: run on Ray, one pipeline actor per GPU or CPU worker")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--ray-workers", type=int, default=None, help="pipeline actors (default: GPUs, else CPUs / 2)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="decode by nucleus sampling with this top-p instead of beam search (not in batch jobs)")
+    p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
+                   help="how samples are decoded (default: the checkpoint's; nucleus for preset small; jobs: beam)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold (default: the checkpoint's, 0.95)")
     _add_sampling_flags(p)
     _add_common_flags(p)
 
@@ -132,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="decode the samples by nucleus sampling with this top-p instead of beam search")
+    p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
+                   help="how samples are decoded (default: the checkpoint's; nucleus for preset small)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold (default: the checkpoint's, 0.95)")
     _add_common_flags(p)
 
     p = sub.add_parser("baseline", help="a plain GPT-2 language model of the decoder's size: train or sample")
@@ -233,7 +235,8 @@ def cmd_generate(args) -> None:
         return _run_generate_job(args)
     pipe = _load(args)
     texts = pipe.generate(args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
-                          num_beams=args.num_beams, top_p=args.top_p, progress=not args.no_progress)
+                          num_beams=args.num_beams, decoding=args.decoding, top_p=args.top_p,
+                          progress=not args.no_progress)
     sampler, steps = pipe.sampling(args.sampler, args.steps)
     _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
 
@@ -245,8 +248,8 @@ def _run_generate_job(args) -> None:
 
     if not args.output:
         raise ValueError("--input needs --output FILE (the job's JSONL results)")
-    if args.top_p is not None:
-        raise ValueError("--top-p is for interactive generate; batch jobs decode by beam search")
+    if args.top_p is not None or args.decoding == "nucleus":
+        raise ValueError("batch jobs decode by beam search: drop --decoding nucleus / --top-p")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -293,7 +296,7 @@ def cmd_eval(args) -> None:
     if args.checkpoint is None and args.samples is None:
         raise ValueError("give a checkpoint, --samples FILE, or both")
     settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                            num_beams=args.num_beams, top_p=args.top_p)
+                            num_beams=args.num_beams, decoding=args.decoding, top_p=args.top_p)
     result = evaluate(read_texts(args.references, args.text_field), read_corpus(args.train, args.text_field),
                       pipe=_load(args) if args.checkpoint else None,
                       samples=read_texts(args.samples, args.text_field) if args.samples else None,

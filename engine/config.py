@@ -40,8 +40,12 @@ class ModelConfig:
     # --- sampling defaults: what generate/vary use unless told otherwise (stored with the checkpoint) ---
     sampler: str = "ddpm"  # ddpm (every one of the T steps, the design) or ddim
     sampling_steps: int | None = None  # ddim steps; None: 50
+    decoding: str = "beam"  # how generate turns sampled latents into text: beam (search) or nucleus (sampling)
+    top_p: float = 0.95  # nucleus threshold when decoding is nucleus
 
     def __post_init__(self) -> None:
+        if self.decoding not in ("beam", "nucleus"):
+            raise ValueError(f"decoding must be 'beam' or 'nucleus', got {self.decoding!r}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         if self.d_model % self.n_heads:
@@ -83,12 +87,13 @@ PRESETS: dict[str, ModelConfig] = {
     # The design's sizes: a BERT-base-sized 768-d latent and a GPT-2 small decoder (random init unless weights are given).
     "base": ModelConfig(encoder="bert-base-uncased", latent_dim=768, n_embd=768, n_layer=12, n_head=12,
                         vocab_size=50257, n_positions=1024),
-    # Trains on a 2-core CPU: the offline MiniLM encoder, the design's reverse transformer, a narrow GPT-2; sampled
-    # with DDIM 50, the best of the measured levers on E2E (bench/RESULTS.md, issue 4): MAUVE 0.76 against 0.59
-    # for DDPM 1000, at a twentieth of the steps.
+    # Trains on a 2-core CPU: the offline MiniLM encoder, the design's reverse transformer, a narrow GPT-2. Samples
+    # with DDIM 50 and nucleus decoding (top-p 0.95), the best measured combination on E2E (bench/RESULTS.md,
+    # issue 4): MAUVE 0.69, Div 0.108, Mem 0.76, against 0.59 / 0.036 / 0.92 for DDPM 1000 and beam search.
     "small": ModelConfig(encoder=DEFAULT_ENCODER, latent_dim=384, n_embd=256, n_layer=4, n_head=4,
-                         vocab_size=4096, n_positions=80, max_text_tokens=64, sampler="ddim", sampling_steps=50),
-    # `small` as designed: the same model, sampled with DDPM over all 1000 steps.
+                         vocab_size=4096, n_positions=80, max_text_tokens=64, sampler="ddim", sampling_steps=50,
+                         decoding="nucleus"),
+    # `small` as designed: the same model, sampled with DDPM over all 1000 steps and decoded by beam search.
     "small-designed": ModelConfig(encoder=DEFAULT_ENCODER, latent_dim=384, n_embd=256, n_layer=4, n_head=4,
                                   vocab_size=4096, n_positions=80, max_text_tokens=64),
     # Built in code in seconds, for tests.

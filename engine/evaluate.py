@@ -29,7 +29,8 @@ class EvalSettings:
     sampler: str | None = None  # None: the checkpoint's default
     steps: int | None = None
     num_beams: int = 4
-    top_p: float | None = None  # decode samples by nucleus sampling instead of beam search
+    decoding: str | None = None  # beam or nucleus; None: the checkpoint's default (nucleus when top_p is given)
+    top_p: float | None = None  # nucleus threshold
     max_references: int = 1000  # references used for reconstruction
 
 
@@ -89,7 +90,7 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
                                   # teacher forcing needs the PyTorch decoder (the onnx backend has no training graph)
                                   "token_accuracy": token_accuracy(pipe, recon_refs)
                                   if isinstance(pipe.decoder, torch.nn.Module) else None}}
-        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams, top_p=s.top_p,
+        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams, decoding=s.decoding, top_p=s.top_p,
                                   progress=progress)
         row["samples"] = sample_scores(generated, second_features, train_texts, encoder, s.seed)
         row["examples"] = generated[:10]

@@ -200,12 +200,19 @@ class Pipeline:
         return texts
 
     def generate(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
-                 eta: float = 0.0, num_beams: int = 4, top_p: float | None = None, batch_size: int = 256,
-                 progress: bool = True) -> list[str]:
-        """n unconditional samples: noise -> reverse diffusion -> decode (beam search, or nucleus with top_p)."""
+                 eta: float = 0.0, num_beams: int = 4, decoding: str | None = None, top_p: float | None = None,
+                 batch_size: int = 256, progress: bool = True) -> list[str]:
+        """n unconditional samples: noise -> reverse diffusion -> decode. decoding: "beam" (search) or "nucleus"
+        (sampling with top_p); None: the checkpoint's default (ModelConfig.decoding), or nucleus when top_p is
+        given."""
         latents = self.sample_latents(n, steps=steps, sampler=sampler, eta=eta, seed=seed,
                                       batch_size=batch_size, progress=progress)
-        return self.decode(latents, num_beams=num_beams, top_p=top_p, seed=seed, progress=progress)
+        decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
+        if decoding not in ("beam", "nucleus"):
+            raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
+        nucleus = top_p if top_p is not None else self.config.top_p
+        return self.decode(latents, num_beams=num_beams, top_p=nucleus if decoding == "nucleus" else None, seed=seed,
+                           progress=progress)
 
     def reconstruct(self, texts: list[str], *, num_beams: int = 4, progress: bool = True) -> list[str]:
         """Encode then decode: what the decoder recovers from a clean latent."""

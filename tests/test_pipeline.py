@@ -212,6 +212,16 @@ def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
     assert torch.equal(default, pipe.sample_latents(2, sampler="ddim", steps=7, seed=1, progress=False))
     with pytest.raises(ValueError, match="sampler must be 'ddpm' or 'ddim'"):
         ModelConfig(sampler="euler")
+    # decoding: small generates by nucleus sampling (top-p 0.95), small-designed by beam search
+    assert ModelConfig.from_preset("small").decoding == "nucleus"
+    assert ModelConfig.from_preset("small-designed").decoding == "beam"
+    components.config = dataclasses.replace(components.config, decoding="nucleus", top_p=0.8)
+    pipe = ldlm.Pipeline(components)
+    latents = pipe.sample_latents(3, seed=2, progress=False)
+    assert pipe.generate(3, seed=2, progress=False) == pipe.decode(latents, top_p=0.8, seed=2, progress=False)
+    assert pipe.generate(3, seed=2, decoding="beam", progress=False) == pipe.decode(latents, progress=False)
+    with pytest.raises(ValueError, match="decoding must be 'beam' or 'nucleus'"):
+        pipe.generate(1, decoding="greedy", progress=False)
 
 
 def test_nucleus_decode_is_seeded_and_runs_on_both_decoders(tiny_pipeline):
