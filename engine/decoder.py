@@ -78,7 +78,9 @@ class LatentDecoder(nn.Module):
 
     def prefill(self, latents: torch.Tensor):
         """Run the prefix of each latent (B, D): next-token logits (B, V) and the KV cache of the prefix."""
-        out = self.gpt2(inputs_embeds=self.prefix(latents), use_cache=True)
+        prefix = self.prefix(latents)  # (B, P, E); every position is real: the mask says so (no padding warning)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        out = self.gpt2(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
         return out.logits[:, -1, :], getattr(out, _CACHE_ARG)
 
     def step(self, input_ids: torch.Tensor, cache):
