@@ -85,7 +85,8 @@ class LatentDecoder(nn.Module):
 
     def step(self, input_ids: torch.Tensor, cache):
         """One token per row (R, 1) on top of `cache`: next-token logits (R, V) and the grown cache."""
-        out = self.gpt2(input_ids=input_ids, use_cache=True, **{_CACHE_ARG: cache})
+        mask = torch.ones(input_ids.shape[0], cache.get_seq_length() + 1, dtype=torch.long, device=input_ids.device)
+        out = self.gpt2(input_ids=input_ids, attention_mask=mask, use_cache=True, **{_CACHE_ARG: cache})
         return out.logits[:, -1, :], getattr(out, _CACHE_ARG)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
