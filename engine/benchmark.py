@@ -34,7 +34,7 @@ def bench_components(preset: str, vocab_size: int | None = None, seed: int = 0) 
     """The preset's encoder, reverse transformer and GPT-2 decoder at full size with random weights. The
     tokenizers are small (the encoder's reads characters; the decoder's only supplies EOS): token counts, not
     vocabularies, set the cost."""
-    config = ModelConfig.from_preset(preset)
+    config = dataclasses.replace(ModelConfig.from_preset(preset), encoder=None)  # the encoder is built here
     tiny = build_tiny_encoder(config.latent_dim, seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -49,10 +49,10 @@ def bench_components(preset: str, vocab_size: int | None = None, seed: int = 0) 
             vocab_size=vocab_size or config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
             n_layer=config.n_layer, n_head=config.n_head, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        decoder = LatentDecoder(dataclasses.replace(config, encoder=None), gpt2, tokenizer).eval()
+        decoder = LatentDecoder(config, gpt2, tokenizer).eval()
         reverse = ReverseTransformer(config).eval()
     zeros = torch.zeros(config.latent_dim)
-    return Components(dataclasses.replace(config, encoder=None), encoder, decoder, reverse, zeros, zeros + 1, True)
+    return Components(config, encoder, decoder, reverse, zeros, zeros + 1, True)
 
 
 def sync(device: torch.device) -> None:

@@ -78,15 +78,12 @@ class LatentDecoder(nn.Module):
 
     def prefill(self, latents: torch.Tensor):
         """Run the prefix of each latent (B, D): next-token logits (B, V) and the KV cache of the prefix."""
-        prefix = self.prefix(latents)  # (B, P, E); every position is real: the mask says so (no padding warning)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        out = self.gpt2(inputs_embeds=prefix, attention_mask=mask, use_cache=True)
+        out = self.gpt2(inputs_embeds=self.prefix(latents), use_cache=True)
         return out.logits[:, -1, :], getattr(out, _CACHE_ARG)
 
     def step(self, input_ids: torch.Tensor, cache):
         """One token per row (R, 1) on top of `cache`: next-token logits (R, V) and the grown cache."""
-        mask = torch.ones(input_ids.shape[0], cache.get_seq_length() + 1, dtype=torch.long, device=input_ids.device)
-        out = self.gpt2(input_ids=input_ids, attention_mask=mask, use_cache=True, **{_CACHE_ARG: cache})
+        out = self.gpt2(input_ids=input_ids, use_cache=True, **{_CACHE_ARG: cache})
         return out.logits[:, -1, :], getattr(out, _CACHE_ARG)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,14 +73,12 @@ class Item:
     seed: int | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)  # e.g. {"truncated": True}
+    duplicate: bool = False  # its id was used on an earlier line, so the id cannot identify it
 
     @property
     def key(self) -> str:
         """What `resume` recognizes an item by: its id, or its line when it has no usable id."""
-        return f"id:{json.dumps(self.id)}" if self.id is not None and not self._id_is_the_error() else f"line:{self.line}"
-
-    def _id_is_the_error(self) -> bool:
-        return self.error is not None and self.error.startswith("duplicate id")
+        return f"id:{json.dumps(self.id)}" if self.id is not None and not self.duplicate else f"line:{self.line}"
 
 
 def derived_seed(job_seed: int, item_id: object) -> int:
@@ -141,6 +139,7 @@ def read_items(lines: Iterable[bytes], job_seed: int) -> list[Item]:
         if item.id is not None and item.error is None:
             key = json.dumps(item.id)
             if key in first_line:
+                item.duplicate = True
                 item.error = f"duplicate id {item.id!r} on line {number} (first on line {first_line[key]}): ids must be unique"
             else:
                 first_line[key] = number
@@ -230,44 +229,52 @@ def run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
     return pipe.decode(latents, num_beams=settings.num_beams, batch_size=max(1, len(items)), progress=False)
 
 
-def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def pending_items(items: list[Item], output: Path, settings: JobSettings, resume: bool) -> list[Item]:
+    """The items still to write to `output`: all of them for a new file, those not yet written for --resume."""
+    if output.exists() and output.stat().st_size > 0 and not resume:
+        raise FileExistsError(f"{output} already exists: pass --resume to continue it, or choose a new --output")
+    done = done_keys(output, settings) if resume else set()
+    return [item for item in items if item.key not in done]
+
+
+def texts_fitting_memory(pipe, items: list[Item], settings: JobSettings, size: int) -> tuple[list[str], int]:
+    """run_items in chunks of `size`, halved on out-of-memory (and logged) until they fit; returns the texts and
+    the size that fit, for the next batch to start from."""
+    texts, start = [], 0
+    while start < len(items):
+        chunk = items[start : start + size]
+        try:
+            texts += run_items(pipe, chunk, settings)
+            start += len(chunk)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not is_out_of_memory(e) or size == 1:
+                raise
+            size = max(1, size // 2)
+            log.warning("out of memory at a batch of %d items: retrying at %d", len(chunk), size)
+            if pipe.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return texts, size
 
 
 def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, *, batch_size: int = 64,
             resume: bool = False, progress: bool = True) -> dict:
     """Run `items` through `pipe`, appending their records to `output` in input order. Returns counts."""
     output = Path(output)
-    if output.exists() and output.stat().st_size > 0 and not resume:
-        raise FileExistsError(f"{output} already exists: pass --resume to continue it, or choose a new --output")
-    done = done_keys(output, settings) if resume else set()
-    todo = [item for item in items if item.key not in done]
+    todo = pending_items(items, output, settings, resume)
     mark_truncated(pipe, todo)
     writer = OutputWriter(output)
     counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
     bar = tqdm(total=len(todo), desc="generate", unit="item", disable=not progress, dynamic_ncols=True)
     try:
         size = batch_size
-        pending = list(todo)
-        while pending:
-            batch, pending = pending[:size], pending[size:]
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
             valid = [item for item in batch if item.error is None]
-            try:
-                texts = iter(run_items(pipe, valid, settings)) if valid else iter(())
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if not is_out_of_memory(e) or size == 1:
-                    raise
-                size = max(1, size // 2)
-                log.warning("out of memory at a batch of %d items: retrying at %d", len(batch), size)
-                if pipe.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                pending = batch + pending
-                continue
-            records = [output_record(item, None if item.error else next(texts), settings) for item in batch]
-            writer.write(records)
-            counts["written"] += sum(1 for item in batch if item.error is None)
-            counts["errors"] += sum(1 for item in batch if item.error is not None)
+            texts, size = texts_fitting_memory(pipe, valid, settings, size)
+            texts = iter(texts)
+            writer.write([output_record(item, None if item.error else next(texts), settings) for item in batch])
+            counts["written"] += len(valid)
+            counts["errors"] += len(batch) - len(valid)
             bar.update(len(batch))
     finally:
         bar.close()

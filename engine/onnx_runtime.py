@@ -92,29 +92,25 @@ class Graph:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... classes
             raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "
                              "corrupt or from an incompatible exporter; re-run `ldlm export`") from e
-        self.path = path
         self.device_type = provider
         expected = ([i["name"] for i in spec["inputs"]], [o["name"] for o in spec["outputs"]])
         actual = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if expected != actual:
             raise ValueError(f"{path} does not match manifest.json: the graph has inputs/outputs {actual}, the "
                              f"manifest lists {expected}; re-run `ldlm export` (a graph was replaced)")
-        self.input_dtypes = {i["name"]: i["dtype"] for i in spec["inputs"]}
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run with `inputs`, writing into the preallocated `outputs` (shapes known to the caller)."""
+        bad = [name for name, tensor in outputs.items() if not tensor.is_contiguous()]
+        if bad:  # ONNX Runtime writes through the pointer: a copy would leave the caller's tensor unwritten
+            raise ValueError(f"outputs {bad} must be contiguous tensors")
         binding = self.session.io_binding()
-        keep = []  # the contiguous copies must outlive the run
-        for name, tensor in {**inputs, **outputs}.items():
-            tensor = tensor.contiguous()
-            keep.append(tensor)
-            bind = binding.bind_input if name in inputs else binding.bind_output
-            bind(name, self.device_type, tensor.device.index or 0, _ELEMENT_TYPES[tensor.dtype], tuple(tensor.shape),
-                 tensor.data_ptr())
+        inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}  # kept alive until the run ends
+        for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
+            for name, tensor in tensors.items():
+                bind(name, self.device_type, tensor.device.index or 0, _ELEMENT_TYPES[tensor.dtype],
+                     tuple(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
-        for name, tensor in outputs.items():
-            if not tensor.is_contiguous():
-                raise ValueError(f"output {name} must be a contiguous tensor")
 
 
 class OnnxEncoder:

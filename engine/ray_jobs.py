@@ -15,17 +15,12 @@ head node (or set RAY_ADDRESS). Without an address, a local Ray instance is star
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from .jobs import (Item, JobSettings, OutputWriter, done_keys, is_out_of_memory, mark_truncated, output_record,
-                   run_items)
-
-log = logging.getLogger("ldlm.jobs")
+from .jobs import Item, JobSettings, OutputWriter, mark_truncated, output_record, pending_items, texts_fitting_memory
 
 
 class PipelineActor:
@@ -40,16 +35,7 @@ class PipelineActor:
     def __call__(self, batch: dict) -> dict:
         items = [Item(**json.loads(s)) for s in batch["item"]]
         mark_truncated(self.pipe, items)
-        texts, size, start = [], len(items), 0
-        while start < len(items):
-            try:
-                texts += run_items(self.pipe, items[start : start + size], self.settings)
-                start += size
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if not is_out_of_memory(e) or size == 1:
-                    raise
-                size = max(1, size // 2)
-                log.warning("out of memory on a Ray worker: retrying at %d items", size)
+        texts, _ = texts_fitting_memory(self.pipe, items, self.settings, len(items))
         return {"order": batch["order"], "text": texts, "extra": [json.dumps(item.extra) for item in items]}
 
 
@@ -61,10 +47,7 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
     except ImportError as e:
         raise RuntimeError("--ray needs Ray: pip install 'ldlm[ray]'") from e
     output = Path(output)
-    if output.exists() and output.stat().st_size > 0 and not resume:
-        raise FileExistsError(f"{output} already exists: pass --resume to continue it, or choose a new --output")
-    done = done_keys(output, settings) if resume else set()
-    todo = [item for item in items if item.key not in done]
+    todo = pending_items(items, output, settings, resume)
     counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -76,6 +59,10 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
     writer = OutputWriter(output)
     bar = tqdm(total=len(todo), desc="generate (ray)", unit="item", disable=not progress, dynamic_ncols=True)
     next_position = 0  # index into todo of the next record to write
+    arrived: dict[int, tuple[str, dict]] = {}  # todo index -> (text, extra) of results not yet written
+
+    def position_ready(position: int) -> bool:
+        return position < len(todo) and (todo[position].error is not None or position in arrived)
 
     def write_through(position: int, texts: dict[int, tuple[str, dict]]) -> int:
         """Write the todo items from `position` on while they are ready (bad lines, and valid ones whose text
@@ -92,11 +79,6 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
         counts["errors"] += sum(1 for r in records if "error" in r)
         bar.update(len(records))
         return position
-
-    arrived: dict[int, tuple[str, dict]] = {}
-
-    def position_ready(position: int) -> bool:
-        return position < len(todo) and (todo[position].error is not None or position in arrived)
 
     try:
         if valid:
