@@ -62,7 +62,7 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def beam_search(decoder: LatentDecoder, latents: torch.Tensor, config: BeamSearchConfig) -> list[list[int]]:
-    """latents (B, D) -> for each item, the best hypothesis' token ids (EOS removed)."""
+    """latents (B, *latent_shape) -> for each item, the best hypothesis' token ids (EOS removed)."""
     B, K, T = latents.shape[0], config.num_beams, config.max_new_tokens
     device = latents.device
     eos, pad = decoder.eos_token_id, decoder.pad_token_id

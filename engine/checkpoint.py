@@ -3,6 +3,7 @@
     config.json               format version, ldlm version, model config, encoder reference, GPT-2 config
     latent_stats.safetensors  per-dimension mean and std of the training latents
     reverse.safetensors       reverse transformer
+    resampler.safetensors     only with latent_tokens > 1: the resampler making K latent tokens (ldlm.resampler)
     decoder.safetensors       GPT-2 and the prefix projection
     tokenizer/                the decoder's tokenizer (tokenizer.json)
     encoder/                  only when the encoder was built in code (tiny preset): its weights and tokenizer
@@ -23,6 +24,7 @@ from . import __version__
 from .config import ModelConfig
 from .decoder import LatentDecoder, load_tokenizer
 from .encoder import LatentEncoder
+from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 
 FORMAT = "ldlm-checkpoint"
@@ -41,8 +43,8 @@ class Components:
     encoder: LatentEncoder
     decoder: LatentDecoder
     reverse: ReverseTransformer
-    latent_mean: torch.Tensor  # (D,)
-    latent_std: torch.Tensor  # (D,)
+    latent_mean: torch.Tensor  # config.latent_shape: (D,), or (K, D)
+    latent_std: torch.Tensor  # config.latent_shape
     encoder_bundled: bool  # weights live in the checkpoint (built in code) rather than at config.encoder
 
 
@@ -53,6 +55,8 @@ def save_checkpoint(c: Components, directory: str | Path) -> Path:
     save_file({"mean": c.latent_mean.contiguous().cpu(), "std": c.latent_std.contiguous().cpu()},
               directory / "latent_stats.safetensors")
     save_model(c.reverse, str(directory / "reverse.safetensors"))
+    if c.encoder.resampler is not None:
+        save_model(c.encoder.resampler, str(directory / "resampler.safetensors"))
     save_model(c.decoder, str(directory / "decoder.safetensors"))
     c.decoder.tokenizer.save_pretrained(directory / "tokenizer")
     if c.encoder_bundled:
@@ -119,10 +123,10 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _load_latent_stats(path: Path, dim: int) -> dict[str, torch.Tensor]:
+def _load_latent_stats(path: Path, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     shapes = _shapes(path)
-    if shapes != {"mean": (dim,), "std": (dim,)}:
-        raise CheckpointError(f"{path} must hold mean and std of shape ({dim},), holds {shapes}")
+    if shapes != {"mean": shape, "std": shape}:
+        raise CheckpointError(f"{path} must hold mean and std of shape {shape}, holds {shapes}")
     return load_file(str(path))
 
 
@@ -145,7 +149,11 @@ def load_checkpoint(directory: str | Path) -> Components:
             f"{config.latent_dim}-d latents: load it with the encoder it was trained with"
         )
 
-    stats = _load_latent_stats(directory / "latent_stats.safetensors", config.latent_dim)
+    if config.latent_tokens > 1:
+        encoder.resampler = LatentResampler(config)
+        _load_weights(encoder.resampler, directory / "resampler.safetensors")
+        encoder.resampler.eval()
+    stats = _load_latent_stats(directory / "latent_stats.safetensors", config.latent_shape)
 
     reverse = ReverseTransformer(config)
     _load_weights(reverse, directory / "reverse.safetensors")

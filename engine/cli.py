@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a GPT-2 built from the preset with a BPE trained on --data)")
     p.add_argument("--self-condition", action="store_true",
                    help="self-condition the reverse transformer on its previous x0 estimate (Chen et al. 2022)")
+    p.add_argument("--latent-tokens", type=int, default=None, metavar="K",
+                   help="K latent vectors per text from a learned resampler over the encoder's token states "
+                        "(default 1: the mean of the states, the design); the decoder's prefix grows to fit")
+    p.add_argument("--max-text-tokens", type=int, default=None,
+                   help="decoder tokens kept per text (default: the preset's; longer texts are cut); "
+                        "the decoder's context grows to fit")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--time-budget", type=float, default=600.0,
                    help="seconds for both stages together (default 600; 0 means only step limits)")
@@ -146,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", choices=sorted(PRESETS), default="small", help="decoder sizes to match (default small)")
     q.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     q.add_argument("--time-budget", type=float, default=600.0, help="training seconds (default 600)")
+    q.add_argument("--max-text-tokens", type=int, default=None,
+                   help="tokens kept per text (default: the preset's); the context grows to fit")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     q.add_argument("--no-progress", action="store_true", help="turn progress bars off")
     q = base.add_parser("sample", help="nucleus samples (p=0.95), one per line")
@@ -192,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size_overrides(preset_name: str, max_text_tokens: int | None, latent_tokens: int | None = None) -> dict:
+    """Model-config overrides for --max-text-tokens and --latent-tokens: the decoder's prefix (a multiple of K, at
+    least the preset's) and context (n_positions) grow to fit."""
+    preset, overrides = PRESETS[preset_name], {}
+    if latent_tokens is not None:
+        overrides["latent_tokens"] = latent_tokens
+        overrides["n_prefix"] = -(-preset.n_prefix // latent_tokens) * latent_tokens
+    if max_text_tokens is not None:
+        overrides["max_text_tokens"] = max_text_tokens
+    needed = overrides.get("n_prefix", preset.n_prefix) + overrides.get("max_text_tokens", preset.max_text_tokens) + 1
+    if needed > preset.n_positions:
+        overrides["n_positions"] = needed
+    return overrides
+
+
 def cmd_train(args) -> None:
     from .config import ModelConfig
     from .data import read_corpus
@@ -209,6 +232,7 @@ def cmd_train(args) -> None:
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
     if args.self_condition:
         overrides["self_condition"] = True
+    overrides.update(_size_overrides(args.preset, args.max_text_tokens, args.latent_tokens))
     summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,
                     resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
@@ -313,7 +337,8 @@ def cmd_baseline(args) -> None:
 
     if args.baseline_command == "train":
         texts = read_corpus(args.data, args.text_field)
-        summary = train_language_model(texts, args.out, ModelConfig.from_preset(args.preset),
+        config = ModelConfig.from_preset(args.preset, **_size_overrides(args.preset, args.max_text_tokens))
+        summary = train_language_model(texts, args.out, config,
                                        time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
         return
@@ -405,6 +430,7 @@ def cmd_info(args) -> None:
         "ldlm_version": meta["ldlm_version"],
         "encoder": "bundled (built in code)" if c.encoder_bundled else c.config.encoder,
         "latent_dim": c.config.latent_dim,
+        "latent_shape": list(c.config.latent_shape),
         "parameters": n_params,
         "decoder_vocab": len(c.decoder.tokenizer),
         "model": c.config.to_dict(),

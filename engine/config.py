@@ -16,6 +16,9 @@ class ModelConfig:
     encoder: str | None = DEFAULT_ENCODER  # HF id or local path; None: a tiny BERT built in code (tests)
     latent_dim: int = 384  # width of the pooled latent = the encoder's hidden size
     encoder_max_tokens: int | None = None  # truncate longer texts (with a warning); None: the encoder's own limit
+    latent_tokens: int = 1  # K latent vectors per text: 1 is the masked mean (the design); K > 1 a learned resampler
+    resampler_layers: int = 2  # (K > 1) Perceiver-resampler layers: K queries attend over the encoder's token states
+    resampler_heads: int = 8  # (K > 1) attention heads of the resampler; must divide latent_dim
     # --- diffusion schedule (the design fixes these) ---
     num_timesteps: int = 1000  # T
     beta_start: float = 0.00085  # betas linear from beta_start ...
@@ -48,6 +51,13 @@ class ModelConfig:
             raise ValueError(f"decoding must be 'beam' or 'nucleus', got {self.decoding!r}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if self.latent_tokens < 1:
+            raise ValueError(f"latent_tokens must be at least 1, got {self.latent_tokens}")
+        if self.n_prefix % self.latent_tokens:
+            raise ValueError(f"n_prefix ({self.n_prefix}) must be a multiple of latent_tokens ({self.latent_tokens}): "
+                             "each latent token makes n_prefix / latent_tokens prefix embeddings")
+        if self.latent_tokens > 1 and self.latent_dim % self.resampler_heads:
+            raise ValueError(f"latent_dim={self.latent_dim} must be divisible by resampler_heads={self.resampler_heads}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_embd % self.n_head:
@@ -57,6 +67,11 @@ class ModelConfig:
                 f"n_prefix ({self.n_prefix}) + max_text_tokens ({self.max_text_tokens}) + 1 must fit in "
                 f"n_positions ({self.n_positions}); raise n_positions or lower max_text_tokens"
             )
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One text's latent: (latent_dim,) for the mean-pooled design, (latent_tokens, latent_dim) for K > 1."""
+        return (self.latent_dim,) if self.latent_tokens == 1 else (self.latent_tokens, self.latent_dim)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
@@ -77,7 +92,8 @@ class ModelConfig:
 
 
 # The fields each trained part depends on: a part reused from another checkpoint brings these values along.
-ENCODER_FIELDS = ("encoder", "latent_dim", "encoder_max_tokens")
+# The resampler (K > 1) is trained with the decoder but defines the latent space, so it travels with the encoder.
+ENCODER_FIELDS = ("encoder", "latent_dim", "encoder_max_tokens", "latent_tokens", "resampler_layers", "resampler_heads")
 REVERSE_FIELDS = ("num_timesteps", "beta_start", "beta_end", "d_model", "n_layers", "n_heads", "time_embed_dim",
                   "mlp_ratio", "dropout", "self_condition")
 DECODER_FIELDS = ("decoder", "n_prefix", "n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "max_text_tokens")

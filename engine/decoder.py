@@ -59,9 +59,10 @@ class LatentDecoder(nn.Module):
         self.gpt2 = gpt2
         self.tokenizer = tokenizer
         n_embd = gpt2.config.n_embd
-        # latent (B, D) -> (B, n_prefix * n_embd): a small MLP, as in prefix tuning
+        # each latent token (D,) -> n_prefix / K prefix embeddings: a small MLP, as in prefix tuning
+        per_token = config.n_prefix // config.latent_tokens
         self.prefix_proj = nn.Sequential(
-            nn.Linear(config.latent_dim, n_embd), nn.GELU(), nn.Linear(n_embd, config.n_prefix * n_embd)
+            nn.Linear(config.latent_dim, n_embd), nn.GELU(), nn.Linear(n_embd, per_token * n_embd)
         )
 
     @property
@@ -73,11 +74,11 @@ class LatentDecoder(nn.Module):
         return self.tokenizer.pad_token_id
 
     def prefix(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (B, D) -> prefix embeddings (B, n_prefix, n_embd)."""
-        return self.prefix_proj(latents).view(latents.shape[0], self.config.n_prefix, -1)
+        """latents (B, D), or (B, K, D) latent tokens -> prefix embeddings (B, n_prefix, n_embd)."""
+        return self.prefix_proj(latents).reshape(latents.shape[0], self.config.n_prefix, -1)
 
     def prefill(self, latents: torch.Tensor):
-        """Run the prefix of each latent (B, D): next-token logits (B, V) and the KV cache of the prefix."""
+        """Run the prefix of each latent (B, *latent_shape): next-token logits (B, V) and the KV cache of the prefix."""
         out = self.gpt2(inputs_embeds=self.prefix(latents), use_cache=True)
         return out.logits[:, -1, :], getattr(out, _CACHE_ARG)
 

@@ -33,12 +33,14 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 class LatentEncoder(nn.Module):
-    """Frozen encoder plus its tokenizer. `encode(texts)` gives one latent per text, independent of batching."""
+    """Frozen encoder plus its tokenizer. `encode(texts)` gives one latent per text, independent of batching:
+    the masked mean of the last hidden states (D,), or with a resampler (ldlm.resampler) K tokens (K, D)."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_tokens: int | None = None):
+    def __init__(self, model: nn.Module, tokenizer, max_tokens: int | None = None, resampler: nn.Module | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.resampler = resampler  # trained with the decoder; None: mean pooling
         limits = [model.config.max_position_embeddings, tokenizer.model_max_length]
         self.max_tokens = min([max_tokens, *limits] if max_tokens else limits)
 
@@ -51,41 +53,89 @@ class LatentEncoder(nn.Module):
     def latent_dim(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        if self.resampler is None:
+            return (self.latent_dim,)
+        return (self.resampler.queries.shape[0], self.latent_dim)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, L, D) -> latents (B, *latent_shape)."""
+        if self.resampler is None:
+            return masked_mean(hidden, attention_mask)
+        return self.resampler(hidden, attention_mask)
+
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """texts -> (N, latent_dim) float32 on the encoder's device, in input order (see `encode_texts`)."""
+        """texts -> (N, *latent_shape) float32 on the encoder's device, in input order (see `encode_texts`)."""
         device = next(self.model.parameters()).device
 
         def pooled(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return masked_mean(hidden.float(), attention_mask)
+            return self.pool(hidden.float(), attention_mask)
 
-        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_dim, pooled, device, batch_size)
+        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_shape, pooled, device, batch_size)
+
+    @torch.no_grad()
+    def token_states(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """texts -> each text's last hidden states over its real tokens, (L_i, D) float32 on the CPU: what the
+        resampler reads, cached once so it can be trained without running the frozen encoder again."""
+        device = next(self.model.parameters()).device
+        states: list[torch.Tensor | None] = [None] * len(texts)
+
+        def keep(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float().cpu()
+            for row, i in enumerate(idx):
+                states[i] = hidden[row, : int(attention_mask[row].sum())].clone()
+
+        for_each_batch(texts, self.tokenizer, self.max_tokens, keep, device, batch_size)
+        return states
 
 
-def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_dim: int, pooled, device: torch.device,
-                 batch_size: int = 64) -> torch.Tensor:
-    """texts -> (N, latent_dim) float32 on `device`, in input order; `pooled(input_ids, attention_mask)` gives a
+def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states [(L_i, D)] -> right-padded (B, L, D) and the attention mask (B, L)."""
+    width = max(s.shape[0] for s in states)
+    hidden = states[0].new_zeros(len(states), width, states[0].shape[1])
+    mask = torch.zeros(len(states), width, dtype=torch.long)
+    for i, s in enumerate(states):
+        hidden[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    return hidden, mask
+
+
+def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_shape: tuple[int, ...], pooled,
+                 device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """texts -> (N, *latent_shape) float32 on `device`, in input order; `pooled(input_ids, attention_mask)` gives a
     batch's latents (the PyTorch encoder, or its exported graph).
 
     Texts longer than the encoder's limit are truncated with a warning naming the item. Batches are formed
     from length-sorted texts to cut padding; padding never enters the mean.
     """
+    out = torch.empty(len(texts), *latent_shape, device=device)
+
+    def store(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
+        out[idx] = pooled(input_ids, attention_mask)
+
+    for_each_batch(texts, tokenizer, max_tokens, store, device, batch_size)
+    return out
+
+
+def for_each_batch(texts: list[str], tokenizer, max_tokens: int, run, device: torch.device, batch_size: int) -> None:
+    """Call run(input_ids, attention_mask, indices) on batches of the tokenized texts."""
     check_texts(texts)
-    out = torch.empty(len(texts), latent_dim, device=device)
     if not texts:
-        return out
+        return
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
     for i, n in enumerate(lengths):
         if n > max_tokens:
             warnings.warn(
                 f"text {i} has {n} encoder tokens, more than the encoder's limit of {max_tokens}: "
                 f"truncated ({texts[i][:40]!r}...); shorten it to keep all of it",
-                stacklevel=3,
+                stacklevel=4,
             )
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
@@ -93,8 +143,7 @@ def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_dim: int, 
         batch = tokenizer(
             [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
         ).to(device)
-        out[idx] = pooled(batch["input_ids"], batch["attention_mask"])
-    return out
+        run(batch["input_ids"], batch["attention_mask"], idx)
 
 
 def build_tiny_encoder(hidden_size: int = 32, seed: int = 0) -> LatentEncoder:

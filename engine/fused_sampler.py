@@ -78,10 +78,10 @@ class FusedSampler:
         buf.first_bad_step.copy_(torch.where(newly_bad, buf.step, buf.first_bad_step))
         buf.step.add_(1)
 
-    def _buffers_for(self, batch: int, dim: int) -> _Buffers:
-        key = (batch, dim)
+    def _buffers_for(self, shape: tuple[int, ...]) -> _Buffers:
+        key = tuple(shape)  # (B, D), or (B, K, D) latent tokens
         if key not in self._buffers:
-            x = torch.zeros(batch, dim, device=self.device, dtype=self.dtype)
+            x = torch.zeros(key, device=self.device, dtype=self.dtype)
             counter = torch.zeros(1, dtype=torch.int64, device=self.device)
             self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1),
                                           torch.zeros_like(x))
@@ -115,10 +115,10 @@ class FusedSampler:
 
     @torch.no_grad()
     def __call__(self, x_start: torch.Tensor, generator: torch.Generator | ItemNoise | None = None) -> torch.Tensor:
-        """Denoise x_start (B, D) through every step of the tables; returns a new (B, D) tensor. With per-item
+        """Denoise x_start (B, *latent_shape) through every step of the tables; returns a new tensor of its shape. With per-item
         noise (ItemNoise, batch jobs) every draw the run needs is taken from it up front into a device table that
         the steps (graphed or not) read in order: the same values the reference samplers draw step by step."""
-        buf = self._buffers_for(*x_start.shape)
+        buf = self._buffers_for(x_start.shape)
         draws = self.draws
         from_table = isinstance(generator, ItemNoise)
         rng = None if from_table else generator
@@ -162,7 +162,7 @@ class FusedSampler:
             generator.set_state(rng.get_state())
         bad = int(buf.first_bad_step)  # the one host synchronization of the loop
         if bad >= 0:
-            bad_items = (~torch.isfinite(buf.x).all(dim=1)).nonzero().flatten().tolist()
+            bad_items = (~torch.isfinite(buf.x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
             raise FloatingPointError(
                 f"non-finite latent at sampling step {bad} (t={int(self.tables.timesteps[bad])}) in batch items "
                 f"{bad_items[:10]}; check the checkpoint's weights, or sample in float32"

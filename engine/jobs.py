@@ -212,8 +212,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
     """The texts for a list of valid items, in order: samples, reconstructions and variations batched together
     for the decode."""
-    dim = pipe.config.latent_dim
-    latents = torch.empty(len(items), dim, device=pipe.device)
+    latents = torch.empty(len(items), *pipe.config.latent_shape, device=pipe.device)
     samples = [i for i, item in enumerate(items) if item.mode == "sample"]
     if samples:
         latents[samples] = pipe.sample_latents(len(samples), steps=settings.steps, sampler=settings.sampler,

@@ -13,7 +13,7 @@ import torch
 @torch.no_grad()
 def nucleus_decode(decoder, latents: torch.Tensor, *, top_p: float = 0.95, max_new_tokens: int = 64,
                    generator: torch.Generator | None = None) -> list[list[int]]:
-    """latents (B, D) -> token ids per item (EOS removed), each token drawn from the smallest set of most
+    """latents (B, *latent_shape) -> token ids per item (EOS removed), each token drawn from the smallest set of most
     likely tokens whose probabilities sum to at least top_p."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")

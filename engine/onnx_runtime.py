@@ -114,20 +114,20 @@ class Graph:
 
 
 class OnnxEncoder:
-    """texts -> latents (N, D) with the exported encoder graph; the same batching as LatentEncoder."""
+    """texts -> latents (N, *latent_shape) with the exported encoder graph; the same batching as LatentEncoder."""
 
-    def __init__(self, graph: Graph, tokenizer, max_tokens: int, latent_dim: int, device: torch.device):
-        self.graph, self.tokenizer, self.max_tokens, self.latent_dim = graph, tokenizer, max_tokens, latent_dim
+    def __init__(self, graph: Graph, tokenizer, max_tokens: int, latent_shape: tuple[int, ...], device: torch.device):
+        self.graph, self.tokenizer, self.max_tokens, self.latent_shape = graph, tokenizer, max_tokens, latent_shape
         self.device = device
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        latent = torch.empty(input_ids.shape[0], self.latent_dim, device=self.device)
+        latent = torch.empty(input_ids.shape[0], *self.latent_shape, device=self.device)
         self.graph.run({"input_ids": input_ids, "attention_mask": attention_mask}, {"latent": latent})
         return latent
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_dim, self._pooled, self.device,
+        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_shape, self._pooled, self.device,
                             batch_size)
 
 
@@ -173,7 +173,7 @@ class OnnxDecoder:
         return torch.empty(s["n_layer"], 2, rows, s["n_head"], length, s["head_dim"], device=self.device)
 
     def prefill(self, latents: torch.Tensor) -> tuple[torch.Tensor, OnnxCache]:
-        """latents (B, D) -> next-token logits (B, V) and the prefix's cache."""
+        """latents (B, *latent_shape) -> next-token logits (B, V) and the prefix's cache."""
         B = latents.shape[0]
         logits = torch.empty(B, self.spec["vocab_size"], device=self.device)
         present = self._cache(B, self.config.n_prefix)
@@ -225,7 +225,7 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
     except (TypeError, ValueError) as e:
         raise ExportError(f"{directory / 'manifest.json'} has an invalid model config: {e}") from e
     encoder = OnnxEncoder(graph("encoder"), load_tokenizer(directory / manifest["tokenizers"]["encoder"]),
-                          manifest["encoder"]["max_tokens"], manifest["encoder"]["latent_dim"], device)
+                          manifest["encoder"]["max_tokens"], config.latent_shape, device)
     decoder = OnnxDecoder(graph("decoder_prefill"), graph("decoder_step"),
                           load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
                           device)

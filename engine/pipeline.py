@@ -88,7 +88,7 @@ class Pipeline:
 
     # --- latents ---------------------------------------------------------------------------------
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """texts -> raw latents (N, D), float32."""
+        """texts -> raw latents (N, *latent_shape): (N, D), or (N, K, D) with K latent tokens; float32."""
         return self.encoder.encode(texts, batch_size=batch_size)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ class Pipeline:
             fused = self._fused_sampler(sampler, steps, eta, start_t)
             if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
                 bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
-                padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], x.shape[1])])
+                padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], *x.shape[1:])])
                 return fused(padded, generator)[: x.shape[0]].float()
             return fused(x, generator).float()
         extra = {"eta": eta} if sampler == "ddim" else {}
@@ -148,7 +148,7 @@ class Pipeline:
     def sample_latents(self, n: int, *, steps: int | None = None, sampler: str | None = None, eta: float = 0.0,
                        seed: int = 0, seeds: list[int] | None = None, batch_size: int = 256,
                        progress: bool = True) -> torch.Tensor:
-        """n raw latents (n, D) from Gaussian noise. One generator seeded with `seed` draws x_T, then
+        """n raw latents (n, *latent_shape) from Gaussian noise. One generator seeded with `seed` draws x_T, then
         each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents.
         With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
         its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default."""
@@ -162,23 +162,24 @@ class Pipeline:
             size = min(batch_size, n - start)
             if seeds is not None:
                 generator = ItemNoise(seeds[start : start + size])
-                x = generator.randn((self.config.latent_dim,), self.device)
+                x = generator.randn(self.config.latent_shape, self.device)
             else:
-                x = torch.randn(size, self.config.latent_dim, generator=generator, device=self.device)
+                x = torch.randn(size, *self.config.latent_shape, generator=generator, device=self.device)
             z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
                                   start_t=None, progress=progress)
             out.append(self.denormalize(z))
-        return torch.cat(out) if out else torch.empty(0, self.config.latent_dim, device=self.device)
+        return torch.cat(out) if out else torch.empty(0, *self.config.latent_shape, device=self.device)
 
     # --- text ------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, num_beams: int = 4, max_new_tokens: int | None = None,
                no_repeat_ngram_size: int = 3, batch_size: int = 64, top_p: float | None = None, seed: int = 0,
                progress: bool = True) -> list[str]:
-        """Raw latents (N, D) -> N texts, by beam search; with top_p, by nucleus sampling (ldlm.nucleus, seeded
+        """Raw latents (N, *latent_shape) -> N texts, by beam search; with top_p, by nucleus sampling (ldlm.nucleus, seeded
         by `seed`) instead."""
-        if latents.dim() != 2 or latents.shape[1] != self.config.latent_dim:
-            raise ValueError(f"latents must be (N, {self.config.latent_dim}), got {tuple(latents.shape)}")
+        if tuple(latents.shape[1:]) != self.config.latent_shape:
+            raise ValueError(f"latents must be (N, {', '.join(map(str, self.config.latent_shape))}), "
+                             f"got {tuple(latents.shape)}")
         bad = nonfinite_items(latents)
         if bad:
             raise ValueError(f"decode: latents of items {bad[:10]} hold NaN or inf; pass finite latents")
@@ -234,7 +235,7 @@ class Pipeline:
     def vary_latents(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str | None = None,
                      seed: int = 0, *, eta: float = 0.0, seeds: list[int] | None = None,
                      progress: bool = True) -> torch.Tensor:
-        """The latents `vary` decodes: (N, D)."""
+        """The latents `vary` decodes: (N, *latent_shape)."""
         sampler, steps = self.sampling(sampler, steps)
         check_texts(texts)
         check_strength(strength)
@@ -247,7 +248,7 @@ class Pipeline:
             z0 = self.normalize(latents)
             t = torch.full((z0.shape[0],), start_t, device=self.device, dtype=torch.long)
             if seeds is not None:
-                noise = generator.randn((z0.shape[1],), self.device)
+                noise = generator.randn(tuple(z0.shape[1:]), self.device)
             else:
                 noise = torch.randn(z0.shape, generator=generator, device=self.device)
             x = add_noise(self.schedule, z0, t, noise)

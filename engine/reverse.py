@@ -61,7 +61,8 @@ class Block(nn.Module):
 class ReverseTransformer(nn.Module):
     """Predicts the clean (normalized) latent from a noisy one.
 
-    Input: [x_t ; sinusoidal(t)] per latent token, projected to d_model; `n_layers` pre-norm
+    Input: [x_t ; sinusoidal(t)] per latent token, projected to d_model (plus a learned position embedding
+    per token when there are K > 1); `n_layers` pre-norm
     encoder blocks; a final LayerNorm and a projection back to the latent size.
     """
 
@@ -70,12 +71,14 @@ class ReverseTransformer(nn.Module):
         self.config = config
         inputs = config.latent_dim * (2 if config.self_condition else 1) + config.time_embed_dim
         self.in_proj = nn.Linear(inputs, config.d_model)
+        if config.latent_tokens > 1:  # tell the K latent tokens apart (the resampler's queries are ordered)
+            self.pos_emb = nn.Parameter(0.02 * torch.randn(config.latent_tokens, config.d_model))  # (K, d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.latent_dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t: (B, D) or (B, K, D) latent tokens; t: (B,) continuous timestep in [0, T); x0_prev: the previous
+        """x_t: (B, D), or (B, K, D) with config.latent_tokens = K > 1; t: (B,) continuous timestep in [0, T); x0_prev: the previous
         x0 estimate, x_t's shape, used only with config.self_condition (None: zeros). Returns x_t's shape."""
         single = x_t.dim() == 2
         x = x_t[:, None, :] if single else x_t  # (B, K, D)
@@ -86,6 +89,8 @@ class ReverseTransformer(nn.Module):
             prev = torch.zeros_like(x) if x0_prev is None else (x0_prev[:, None, :] if single else x0_prev)
             parts.append(prev)  # (B, K, D)
         h = self.in_proj(torch.cat([*parts, temb], dim=-1))  # (B, K, d_model)
+        if self.config.latent_tokens > 1:
+            h = h + self.pos_emb.to(h.dtype)
         for block in self.blocks:
             h = block(h)
         out = self.out_proj(self.ln_f(h))  # (B, K, D)

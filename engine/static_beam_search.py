@@ -75,7 +75,7 @@ class StaticBeamSearch:
             torch.empty(B, K, dtype=torch.bool, device=dev), torch.empty(B, 1, dtype=torch.bool, device=dev),
             torch.empty((), dtype=torch.bool, device=dev), torch.empty((), dtype=torch.long, device=dev))
         dtype = next(decoder.parameters()).dtype
-        self.latents = torch.zeros(B, decoder.config.latent_dim, device=dev, dtype=dtype)  # static input
+        self.latents = torch.zeros(B, *decoder.config.latent_shape, device=dev, dtype=dtype)  # static input
         self._graph = None
 
     def _reset(self) -> BeamState:
@@ -169,13 +169,13 @@ class StaticBeamSearch:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> list[list[int]]:
-        """latents (b, D) with b <= batch_size -> best token ids per item (EOS removed)."""
+        """latents (b, *latent_shape) with b <= batch_size -> best token ids per item (EOS removed)."""
         b = latents.shape[0]
         if b > self.B:
             raise ValueError(f"batch of {b} exceeds this searcher's batch_size {self.B}")
         # pad to the static batch with copies of item 0: they stop when item 0 does, so results are unchanged
         self.latents[:b].copy_(latents)
-        self.latents[b:].copy_(latents[:1].expand(self.B - b, -1))
+        self.latents[b:].copy_(latents[:1].expand(self.B - b, *latents.shape[1:]))
         if self.graphs and self._graph is None:
             self._capture()
         s = self._prefill()

@@ -28,7 +28,8 @@ from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .config import DECODER_FIELDS, ENCODER_FIELDS, REVERSE_FIELDS, ModelConfig
 from .data import split_holdout
 from .decoder import LatentDecoder
-from .encoder import LatentEncoder, build_tiny_encoder
+from .encoder import LatentEncoder, build_tiny_encoder, pad_states
+from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule, add_noise
 from .train_state import load_optimizer, save_optimizer
@@ -95,11 +96,14 @@ def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=p
         config = dataclasses.replace(config, latent_dim=encoder.latent_dim)
         log(f"latent_dim set to the encoder's hidden size, {encoder.latent_dim}")
     with torch.random.fork_rng():  # each part seeded on its own, so reusing one leaves the other's init unchanged
+        if config.latent_tokens > 1 and source is None:
+            torch.manual_seed(seed + 2)
+            encoder.resampler = LatentResampler(config)
         torch.manual_seed(seed)
         decoder = reused["decoder"].decoder if "decoder" in reused else LatentDecoder.build(config, texts)
         torch.manual_seed(seed + 1)
         reverse = reused["diffusion"].reverse if "diffusion" in reused else ReverseTransformer(config)
-    mean, std = torch.zeros(config.latent_dim), torch.ones(config.latent_dim)
+    mean, std = torch.zeros(config.latent_shape), torch.ones(config.latent_shape)
     if "diffusion" in reused:  # the reverse transformer was trained in its checkpoint's normalization
         mean, std = reused["diffusion"].latent_mean, reused["diffusion"].latent_std
     return Components(config, encoder, decoder, reverse, mean, std, encoder_bundled=bundled)
@@ -120,6 +124,14 @@ def load_reused_parts(config: ModelConfig, train_config: TrainConfig) -> tuple[M
     if len({json.dumps(e, sort_keys=True) for e in encoder_of.values()}) > 1:
         raise ValueError(f"the reused checkpoints were trained on different encoders ({encoder_of}): "
                          "combine parts trained with the same encoder")
+    if "diffusion" in reused and reused["diffusion"].config.latent_tokens > 1:
+        # the resampler is trained with the decoder: the reverse transformer only fits the resampler it saw
+        resampler = reused["diffusion"].encoder.resampler.state_dict()
+        other = reused["decoder"].encoder.resampler.state_dict() if "decoder" in reused else None
+        if other is None or any(not torch.equal(resampler[k], other[k]) for k in resampler):
+            raise ValueError(f"{train_config.reverse_from} has {reused['diffusion'].config.latent_tokens} latent tokens "
+                             "from a resampler trained with its decoder: reuse its reverse transformer only together "
+                             "with that decoder (--decoder-from a checkpoint with the same resampler)")
     if encoder_of:
         config = dataclasses.replace(config, **next(iter(encoder_of.values())))
     return config, reused
@@ -153,10 +165,16 @@ class Trainer:
                                                                           ("diffusion", train_config.reverse_from)) if p}}
         c = self.components
         self.config = c.config
-        self.train_latents, self.val_latents = self._latents(fingerprint)
-        if not resume and train_config.reverse_from is None:  # normalization statistics come from the training split
-            c.latent_mean = self.train_latents.mean(dim=0)
-            c.latent_std = self.train_latents.std(dim=0).clamp(min=1e-6)
+        if self.config.latent_tokens > 1:
+            if train_config.decoder_noise > 0:
+                raise ValueError("decoder_noise needs latent_tokens = 1 (its scale is the latent std, which the "
+                                 "resampler changes while it trains): drop --decoder-noise or --latent-tokens")
+            self.train_states, self.val_states = self._token_states(fingerprint)
+            self.train_latents, self.val_latents = self._resampled()
+        else:
+            self.train_latents, self.val_latents = self._latents(fingerprint)
+        if not resume and train_config.reverse_from is None:
+            self._set_latent_stats()
         self.schedule = NoiseSchedule.from_config(self.config)
         self.train_ids = self._token_ids(self.train_texts)
         self.val_ids = self._token_ids(self.val_texts)
@@ -195,6 +213,57 @@ class Trainer:
                   str(cache))
         return train, val
 
+    def _token_states(self, fingerprint: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The frozen encoder's token states of the train and validation texts (what the resampler reads), encoded
+        once and cached under training/ as one flat (tokens, D) tensor and the texts' lengths."""
+        cache = self.state_dir / "token_states.safetensors"
+        if cache.is_file():
+            stored = load_file(str(cache))
+            if bytes(stored["fingerprint"].tolist()).decode() == fingerprint:
+                return (list(stored["train"].split(stored["train_lengths"].tolist())),
+                        list(stored["val"].split(stored["val_lengths"].tolist())))
+        start = time.perf_counter()
+        encoder = self.components.encoder
+        train, val = encoder.token_states(self.train_texts), encoder.token_states(self.val_texts)
+        self.log(f"encoded {len(train) + len(val)} texts' token states in {time.perf_counter() - start:.1f}s")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        empty = torch.empty(0, encoder.latent_dim)
+        save_file({"train": torch.cat(train) if train else empty, "val": torch.cat(val) if val else empty,
+                   "train_lengths": torch.tensor([len(s) for s in train], dtype=torch.long),
+                   "val_lengths": torch.tensor([len(s) for s in val], dtype=torch.long),
+                   "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}, str(cache))
+        return train, val
+
+    def _resample(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """Token states [(L_i, D)] -> latent tokens (N, K, D) through the resampler (with grad when training)."""
+        hidden, mask = pad_states(states)
+        return self.components.encoder.resampler(hidden, mask)
+
+    @torch.no_grad()
+    def _resampled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (N, K, D) of the train and validation texts through the resampler as it is now."""
+        def run(states: list[torch.Tensor]) -> torch.Tensor:
+            order = sorted(range(len(states)), key=lambda i: len(states[i]))  # batches of similar length
+            out = torch.empty(len(states), *self.config.latent_shape)
+            for start in range(0, len(order), 256):
+                idx = order[start : start + 256]
+                out[idx] = self._resample([states[i] for i in idx])
+            return out
+
+        return run(self.train_states), run(self.val_states)
+
+    def _set_latent_stats(self) -> None:
+        """Normalization statistics, per latent element, from the training split."""
+        self.components.latent_mean = self.train_latents.mean(dim=0)
+        self.components.latent_std = self.train_latents.std(dim=0).clamp(min=1e-6)
+
+    def _decoder_latents(self, split: str, idx: list[int]) -> torch.Tensor:
+        """Stage 1's input latents for these items: the cached pooled latents, or (K > 1) the resampler's output
+        on their token states, with grad so the resampler trains with the decoder."""
+        if self.config.latent_tokens > 1:
+            return self._resample([(self.train_states if split == "train" else self.val_states)[i] for i in idx])
+        return (self.train_latents if split == "train" else self.val_latents)[idx]
+
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         return self.components.decoder.tokenizer(texts)["input_ids"] if texts else []
 
@@ -229,6 +298,7 @@ class Trainer:
         for start in range(0, len(self.val_texts), 256):
             latents = self.val_latents[start : start + 256]
             if stage == "decoder":
+                latents = self._decoder_latents("val", list(range(start, start + len(latents))))
                 losses.append(self._decoder_loss(latents, self.val_ids[start : start + 256]).item() * len(latents))
             else:
                 z0 = self._normalized(latents)
@@ -251,7 +321,7 @@ class Trainer:
         """The stage's optimizer (restored on resume) and its learning-rate factor, a function of
         (step, fraction of the stage's step or time budget used)."""
         if stage == "decoder":
-            params = [p for p in self.components.decoder.parameters() if p.requires_grad]
+            params = [p for p in self._stage1_parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=self.cfg.decoder_lr, weight_decay=0.01)
 
             def lr_factor(step: int, done: float) -> float:
@@ -265,6 +335,11 @@ class Trainer:
         if path.is_file() and self.state["steps"][stage] > 0:
             load_optimizer(optimizer, path)
         return optimizer, lr_factor
+
+    def _stage1_parameters(self) -> list[torch.nn.Parameter]:
+        """The decoder's parameters, and the resampler's when there is one (trained together)."""
+        resampler = self.components.encoder.resampler
+        return [*self.components.decoder.parameters(), *(resampler.parameters() if resampler is not None else [])]
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -294,8 +369,17 @@ class Trainer:
         resumed run with larger limits continues whichever stage they extend."""
         self._optimizers = {}
         summary = {}
+        if (self.config.latent_tokens > 1 and self.state["steps"]["diffusion"] > 0
+                and self._budget_left("decoder")):
+            raise ValueError("with latent_tokens > 1 the decoder stage trains the resampler, which would change the "
+                             "latents the reverse transformer has learned: once stage 2 has begun, extend only "
+                             "the diffusion stage (keep --decoder-steps and the decoder's share of the budget)")
         for stage in STAGES:
             if self._budget_left(stage):
+                if stage == "diffusion" and self.state["steps"]["diffusion"] == 0:  # a fresh stage 2
+                    if self.config.latent_tokens > 1:  # the resampler trained in stage 1: latents changed
+                        self.train_latents, self.val_latents = self._resampled()
+                    self._set_latent_stats()
                 self.state["stage"] = stage
                 summary[stage] = self._run_stage(stage)
             elif stage in self.state.get("reused", {}):
@@ -328,14 +412,14 @@ class Trainer:
             t0 = time.perf_counter()
             idx = torch.randint(0, n_train, (batch_size,), generator=self.generator)
             if stage == "decoder":
-                latents = self.train_latents[idx]
+                latents = self._decoder_latents("train", idx.tolist())
                 if self.cfg.decoder_noise > 0:  # imperfect sampled latents should still decode (issue 4 lever)
                     noise = torch.randn(latents.shape, generator=self.generator)
                     latents = latents + self.cfg.decoder_noise * c.latent_std * noise
                 loss = self._decoder_loss(latents, [self.train_ids[i] for i in idx.tolist()])
             else:
                 t = torch.randint(0, self.schedule.num_timesteps, (batch_size,), generator=self.generator)
-                noise = torch.randn(batch_size, c.config.latent_dim, generator=self.generator)
+                noise = torch.randn(batch_size, *c.config.latent_shape, generator=self.generator)
                 loss = self._diffusion_loss(z_train[idx], t, noise)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}: lower the learning rate")
@@ -344,7 +428,7 @@ class Trainer:
                 group["lr"] = base_lr * lr_factor(step, done)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self._stage1_parameters() if stage == "decoder" else module.parameters(), 1.0)
             optimizer.step()
             if stage == "diffusion" and self.ema is not None:
                 with torch.no_grad():

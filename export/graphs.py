@@ -24,19 +24,23 @@ def _dtype(module: nn.Module) -> torch.dtype:
 
 
 class EncoderGraph(nn.Module):
-    """(input_ids (B, L) int64, attention_mask (B, L) int64) -> latent (B, D) float32: the masked mean."""
+    """(input_ids (B, L) int64, attention_mask (B, L) int64) -> latent (B, *latent_shape) float32: the masked
+    mean (B, D), or the resampler's K latent tokens (B, K, D)."""
 
     def __init__(self, encoder: LatentEncoder):
         super().__init__()
         self.model = encoder.model
+        self.resampler = encoder.resampler
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
-        return masked_mean(hidden.float(), attention_mask)
+        if self.resampler is None:
+            return masked_mean(hidden.float(), attention_mask)
+        return self.resampler(hidden, attention_mask).float()
 
 
 class ReverseGraph(nn.Module):
-    """(x_t (B, D), t (B,) float32 [, x0_prev (B, D)]) -> x0_hat (B, D) float32."""
+    """(x_t (B, *latent_shape), t (B,) float32 [, x0_prev like x_t]) -> x0_hat like x_t, float32."""
 
     def __init__(self, reverse: ReverseTransformer):
         super().__init__()

@@ -55,9 +55,9 @@ def _encoder_inputs(c: Components) -> dict[str, torch.Tensor]:
 
 
 def _reverse_inputs(c: Components) -> dict[str, torch.Tensor]:
-    inputs = {"x_t": torch.randn(2, c.config.latent_dim), "t": torch.tensor([3.0, 700.0])}
+    inputs = {"x_t": torch.randn(2, *c.config.latent_shape), "t": torch.tensor([3.0, 700.0])}
     if c.config.self_condition:
-        inputs["x0_prev"] = torch.randn(2, c.config.latent_dim)
+        inputs["x0_prev"] = torch.randn(2, *c.config.latent_shape)
     return inputs
 
 
@@ -83,7 +83,7 @@ SPECS: dict[str, GraphSpec] = {
                          lambda: (lambda b, n, _: {"input_ids": {0: b, 1: n}, "attention_mask": {0: b, 1: n}})(*_dims())),
     "reverse": GraphSpec(lambda c: ReverseGraph(c.reverse), _reverse_inputs, ("x0_hat",), _reverse_dynamic),
     "decoder_prefill": GraphSpec(lambda c: DecoderPrefillGraph(c.decoder),
-                                 lambda c: {"latent": torch.randn(2, c.config.latent_dim)}, ("logits", "present"),
+                                 lambda c: {"latent": torch.randn(2, *c.config.latent_shape)}, ("logits", "present"),
                                  lambda: {"latent": {0: _dims()[0]}}),
     "decoder_step": GraphSpec(lambda c: DecoderStepGraph(c.decoder), _step_inputs, ("logits", "present"),
                               lambda: (lambda b, _, s: {"input_ids": {0: b}, "position_ids": {0: b},
