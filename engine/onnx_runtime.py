@@ -93,6 +93,7 @@ class Graph:
             raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "
                              "corrupt or from an incompatible exporter; re-run `ldlm export`") from e
         self.device_type = provider
+        self.input_dtypes = {i["name"]: getattr(torch, i["dtype"]) for i in spec["inputs"]}
         expected = ([i["name"] for i in spec["inputs"]], [o["name"] for o in spec["outputs"]])
         actual = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if expected != actual:
@@ -147,17 +148,59 @@ class OnnxReverse:
 
 
 class OnnxCache:
-    """The decoder's KV cache as one tensor (L, 2, R, H, S, hd), reordered like Hugging Face's caches."""
+    """The decoder's static KV cache for the step graph: per layer keys (R, H, hd, C), stored transposed so the
+    graph's q @ k reads them in place, and values (R, H, C, hd); `mask` (R, C) marks the S filled slots of the
+    capacity C. Steps write one slot; capacity grows by GROW slots when full (a copy every GROW tokens);
+    beams are reordered like Hugging Face's caches."""
 
-    def __init__(self, present: torch.Tensor):
-        self.present = present
+    GROW = 16
+
+    def __init__(self, present: torch.Tensor, dtype: torch.dtype):
+        L, _, R, H, S, hd = present.shape  # the prefill's (L, 2, R, H, S, hd)
+        self.length = S
+        self.keys = [torch.zeros(R, H, hd, S + self.GROW, dtype=dtype, device=present.device) for _ in range(L)]
+        self.values = [torch.zeros(R, H, S + self.GROW, hd, dtype=dtype, device=present.device) for _ in range(L)]
+        for layer in range(L):  # zeros beyond S: masked, and finite, so 0 * value stays 0 in the graph
+            self.keys[layer][..., :S] = present[layer, 0].transpose(-1, -2)
+            self.values[layer][:, :, :S] = present[layer, 1]
+        self.mask = torch.zeros(R, S + self.GROW, dtype=torch.long, device=present.device)
+        self.mask[:, :S] = 1
 
     @property
-    def length(self) -> int:
-        return self.present.shape[4]
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        named = {"past_mask": self.mask}
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            named[f"past_key_{layer}"], named[f"past_value_{layer}"] = k, v
+        return named
+
+    def make_room(self) -> None:
+        """Ensure a free slot for the next token."""
+        if self.length < self.capacity:
+            return
+        grow = self.GROW
+        self.keys = [torch.nn.functional.pad(k, (0, grow)) for k in self.keys]  # (R, H, hd, C + grow)
+        self.values = [torch.nn.functional.pad(v, (0, 0, 0, grow)) for v in self.values]  # (R, H, C + grow, hd)
+        self.mask = torch.nn.functional.pad(self.mask, (0, grow))
+
+    def append(self, new_kv: torch.Tensor) -> None:
+        """Write the step's new_kv (L, 2, R, H, hd) into slot S."""
+        S = self.length
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            k[..., S] = new_kv[layer, 0]
+            v[:, :, S] = new_kv[layer, 1]
+        self.mask[:, S] = 1
+        self.length = S + 1
 
     def reorder_cache(self, rows: torch.Tensor) -> None:
-        self.present = self.present.index_select(2, rows.to(self.present.device))
+        rows = rows.to(self.mask.device)
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):  # beams kept their places: no copy
+            return
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.mask = self.mask.index_select(0, rows)
 
 
 class OnnxDecoder:
@@ -167,32 +210,28 @@ class OnnxDecoder:
         self.prefill_graph, self.step_graph, self.tokenizer, self.spec = prefill, step, tokenizer, spec
         self.config, self.device = config, device
         self.eos_token_id, self.pad_token_id = spec["eos_token_id"], spec["pad_token_id"]
-
-    def _cache(self, rows: int, length: int) -> torch.Tensor:
-        s = self.spec
-        return torch.empty(s["n_layer"], 2, rows, s["n_head"], length, s["head_dim"], device=self.device)
+        self.cache_dtype = step.input_dtypes["past_key_0"]  # the step graph's compute dtype
 
     def prefill(self, latents: torch.Tensor) -> tuple[torch.Tensor, OnnxCache]:
         """latents (B, *latent_shape) -> next-token logits (B, V) and the prefix's cache."""
-        B = latents.shape[0]
-        logits = torch.empty(B, self.spec["vocab_size"], device=self.device)
-        present = self._cache(B, self.config.n_prefix)
+        B, s = latents.shape[0], self.spec
+        logits = torch.empty(B, s["vocab_size"], device=self.device)
+        present = torch.empty(s["n_layer"], 2, B, s["n_head"], self.config.n_prefix, s["head_dim"], device=self.device)
         self.prefill_graph.run({"latent": latents.float()}, {"logits": logits, "present": present})
-        return logits, OnnxCache(present)
+        return logits, OnnxCache(present, self.cache_dtype)
 
     def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
-        """input_ids (R, 1), the token after the cache's S positions -> logits (R, V) and the grown cache."""
-        R, S = input_ids.shape[0], cache.length
-        if S >= self.spec["n_positions"]:
-            raise ValueError(f"the decoder's context of {self.spec['n_positions']} positions is full; "
-                             "lower max_new_tokens")
-        logits = torch.empty(R, self.spec["vocab_size"], device=self.device)
-        present = self._cache(R, S + 1)
-        self.step_graph.run(
-            {"input_ids": input_ids.long(), "position_ids": torch.full((R, 1), S, device=self.device),
-             "attention_mask": torch.ones(R, S + 1, dtype=torch.long, device=self.device), "past": cache.present},
-            {"logits": logits, "present": present})
-        return logits, OnnxCache(present)
+        """input_ids (R, 1), the token after the cache's S positions -> logits (R, V); the cache grows in place."""
+        R, S, s = input_ids.shape[0], cache.length, self.spec
+        if S >= s["n_positions"]:
+            raise ValueError(f"the decoder's context of {s['n_positions']} positions is full; lower max_new_tokens")
+        cache.make_room()
+        logits = torch.empty(R, s["vocab_size"], device=self.device)
+        new_kv = torch.empty(s["n_layer"], 2, R, s["n_head"], s["head_dim"], dtype=self.cache_dtype, device=self.device)
+        self.step_graph.run({"input_ids": input_ids.long(), "position_ids": torch.full((R, 1), S, device=self.device),
+                             **cache.inputs()}, {"logits": logits, "new_kv": new_kv})
+        cache.append(new_kv)
+        return logits, cache
 
 
 def load_onnx_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -224,6 +263,9 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
         config = ModelConfig.from_dict(manifest["model"])
     except (TypeError, ValueError) as e:
         raise ExportError(f"{directory / 'manifest.json'} has an invalid model config: {e}") from e
+    if "past_key_0" not in {i["name"] for i in specs["decoder_step"]["inputs"]}:
+        raise ExportError(f"{directory} was exported by an older ldlm, whose decoder step graph copies the whole "
+                          "cache every token: export the checkpoint again with `ldlm export`")
     encoder = OnnxEncoder(graph("encoder"), load_tokenizer(directory / manifest["tokenizers"]["encoder"]),
                           manifest["encoder"]["max_tokens"], config.latent_shape, device)
     decoder = OnnxDecoder(graph("decoder_prefill"), graph("decoder_step"),

@@ -1,10 +1,12 @@
 """The four exported graphs as small modules with plain-tensor inputs and outputs.
 
-Caches go in and out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at index 0
-and values at 1, so a runtime needs no Hugging Face cache class. The decoder graphs re-state GPT-2's forward
+The prefill's cache comes out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at
+index 0 and values at 1; the step graph reads a static cache, one key and one value tensor per layer, and
+returns only the new token's keys and values, so a runtime needs no Hugging Face cache class and no step
+copies the cache. The decoder graphs re-state GPT-2's forward
 pass (as ldlm.static_gpt2 does) over the loaded model's own weights; tests check them against the module.
-Every graph computes in its weights' dtype and takes and returns float32, so fp32 and fp16 variants have the
-same interface.
+Every graph computes in its weights' dtype and takes and returns float32 (but the step graph's cache, kept in
+the weights' dtype so that reading it costs no conversion), so fp32 and fp16 variants share one interface.
 """
 
 from __future__ import annotations
@@ -65,17 +67,14 @@ class _GPT2Graph(nn.Module):
         R, S, _ = x.shape
         return x.view(R, S, self.n_head, self.head_dim).transpose(1, 2)  # (R, H, S, hd)
 
-    def _layers(self, h: torch.Tensor, past: torch.Tensor | None, attn_mask: torch.Tensor | None, causal: bool):
-        """h (R, S, E) -> (last hidden (R, S, E), present (L, 2, R, H, S_past + S, hd))."""
+    def _layers(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal self-attention over h (R, S, E) -> (last hidden (R, S, E), present (L, 2, R, H, S, hd))."""
         presents = []
-        for layer, block in enumerate(self.gpt2.transformer.h):
+        for block in self.gpt2.transformer.h:
             q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, S, hd)
-            if past is not None:
-                k = torch.cat([past[layer, 0].to(k.dtype), k], dim=2)  # (R, H, S_past + S, hd)
-                v = torch.cat([past[layer, 1].to(v.dtype), v], dim=2)
-            presents.append(torch.stack([k, v]))  # (2, R, H, S_past + S, hd)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (R, H, S, hd)
+            presents.append(torch.stack([k, v]))  # (2, R, H, S, hd)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (R, H, S, hd)
             R, H, S, hd = attn.shape
             h = h + block.attn.c_proj(attn.transpose(1, 2).reshape(R, S, H * hd))
             h = h + block.mlp(block.ln_2(h))
@@ -86,7 +85,8 @@ class _GPT2Graph(nn.Module):
 
 
 class DecoderPrefillGraph(_GPT2Graph):
-    """latent (B, D) float32 -> (logits of the next token (B, V), present (L, 2, B, H, P, hd)) for the prefix."""
+    """latent (B, *latent_shape) float32 -> (logits of the next token (B, V), present (L, 2, B, H, P, hd)) for the
+    prefix."""
 
     def __init__(self, decoder: LatentDecoder):
         super().__init__(decoder)
@@ -97,21 +97,39 @@ class DecoderPrefillGraph(_GPT2Graph):
         B = latent.shape[0]
         embeds = self.prefix_proj(latent.to(_dtype(self.gpt2))).view(B, self.n_prefix, -1)  # (B, P, E)
         positions = torch.arange(self.n_prefix, device=latent.device)
-        h, present = self._layers(embeds + self.gpt2.transformer.wpe(positions), None, None, causal=True)
+        h, present = self._layers(embeds + self.gpt2.transformer.wpe(positions))
         return self._logits(h[:, -1, :]), present
 
 
 class DecoderStepGraph(_GPT2Graph):
-    """One token per row on top of a cache.
+    """One token per row on top of a static cache that the graph only reads.
 
-    input_ids (R, 1) int64, position_ids (R, 1) int64, attention_mask (R, S + 1) int64 over past and new
-    positions (1 = attend), past (L, 2, R, H, S, hd) float32 -> (logits (R, V), present (L, 2, R, H, S + 1, hd)).
+    input_ids (R, 1) int64, position_ids (R, 1) int64, past_mask (R, C) int64 (1: a filled cache slot),
+    then per layer past_key_l (R, H, hd, C) (keys stored transposed, ready for q @ k) and past_value_l
+    (R, H, C, hd), in the cache dtype (the weights' dtype) -> logits (R, V) float32 and the new token's
+    new_kv (L, 2, R, H, hd) in the cache dtype, which the runtime writes into slot S of its cache.
+
+    Attention is split into the past part (read in place: no concatenation copies the cache) and the new
+    token's own key and value; one softmax spans both. C is the cache's capacity, at least the filled length.
     """
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.gpt2.transformer
         h = t.wte(input_ids) + t.wpe(position_ids)  # (R, 1, E)
-        visible = attention_mask.bool()[:, None, None, :]  # (R, 1, 1, S + 1)
-        h, present = self._layers(h, past, visible, causal=False)
-        return self._logits(h[:, -1, :]), present
+        scale = self.head_dim ** -0.5
+        hidden_mask = (1 - past_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min  # (R, 1, 1, C)
+        new_kv = []
+        for layer, block in enumerate(t.h):
+            past_key, past_value = past[2 * layer], past[2 * layer + 1]  # (R, H, hd, C), (R, H, C, hd)
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
+            scores = torch.cat([q @ past_key * scale + hidden_mask,  # (R, H, 1, C)
+                                (q * k).sum(-1, keepdim=True) * scale], dim=-1)  # (R, H, 1, C + 1)
+            probs = torch.softmax(scores.float(), dim=-1).to(h.dtype)
+            attn = probs[..., :-1] @ past_value + probs[..., -1:] * v  # (R, H, 1, hd)
+            R, H, _, hd = attn.shape
+            h = h + block.attn.c_proj(attn.transpose(1, 2).reshape(R, 1, H * hd))
+            h = h + block.mlp(block.ln_2(h))
+            new_kv.append(torch.stack([k[:, :, 0], v[:, :, 0]]))  # (2, R, H, hd)
+        return self._logits(h[:, -1, :]), torch.stack(new_kv)

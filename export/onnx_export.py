@@ -10,6 +10,7 @@ dynamic axis, since torch.export specializes axes it sees at size 0 or 1.
 from __future__ import annotations
 
 import copy
+import inspect
 import platform
 import warnings
 from collections.abc import Callable
@@ -36,12 +37,12 @@ class GraphSpec:
     build: Callable[[Components], nn.Module]
     inputs: Callable[[Components], dict[str, torch.Tensor]]  # example inputs by name, in forward's order
     outputs: tuple[str, ...]
-    dynamic: Callable[[], dict[str, dict[int, object]]]  # input name -> {axis: torch.export.Dim}
+    dynamic: Callable[[Components], dict[str, dict[int, object]]]  # input name -> {axis: torch.export.Dim}
 
 
 def _dims():
     Dim = torch.export.Dim
-    return Dim("batch", min=1, max=65536), Dim("length", min=1, max=4096), Dim("past", min=1, max=4096)
+    return Dim("batch", min=1, max=65536), Dim("length", min=1, max=4096), Dim("capacity", min=1, max=4096)
 
 
 def _encoder_inputs(c: Components) -> dict[str, torch.Tensor]:
@@ -61,34 +62,43 @@ def _reverse_inputs(c: Components) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def _cache_shape(c: Components, rows: int, length: int) -> tuple[int, ...]:
-    cfg = c.decoder.gpt2.config
-    return (cfg.n_layer, 2, rows, cfg.n_head, length, cfg.n_embd // cfg.n_head)
-
-
 def _step_inputs(c: Components) -> dict[str, torch.Tensor]:
-    rows, past = 2, c.config.n_prefix
-    return {"input_ids": torch.tensor([[1], [2]]), "position_ids": torch.full((rows, 1), past),
-            "attention_mask": torch.ones(rows, past + 1, dtype=torch.long),
-            "past": torch.randn(_cache_shape(c, rows, past))}
+    cfg = c.decoder.gpt2.config
+    rows, filled, capacity = 2, c.config.n_prefix, c.config.n_prefix + 2  # capacity > filled: masked slots traced
+    heads, head_dim, dtype = cfg.n_head, cfg.n_embd // cfg.n_head, next(c.decoder.parameters()).dtype
+    past_mask = torch.zeros(rows, capacity, dtype=torch.long)
+    past_mask[:, :filled] = 1
+    inputs = {"input_ids": torch.tensor([[1], [2]]), "position_ids": torch.full((rows, 1), filled),
+              "past_mask": past_mask}
+    for layer in range(cfg.n_layer):
+        inputs[f"past_key_{layer}"] = torch.randn(rows, heads, head_dim, capacity, dtype=dtype)
+        inputs[f"past_value_{layer}"] = torch.randn(rows, heads, capacity, head_dim, dtype=dtype)
+    return inputs
 
 
-def _reverse_dynamic():
+def _step_dynamic(c: Components) -> dict[str, dict[int, object]]:
+    batch, _, capacity = _dims()
+    dynamic = {"input_ids": {0: batch}, "position_ids": {0: batch}, "past_mask": {0: batch, 1: capacity}}
+    for layer in range(c.decoder.gpt2.config.n_layer):
+        dynamic[f"past_key_{layer}"] = {0: batch, 3: capacity}
+        dynamic[f"past_value_{layer}"] = {0: batch, 2: capacity}
+    return dynamic
+
+
+def _reverse_dynamic(c: Components):
     batch, _, _ = _dims()
     return {"x_t": {0: batch}, "t": {0: batch}, "x0_prev": {0: batch}}
 
 
 SPECS: dict[str, GraphSpec] = {
     "encoder": GraphSpec(lambda c: EncoderGraph(c.encoder), _encoder_inputs, ("latent",),
-                         lambda: (lambda b, n, _: {"input_ids": {0: b, 1: n}, "attention_mask": {0: b, 1: n}})(*_dims())),
+                         lambda c: (lambda b, n, _: {"input_ids": {0: b, 1: n}, "attention_mask": {0: b, 1: n}})(*_dims())),
     "reverse": GraphSpec(lambda c: ReverseGraph(c.reverse), _reverse_inputs, ("x0_hat",), _reverse_dynamic),
     "decoder_prefill": GraphSpec(lambda c: DecoderPrefillGraph(c.decoder),
                                  lambda c: {"latent": torch.randn(2, *c.config.latent_shape)}, ("logits", "present"),
-                                 lambda: {"latent": {0: _dims()[0]}}),
-    "decoder_step": GraphSpec(lambda c: DecoderStepGraph(c.decoder), _step_inputs, ("logits", "present"),
-                              lambda: (lambda b, _, s: {"input_ids": {0: b}, "position_ids": {0: b},
-                                                        "attention_mask": {0: b, 1: s + 1},
-                                                        "past": {2: b, 4: s}})(*_dims())),
+                                 lambda c: {"latent": {0: _dims()[0]}}),
+    "decoder_step": GraphSpec(lambda c: DecoderStepGraph(c.decoder), _step_inputs, ("logits", "new_kv"),
+                              _step_dynamic),
 }
 
 
@@ -120,11 +130,15 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
     spec = SPECS[name]
     module = spec.build(components).eval()
     inputs = spec.inputs(components)
-    dynamic = {k: v for k, v in spec.dynamic().items() if k in inputs}
+    dynamic = [spec.dynamic(components).get(k) for k in inputs]  # positional, as the inputs are passed
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # torch.export nests *args in one tuple
+        fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+        dynamic = [*dynamic[:fixed], tuple(dynamic[fixed:])]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on renamed axes and deprecated pytree classes
         torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
-                          output_names=list(spec.outputs), dynamic_shapes=dynamic, opset_version=opset,
+                          output_names=list(spec.outputs), dynamic_shapes=tuple(dynamic), opset_version=opset,
                           dynamo=True, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     data = path.with_name(path.name + ".data")  # the exporter moves large weights into an external data file

@@ -24,7 +24,7 @@ from ldlm.config import ModelConfig
 from ldlm.decoder import LatentDecoder
 from ldlm.export.manifest import ExportError, hash_files
 from ldlm.export.onnx_export import export_checkpoint, export_graph
-from ldlm.onnx_runtime import Graph, OnnxDecoder, OnnxOptions, OnnxReverse, load_onnx_components
+from ldlm.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_onnx_components
 from ldlm.reverse import ReverseTransformer
 
 from .conftest import TINY_TEXTS
@@ -58,9 +58,14 @@ def test_manifest_lists_graphs_versions_and_hashes(exported):
     assert manifest["opset"] == 18 and manifest["versions"]["torch"] == torch.__version__
     assert set(manifest["graphs"]) == {"float32", "float16", "int8"}
     step = manifest["graphs"]["float32"]["decoder_step"]
-    assert [i["name"] for i in step["inputs"]] == ["input_ids", "position_ids", "attention_mask", "past"]
-    assert step["inputs"][3]["dtype"] == "float32" and len(step["inputs"][3]["shape"]) == 6
+    layers = manifest["decoder"]["n_layer"]
+    assert [i["name"] for i in step["inputs"]] == ["input_ids", "position_ids", "past_mask", *(
+        f"past_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value"))]
+    assert [o["name"] for o in step["outputs"]] == ["logits", "new_kv"]
+    assert step["inputs"][3]["dtype"] == "float32" and len(step["inputs"][3]["shape"]) == 4
+    assert manifest["graphs"]["float16"]["decoder_step"]["inputs"][3]["dtype"] == "float16"  # cache in compute dtype
     assert isinstance(step["inputs"][0]["shape"][0], str)  # the batch axis is dynamic
+    assert isinstance(step["inputs"][3]["shape"][3], str)  # so is the cache's capacity
     assert manifest["files"] == hash_files(exported) and "decoder_tokenizer/tokenizer.json" in manifest["files"]
 
 
@@ -90,14 +95,18 @@ def test_decoder_graphs_match_the_module(reference, onnx_parts, dtype, tol):
             logits, cache = decoder.prefill(latents)
         onnx_logits, onnx_cache = onnx_decoder.prefill(latents)
         assert rel_err(onnx_logits, logits) < tol
-        for length in range(3):  # growing past lengths: the dynamic axis of the step graph
+        for length in range(20):  # past the cache's first capacity (prefix + 16): it grows once
             ids = torch.randint(0, 200, (batch, 1), generator=g)
             with torch.no_grad():
                 logits, cache = decoder.step(ids, cache)
             onnx_logits, onnx_cache = onnx_decoder.step(ids, onnx_cache)
             assert rel_err(onnx_logits, logits) < tol, (batch, length)
-        keys = torch.stack([layer.keys for layer in cache.layers])  # (L, R, H, S, hd)
-        assert rel_err(onnx_cache.present[:, 0], keys) < tol
+        S = onnx_cache.length
+        assert S == 2 + 20 and onnx_cache.capacity == 2 + 2 * OnnxCache.GROW  # grew once, from 18 slots to 34
+        assert onnx_cache.mask[:, :S].all() and not onnx_cache.mask[:, S:].any()
+        for layer, hf in enumerate(cache.layers):  # HF: (R, H, S, hd); ours: keys (R, H, hd, C), values (R, H, C, hd)
+            assert rel_err(onnx_cache.keys[layer][..., :S].transpose(-1, -2), hf.keys) < tol
+            assert rel_err(onnx_cache.values[layer][:, :, :S], hf.values) < tol
 
 
 def test_beam_search_on_the_graphs_gives_the_reference_tokens(tmp_path):
@@ -191,6 +200,13 @@ def test_bad_exports_fail_at_load_with_what_to_do(exported, tmp_path):
     _rehash(broken)
     with pytest.raises(ValueError, match="reverse.onnx does not match manifest.json"):
         ldlm.load(broken)
+
+    old = _copy(exported, tmp_path / "old")  # the manifest of an export whose step graph took the cache as one tensor
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["graphs"]["float32"]["decoder_step"]["inputs"][3:] = [{"name": "past", "dtype": "float32", "shape": []}]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="exported by an older ldlm.*export the checkpoint again"):
+        ldlm.load(old)
 
     broken = _copy(exported, tmp_path / "json")
     (broken / "manifest.json").write_text("{")
