@@ -49,3 +49,23 @@ def test_graphed_per_item_seeds_match_reference(gpu_pipelines):
     expected = reference.sample_latents(3, **kwargs)
     for _ in range(2):
         torch.testing.assert_close(graphed.sample_latents(3, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graphed_latent_tokens_match_reference(tmp_path):
+    """K latent tokens (B, K, D) through the captured loop and the graphed beam search."""
+    from ldlm.config import ModelConfig
+    from ldlm.train import train
+
+    from .conftest import TINY_TEXTS, tiny_train_config
+
+    train(TINY_TEXTS, tmp_path / "k2", ModelConfig.from_preset("tiny", latent_tokens=2),
+          tiny_train_config(decoder_steps=20, diffusion_steps=10), progress=False, log=lambda *_: None)
+    reference = ldlm.load(tmp_path / "k2", device="cuda", backend="reference")
+    graphed = ldlm.load(tmp_path / "k2", device="cuda", backend="cuda-graph")
+    for kwargs in ({"sampler": "ddim", "steps": 20, "seed": 1}, {"sampler": "ddpm", "seeds": [3, 4, 5]}):
+        expected = reference.sample_latents(3, progress=False, **kwargs)
+        assert expected.shape == (3, 2, 32)
+        for _ in range(2):
+            torch.testing.assert_close(graphed.sample_latents(3, progress=False, **kwargs), expected,
+                                       rtol=1e-5, atol=1e-5)
+    assert graphed.decode(expected * 3, progress=False) == reference.decode(expected * 3, progress=False)
