@@ -110,11 +110,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_shape: tuple[int, ...], pooled,
                  device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """texts -> (N, *latent_shape) float32 on `device`, in input order; `pooled(input_ids, attention_mask)` gives a
-    batch's latents (the PyTorch encoder, or its exported graph).
-
-    Texts longer than the encoder's limit are truncated with a warning naming the item. Batches are formed
-    from length-sorted texts to cut padding; padding never enters the mean.
-    """
+    batch's latents (the PyTorch encoder, or its exported graph)."""
     out = torch.empty(len(texts), *latent_shape, device=device)
 
     def store(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
@@ -125,7 +121,10 @@ def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_shape: tup
 
 
 def for_each_batch(texts: list[str], tokenizer, max_tokens: int, run, device: torch.device, batch_size: int) -> None:
-    """Call run(input_ids, attention_mask, indices) on batches of the tokenized texts."""
+    """Call run(input_ids, attention_mask, indices) on batches of the tokenized texts.
+
+    Texts longer than the encoder's limit are truncated with a warning naming the item. Batches are formed
+    from length-sorted texts to cut padding; the attention mask keeps padding out of the pooling."""
     check_texts(texts)
     if not texts:
         return
