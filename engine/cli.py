@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples (default 8)")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     q.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    q.add_argument("--max-new-tokens", type=int, default=64,
+                   help="length bound of each sample (default 64; match the training's --max-text-tokens)")
     q.add_argument("--output", help="write the samples to this file instead of printing them")
 
     p = sub.add_parser("bench", help="latency per stage (encode, sampling loop, decode) and end to end, per backend")
@@ -342,7 +344,8 @@ def cmd_baseline(args) -> None:
                                        time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
         return
-    texts = sample_language_model(args.model, args.num_samples, seed=args.seed, top_p=args.top_p)
+    texts = sample_language_model(args.model, args.num_samples, seed=args.seed, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens)
     if args.output:
         Path(args.output).write_text("\n".join(texts) + "\n", encoding="utf-8")
     else:

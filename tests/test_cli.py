@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-
+from ldlm.baseline import sample_language_model
 from ldlm.cli import build_parser, main
 
 from .conftest import TINY_TEXTS
@@ -97,3 +97,15 @@ def test_baseline_train_and_sample(capsys, tmp_path, data_file):
     first = (tmp_path / "s.txt").read_text().splitlines()
     code, _, _ = run(capsys, "baseline", "sample", str(out), "-n", "5", "--output", str(tmp_path / "s.txt"))
     assert code == 0 and len(first) == 5 and (tmp_path / "s.txt").read_text().splitlines() == first
+
+
+def test_baseline_lengths_follow_the_options(capsys, tmp_path, data_file):
+    out = tmp_path / "lm"
+    code, _, _ = run(capsys, "baseline", "train", "--data", str(data_file), "--out", str(out), "--preset", "tiny",
+                     "--time-budget", "1", "--max-text-tokens", "50", "--no-progress")
+    assert code == 0 and json.loads((out / "config.json").read_text())["gpt2"]["n_positions"] == 2 + 50 + 1
+    code, _, _ = run(capsys, "baseline", "sample", str(out), "-n", "4", "--max-new-tokens", "3",
+                     "--output", str(tmp_path / "s.txt"))
+    samples = (tmp_path / "s.txt").read_text().splitlines()
+    assert code == 0 and samples == sample_language_model(out, 4, seed=0, max_new_tokens=3)
+    assert samples != sample_language_model(out, 4, seed=0, max_new_tokens=64)
