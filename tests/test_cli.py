@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+
 from ldlm.baseline import sample_language_model
 from ldlm.cli import build_parser, main
 
