@@ -90,8 +90,8 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
                                   # teacher forcing needs the PyTorch decoder (the onnx backend has no training graph)
                                   "token_accuracy": token_accuracy(pipe, recon_refs)
                                   if isinstance(pipe.decoder, torch.nn.Module) else None}}
-        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams, decoding=s.decoding, top_p=s.top_p,
-                                  progress=progress)
+        generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
+                                  decoding=s.decoding, top_p=s.top_p, progress=progress)
         row["samples"] = sample_scores(generated, second_features, train_texts, encoder, s.seed)
         row["examples"] = generated[:10]
         result["rows"]["model"] = row

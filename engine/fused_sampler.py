@@ -115,9 +115,10 @@ class FusedSampler:
 
     @torch.no_grad()
     def __call__(self, x_start: torch.Tensor, generator: torch.Generator | ItemNoise | None = None) -> torch.Tensor:
-        """Denoise x_start (B, *latent_shape) through every step of the tables; returns a new tensor of its shape. With per-item
-        noise (ItemNoise, batch jobs) every draw the run needs is taken from it up front into a device table that
-        the steps (graphed or not) read in order: the same values the reference samplers draw step by step."""
+        """Denoise x_start (B, *latent_shape) through every step of the tables; returns a new tensor of its shape.
+        With per-item noise (ItemNoise, batch jobs) every draw the run needs is taken from it up front into a
+        device table that the steps (graphed or not) read in order: the same values the reference samplers draw
+        step by step."""
         buf = self._buffers_for(x_start.shape)
         draws = self.draws
         from_table = isinstance(generator, ItemNoise)

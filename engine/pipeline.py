@@ -175,8 +175,8 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, *, num_beams: int = 4, max_new_tokens: int | None = None,
                no_repeat_ngram_size: int = 3, batch_size: int = 64, top_p: float | None = None, seed: int = 0,
                progress: bool = True) -> list[str]:
-        """Raw latents (N, *latent_shape) -> N texts, by beam search; with top_p, by nucleus sampling (ldlm.nucleus, seeded
-        by `seed`) instead."""
+        """Raw latents (N, *latent_shape) -> N texts, by beam search; with top_p, by nucleus sampling
+        (ldlm.nucleus, seeded by `seed`) instead."""
         if tuple(latents.shape[1:]) != self.config.latent_shape:
             raise ValueError(f"latents must be (N, {', '.join(map(str, self.config.latent_shape))}), "
                              f"got {tuple(latents.shape)}")

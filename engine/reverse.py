@@ -62,8 +62,8 @@ class ReverseTransformer(nn.Module):
     """Predicts the clean (normalized) latent from a noisy one.
 
     Input: [x_t ; sinusoidal(t)] per latent token, projected to d_model (plus a learned position embedding
-    per token when there are K > 1); `n_layers` pre-norm
-    encoder blocks; a final LayerNorm and a projection back to the latent size.
+    per token when there are K > 1); `n_layers` pre-norm encoder blocks; a final LayerNorm and a projection
+    back to the latent size.
     """
 
     def __init__(self, config: ModelConfig):
@@ -78,8 +78,9 @@ class ReverseTransformer(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.latent_dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t: (B, D), or (B, K, D) with config.latent_tokens = K > 1; t: (B,) continuous timestep in [0, T); x0_prev: the previous
-        x0 estimate, x_t's shape, used only with config.self_condition (None: zeros). Returns x_t's shape."""
+        """x_t: (B, D), or (B, K, D) with config.latent_tokens = K > 1; t: (B,) continuous timestep in [0, T);
+        x0_prev: the previous x0 estimate, x_t's shape, used only with config.self_condition (None: zeros).
+        Returns x_t's shape."""
         single = x_t.dim() == 2
         x = x_t[:, None, :] if single else x_t  # (B, K, D)
         temb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)  # (B, E)

@@ -3,8 +3,8 @@
 The prefill's cache comes out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at
 index 0 and values at 1; the step graph reads a static cache, one key and one value tensor per layer, and
 returns only the new token's keys and values, so a runtime needs no Hugging Face cache class and no step
-copies the cache. The decoder graphs re-state GPT-2's forward
-pass (as ldlm.static_gpt2 does) over the loaded model's own weights; tests check them against the module.
+copies the cache. The decoder graphs re-state GPT-2's forward pass (as ldlm.static_gpt2 does) over the loaded
+model's own weights; tests check them against the module.
 Every graph computes in its weights' dtype and takes and returns float32 (but the step graph's cache, kept in
 the weights' dtype so that reading it costs no conversion), so fp32 and fp16 variants share one interface.
 """
