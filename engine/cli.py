@@ -217,6 +217,13 @@ def _size_overrides(preset_name: str, max_text_tokens: int | None, latent_tokens
     return overrides
 
 
+def _reused_stages(out: str) -> dict[str, str]:
+    """The stages a saved run reused from other checkpoints ({"decoder": path, ...}), so that --resume
+    needs neither their --*-from flags again nor step limits for them."""
+    state = Path(out) / "training" / "state.json"
+    return json.loads(state.read_text()).get("reused", {}) if state.is_file() else {}
+
+
 def cmd_train(args) -> None:
     from .config import ModelConfig
     from .data import read_corpus
@@ -224,12 +231,14 @@ def cmd_train(args) -> None:
 
     texts = read_corpus(args.data, args.text_field)
     print(f"training preset {args.preset!r} on {len(texts)} texts from {', '.join(args.data)} -> {args.out}")
+    reused = _reused_stages(args.out) if args.resume else {}
     train_config = TrainConfig(
         time_budget=args.time_budget or None, decoder_share=args.decoder_share, decoder_steps=args.decoder_steps,
         diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
         seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay,
-        decoder_from=args.decoder_from, reverse_from=args.reverse_from,
+        decoder_from=args.decoder_from or reused.get("decoder"),
+        reverse_from=args.reverse_from or reused.get("diffusion"),
     )
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
     if args.self_condition:

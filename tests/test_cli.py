@@ -73,6 +73,18 @@ def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):
     assert code == 2 and "pass --resume" in err
 
 
+def test_resume_remembers_the_reused_stages(capsys, tmp_path, tiny_checkpoint, data_file):
+    out = tmp_path / "reused"
+    common = ("train", "--data", str(data_file), "--out", str(out), "--preset", "tiny", "--time-budget", "0",
+              "--no-progress")
+    code, _, _ = run(capsys, *common, "--decoder-from", str(tiny_checkpoint), "--diffusion-steps", "4")
+    assert code == 0
+    code, stdout, err = run(capsys, *common, "--resume", "--diffusion-steps", "7")  # no --decoder-from again
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert code == 0, err
+    assert summary["diffusion"]["steps"] == 7 and summary["decoder"] == {"reused_from": str(tiny_checkpoint)}
+
+
 def test_every_flag_has_help():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
