@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
                    help="how samples are decoded (default: the checkpoint's; nucleus for preset small)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus threshold (default: the checkpoint's, 0.95)")
+    p.add_argument("--no-reconstruction", action="store_true",
+                   help="score the checkpoint's samples only (reconstruction does not depend on sampling settings)")
     _add_common_flags(p)
 
     p = sub.add_parser("baseline", help="a plain GPT-2 language model of the decoder's size: train or sample")
@@ -331,7 +333,8 @@ def cmd_eval(args) -> None:
     if args.checkpoint is None and args.samples is None:
         raise ValueError("give a checkpoint, --samples FILE, or both")
     settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                            num_beams=args.num_beams, decoding=args.decoding, top_p=args.top_p)
+                            num_beams=args.num_beams, decoding=args.decoding, top_p=args.top_p,
+                            reconstruction=not args.no_reconstruction)
     result = evaluate(read_texts(args.references, args.text_field), read_corpus(args.train, args.text_field),
                       pipe=_load(args) if args.checkpoint else None,
                       samples=read_texts(args.samples, args.text_field) if args.samples else None,

@@ -32,6 +32,7 @@ class EvalSettings:
     decoding: str | None = None  # beam or nucleus; None: the checkpoint's default (nucleus when top_p is given)
     top_p: float | None = None  # nucleus threshold
     max_references: int = 1000  # references used for reconstruction
+    reconstruction: bool = True  # False: score the model's samples only (sweeps of sampling settings)
 
 
 def features(encoder: LatentEncoder, texts: list[str]):
@@ -51,6 +52,15 @@ def token_accuracy(pipe, texts: list[str], batch_size: int = 64) -> float:
             correct += int(((predicted == ids) & mask.bool()).sum())
             total += int(mask.sum())
     return correct / total if total else 0.0
+
+
+def reconstruction_scores(pipe, references: list[str], num_beams: int, progress: bool) -> dict:
+    """Decode the references' own clean latents and compare with the references."""
+    outputs = pipe.reconstruct(references, num_beams=num_beams, progress=progress)
+    return {"n": len(references), "exact_match": metrics.exact_match(outputs, references),
+            "bleu": metrics.corpus_bleu(outputs, references),
+            # teacher forcing needs the PyTorch decoder (the onnx backend has no training graph)
+            "token_accuracy": token_accuracy(pipe, references) if isinstance(pipe.decoder, torch.nn.Module) else None}
 
 
 def sample_scores(samples: list[str], reference_features, train_texts: list[str], encoder: LatentEncoder,
@@ -83,13 +93,8 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
     result = {"settings": asdict(s), "n": n, "rows": {}}
 
     if pipe is not None:
-        recon_refs = references[: s.max_references]
-        outputs = pipe.reconstruct(recon_refs, num_beams=s.num_beams, progress=progress)
-        row = {"reconstruction": {"n": len(recon_refs), "exact_match": metrics.exact_match(outputs, recon_refs),
-                                  "bleu": metrics.corpus_bleu(outputs, recon_refs),
-                                  # teacher forcing needs the PyTorch decoder (the onnx backend has no training graph)
-                                  "token_accuracy": token_accuracy(pipe, recon_refs)
-                                  if isinstance(pipe.decoder, torch.nn.Module) else None}}
+        row = {"reconstruction": reconstruction_scores(pipe, references[: s.max_references], s.num_beams, progress)
+               } if s.reconstruction else {}
         generated = pipe.generate(n, steps=s.steps, sampler=s.sampler, seed=s.seed, num_beams=s.num_beams,
                                   decoding=s.decoding, top_p=s.top_p, progress=progress)
         row["samples"] = sample_scores(generated, second_features, train_texts, encoder, s.seed)

@@ -63,6 +63,12 @@ def test_evaluate_tiny_pipeline(tiny_pipeline):
     assert rows["reference"]["samples"]["mem"] == 1.0  # the references are the training texts here
     assert "| model |" in format_table(result)
 
+    samples_only = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=tiny_pipeline,
+                            settings=EvalSettings(num_samples=6, sampler="ddim", steps=5, reconstruction=False),
+                            feature_encoder=encoder, progress=False)["rows"]["model"]
+    assert "reconstruction" not in samples_only and samples_only["samples"] == rows["model"]["samples"]
+    assert samples_only["examples"] == rows["model"]["examples"]  # the same seed draws the same samples
+
 
 def test_eval_cli_scores_a_sample_file(tmp_path, capsys):
     refs, train, samples = tmp_path / "refs.txt", tmp_path / "train.txt", tmp_path / "samples.txt"
