@@ -70,6 +70,9 @@ def sample_language_model(path: str | Path, n: int, *, seed: int = 0, top_p: flo
     model = GPT2LMHeadModel(GPT2Config.from_dict(json.loads((path / "config.json").read_text())["gpt2"]))
     load_model(model, str(path / "lm.safetensors"))
     model.eval()
+    # rows are one start token each, never padded; transformers drops the all-ones mask before the first
+    # forward and would then warn that the pad id (= EOS) might be padding
+    model.config.pad_token_id = None
     tokenizer = load_tokenizer(path / "tokenizer")
     eos = tokenizer.eos_token_id
     max_new_tokens = min(max_new_tokens, model.config.n_positions - 1)  # the start token takes one position
