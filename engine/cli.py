@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=int, default=None, help="step limit of stage 1 (decoder)")
     p.add_argument("--diffusion-steps", type=int, default=None, help="step limit of stage 2 (reverse transformer)")
     p.add_argument("--decoder-batch-size", type=int, default=64, help="stage 1 batch size (default 64)")
-    p.add_argument("--diffusion-batch-size", type=int, default=256, help="stage 2 batch size (default 256)")
+    p.add_argument("--diffusion-batch-size", type=int, default=None,
+                   help="stage 2 batch size (default: 256 latent vectors a step: 256 texts, or 256 / K with K latent tokens)")
     p.add_argument("--decoder-noise", type=float, default=0.0,
                    help="train the decoder on latents noised with this many per-dimension stds (default 0: clean)")
     p.add_argument("--ema-decay", type=float, default=None,

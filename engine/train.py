@@ -35,6 +35,7 @@ from .schedule import NoiseSchedule, add_noise
 from .train_state import load_optimizer, save_optimizer
 
 STAGES = ("decoder", "diffusion")
+LATENTS_PER_DIFFUSION_STEP = 256  # the design's stage-2 batch, in latent vectors
 
 
 @dataclass
@@ -44,7 +45,9 @@ class TrainConfig:
     decoder_steps: int | None = None  # stage 1 step limit
     diffusion_steps: int | None = None  # stage 2 step limit
     decoder_batch_size: int = 64
-    diffusion_batch_size: int = 256
+    # None: 256 latent vectors a step, i.e. 256 texts with one latent, 256 // K with K latent tokens, so that K
+    # costs no more per step and gets the design's number of steps (E2E, bench/RESULTS.md)
+    diffusion_batch_size: int | None = None
     decoder_lr: float = 5e-4  # AdamW; warm-up, then cosine decay to 10% over the stage's step or time budget
     diffusion_lr: float = 1e-4  # Adam, constant (the design)
     warmup_steps: int = 100
@@ -341,6 +344,11 @@ class Trainer:
         resampler = self.components.encoder.resampler
         return [*self.components.decoder.parameters(), *(resampler.parameters() if resampler is not None else [])]
 
+    @property
+    def diffusion_batch_size(self) -> int:
+        """Texts per stage-2 step: the configured size, or LATENTS_PER_DIFFUSION_STEP latent vectors."""
+        return self.cfg.diffusion_batch_size or max(1, LATENTS_PER_DIFFUSION_STEP // self.config.latent_tokens)
+
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.ema is not None:  # serve the EMA weights; keep the raw ones for --resume
@@ -399,7 +407,7 @@ class Trainer:
         if stage == "diffusion" and self.cfg.ema_decay and self.ema is None:
             self.ema = copy.deepcopy(module).eval().requires_grad_(False)
         base_lr = optimizer.param_groups[0]["lr"]
-        batch_size = self.cfg.decoder_batch_size if stage == "decoder" else self.cfg.diffusion_batch_size
+        batch_size = self.cfg.decoder_batch_size if stage == "decoder" else self.diffusion_batch_size
         max_steps, max_seconds = self._stage_limits(stage)
         n_train = len(self.train_texts)
         z_train = self._normalized(self.train_latents)

@@ -17,7 +17,7 @@ from ldlm.encoder import build_tiny_encoder, pad_states
 from ldlm.resampler import LatentResampler
 from ldlm.reverse import ReverseTransformer
 from ldlm.static_beam_search import StaticBeamSearch
-from ldlm.train import TrainConfig, train
+from ldlm.train import TrainConfig, Trainer, train
 
 from .conftest import TINY_TEXTS, tiny_train_config
 
@@ -166,3 +166,14 @@ def test_stage_1_cannot_grow_once_stage_2_trained_on_its_latents(tmp_path):
     summary = train(TINY_TEXTS, tmp_path / "m", config, tiny_train_config(decoder_steps=10, diffusion_steps=10),
                     resume=True, progress=False, log=lambda *_: None)
     assert summary["diffusion"]["steps"] == 10
+
+
+def test_default_diffusion_batch_holds_the_designs_256_latent_vectors(tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    for k, expected in ((1, 256), (K, 256 // K)):
+        trainer = Trainer(TINY_TEXTS, tmp_path / f"k{k}", ModelConfig.from_preset("tiny", latent_tokens=k),
+                          tiny_train_config(diffusion_batch_size=None), **quiet)
+        assert trainer.diffusion_batch_size == expected
+    trainer = Trainer(TINY_TEXTS, tmp_path / "given", ModelConfig.from_preset("tiny", latent_tokens=K),
+                      tiny_train_config(diffusion_batch_size=32), **quiet)
+    assert trainer.diffusion_batch_size == 32

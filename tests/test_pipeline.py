@@ -212,9 +212,9 @@ def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
     assert torch.equal(default, pipe.sample_latents(2, sampler="ddim", steps=7, seed=1, progress=False))
     with pytest.raises(ValueError, match="sampler must be 'ddpm' or 'ddim'"):
         ModelConfig(sampler="euler")
-    # decoding: small generates by nucleus sampling (top-p 0.95), small-designed by beam search
-    assert ModelConfig.from_preset("small").decoding == "nucleus"
-    assert ModelConfig.from_preset("small-designed").decoding == "beam"
+    # small: four latent tokens decoded by beam search (issue 4's measurement); small-designed: the mean-pooled latent
+    assert ModelConfig.from_preset("small").latent_tokens == 4 and ModelConfig.from_preset("small").decoding == "beam"
+    assert ModelConfig.from_preset("small-designed").latent_tokens == 1
     components.config = dataclasses.replace(components.config, decoding="nucleus", top_p=0.8)
     pipe = ldlm.Pipeline(components)
     latents = pipe.sample_latents(3, seed=2, progress=False)
