@@ -283,8 +283,9 @@ class Trainer:
         if self.config.self_condition:  # half the batch sees its own (detached) first estimate, half sees zeros
             with torch.no_grad():
                 estimate = model(x_t, t.float())
-            keep = torch.rand(z0.shape[0], generator=generator or self.generator) < 0.5
-            x0_prev = torch.where(keep[:, None], estimate, torch.zeros_like(estimate))
+            keep = torch.rand(z0.shape[0], generator=generator or self.generator) < 0.5  # (B,)
+            keep = keep.view(-1, *(1,) * (z0.dim() - 1))  # (B, 1) or (B, 1, 1) with K latent tokens
+            x0_prev = torch.where(keep, estimate, torch.zeros_like(estimate))
         return F.mse_loss(model(x_t, t.float(), x0_prev), z0)
 
     def _normalized(self, latents: torch.Tensor) -> torch.Tensor:

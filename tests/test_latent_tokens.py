@@ -177,3 +177,14 @@ def test_default_diffusion_batch_holds_the_designs_256_latent_vectors(tmp_path):
     trainer = Trainer(TINY_TEXTS, tmp_path / "given", ModelConfig.from_preset("tiny", latent_tokens=K),
                       tiny_train_config(diffusion_batch_size=32), **quiet)
     assert trainer.diffusion_batch_size == 32
+
+
+def test_self_conditioning_with_latent_tokens_trains_and_samples_like_the_reference(tmp_path):
+    config = ModelConfig.from_preset("tiny", latent_tokens=K, self_condition=True)
+    train(TINY_TEXTS, tmp_path / "m", config, tiny_train_config(decoder_steps=10, diffusion_steps=6),
+          progress=False, log=lambda *_: None)
+    reference, fused = ldlm.load(tmp_path / "m"), ldlm.load(tmp_path / "m", backend="fused")
+    kwargs = {"sampler": "ddim", "steps": 6, "seed": 3, "progress": False}
+    expected = reference.sample_latents(2, **kwargs)
+    assert expected.shape == (2, K, 32) and torch.isfinite(expected).all()
+    assert rel_err(fused.sample_latents(2, **kwargs), expected) < 1e-5
