@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse this checkpoint's reverse transformer, latent statistics and encoder; skips stage 2")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (default 200)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
+    defaults = "the checkpoint's default for generate, stored in its config (default: the preset's)"
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help=f"sampler: {defaults}")
+    p.add_argument("--sampling-steps", type=int, default=None, help=f"ddim steps: {defaults}")
+    p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
+                   help=f"beam search or nucleus sampling: {defaults}; nucleus suits a decoder far from converged")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus threshold: {defaults}")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches and noise (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--ray-workers", type=int, default=None, help="pipeline actors (default: GPUs, else CPUs / 2)")
     p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
-                   help="how samples are decoded (default: the checkpoint's; nucleus for preset small; jobs: beam)")
+                   help="how samples are decoded (default: the checkpoint's; beam for preset small; jobs: beam)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus threshold (default: the checkpoint's, 0.95)")
     _add_sampling_flags(p)
     _add_common_flags(p)
@@ -141,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
     p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
-                   help="how samples are decoded (default: the checkpoint's; nucleus for preset small)")
+                   help="how samples are decoded (default: the checkpoint's; beam for preset small)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus threshold (default: the checkpoint's, 0.95)")
     p.add_argument("--no-reconstruction", action="store_true",
                    help="score the checkpoint's samples only (reconstruction does not depend on sampling settings)")
@@ -246,6 +252,9 @@ def cmd_train(args) -> None:
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
     if args.self_condition:
         overrides["self_condition"] = True
+    for field in ("sampler", "sampling_steps", "decoding", "top_p"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
     overrides.update(_size_overrides(args.preset, args.max_text_tokens, args.latent_tokens))
     summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,
                     resume=args.resume, progress=not args.no_progress)

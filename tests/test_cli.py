@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldlm.baseline import sample_language_model
+from ldlm.checkpoint import load_checkpoint
 from ldlm.cli import build_parser, main
 
 from .conftest import TINY_TEXTS
@@ -83,6 +84,16 @@ def test_resume_remembers_the_reused_stages(capsys, tmp_path, tiny_checkpoint, d
     summary = json.loads(stdout[stdout.index("{"):])
     assert code == 0, err
     assert summary["diffusion"]["steps"] == 7 and summary["decoder"] == {"reused_from": str(tiny_checkpoint)}
+
+
+def test_train_sets_the_checkpoints_sampling_defaults(capsys, tmp_path, data_file):
+    out = tmp_path / "nucleus"
+    code, _, err = run(capsys, "train", "--data", str(data_file), "--out", str(out), "--preset", "tiny",
+                       "--time-budget", "0", "--decoder-steps", "4", "--diffusion-steps", "2", "--sampler", "ddim",
+                       "--sampling-steps", "7", "--decoding", "nucleus", "--top-p", "0.8", "--no-progress")
+    assert code == 0, err
+    config = load_checkpoint(out).config
+    assert (config.sampler, config.sampling_steps, config.decoding, config.top_p) == ("ddim", 7, "nucleus", 0.8)
 
 
 def test_every_flag_has_help():
