@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-condition the reverse transformer on its previous x0 estimate (Chen et al. 2022)")
     p.add_argument("--latent-tokens", type=int, default=None, metavar="K",
                    help="K latent vectors per text from a learned resampler over the encoder's token states "
-                        "(default 1: the mean of the states, the design); the decoder's prefix grows to fit")
+                        "(default: the preset's, 4 for small; 1 is the design's mean of the states); the decoder's prefix "
+                        "grows to fit")
     p.add_argument("--max-text-tokens", type=int, default=None,
                    help="decoder tokens kept per text (default: the preset's; longer texts are cut); "
                         "the decoder's context grows to fit")
