@@ -59,7 +59,8 @@ def main() -> None:
     print("| K | batch | tokens a step | step (s) | vs first |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['latent_tokens']} | {r['batch']} | {r['tokens_per_step']} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x |")
+        cells = [r["latent_tokens"], r["batch"], r["tokens_per_step"], f"{r['step_s']:.3f}", f"{r['step_s'] / base:.2f}x"]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)

@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-condition the reverse transformer on its previous x0 estimate (Chen et al. 2022)")
     p.add_argument("--latent-tokens", type=int, default=None, metavar="K",
                    help="K latent vectors per text from a learned resampler over the encoder's token states "
-                        "(default: the preset's, 4 for small; 1 is the design's mean of the states); the decoder's prefix "
-                        "grows to fit")
+                        "(default: the preset's, 4 for small; 1 is the design's mean of the states); the "
+                        "decoder's prefix grows to fit")
     p.add_argument("--max-text-tokens", type=int, default=None,
                    help="decoder tokens kept per text (default: the preset's; longer texts are cut); "
                         "the decoder's context grows to fit")
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-steps", type=int, default=None, help="step limit of stage 2 (reverse transformer)")
     p.add_argument("--decoder-batch-size", type=int, default=64, help="stage 1 batch size (default 64)")
     p.add_argument("--diffusion-batch-size", type=int, default=None,
-                   help="stage 2 batch size (default: 256 latent vectors a step: 256 texts, or 256 / K with K latent tokens)")
+                   help="stage 2 batch size (default: 256 latent vectors a step: 256 texts, or 256 / K with "
+                        "K latent tokens)")
     p.add_argument("--decoder-noise", type=float, default=0.0,
                    help="train the decoder on latents noised with this many per-dimension stds (default 0: clean)")
     p.add_argument("--ema-decay", type=float, default=None,
