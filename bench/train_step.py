@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldlm.config import PRESETS, ModelConfig
+from ldlm.config import PRESETS, ModelConfig, size_overrides
 from ldlm.reverse import ReverseTransformer
 
 
@@ -51,8 +51,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         k, batch = (int(v) for v in shape.split("x"))
-        n_prefix = k * -(-PRESETS[args.preset].n_prefix // k)  # a multiple of K (the decoder's; no cost here)
-        config = ModelConfig.from_preset(args.preset, latent_tokens=k, n_prefix=n_prefix)
+        config = ModelConfig.from_preset(args.preset, **size_overrides(args.preset, None, k))
         seconds = step_seconds(config, batch, args.repeats)
         rows.append({"latent_tokens": k, "batch": batch, "tokens_per_step": k * batch, "step_s": seconds})
     base = rows[0]["step_s"]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .backends import BACKENDS, BackendUnavailable
-from .config import PRESETS
+from .config import PRESETS, size_overrides
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -213,21 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _size_overrides(preset_name: str, max_text_tokens: int | None, latent_tokens: int | None = None) -> dict:
-    """Model-config overrides for --max-text-tokens and --latent-tokens: the decoder's prefix (a multiple of K, at
-    least the preset's) and context (n_positions) grow to fit."""
-    preset, overrides = PRESETS[preset_name], {}
-    if latent_tokens is not None:
-        overrides["latent_tokens"] = latent_tokens
-        overrides["n_prefix"] = -(-preset.n_prefix // latent_tokens) * latent_tokens
-    if max_text_tokens is not None:
-        overrides["max_text_tokens"] = max_text_tokens
-    needed = overrides.get("n_prefix", preset.n_prefix) + overrides.get("max_text_tokens", preset.max_text_tokens) + 1
-    if needed > preset.n_positions:
-        overrides["n_positions"] = needed
-    return overrides
-
-
 def _reused_stages(out: str) -> dict[str, str]:
     """The stages a saved run reused from other checkpoints ({"decoder": path, ...}), so that --resume
     needs neither their --*-from flags again nor step limits for them."""
@@ -257,7 +242,7 @@ def cmd_train(args) -> None:
     for field in ("sampler", "sampling_steps", "decoding", "top_p"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
-    overrides.update(_size_overrides(args.preset, args.max_text_tokens, args.latent_tokens))
+    overrides.update(size_overrides(args.preset, args.max_text_tokens, args.latent_tokens))
     summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,
                     resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
@@ -363,7 +348,7 @@ def cmd_baseline(args) -> None:
 
     if args.baseline_command == "train":
         texts = read_corpus(args.data, args.text_field)
-        config = ModelConfig.from_preset(args.preset, **_size_overrides(args.preset, args.max_text_tokens))
+        config = ModelConfig.from_preset(args.preset, **size_overrides(args.preset, args.max_text_tokens))
         summary = train_language_model(texts, args.out, config,
                                        time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))

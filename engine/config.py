@@ -119,3 +119,18 @@ PRESETS: dict[str, ModelConfig] = {
                         n_prefix=2, n_embd=32, n_layer=2, n_head=2, n_positions=40, vocab_size=300,
                         max_text_tokens=24),
 }
+
+
+def size_overrides(preset_name: str, max_text_tokens: int | None, latent_tokens: int | None = None) -> dict:
+    """Overrides of a preset for K latent tokens and a longer text: the decoder's prefix (a multiple of K, at
+    least the preset's) and context (n_positions) grow to fit."""
+    preset, overrides = PRESETS[preset_name], {}
+    if latent_tokens is not None:
+        overrides["latent_tokens"] = latent_tokens
+        overrides["n_prefix"] = -(-preset.n_prefix // latent_tokens) * latent_tokens
+    if max_text_tokens is not None:
+        overrides["max_text_tokens"] = max_text_tokens
+    needed = overrides.get("n_prefix", preset.n_prefix) + overrides.get("max_text_tokens", preset.max_text_tokens) + 1
+    if needed > preset.n_positions:
+        overrides["n_positions"] = needed
+    return overrides
