@@ -20,20 +20,26 @@ from .decoder import gpt2_config, load_tokenizer, train_bpe_tokenizer
 from .train import warmup_cosine
 
 
-def train_language_model(texts: list[str], out: str | Path, config: ModelConfig, *, time_budget: float,
-                         batch_size: int = 64, lr: float = 5e-4, warmup_steps: int = 100, seed: int = 0,
-                         progress: bool = True) -> dict:
+def train_language_model(texts: list[str], out: str | Path, config: ModelConfig, *, time_budget: float | None,
+                         max_steps: int | None = None, batch_size: int = 64, lr: float = 5e-4, warmup_steps: int = 100,
+                         seed: int = 0, progress: bool = True) -> dict:
+    """Train until `time_budget` seconds or `max_steps` steps, whichever comes first (None: that limit is off).
+    A step limit makes a run reproducible whatever else the machine does; the cosine schedule follows whichever
+    limit is nearer, as in `ldlm train`."""
+    if not time_budget and not max_steps:
+        raise ValueError("give the baseline a time budget or a step limit (time_budget > 0 or max_steps > 0)")
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = train_bpe_tokenizer(texts, config.vocab_size)
     model = GPT2LMHeadModel(gpt2_config(config, tokenizer)).train()
+    model.loss_type = "ForCausalLM"  # transformers infers it from the class name, which "LMHead" misses, and warns
     eos = tokenizer.eos_token_id
     rows = [[eos] + ids[: config.max_text_tokens] + [eos] for ids in tokenizer(texts)["input_ids"]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     step, elapsed, loss_ema = 0, 0.0, None
-    bar = tqdm(desc="language model", disable=not progress)
-    while elapsed < time_budget:
+    bar = tqdm(total=max_steps, desc="language model", disable=not progress)
+    while (not time_budget or elapsed < time_budget) and (not max_steps or step < max_steps):
         start = time.perf_counter()
         batch = [rows[i] for i in torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()]
         width = max(map(len, batch))
@@ -43,7 +49,8 @@ def train_language_model(texts: list[str], out: str | Path, config: ModelConfig,
             ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         for group in optimizer.param_groups:
-            group["lr"] = lr * warmup_cosine(step, elapsed / time_budget, warmup_steps)
+            done = max(step / max_steps if max_steps else 0.0, elapsed / time_budget if time_budget else 0.0)
+            group["lr"] = lr * warmup_cosine(step, done, warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -57,7 +64,8 @@ def train_language_model(texts: list[str], out: str | Path, config: ModelConfig,
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "lm.safetensors"))
     tokenizer.save_pretrained(out / "tokenizer")
-    summary = {"steps": step, "seconds": elapsed, "train_loss": loss_ema, "time_budget": time_budget}
+    summary = {"steps": step, "seconds": elapsed, "train_loss": loss_ema, "time_budget": time_budget,
+               "max_steps": max_steps}
     (out / "config.json").write_text(json.dumps({"gpt2": model.config.to_diff_dict(), "training": summary}, indent=2))
     return summary
 

@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--preset", choices=sorted(PRESETS), default="small", help="decoder sizes to match (default small)")
     q.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
-    q.add_argument("--time-budget", type=float, default=600.0, help="training seconds (default 600)")
+    q.add_argument("--time-budget", type=float, default=600.0, help="training seconds (default 600; 0: no time limit)")
+    q.add_argument("--steps", type=int, default=None,
+                   help="step limit (default none); with --time-budget 0, a run that does not depend on the machine")
     q.add_argument("--max-text-tokens", type=int, default=None,
                    help="tokens kept per text (default: the preset's); the context grows to fit")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -349,8 +351,10 @@ def cmd_baseline(args) -> None:
     if args.baseline_command == "train":
         texts = read_corpus(args.data, args.text_field)
         config = ModelConfig.from_preset(args.preset, **size_overrides(args.preset, args.max_text_tokens))
-        summary = train_language_model(texts, args.out, config,
-                                       time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress)
+        if not args.time_budget and not args.steps:
+            raise SystemExit("ldlm baseline train: give --steps N or a --time-budget above 0")
+        summary = train_language_model(texts, args.out, config, time_budget=args.time_budget, max_steps=args.steps,
+                                       seed=args.seed, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
         return
     texts = sample_language_model(args.model, args.num_samples, seed=args.seed, top_p=args.top_p,

@@ -92,6 +92,15 @@ class Graph:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... classes
             raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "
                              "corrupt or from an incompatible exporter; re-run `ldlm export`") from e
+        running = self.session.get_providers()
+        if running[:1] != [PROVIDERS[provider]]:
+            # ONNX Runtime falls back to the CPU when a provider fails to start (onnxruntime-gpu without a GPU, or
+            # without the CUDA and cuDNN libraries it was built for), logging the cause; tensors bound on the GPU
+            # would then be read by the CPU. Stop here instead.
+            raise BackendUnavailable(
+                f"ONNX Runtime could not start {PROVIDERS[provider]} for {path.name} (it runs {running}); its log "
+                "above says why (no GPU, or CUDA/cuDNN libraries that do not match onnxruntime-gpu's build): "
+                "install the libraries it names, or use provider='cpu' with device='cpu'")
         self.device_type = provider
         self.input_dtypes = {i["name"]: getattr(torch, i["dtype"]) for i in spec["inputs"]}
         expected = ([i["name"] for i in spec["inputs"]], [o["name"] for o in spec["outputs"]])

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ldlm.baseline import sample_language_model
 from ldlm.checkpoint import load_checkpoint
@@ -121,6 +122,20 @@ def test_baseline_train_and_sample(capsys, tmp_path, data_file):
     first = (tmp_path / "s.txt").read_text().splitlines()
     code, _, _ = run(capsys, "baseline", "sample", str(out), "-n", "5", "--output", str(tmp_path / "s.txt"))
     assert code == 0 and len(first) == 5 and (tmp_path / "s.txt").read_text().splitlines() == first
+
+
+def test_baseline_step_limit_is_exact_and_reproducible(capsys, tmp_path, data_file):
+    weights = []
+    for name in ("a", "b"):
+        code, stdout, _ = run(capsys, "baseline", "train", "--data", str(data_file), "--out", str(tmp_path / name),
+                              "--preset", "tiny", "--time-budget", "0", "--steps", "3", "--no-progress")
+        assert code == 0 and json.loads(stdout)["steps"] == 3
+        weights.append(load_file(tmp_path / name / "lm.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(SystemExit, match="--steps"):
+        run(capsys, "baseline", "train", "--data", str(data_file), "--out", str(tmp_path / "c"), "--preset", "tiny",
+            "--time-budget", "0")
 
 
 def test_baseline_lengths_follow_the_options(capsys, tmp_path, data_file):

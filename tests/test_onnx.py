@@ -224,6 +224,10 @@ def test_backend_and_provider_errors(tiny_checkpoint, exported):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(BackendUnavailable, match="pip install onnxruntime-gpu"):
             ldlm.load(exported, onnx_options=OnnxOptions(provider="cuda"))
+    if not torch.cuda.is_available():  # ONNX Runtime falls back to the CPU when CUDA cannot start: refused
+        spec = json.loads((exported / "manifest.json").read_text())["graphs"]["float32"]["reverse"]
+        with pytest.raises(BackendUnavailable, match="could not start CUDAExecutionProvider for reverse.onnx"):
+            Graph(exported / spec["file"], spec, "cuda", OnnxOptions())
     with pytest.raises(ExportError, match="no torch.bfloat16 graphs"):
         ldlm.load(exported, dtype="bfloat16")
     with pytest.raises(FileExistsError, match="already holds an export"):
