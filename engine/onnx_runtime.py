@@ -71,7 +71,8 @@ def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, s
 class Graph:
     """One ONNX Runtime session whose inputs and outputs are torch tensors bound by pointer (IOBinding)."""
 
-    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, spin: bool = False):
+    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, spin: bool = False,
+                 device_id: int = 0):
         ort = _import_onnxruntime()
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
@@ -88,7 +89,8 @@ class Graph:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export`")
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=[PROVIDERS[provider]])
+            provider_options = {"device_id": device_id} if provider == "cuda" else {}  # where torch's tensors are
+            self.session = ort.InferenceSession(str(path), so, providers=[(PROVIDERS[provider], provider_options)])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... classes
             raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "
                              "corrupt or from an incompatible exporter; re-run `ldlm export`") from e
@@ -120,6 +122,11 @@ class Graph:
             for name, tensor in tensors.items():
                 bind(name, self.device_type, tensor.device.index or 0, _ELEMENT_TYPES[tensor.dtype],
                      tuple(tensor.shape), tensor.data_ptr())
+        if self.device_type == "cuda":
+            # ONNX Runtime's CUDA provider runs on a stream of its own and does not wait for torch's (onnxruntime
+            # issue 26609): what torch wrote into the inputs must be complete first. Its run syncs its own stream
+            # before returning, so the outputs are ready for torch after it.
+            torch.cuda.synchronize(next(iter(inputs.values())).device)
         self.session.run_with_iobinding(binding)
 
 
@@ -266,7 +273,8 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
         specs["reverse"] = manifest["graphs"]["int8"]["reverse"]
 
     def graph(name: str) -> Graph:
-        return Graph(directory / specs[name]["file"], specs[name], provider, options, spin=name == "reverse")
+        return Graph(directory / specs[name]["file"], specs[name], provider, options, spin=name == "reverse",
+                     device_id=device.index or 0)
 
     try:
         config = ModelConfig.from_dict(manifest["model"])
