@@ -25,6 +25,11 @@ def main(out: Path) -> None:
             lines.append(f"| batch {b}: sampling loop, 1000 DDPM steps | {row['sample_reference']['median_s']*1e3:.0f} -> "
                          f"{row['sample_engine']['median_s']*1e3:.1f} ms = {row['speedup_sample']:.1f}x; step "
                          f"{row['per_step']['engine_us']:.0f} us vs floor {row['per_step']['floor_us']:.0f} us |{target_s} |")
+            if b == 64 and "parity" in row:
+                parity = row["parity"]
+                lines.append(f"| batch 64: engine vs reference, same seed, fp32 | latents within "
+                             f"{parity['max_rel_err']:.1e} relative, text "
+                             f"{'identical' if parity['text_identical'] else 'DIFFERS'} | <= 1e-5, identical |")
             if "speedup_decode_vs_hf" in row:
                 lines.append(f"| batch {b}: beam decode, 4 beams, 64 tokens | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
                              f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x |{target_d} |")

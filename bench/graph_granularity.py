@@ -3,8 +3,9 @@
     python bench/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 --json granularity.json
 
 For each chunk size, a FusedSampler captures `chunk` DDPM steps per graph (999 = the whole noisy part of
-the loop in one graph); the figure is the median time of a full 1000-step run after capture, and the
-memory the capture added (torch.cuda.memory_reserved before and after the first run).
+the loop in one graph; chunk 100 replays nine graphs of 100 steps, one of 99 and the final step's); the
+figure is the median time of a full 1000-step run after capture, and the memory the capture added
+(torch.cuda.memory_reserved before and after the first run; a sampler's graphs share one pool).
 """
 
 from __future__ import annotations

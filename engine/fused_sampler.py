@@ -6,14 +6,18 @@ captured graph replays every step. Steps that draw no noise (DDPM's last, all of
 a second variant without the draw, so the generator advances exactly as in the reference samplers and
 fp32 results match them to rounding.
 
-Capture granularity is `chunk` steps per graph (1 = one step per graph); graphs are cached per
-(batch bucket, dtype, tables). Without CUDA (or with graphs=False) the same code runs eagerly, which is
-what CPU tests check against the reference.
+Capture granularity is `chunk` steps per graph (1 = one step per graph): each run of steps alike in drawing
+noise is split into `chunk`-step pieces and one remainder piece, each replayed from a graph of its length, so
+no step runs eagerly between replays. The graphs of one batch shape share one memory pool (they never run
+concurrently, and everything that outlives a replay is in static buffers); they are cached per (batch bucket,
+dtype, tables). Without CUDA (or with graphs=False) the same pieces run eagerly, which is what CPU tests check
+against the reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
@@ -38,7 +42,21 @@ class _Buffers:
     x0_prev: torch.Tensor  # (B, D) the previous step's x0 estimate (self-conditioned models; zeros at the start)
     noise_table: torch.Tensor | None = None  # (draws, B, D) per-item noise (ItemNoise), filled before each run
     draw_index: torch.Tensor | None = None  # (1,) int64 device counter: the table row the next draw reads
-    graphs: dict = field(default_factory=dict)  # (draws_noise, from_table) -> CUDAGraph of `chunk` steps
+    graphs: dict = field(default_factory=dict)  # (draws_noise, from_table, steps) -> CUDAGraph of that many steps
+    pool: tuple | None = None  # the memory pool the graphs above share
+
+
+def loop_plan(draws: list[bool], chunk: int) -> list[tuple[bool, int]]:
+    """The sampling loop as pieces (draws noise, steps): each run of steps alike in drawing noise, split into
+    `chunk`-step pieces and one remainder. E.g. DDPM's 999 noisy steps and one final step, chunk 100:
+    9 x (True, 100), (True, 99), (False, 1)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 step per graph, got {chunk}")
+    plan = []
+    for draw, run in groupby(draws):
+        n = len(list(run))
+        plan += [(draw, chunk)] * (n // chunk) + ([(draw, n % chunk)] if n % chunk else [])
+    return plan
 
 
 class FusedSampler:
@@ -50,6 +68,7 @@ class FusedSampler:
         self.reverse, self.device, self.dtype, self.clamp = reverse, torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
+        self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
         self.t_values = self.tables.timesteps.to(torch.float32)  # (S,) continuous t fed to the model
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
@@ -87,11 +106,11 @@ class FusedSampler:
                                           torch.zeros_like(x))
         return self._buffers[key]
 
-    def _graph(self, buf: _Buffers, draw: bool, from_table: bool) -> torch.cuda.CUDAGraph:
-        """Capture `chunk` steps (with or without the noise draw, from the generator or the table) once per
+    def _graph(self, buf: _Buffers, draw: bool, from_table: bool, steps: int) -> torch.cuda.CUDAGraph:
+        """Capture `steps` steps (with or without the noise draw, from the generator or the table) once per
         buffer; the caller resets the buffers and the generator state afterwards, so warm-up and capture leave
         no trace in results."""
-        key = (draw, from_table)
+        key = (draw, from_table, steps)
         if key not in buf.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -107,8 +126,10 @@ class FusedSampler:
             buf.step.zero_()
             if from_table:
                 buf.draw_index.zero_()
-            with torch.cuda.graph(graph):
-                for _ in range(self.chunk):
+            if buf.pool is None:
+                buf.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=buf.pool):
+                for _ in range(steps):
                     self._one_step(buf, self._rng, draw, from_table)
             buf.graphs[key] = graph
         return buf.graphs[key]
@@ -133,8 +154,8 @@ class FusedSampler:
                 buf.noise_table[:, : rows.shape[1]].copy_(rows)
                 buf.noise_table[:, rows.shape[1] :].zero_()
         if self.graphs:  # graphs draw from one registered generator, synced with the caller's before and after
-            for draw in set(draws):
-                self._graph(buf, draw, from_table)
+            for draw, steps in dict.fromkeys(self.plan):  # each distinct piece once, in the loop's order
+                self._graph(buf, draw, from_table, steps)
             rng = self._rng
             if generator is not None and not from_table:
                 rng.set_state(generator.get_state())
@@ -144,21 +165,12 @@ class FusedSampler:
             buf.draw_index.zero_()
         buf.first_bad_step.fill_(-1)
         buf.x0_prev.zero_()
-        s = 0
-        while s < len(draws):
-            draw = draws[s]
-            run = 1
-            while s + run < len(draws) and draws[s + run] == draw:
-                run += 1
+        for draw, steps in self.plan:
             if self.graphs:
-                for _ in range(run // self.chunk):
-                    buf.graphs[(draw, from_table)].replay()
-                for _ in range(run % self.chunk):
-                    self._one_step(buf, rng, draw, from_table)
+                buf.graphs[(draw, from_table, steps)].replay()
             else:
-                for _ in range(run):
+                for _ in range(steps):
                     self._one_step(buf, rng, draw, from_table)
-            s += run
         if self.graphs and generator is not None and not from_table:
             generator.set_state(rng.get_state())
         bad = int(buf.first_bad_step)  # the one host synchronization of the loop

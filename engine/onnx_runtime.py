@@ -89,7 +89,8 @@ class Graph:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export`")
         try:
-            provider_options = {"device_id": device_id} if provider == "cuda" else {}  # where torch's tensors are
+            # the GPU torch's tensors are on; no TF32 (ORT's CUDA default), which would break fp32 parity with torch
+            provider_options = {"device_id": device_id, "use_tf32": 0} if provider == "cuda" else {}
             self.session = ort.InferenceSession(str(path), so, providers=[(PROVIDERS[provider], provider_options)])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... classes
             raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldlm.config import ModelConfig
-from ldlm.fused_sampler import FusedSampler
+from ldlm.fused_sampler import FusedSampler, loop_plan
 from ldlm.reverse import ReverseTransformer
 from ldlm.samplers import sample_ddim, sample_ddpm
 from ldlm.schedule import NoiseSchedule
@@ -44,13 +44,27 @@ def test_ddpm_1000_steps_matches_reference(reverse, schedule, graphs):
     assert torch.equal(torch.randn(3, generator=g, device=DEVICE), torch.randn(3, generator=g_ref, device=DEVICE))
 
 
+@pytest.mark.parametrize("graphs", [False] + ([True] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("chunk", [1, 7])  # 7: 39 noisy steps as 5 pieces of 7 and one of 4, then the last step
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_matches_reference(reverse, schedule, eta):
+def test_ddim_matches_reference(reverse, schedule, eta, chunk, graphs):
     x, g_ref = _start(3, 32, 5)
     expected = sample_ddim(reverse, x, schedule, steps=40, eta=eta, generator=g_ref, disable=True)
-    x, g = _start(3, 32, 5)
-    got = FusedSampler(reverse, ddim_tables(schedule.to("cpu"), 40, eta), device=DEVICE, graphs=False)(x, g)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    sampler = FusedSampler(reverse, ddim_tables(schedule.to("cpu"), 40, eta), device=DEVICE, graphs=graphs, chunk=chunk)
+    for _ in range(2):  # with graphs, the second call replays what the first captured
+        x, g = _start(3, 32, 5)
+        torch.testing.assert_close(sampler(x, g), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_plan_splits_runs_into_chunks_and_remainders():
+    ddpm = [True] * 999 + [False]
+    assert loop_plan(ddpm, 1) == [(True, 1)] * 999 + [(False, 1)]
+    assert loop_plan(ddpm, 100) == [(True, 100)] * 9 + [(True, 99), (False, 1)]
+    assert loop_plan(ddpm, 999) == [(True, 999), (False, 1)]
+    assert loop_plan([False] * 50, 1000) == [(False, 50)]  # DDIM with eta = 0: no draws, one piece
+    assert sum(n for _, n in loop_plan(ddpm, 37)) == 1000
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        loop_plan(ddpm, 0)
 
 
 def test_partial_schedule_for_vary(reverse, schedule):

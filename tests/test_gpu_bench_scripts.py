@@ -1,0 +1,31 @@
+"""The GPU benchmark scripts of bench/gpu_check.sh, run small on the CPU (Triton's interpreter), so a Python error
+in them shows up here and not first on the rented GPU; their figures are only meaningful on the GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "latency.py"), "--preset", "tiny", "--device", "cpu", "--engine-backend", "fused",
+         "--batch-sizes", "1", "64", "--sampler", "ddim", "--steps", "3", "--max-new-tokens", "4", "--repeats", "1",
+         "--json", str(tmp_path / "latency.json")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "latency.json").read_text())
+    assert report["engine_backend"] == "fused" and [row["batch"] for row in report["rows"]] == [1, 64]
+    for row in report["rows"]:
+        assert row["parity"]["max_rel_err"] < 1e-5 and row["parity"]["text_identical"]
+        assert row["per_step"]["floor_us"] > 0 and row["speedup_sample"] > 0 and row["speedup_decode_vs_hf"] > 0
+    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "| batch 64: engine vs reference, same seed, fp32 | latents within" in table
+    assert "text identical | <= 1e-5, identical |" in table
