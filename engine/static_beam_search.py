@@ -7,7 +7,9 @@ Same algorithm and tokens as the reference (ldlm.beam_search), restructured for 
 - n-gram bans are computed with a scatter over all windows (no data-dependent shapes);
 - the stop test is computed on the device every step; once an item batch would have stopped in the
   reference, the state is frozen with `torch.where`, and the host reads the flag only every
-  `check_every` steps to leave the loop early.
+  `check_every` steps to leave the loop early;
+- the KV cache is double-buffered (ldlm.static_gpt2), so step s reads cache s % 2: on GPU, two captured
+  graphs of the decode step, replayed alternately.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class StaticBeamSearch:
             torch.empty((), dtype=torch.bool, device=dev), torch.empty((), dtype=torch.long, device=dev))
         dtype = next(decoder.parameters()).dtype
         self.latents = torch.zeros(B, *decoder.config.latent_shape, device=dev, dtype=dtype)  # static input
-        self._graph = None
+        self._graphs: list[torch.cuda.CUDAGraph] = []  # on GPU: the decode step that reads cache 0, and cache 1
 
     def _reset(self) -> BeamState:
         s = self.state
@@ -155,7 +157,7 @@ class StaticBeamSearch:
         return s
 
     def _capture(self) -> None:
-        """Capture decode_step as a CUDA graph after a warm-up on a side stream."""
+        """Capture decode_step as two CUDA graphs, one per cache it reads, after a warm-up on a side stream."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -163,9 +165,13 @@ class StaticBeamSearch:
             for _ in range(2):
                 self.decode_step(s)
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self.decode_step(self.state)
+        pool = torch.cuda.graph_pool_handle()  # never replayed at once, nothing outlives a replay: one pool
+        for parity in (0, 1):
+            self.model.current = parity
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.decode_step(self.state)
+            self._graphs.append(graph)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> list[list[int]]:
@@ -176,14 +182,14 @@ class StaticBeamSearch:
         # pad to the static batch with copies of item 0: they stop when item 0 does, so results are unchanged
         self.latents[:b].copy_(latents)
         self.latents[b:].copy_(latents[:1].expand(self.B - b, *latents.shape[1:]))
-        if self.graphs and self._graph is None:
+        if self.graphs and not self._graphs:
             self._capture()
-        s = self._prefill()
+        s = self._prefill()  # leaves cache 1 current: step 1 reads it, step 2 cache 0, ...
         for step in range(1, self.T):
             if step % self.check_every == 0 and not bool(s.active):  # the only host syncs of the loop
                 break
-            if self._graph is not None:
-                self._graph.replay()
+            if self._graphs:
+                self._graphs[step % 2].replay()
             else:
                 self.decode_step(s)
         results = []

@@ -2,7 +2,9 @@
 
 The cache has a fixed shape (layers, rows, heads, max_len, head_dim) with rows = batch * beams, so every
 decode step has static shapes and can be captured as a CUDA graph. Positions past the current one hold
-stale values and are masked out.
+stale values and are masked out. It is double-buffered: a beam reorder gathers the rows from the current
+cache into the other one, which becomes current (one read and one write of the cache per token, where
+reordering in place takes a temporary: two of each).
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ class StaticKVGPT2:
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         param = next(gpt2.parameters())
         shape = (cfg.n_layer, rows, self.n_head, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)  # (L, R, H, max_len, hd)
-        self.v_cache = torch.zeros_like(self.k_cache)
+        self._caches = [tuple(torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in "kv")
+                        for _ in range(2)]  # 2 x (keys, values), each (L, R, H, max_len, hd)
+        self.current = 0  # the cache that steps read and write; a reorder switches to the other
         self.positions = torch.arange(max_len, device=param.device)  # (max_len,)
+
+    @property
+    def k_cache(self) -> torch.Tensor:
+        return self._caches[self.current][0]  # (L, R, H, max_len, hd)
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        return self._caches[self.current][1]  # (L, R, H, max_len, hd)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         R, S, E = x.shape
@@ -51,8 +62,10 @@ class StaticKVGPT2:
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, repeats: int) -> torch.Tensor:
         """embeds (B, P, E) at positions 0..P-1; cache rows b*repeats .. b*repeats+repeats-1 get item b's keys
-        and values (computed once per item, shared by its beams). Returns last-position logits (B, V)."""
+        and values (computed once per item, shared by its beams), in the first cache, which becomes current.
+        Returns last-position logits (B, V)."""
         B, P, _ = embeds.shape
+        self.current = 0
         t = self.gpt2.transformer
         h = embeds + t.wpe(self.positions[:P])  # (B, P, E)
         for layer, block in enumerate(t.h):
@@ -80,9 +93,10 @@ class StaticKVGPT2:
         return self._logits(h[:, 0, :])
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Row r of the cache becomes old row rows[r] (beam reordering), on the device. Layer by layer, so the
-        temporary is one layer's cache, not the whole cache. (It still moves the full static length every
-        token; cache indirection would avoid that copy, see bench/RESULTS.md.)"""
-        for layer in range(self.k_cache.shape[0]):
-            self.k_cache[layer].copy_(self.k_cache[layer].index_select(0, rows))
-            self.v_cache[layer].copy_(self.v_cache[layer].index_select(0, rows))
+        """Row r of the cache becomes old row rows[r] (beam reordering), on the device: all layers' keys and
+        values gathered into the other cache in two kernels, then that cache is current. Captured in a CUDA
+        graph, each of the two directions is its own graph (StaticBeamSearch replays them alternately). (It
+        still moves the full static length every token; cache indirection would avoid that, bench/RESULTS.md.)"""
+        for source, target in zip(self._caches[self.current], self._caches[1 - self.current]):
+            torch.index_select(source, 1, rows, out=target)
+        self.current = 1 - self.current

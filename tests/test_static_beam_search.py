@@ -26,6 +26,18 @@ def test_static_gpt2_matches_hugging_face_forward(decoder):  # noqa: F811
     torch.testing.assert_close(torch.stack(logits, 1), full[:, P - 1 :], rtol=1e-5, atol=1e-5)
 
 
+def test_reorder_gathers_rows_into_the_other_cache(decoder):  # noqa: F811
+    model = StaticKVGPT2(decoder.gpt2, rows=4, max_len=decoder.config.n_prefix + 4)
+    model.prefill(decoder.prefix(torch.randn(2, decoder.config.latent_dim)), repeats=2)
+    model.step(torch.tensor([5, 6, 7, 8]), torch.tensor(decoder.config.n_prefix))  # rows now differ
+    keys, values = model.k_cache.clone(), model.v_cache.clone()
+    rows = torch.tensor([1, 1, 3, 2])
+    model.reorder(rows)
+    assert model.current == 1 and torch.equal(model.k_cache, keys[:, rows]) and torch.equal(model.v_cache, values[:, rows])
+    model.reorder(torch.tensor([0, 2, 1, 3]))
+    assert model.current == 0 and torch.equal(model.k_cache, keys[:, rows][:, [0, 2, 1, 3]])
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_static_ngram_ban_matches_reference(n):
     g = torch.Generator().manual_seed(n)
