@@ -31,8 +31,12 @@ def main(out: Path) -> None:
                              f"{parity['max_rel_err']:.1e} relative, text "
                              f"{'identical' if parity['text_identical'] else 'DIFFERS'} | <= 1e-5, identical |")
             if "speedup_decode_vs_hf" in row:
+                token = row.get("decode_per_token", {})
+                bound = (f"; token {token['engine_us']:.0f} us vs floor {token['floor_us']:.0f} us, "
+                         f"{token['engine_gbs']:.0f} GB/s" if token else "")
                 lines.append(f"| batch {b}: beam decode, 4 beams, 64 tokens | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
-                             f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x |{target_d} |")
+                             f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x{bound} |"
+                             f"{target_d} |")
         lines.append(f"| device | {lat['device']}, engine {lat['engine_backend']} | |")
     if (out / "granularity.json").exists():
         for row in json.loads((out / "granularity.json").read_text())["rows"]:

@@ -36,6 +36,24 @@ def reverse_step_cost(config: ModelConfig, n_params: int, batch: int, bytes_per_
     return flops, bytes_moved
 
 
+def decode_token_cost(gpt2, rows: int, max_len: int, bytes_per_elem: int = 4) -> tuple[float, float]:
+    """(FLOPs, bytes) of one token of the engine's beam decode: GPT-2 on `rows` (= batch x beams) tokens with
+    attention over the static cache length `max_len`, and the LM head over the vocabulary. Bytes: the weights
+    once; the KV cache read by attention and gathered by the beam reorder (a read and a write: three passes);
+    the logits written, then read by log-softmax and top-k (float32)."""
+    cfg = gpt2.config
+    E, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    matmul_params = L * 12 * E * E + V * E  # per layer qkv 3E^2, projection E^2, MLP 8E^2; the LM head
+    flops = 2.0 * matmul_params * rows + 4.0 * rows * L * max_len * E  # + attention: q.k and p.v
+    cache = 2 * L * rows * max_len * E * bytes_per_elem  # keys and values
+    params = sum(p.numel() for p in gpt2.parameters())
+    return flops, params * bytes_per_elem + 3 * cache + 3 * rows * V * 4
+
+
+def floor_seconds(flops: float, bytes_moved: float, rates: dict) -> float:
+    return max(flops / (rates["matmul_tflops"] * 1e12), bytes_moved / (rates["copy_gbs"] * 1e9))
+
+
 def device_rates(device: torch.device) -> dict:
     """Measured matmul FLOP/s (fp32) and device copy bandwidth, for the floor."""
     n = 4096 if device.type == "cuda" else 1024
@@ -113,10 +131,17 @@ def main() -> None:
         n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
         n_params = sum(p.numel() for p in components.reverse.parameters())
         flops, bytes_moved = reverse_step_cost(config, n_params, batch, engine.dtype.itemsize)
-        floor_s = max(flops / (rates["matmul_tflops"] * 1e12), bytes_moved / (rates["copy_gbs"] * 1e9))
+        floor_s = floor_seconds(flops, bytes_moved, rates)
         per_step = row["sample_engine"]["median_s"] / n_steps
         row["per_step"] = {"flops": flops, "bytes": bytes_moved, "floor_us": floor_s * 1e6, "engine_us": per_step * 1e6,
                            "engine_tflops": flops / per_step / 1e12, "engine_gbs": bytes_moved / per_step / 1e9}
+        # the decode per token (random weights never emit EOS: every token of --max-new-tokens runs)
+        flops, bytes_moved = decode_token_cost(reference.decoder.gpt2, batch * args.num_beams,
+                                               config.n_prefix + args.max_new_tokens, engine.dtype.itemsize)
+        per_token = row["decode_engine"]["median_s"] / args.max_new_tokens
+        row["decode_per_token"] = {"flops": flops, "bytes": bytes_moved, "engine_us": per_token * 1e6,
+                                   "floor_us": floor_seconds(flops, bytes_moved, rates) * 1e6,
+                                   "engine_tflops": flops / per_token / 1e12, "engine_gbs": bytes_moved / per_token / 1e9}
         row["speedup_sample"] = row["sample_reference"]["median_s"] / row["sample_engine"]["median_s"]
         row["speedup_decode_vs_reference"] = row["decode_reference"]["median_s"] / row["decode_engine"]["median_s"]
         if "decode_hf_generate" in row:
@@ -127,7 +152,8 @@ def main() -> None:
               f"{row['sample_engine']['median_s']*1e3:9.1f} ms ({row['speedup_sample']:.1f}x), "
               f"decode {row['decode_reference']['median_s']*1e3:9.1f} -> {row['decode_engine']['median_s']*1e3:9.1f} ms "
               f"({row['speedup_decode_vs_reference']:.1f}x; vs HF {row.get('speedup_decode_vs_hf', float('nan')):.1f}x), "
-              f"step {per_step*1e6:.0f} us vs floor {floor_s*1e6:.0f} us, latents within "
+              f"step {per_step*1e6:.0f} us vs floor {floor_s*1e6:.0f} us, decode token "
+              f"{per_token*1e6:.0f} us vs floor {row['decode_per_token']['floor_us']:.0f} us, latents within "
               f"{row['parity']['max_rel_err']:.1e}, text {'identical' if row['parity']['text_identical'] else 'DIFFERS'}",
               flush=True)
     if args.json:

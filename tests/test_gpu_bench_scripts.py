@@ -25,7 +25,9 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
     for row in report["rows"]:
         assert row["parity"]["max_rel_err"] < 1e-5 and row["parity"]["text_identical"]
         assert row["per_step"]["floor_us"] > 0 and row["speedup_sample"] > 0 and row["speedup_decode_vs_hf"] > 0
+        assert 0 < row["decode_per_token"]["floor_us"] and row["decode_per_token"]["engine_gbs"] > 0
     table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
                            timeout=60).stdout
     assert "| batch 64: engine vs reference, same seed, fp32 | latents within" in table
     assert "text identical | <= 1e-5, identical |" in table
+    assert "us vs floor" in table.split("| batch 64: beam decode")[1].splitlines()[0]
