@@ -32,8 +32,8 @@ def main(out: Path) -> None:
                              f"{'identical' if parity['text_identical'] else 'DIFFERS'} | <= 1e-5, identical |")
             if "speedup_decode_vs_hf" in row:
                 token = row.get("decode_per_token", {})
-                bound = (f"; token {token['engine_us']:.0f} us vs floor {token['floor_us']:.0f} us, "
-                         f"{token['engine_gbs']:.0f} GB/s" if token else "")
+                bound = (f"; token {token['engine_us']:.0f} us (HF {token['hf_us']:.0f}) vs floor {token['floor_us']:.0f} "
+                         f"us, {token['engine_tflops']:.1f} TFLOP/s, {token['engine_gbs']:.0f} GB/s" if token else "")
                 lines.append(f"| batch {b}: beam decode, 4 beams, 64 tokens | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
                              f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x{bound} |"
                              f"{target_d} |")
