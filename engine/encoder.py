@@ -78,7 +78,8 @@ class LatentEncoder(nn.Module):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return self.pool(hidden.float(), attention_mask)
 
-        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_shape, pooled, device, batch_size)
+        return encode_texts(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, latent_shape=self.latent_shape,
+                            pooled=pooled, device=device, batch_size=batch_size)
 
     @torch.no_grad()
     def token_states(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
@@ -92,7 +93,8 @@ class LatentEncoder(nn.Module):
             for row, i in enumerate(idx):
                 states[i] = hidden[row, : int(attention_mask[row].sum())].clone()
 
-        for_each_batch(texts, self.tokenizer, self.max_tokens, keep, device, batch_size)
+        for_each_batch(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, run=keep, device=device,
+                       batch_size=batch_size)
         return states
 
 
@@ -107,7 +109,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden, mask
 
 
-def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_shape: tuple[int, ...], pooled,
+def encode_texts(texts: list[str], *, tokenizer, max_tokens: int, latent_shape: tuple[int, ...], pooled,
                  device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """texts -> (N, *latent_shape) float32 on `device`, in input order; `pooled(input_ids, attention_mask)` gives a
     batch's latents (the PyTorch encoder, or its exported graph)."""
@@ -116,11 +118,11 @@ def encode_texts(texts: list[str], tokenizer, max_tokens: int, latent_shape: tup
     def store(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
         out[idx] = pooled(input_ids, attention_mask)
 
-    for_each_batch(texts, tokenizer, max_tokens, store, device, batch_size)
+    for_each_batch(texts, tokenizer=tokenizer, max_tokens=max_tokens, run=store, device=device, batch_size=batch_size)
     return out
 
 
-def for_each_batch(texts: list[str], tokenizer, max_tokens: int, run, device: torch.device, batch_size: int) -> None:
+def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device: torch.device, batch_size: int) -> None:
     """Call run(input_ids, attention_mask, indices) on batches of the tokenized texts.
 
     Texts longer than the encoder's limit are truncated with a warning naming the item. Batches are formed

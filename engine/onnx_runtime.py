@@ -145,8 +145,8 @@ class OnnxEncoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        return encode_texts(texts, self.tokenizer, self.max_tokens, self.latent_shape, self._pooled, self.device,
-                            batch_size)
+        return encode_texts(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, latent_shape=self.latent_shape,
+                            pooled=self._pooled, device=self.device, batch_size=batch_size)
 
 
 class OnnxReverse:
