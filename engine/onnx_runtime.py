@@ -71,7 +71,7 @@ def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, s
 class Graph:
     """One ONNX Runtime session whose inputs and outputs are torch tensors bound by pointer (IOBinding)."""
 
-    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, spin: bool = False,
+    def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, *, spin: bool = False,
                  device_id: int = 0):
         ort = _import_onnxruntime()
         so = ort.SessionOptions()
