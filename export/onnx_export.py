@@ -9,8 +9,10 @@ dynamic axis, since torch.export specializes axes it sees at size 0 or 1.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import platform
 import warnings
 from collections.abc import Callable
@@ -123,6 +125,25 @@ def _io(model_path: Path) -> dict[str, list[dict]]:
     return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that are not about our graphs: warnings on renamed axes and deprecated
+    pytree classes, and the op registry's line for each torchvision op it skips when torchvision is absent
+    (32 lines per graph; ldlm uses none of them)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+    registry.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registry.removeFilter(keep)
+
+
 def export_graph(components: Components, name: str, path: Path, opset: int = OPSET) -> dict:
     """Trace graph `name` of `components`, save it to `path`, validate it with the ONNX checker."""
     import onnx
@@ -135,8 +156,7 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # torch.export nests *args in one tuple
         fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
         dynamic = [*dynamic[:fixed], tuple(dynamic[fixed:])]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's notes on renamed axes and deprecated pytree classes
+    with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
                           output_names=list(spec.outputs), dynamic_shapes=tuple(dynamic), opset_version=opset,
                           dynamo=True, verbose=False)
