@@ -112,7 +112,11 @@ class Pipeline:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.backend in ENGINE_BACKENDS:
             fused = self._fused_sampler(sampler, steps, eta, start_t)
-            if self.backend == "cuda-graph":  # graphs are captured per batch bucket: pad, then drop the padding
+            # graphs are captured per batch bucket: pad, then drop the padding. The padded draw gives the real
+            # rows the reference's noise: torch's CUDA Philox keys each element's value to its flat index and
+            # advances the offset by the same amount for any tensor under ~1M elements (tests/test_gpu.py
+            # checks padded batches against the reference)
+            if self.backend == "cuda-graph":
                 bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
                 padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], *x.shape[1:])])
                 return fused(padded, generator)[: x.shape[0]].float()
