@@ -18,13 +18,16 @@ def main(out: Path) -> None:
                      f"of copy ({best['dtype']}, {best['shape']}) | >= 70% of copy |")
     if (out / "latency.json").exists():
         lat = json.loads((out / "latency.json").read_text())
+        loop = "1000 DDPM steps" if lat["sampler"] == "ddpm" else f"DDIM {lat['steps'] or 50} steps"
+        decode = f"{lat.get('num_beams', 4)} beams, {lat.get('max_new_tokens', 64)} tokens"
         for row in lat["rows"]:
             b = row["batch"]
             target_s = " (target >= 15x)" if b == 64 else ""
             target_d = " (target >= 10x)" if b == 64 else ""
-            lines.append(f"| batch {b}: sampling loop, 1000 DDPM steps | {row['sample_reference']['median_s']*1e3:.0f} -> "
+            lines.append(f"| batch {b}: sampling loop, {loop} | {row['sample_reference']['median_s']*1e3:.0f} -> "
                          f"{row['sample_engine']['median_s']*1e3:.1f} ms = {row['speedup_sample']:.1f}x; step "
-                         f"{row['per_step']['engine_us']:.0f} us vs floor {row['per_step']['floor_us']:.0f} us |{target_s} |")
+                         f"{row['per_step']['engine_us']:.0f} us vs floor {row['per_step']['floor_us']:.0f} us, "
+                         f"{row['per_step']['engine_tflops']:.2f} TFLOP/s, {row['per_step']['engine_gbs']:.0f} GB/s |{target_s} |")
             if b == 64 and "parity" in row:
                 parity = row["parity"]
                 lines.append(f"| batch 64: engine vs reference, same seed, fp32 | latents within "
@@ -34,10 +37,12 @@ def main(out: Path) -> None:
                 token = row.get("decode_per_token", {})
                 bound = (f"; token {token['engine_us']:.0f} us (HF {token['hf_us']:.0f}) vs floor {token['floor_us']:.0f} "
                          f"us, {token['engine_tflops']:.1f} TFLOP/s, {token['engine_gbs']:.0f} GB/s" if token else "")
-                lines.append(f"| batch {b}: beam decode, 4 beams, 64 tokens | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
+                lines.append(f"| batch {b}: beam decode, {decode} | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
                              f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x{bound} |"
                              f"{target_d} |")
-        lines.append(f"| device | {lat['device']}, engine {lat['engine_backend']} | |")
+        rates = lat["rates"]
+        lines.append(f"| device | {lat['device']}, engine {lat['engine_backend']}; measured peaks "
+                     f"{rates['matmul_tflops']:.1f} TFLOP/s (fp32 matmul), {rates['copy_gbs']:.0f} GB/s (copy) | |")
     if (out / "granularity.json").exists():
         for row in json.loads((out / "granularity.json").read_text())["rows"]:
             lines.append(f"| graph granularity, batch 64: {row['chunk']} steps per graph | {row['median_ms']:.1f} ms per "

@@ -92,7 +92,8 @@ def main() -> None:
     rates = device_rates(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "preset": args.preset, "engine_backend": engine.backend, "dtype": args.dtype, "torch": torch.__version__,
-               "sampler": args.sampler, "steps": args.steps, "rates": rates, "rows": []}
+               "sampler": args.sampler, "steps": args.steps, "num_beams": args.num_beams,
+               "max_new_tokens": args.max_new_tokens, "rates": rates, "rows": []}
     print(f"device {results['device']}, engine backend {engine.backend}, matmul {rates['matmul_tflops']:.2f} TFLOP/s, "
           f"copy {rates['copy_gbs']:.0f} GB/s")
     sample = dict(sampler=args.sampler, steps=args.steps, seed=0, progress=False)

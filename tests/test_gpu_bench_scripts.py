@@ -30,4 +30,5 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
                            timeout=60).stdout
     assert "| batch 64: engine vs reference, same seed, fp32 | latents within" in table
     assert "text identical | <= 1e-5, identical |" in table
-    assert ") vs floor" in table.split("| batch 64: beam decode")[1].splitlines()[0]
+    assert ") vs floor" in table.split("| batch 64: beam decode, 4 beams, 4 tokens |")[1].splitlines()[0]
+    assert "| batch 1: sampling loop, DDIM 3 steps |" in table
