@@ -151,6 +151,9 @@ def main() -> None:
             row["speedup_decode_vs_hf"] = row["decode_hf_generate"]["median_s"] / row["decode_engine"]["median_s"]
         row["speedup_end_to_end"] = row["end_to_end_reference"]["median_s"] / row["end_to_end_engine"]["median_s"]
         results["rows"].append(row)
+        if args.json:  # after every batch size, so a run cut short by a time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         print(f"batch {batch:4d}: sample {row['sample_reference']['median_s']*1e3:9.1f} -> "
               f"{row['sample_engine']['median_s']*1e3:9.1f} ms ({row['speedup_sample']:.1f}x), "
               f"decode {row['decode_reference']['median_s']*1e3:9.1f} -> {row['decode_engine']['median_s']*1e3:9.1f} ms "
@@ -159,9 +162,6 @@ def main() -> None:
               f"{per_token*1e6:.0f} us vs floor {row['decode_per_token']['floor_us']:.0f} us, latents within "
               f"{row['parity']['max_rel_err']:.1e}, text {'identical' if row['parity']['text_identical'] else 'DIFFERS'}",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
