@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ldlm.config import ModelConfig
-from ldlm.reverse import ReverseTransformer, timestep_embedding
+from ldlm.reverse import ReverseTransformer, SelfAttention, timestep_embedding
 
 
 def test_shapes_for_one_and_several_latent_tokens():
@@ -38,3 +39,18 @@ def test_output_depends_on_t_and_batch_items_are_independent():
     out = model(x, torch.full((4,), 100.0))
     assert not torch.allclose(out, model(x, torch.full((4,), 900.0)))
     torch.testing.assert_close(model(x[1:2], torch.full((1,), 100.0)), out[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_attention_is_its_value_projected():
+    """With one latent token the block skips the query/key projections and the attention kernels; the result
+    is the full computation's (softmax over a single key is exactly 1)."""
+    config = ModelConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    attention = SelfAttention(config).eval()
+    x = torch.randn(5, 1, config.d_model)
+    B, K, C = x.shape
+    q, k, v = (z.view(B, K, config.n_heads, C // config.n_heads).transpose(1, 2) for z in attention.qkv(x).split(C, 2))
+    full = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, K, C))
+    torch.testing.assert_close(attention(x), full, rtol=1e-6, atol=1e-6)
+    two = torch.randn(5, 2, config.d_model)  # several tokens take the attention path: they mix
+    assert not torch.allclose(attention(two)[:, :1], attention(two[:, :1]))
