@@ -27,12 +27,16 @@ from ldlm.pipeline import Pipeline
 
 
 def reverse_step_cost(config: ModelConfig, n_params: int, batch: int, bytes_per_param: int = 4) -> tuple[float, float]:
-    """(FLOPs, bytes) of one sampling step: the reverse transformer on one latent token per item, plus the
-    update (read x, x0_hat, noise; write x). Weights (n_params) are read once per step."""
-    d, D, E = config.d_model, config.latent_dim, config.time_embed_dim
-    linear_params = (D + E) * d + config.n_layers * (4 * d * d + 2 * config.mlp_ratio * d * d) + d * D
-    flops = 2.0 * linear_params * batch
-    bytes_moved = n_params * bytes_per_param + 4 * batch * D * bytes_per_param
+    """(FLOPs, bytes) of one sampling step: the reverse transformer on K latent tokens per item, plus the
+    update (read x, x0_hat, noise; write x). Weights are read once per step; with one token, a block reads
+    only the value and output projections of its attention (ldlm.reverse.SelfAttention), not the query's and
+    key's. (Attention scores over K tokens are left out: K^2 d per block, negligible.)"""
+    d, D, E, K = config.d_model, config.latent_dim, config.time_embed_dim, config.latent_tokens
+    attention = (2 if K == 1 else 4) * d * d  # per block
+    linear_params = (D + E) * d + config.n_layers * (attention + 2 * config.mlp_ratio * d * d) + d * D
+    flops = 2.0 * linear_params * batch * K
+    unread = config.n_layers * 2 * (d * d + d) if K == 1 else 0  # query and key weights and biases
+    bytes_moved = (n_params - unread) * bytes_per_param + 4 * batch * K * D * bytes_per_param
     return flops, bytes_moved
 
 
