@@ -21,6 +21,7 @@ from itertools import groupby
 
 import torch
 
+from .reverse import timestep_embedding
 from .samplers import ItemNoise
 from .step_tables import StepTables
 
@@ -70,7 +71,10 @@ class FusedSampler:
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
-        self.t_values = self.tables.timesteps.to(torch.float32)  # (S,) continuous t fed to the model
+        # (S, E) each step's sinusoidal time embedding, computed once: a step gathers its row on the device
+        # instead of recomputing it (eight small kernels a step)
+        self.time_embeddings = timestep_embedding(self.tables.timesteps.to(torch.float32),
+                                                  reverse.config.time_embed_dim).to(dtype)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")
@@ -80,21 +84,20 @@ class FusedSampler:
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
     def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool, from_table: bool) -> None:
-        t = self.t_values.index_select(0, buf.step).expand(buf.x.shape[0])  # (B,) gathered on the device
+        temb = self.time_embeddings.index_select(0, buf.step).expand(buf.x.shape[0], -1)  # (B, E) on the device
         if self.self_condition:
-            x0_hat = self.reverse(buf.x, t, buf.x0_prev).to(self.dtype)
+            x0_hat = self.reverse(buf.x, None, buf.x0_prev, time_embedding=temb).to(self.dtype)
             buf.x0_prev.copy_(x0_hat)
         else:
-            x0_hat = self.reverse(buf.x, t).to(self.dtype)
+            x0_hat = self.reverse(buf.x, None, time_embedding=temb).to(self.dtype)
         if draw and from_table:  # per-item noise, pre-drawn into the table (static, so graphs replay it)
             buf.noise.copy_(buf.noise_table.index_select(0, buf.draw_index)[0])
             buf.draw_index.add_(1)
         elif draw:
             buf.noise.normal_(generator=generator)
         self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
-                          self.tables.coef_noise, buf.step, out=buf.x, clamp=self.clamp)
-        newly_bad = (buf.first_bad_step < 0) & ~torch.isfinite(buf.x).all()  # tracked on the device: no sync
-        buf.first_bad_step.copy_(torch.where(newly_bad, buf.step, buf.first_bad_step))
+                          self.tables.coef_noise, buf.step, out=buf.x, clamp=self.clamp,
+                          first_bad=buf.first_bad_step)  # the kernel flags a non-finite output: no sync, no extra pass
         buf.step.add_(1)
 
     def _buffers_for(self, shape: tuple[int, ...]) -> _Buffers:

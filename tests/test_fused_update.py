@@ -88,6 +88,28 @@ def test_in_place_update_and_device_step_counter(schedule):
     torch.testing.assert_close(x_t.cpu(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's numpy, as meant
+def test_non_finite_output_flags_its_first_step(schedule):
+    tables = ddpm_tables(schedule).to(DEVICE)
+    coefs = (tables.coef_x0, tables.coef_xt, tables.coef_noise)
+    x_t, x0_hat, noise = (v.to(DEVICE) for v in _inputs((3, 385), 4))
+    first_bad = torch.full((1,), -1, dtype=torch.int64, device=DEVICE)
+
+    def step(index, *inputs):
+        fused_update(*inputs, *coefs, torch.tensor([index], device=DEVICE), first_bad=first_bad)
+        return int(first_bad)
+
+    assert step(0, x_t, x0_hat, noise) == -1 and step(1, x_t, x0_hat, noise) == -1  # finite: the flag stays
+    x0_hat[2, 384] = float("nan")  # the very last element, in the last (partial) block
+    assert step(7, x_t, x0_hat, noise) == 7
+    x0_hat[0, 0] = float("inf")
+    assert step(9, x_t, x0_hat, noise) == 7  # the first bad step is kept
+    # checked as stored: 1.1 x the fp16 maximum is finite in the kernel's fp32 arithmetic, infinite in fp16
+    first_bad.fill_(-1)
+    top = torch.full((2, 5), 65504.0, dtype=torch.float16, device=DEVICE)
+    assert step(0, top, top, top) == 0
+
+
 def test_bad_arguments_are_named(schedule):
     tables = ddpm_tables(schedule)
     x = torch.zeros(2, 3)
@@ -96,5 +118,7 @@ def test_bad_arguments_are_named(schedule):
         fused_update(x, torch.zeros(2, 4), torch.zeros(2, 3), tables.coef_x0, tables.coef_xt, tables.coef_noise, step)
     with pytest.raises(ValueError, match="coef_x0 must be a float32 table"):
         fused_update(x, x, x, tables.coef_x0.double(), tables.coef_xt, tables.coef_noise, step)
+    with pytest.raises(ValueError, match="first_bad must be a one-element int64"):
+        fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step, first_bad=step.int())
     with pytest.raises(ValueError, match="step must be a one-element int64"):
         fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step.int())
