@@ -1,5 +1,6 @@
 """The GPU benchmark scripts of bench/gpu_check.sh, run small on the CPU (Triton's interpreter), so a Python error
-in them shows up here and not first on the rented GPU; their figures are only meaningful on the GPU."""
+in them shows up here and not first on the rented GPU (their figures are only meaningful on the GPU); and the
+kernel count of an engine step (bench/step_kernels.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from ldlm.config import ModelConfig
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -32,3 +35,19 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
     assert "text identical | <= 1e-5, identical |" in table
     assert ") vs floor" in table.split("| batch 64: beam decode, 4 beams, 4 tokens |")[1].splitlines()[0]
     assert "| batch 1: sampling loop, DDIM 3 steps |" in table
+
+
+def test_an_engine_step_launches_only_the_model_and_one_update():
+    """bench/step_kernels.py's count: with one latent token, a step is the model's matmuls, norms, GELUs and
+    residual adds, the time embedding's one gather, the noise draw and the fused update; no attention kernels,
+    no sinusoid recomputed, no separate finiteness check, no host synchronization."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from step_kernels import step_kernels
+    finally:
+        sys.path.remove(str(BENCH))
+    ops = step_kernels("tiny", 8)
+    removed = {"sin", "cos", "exp", "isfinite", "all", "where", "abs", "eq", "ne", "_local_scalar_dense", "item"}
+    assert not removed & set(ops) and not [op for op in ops if "attention" in op], ops
+    n_layers = ModelConfig.from_preset("tiny").n_layers
+    assert ops["addmm"] == 2 + 4 * n_layers and ops["fused_update (Triton)"] == 1 and ops["normal_"] == 1

@@ -1,0 +1,67 @@
+"""Kernels the engine launches per sampling step: every ATen op that does work (views and allocations left out)
+in one step of the fused sampling loop, plus the one fused Triton update. Each is a launch on a GPU, which a
+CUDA graph replays without the host but still runs one after another, so fewer, larger kernels make a faster
+step. Runs on the CPU; the ops are the same on a GPU, where a few (attention, with several latent tokens)
+launch more than one kernel each.
+
+    python bench/step_kernels.py --preset base --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the engine imports its Triton kernel; it is not run here
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from ldlm.config import ModelConfig  # noqa: E402
+from ldlm.fused_sampler import FusedSampler  # noqa: E402
+from ldlm.reverse import ReverseTransformer  # noqa: E402
+from ldlm.schedule import NoiseSchedule  # noqa: E402
+from ldlm.step_tables import ddpm_tables  # noqa: E402
+
+NO_KERNEL = {"view", "expand", "as_strided", "unsqueeze", "slice", "select", "t", "transpose", "permute", "split",
+             "split_with_sizes", "_reshape_alias", "alias", "empty", "empty_strided", "empty_like", "detach",
+             "_unsafe_view", "unbind", "squeeze", "lift_fresh"}
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in NO_KERNEL:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_kernels(preset: str, batch: int) -> Counter:
+    config = ModelConfig.from_preset(preset)
+    sampler = FusedSampler(ReverseTransformer(config).eval(), ddpm_tables(NoiseSchedule.from_config(config)),
+                           device="cpu", graphs=False)
+    sampler.fused_update = lambda *args, **kwargs: None  # counted as one kernel below
+    buf = sampler._buffers_for((batch, *config.latent_shape))
+    with torch.no_grad(), CountOps() as counter:
+        sampler._one_step(buf, torch.Generator().manual_seed(0), draw=True, from_table=False)
+    counter.ops["fused_update (Triton)"] += 1
+    return counter.ops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    ops = step_kernels(args.preset, args.batch)
+    print(f"{args.preset}, batch {args.batch}: {sum(ops.values())} kernels per sampling step")
+    for name, count in ops.most_common():
+        print(f"  {count:3d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
