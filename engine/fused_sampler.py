@@ -72,13 +72,12 @@ class FusedSampler:
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
         # (S, E) each step's sinusoidal time embedding, computed once: a step gathers its row on the device
-        # instead of recomputing it (eight small kernels a step)
+        # instead of recomputing it (nine small kernels a step)
         self.time_embeddings = timestep_embedding(self.tables.timesteps.to(torch.float32),
                                                   reverse.config.time_embed_dim).to(dtype)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")
-        self.chunk = chunk
         self.fused_update = _fused_update()
         self._rng = torch.Generator(device=self.device) if self.graphs else None
         self._buffers: dict[tuple[int, int], _Buffers] = {}

@@ -4,9 +4,10 @@
 
 One pass over memory: reads x_t, x0_hat and noise once, writes x_next once, in fp32 arithmetic
 whatever the storage dtype. Optionally it also records the first step whose output holds a NaN or an
-infinity (as stored), in a device flag, so the sampling loop needs no separate check. The coefficients come from device tables (ldlm.step_tables) indexed by a
-step counter that lives on the device, so a captured CUDA graph replays correctly at every step
-without Python scalars. Set TRITON_INTERPRET=1 before triton is imported to run it on CPU.
+infinity (as stored), in a device flag, so the sampling loop needs no separate check. The coefficients
+come from device tables (ldlm.step_tables) indexed by a step counter that lives on the device, so a
+captured CUDA graph replays correctly at every step without Python scalars. Set TRITON_INTERPRET=1
+before triton is imported to run it on CPU.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def fused_update(
     n = x_t.numel()
     grid = (triton.cdiv(n, block_size),)
     _fused_update_kernel[grid](
-        x_t, x0_hat, noise, out, coef_x0, coef_xt, coef_noise, step, step if first_bad is None else first_bad, n,
+        x_t, x0_hat, noise, out, coef_x0, coef_xt, coef_noise, step,
+        step if first_bad is None else first_bad,  # an unread stand-in when the check is off
+        n,
         float(clamp) if clamp is not None else 0.0,
         CLAMP=clamp is not None, TRACK_NONFINITE=first_bad is not None, BLOCK_SIZE=block_size,
     )
