@@ -22,21 +22,25 @@ import torch
 
 from ldlm.beam_search import BeamSearchConfig, beam_search
 from ldlm.benchmark import bench_components, timed
-from ldlm.config import ModelConfig
+from ldlm.folded_reverse import FoldedReverse
 from ldlm.pipeline import Pipeline
 
 
-def reverse_step_cost(config: ModelConfig, n_params: int, batch: int, bytes_per_param: int = 4) -> tuple[float, float]:
-    """(FLOPs, bytes) of one sampling step: the reverse transformer on K latent tokens per item, plus the
-    update (read x, x0_hat, noise; write x). Weights are read once per step; with one token, a block reads
-    only the value and output projections of its attention (ldlm.reverse.SelfAttention), not the query's and
-    key's. (Attention scores over K tokens are left out: K^2 d per block, negligible.)"""
-    d, D, E, K = config.d_model, config.latent_dim, config.time_embed_dim, config.latent_tokens
-    attention = (2 if K == 1 else 4) * d * d  # per block
-    linear_params = (D + E) * d + config.n_layers * (attention + 2 * config.mlp_ratio * d * d) + d * D
-    flops = 2.0 * linear_params * batch * K
-    unread = config.n_layers * 2 * (d * d + d) if K == 1 else 0  # query and key weights and biases
-    bytes_moved = (n_params - unread) * bytes_per_param + 4 * batch * K * D * bytes_per_param
+def reverse_step_cost(denoiser: FoldedReverse, batch: int, bytes_per_element: int = 4) -> tuple[float, float]:
+    """(FLOPs, bytes) of one engine sampling step: the reverse transformer as the engine runs it
+    (ldlm.folded_reverse: each step's time an input-bias row; with one latent token, attention's value and
+    output projections folded into one matrix and no query or key), plus the update (read x, x0_hat, noise;
+    write x). Every tensor the step reads is read once; FLOPs are the matmuls' (the elementwise work and the
+    attention scores over K tokens, K^2 d per block, are left out)."""
+    cfg = denoiser.config
+    K, D = cfg.latent_tokens, cfg.latent_dim
+    blocks = [[*block.ln_1.parameters(), *block.ln_2.parameters(), *block.mlp.parameters()]
+              + ([] if K == 1 else [*block.attn.parameters()]) for block in denoiser.blocks]
+    read = [denoiser.in_weight, *denoiser.value_out.parameters(), *sum(blocks, []), *denoiser.ln_f.parameters(),
+            *denoiser.out_proj.parameters()]
+    matmul_params = sum(t.numel() for t in read if t.dim() == 2)
+    flops = 2.0 * matmul_params * batch * K
+    bytes_moved = (sum(t.numel() for t in read) + denoiser.step_bias[0].numel() + 4 * batch * K * D) * bytes_per_element
     return flops, bytes_moved
 
 
@@ -134,8 +138,8 @@ def main() -> None:
         row["end_to_end_engine"] = {"median_s": row["sample_engine"]["median_s"] + row["decode_engine"]["median_s"]}
 
         n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
-        n_params = sum(p.numel() for p in components.reverse.parameters())
-        flops, bytes_moved = reverse_step_cost(config, n_params, batch, engine.dtype.itemsize)
+        denoiser = FoldedReverse(reference.reverse, torch.zeros(1))  # the engine's model, for its shapes
+        flops, bytes_moved = reverse_step_cost(denoiser, batch, engine.dtype.itemsize)
         floor_s = floor_seconds(flops, bytes_moved, rates)
         per_step = row["sample_engine"]["median_s"] / n_steps
         row["per_step"] = {"flops": flops, "bytes": bytes_moved, "floor_us": floor_s * 1e6, "engine_us": per_step * 1e6,

@@ -1,6 +1,7 @@
 """The engine's sampling loop: static buffers, the fused Triton update, and (on CUDA) captured graphs.
 
-Per step: x0_hat = reverse(x, t[step]); noise drawn into a fixed buffer from the caller's generator;
+Per step: x0_hat = reverse(x, t[step]) (as ldlm.folded_reverse rearranges it: each step's time is a row of an
+input-bias table); noise drawn into a fixed buffer from the caller's generator;
 x = a[step] x0_hat + b[step] x + c[step] noise (one kernel); step += 1 — all on the device, so the same
 captured graph replays every step. Steps that draw no noise (DDPM's last, all of DDIM with eta = 0) use
 a second variant without the draw, so the generator advances exactly as in the reference samplers and
@@ -21,7 +22,7 @@ from itertools import groupby
 
 import torch
 
-from .reverse import timestep_embedding
+from .folded_reverse import FoldedReverse
 from .samplers import ItemNoise
 from .step_tables import StepTables
 
@@ -71,10 +72,9 @@ class FusedSampler:
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
-        # (S, E) each step's sinusoidal time embedding, computed once: a step gathers its row on the device
-        # instead of recomputing it (nine small kernels a step)
-        self.time_embeddings = timestep_embedding(self.tables.timesteps.to(torch.float32),
-                                                  reverse.config.time_embed_dim).to(dtype)
+        # the model with each step's time folded into an input bias (and, with one latent token, the value and
+        # output projections into one): a step gathers its row by the device step counter
+        self.denoiser = FoldedReverse(reverse, self.tables.timesteps)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")
@@ -83,12 +83,11 @@ class FusedSampler:
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
     def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool, from_table: bool) -> None:
-        temb = self.time_embeddings.index_select(0, buf.step).expand(buf.x.shape[0], -1)  # (B, E) on the device
         if self.self_condition:
-            x0_hat = self.reverse(buf.x, None, buf.x0_prev, time_embedding=temb).to(self.dtype)
+            x0_hat = self.denoiser(buf.x, buf.step, buf.x0_prev).to(self.dtype)
             buf.x0_prev.copy_(x0_hat)
         else:
-            x0_hat = self.reverse(buf.x, None, time_embedding=temb).to(self.dtype)
+            x0_hat = self.denoiser(buf.x, buf.step).to(self.dtype)
         if draw and from_table:  # per-item noise, pre-drawn into the table (static, so graphs replay it)
             buf.noise.copy_(buf.noise_table.index_select(0, buf.draw_index)[0])
             buf.draw_index.add_(1)

@@ -1,0 +1,74 @@
+"""The engine's rearranged reverse transformer (ldlm.folded_reverse) against the model it was built from: the same
+function of (x_t, the step's t), to float rounding, for one and several latent tokens, with and without
+self-conditioning. (tests/test_fused_sampler.py runs it through whole sampling loops against the reference.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldlm.config import ModelConfig
+from ldlm.folded_reverse import FoldedReverse
+from ldlm.reverse import ReverseTransformer
+
+TIMESTEPS = torch.tensor([999.0, 740.5, 333.0, 12.25, 0.0])  # a sampler's steps, continuous t
+
+
+def _model(seed: int, **overrides) -> ReverseTransformer:
+    torch.manual_seed(seed)
+    model = ReverseTransformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+    with torch.no_grad():  # non-zero biases and position embeddings, so folding them is exercised
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"self_condition": True}, {"latent_tokens": 2},
+                                       {"latent_tokens": 2, "self_condition": True}])
+def test_matches_the_model_at_every_step(overrides):
+    model = _model(0, **overrides)
+    folded = FoldedReverse(model, TIMESTEPS)
+    shape = (4, *model.config.latent_shape)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            x, prev = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+            kwargs = {"x0_prev": prev} if model.config.self_condition else {}
+            expected = model(x, torch.full((4,), float(t)), **kwargs)
+            got = folded(x, torch.tensor([step]), **kwargs)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            if model.config.self_condition:  # no previous estimate: zeros, as in the model
+                torch.testing.assert_close(folded(x, torch.tensor([step])), model(x, torch.full((4,), float(t))),
+                                           rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_as_a_three_dimensional_batch():
+    model = _model(2, self_condition=True)
+    folded = FoldedReverse(model, TIMESTEPS)
+    x, prev = torch.randn(3, 1, model.config.latent_dim), torch.randn(3, 1, model.config.latent_dim)
+    with torch.no_grad():
+        got = folded(x, torch.tensor([1]), prev)
+        assert got.shape == (3, 1, model.config.latent_dim)
+        torch.testing.assert_close(got[:, 0], folded(x[:, 0], torch.tensor([1]), prev[:, 0]), rtol=0, atol=0)
+
+
+def test_shares_the_models_weights_and_folds_one_token_attention():
+    model = _model(3)
+    folded = FoldedReverse(model, TIMESTEPS)
+    assert folded.blocks is model.blocks and folded.out_proj is model.out_proj
+    assert len(folded.value_out) == model.config.n_layers
+    assert folded.in_weight.shape == (model.config.d_model, model.config.latent_dim)  # time moved to the bias
+    assert folded.step_bias.shape == (len(TIMESTEPS), model.config.d_model)
+    assert not any(p.requires_grad for p in folded.value_out.parameters())
+    assert len(FoldedReverse(_model(3, latent_tokens=2), TIMESTEPS).value_out) == 0  # attention kept with K > 1
+
+
+def test_lower_precision_model():
+    model = _model(4)
+    folded = FoldedReverse(model.to(torch.bfloat16), TIMESTEPS)
+    x = torch.randn(5, model.config.latent_dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = folded(x, torch.tensor([2]))
+        expected = model(x, torch.full((5,), float(TIMESTEPS[2])))
+    assert got.dtype == torch.bfloat16 and folded.step_bias.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=5e-2)
