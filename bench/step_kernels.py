@@ -1,5 +1,6 @@
 """Kernels the engine launches per sampling step: every ATen op that does work (views and allocations left out)
-in one step of the fused sampling loop, plus the one fused Triton update. Each is a launch on a GPU, which a
+in one step of the fused sampling loop, plus its Triton kernels (the fused update, the fused residual adds and
+layer norms). Each is a launch on a GPU, which a
 CUDA graph replays without the host but still runs one after another, so fewer, larger kernels make a faster
 step. Runs on the CPU; the ops are the same on a GPU, where a few (attention, with several latent tokens)
 launch more than one kernel each.
@@ -16,7 +17,8 @@ from collections import Counter
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the engine imports its Triton kernel; it is not run here
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 from ldlm.config import ModelConfig  # noqa: E402
 from ldlm.fused_sampler import FusedSampler  # noqa: E402
@@ -43,10 +45,19 @@ class CountOps(TorchDispatchMode):
 def step_kernels(preset: str, batch: int) -> Counter:
     config = ModelConfig.from_preset(preset)
     sampler = FusedSampler(ReverseTransformer(config).eval(), ddpm_tables(NoiseSchedule.from_config(config)),
-                           device="cpu", graphs=False)
+                           device="cpu", graphs=False, fused_norms=True)  # as on a GPU
+    counter = CountOps()
     sampler.fused_update = lambda *args, **kwargs: None  # counted as one kernel below
+
+    def add_layer_norm(h, y, norm):  # one Triton kernel: counted once, its torch equivalent run uncounted
+        counter.ops["add_layer_norm (Triton)"] += 1
+        with _disable_current_modes():
+            h.add_(y)
+            return h, F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    sampler.denoiser.add_layer_norm = add_layer_norm
     buf = sampler._buffers_for((batch, *config.latent_shape))
-    with torch.no_grad(), CountOps() as counter:
+    with torch.no_grad(), counter:
         sampler._one_step(buf, torch.Generator().manual_seed(0), draw=True, from_table=False)
     counter.ops["fused_update (Triton)"] += 1
     return counter.ops

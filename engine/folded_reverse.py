@@ -1,6 +1,6 @@
 """The reverse transformer rearranged for a sampler's fixed steps: the same function, fewer kernels and FLOPs.
 
-Two rewrites of ldlm.reverse.ReverseTransformer, exact but for float rounding, for the engine's sampling loop:
+Rewrites of ldlm.reverse.ReverseTransformer, exact but for float rounding, for the engine's sampling loop:
 
 - Time as a per-step input bias. The input projection is linear, so W [x ; emb(t_s)] + b = W_x x + (W_t emb(t_s)
   + b). A sampler visits a fixed list of timesteps, so the second term (with the position embeddings, for K
@@ -8,11 +8,13 @@ Two rewrites of ldlm.reverse.ReverseTransformer, exact but for float rounding, f
   concatenation, and the projection reads D inputs instead of D + E.
 - One latent token: attention over a single key returns the value, so the value and output projections compose
   into one linear map, W_o (W_v y + b_v) + b_o = (W_o W_v) y + (W_o b_v + b_o), folded once, in float64.
+- Optionally (fused_norms, the engine's choice), each residual add and the layer norm that follows it as one
+  Triton kernel (ldlm.kernels.add_layer_norm).
 
 Everything else (layer norms, MLPs, output) is the original modules, shared, not copied. On the `base` preset
-this takes a sampling step from 44 kernels to 39 and its matmul FLOPs down by a tenth
-(bench/step_kernels.py); tests/test_folded_reverse.py checks it against the model step by step and over a
-whole sampling loop.
+the engine's sampling step goes from 44 kernels to 31 and its matmul FLOPs down by a tenth
+(bench/step_kernels.py); tests/test_folded_reverse.py checks it against the model step by step, and
+tests/test_fused_sampler.py over whole sampling loops.
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ class FoldedReverse(nn.Module):
     """x0_hat = model(x_t, timesteps[step]) for a step index held on the device (a sampler's step counter)."""
 
     @torch.no_grad()
-    def __init__(self, model: ReverseTransformer, timesteps: torch.Tensor):
+    def __init__(self, model: ReverseTransformer, timesteps: torch.Tensor, *, fused_norms: bool = False):
         """model: a ReverseTransformer in eval mode (any dtype, any device); timesteps: (S,) the continuous t of
-        each sampler step, in order."""
+        each sampler step, in order; fused_norms: each residual add and the layer norm after it as one Triton
+        kernel (ldlm.kernels.add_layer_norm; needs triton, on CPU through TRITON_INTERPRET=1)."""
         super().__init__()
         cfg = model.config
+        self.fused_norms = fused_norms
+        if fused_norms:
+            from .kernels.add_layer_norm import add_layer_norm
+
+            self.add_layer_norm = add_layer_norm
         self.config, self.blocks, self.ln_f, self.out_proj = cfg, model.blocks, model.ln_f, model.out_proj
         weight, bias = model.in_proj.weight, model.in_proj.bias  # (d, n_in + E), (d,)
         dtype, device = weight.dtype, weight.device
@@ -66,11 +74,19 @@ class FoldedReverse(nn.Module):
         if one_token:
             bias = self.step_bias.index_select(0, step).view(-1)  # (d,)
             h = F.linear(x_t, self.in_weight, bias)  # (B, d): one matmul with its bias
-            for block, value_out in zip(self.blocks, self.value_out):
-                h = h + value_out(block.ln_1(h))  # attention over one token: its value, projected
+        else:
+            h = F.linear(x_t, self.in_weight) + self.step_bias.index_select(0, step)  # (B, K, d)
+        # attention over one token is its value, projected: one folded matrix; over K tokens the block's own
+        attentions = self.value_out if one_token else [block.attn for block in self.blocks]
+        if not self.fused_norms:
+            for block, attention in zip(self.blocks, attentions):
+                h = h + attention(block.ln_1(h))
                 h = h + block.mlp(block.ln_2(h))
-            return self.out_proj(self.ln_f(h))  # (B, D)
-        h = F.linear(x_t, self.in_weight) + self.step_bias.index_select(0, step)  # (B, K, d)
-        for block in self.blocks:
-            h = block(h)
-        return self.out_proj(self.ln_f(h))  # (B, K, D)
+            return self.out_proj(self.ln_f(h))  # (B, [K,] D)
+        # each residual add and the layer norm after it in one kernel; the last one's norm is ln_f
+        following = [block.ln_1 for block in self.blocks[1:]] + [self.ln_f]
+        x = self.blocks[0].ln_1(h)
+        for block, attention, next_norm in zip(self.blocks, attentions, following):
+            h, x = self.add_layer_norm(h, attention(x), block.ln_2)
+            h, x = self.add_layer_norm(h, block.mlp(x), next_norm)
+        return self.out_proj(x)  # (B, [K,] D)

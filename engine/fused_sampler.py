@@ -66,15 +66,19 @@ class FusedSampler:
 
     def __init__(self, reverse: torch.nn.Module, tables: StepTables, *, device: torch.device | str,
                  dtype: torch.dtype = torch.float32, graphs: bool | None = None, chunk: int = 1,
-                 clamp: float | None = None):
+                 clamp: float | None = None, fused_norms: bool | None = None):
+        """graphs: capture the steps as CUDA graphs (default: on CUDA); chunk: steps per graph; clamp: clamp
+        x0_hat to [-clamp, clamp] (as the model was trained); fused_norms: each residual add and the layer norm
+        after it as one Triton kernel (default: on CUDA; Triton's CPU interpreter runs it far slower than torch)."""
         self.reverse, self.device, self.dtype, self.clamp = reverse, torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
-        # the model with each step's time folded into an input bias (and, with one latent token, the value and
-        # output projections into one): a step gathers its row by the device step counter
-        self.denoiser = FoldedReverse(reverse, self.tables.timesteps)
+        # the model with each step's time folded into an input bias (a step gathers its row by the device step
+        # counter), one-token attention's two projections into one, residual adds fused with the norms after them (on CUDA)
+        fused_norms = self.device.type == "cuda" if fused_norms is None else fused_norms
+        self.denoiser = FoldedReverse(reverse, self.tables.timesteps, fused_norms=fused_norms)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")

@@ -56,6 +56,23 @@ def test_ddim_matches_reference(reverse, schedule, eta, chunk, graphs):
         torch.testing.assert_close(sampler(x, g), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("latent_tokens", [1, 2])
+def test_fused_norms_over_a_whole_loop(schedule, latent_tokens):
+    """The residual adds and layer norms as Triton kernels (the default on CUDA, where every test above runs
+    them; on CPU, where the interpreter makes them slow, tried here once per model shape)."""
+    torch.manual_seed(1)
+    model = ReverseTransformer(ModelConfig.from_preset("tiny", latent_tokens=latent_tokens)).to(DEVICE).eval()
+    shape = (3, *model.config.latent_shape)
+    g_ref = torch.Generator(device=DEVICE).manual_seed(2)
+    x = torch.randn(shape, generator=g_ref, device=DEVICE)
+    expected = sample_ddim(model, x, schedule, steps=20, eta=1.0, generator=g_ref, disable=True)
+    sampler = FusedSampler(model, ddim_tables(schedule.to("cpu"), 20, 1.0), device=DEVICE, fused_norms=True)
+    assert sampler.denoiser.fused_norms
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    x = torch.randn(shape, generator=g, device=DEVICE)
+    torch.testing.assert_close(sampler(x, g), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_loop_plan_splits_runs_into_chunks_and_remainders():
     ddpm = [True] * 999 + [False]
     assert loop_plan(ddpm, 1) == [(True, 1)] * 999 + [(False, 1)]

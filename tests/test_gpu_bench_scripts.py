@@ -40,18 +40,19 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
 def test_an_engine_step_launches_only_the_model_and_one_update():
     """bench/step_kernels.py's count: with one latent token, a step is the model's matmuls (the input projection
     with its step's bias, per block the folded value-output projection and the MLP's two, the output
-    projection), norms, GELUs and residual adds, the step bias's one gather, the noise draw, the step counter
-    and the fused update; no attention kernels, no time embedding, no concatenation, no separate finiteness
-    check, no host synchronization."""
+    projection), the first layer norm, each residual add fused with the norm after it, the GELUs, the step
+    bias's one gather, the noise draw, the step counter and the fused update; no attention kernels, no time
+    embedding, no concatenation, no separate adds or finiteness check, no host synchronization."""
     sys.path.insert(0, str(BENCH))
     try:
         from step_kernels import step_kernels
     finally:
         sys.path.remove(str(BENCH))
     ops = step_kernels("tiny", 8)
-    removed = {"sin", "cos", "exp", "cat", "isfinite", "all", "where", "abs", "eq", "ne", "_local_scalar_dense",
-               "item"}
+    removed = {"sin", "cos", "exp", "cat", "add", "isfinite", "all", "where", "abs", "eq", "ne",
+               "_local_scalar_dense", "item"}
     assert not removed & set(ops) and not [op for op in ops if "attention" in op], ops
     L = ModelConfig.from_preset("tiny").n_layers
-    assert ops["addmm"] == 2 + 3 * L and ops["fused_update (Triton)"] == 1 and ops["normal_"] == 1, ops
-    assert sum(ops.values()) == (2 + 3 * L) + (2 * L + 1) + 2 * L + L + 4, ops  # matmuls, norms, adds, GELUs, 4 more
+    assert ops["addmm"] == 2 + 3 * L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1
+    assert ops["fused_update (Triton)"] == 1 and ops["normal_"] == 1, ops
+    assert sum(ops.values()) == (2 + 3 * L) + (2 * L + 1) + L + 4, ops  # matmuls, norms, GELUs, 4 more

@@ -1,8 +1,9 @@
-"""The fused update compiled for real GPUs, without one: Triton's compiler and its bundled ptxas lower every
-variant to machine code for Ampere (sm_80) and Hopper (sm_90). The interpreter that runs the kernel tests on
-CPU never compiles, so this is where a construct the GPU compiler rejects would show; and the PTX says whether
-each access to the element tensors is a 128-bit vector access, which a memory-bound kernel needs to approach
-copy bandwidth (the bandwidth itself is measured on the GPU by bench/kernel_bandwidth.py)."""
+"""The engine's Triton kernels (the fused update, the fused residual add + layer norm) compiled for real GPUs,
+without one: Triton's compiler and its bundled ptxas lower every variant to machine code for Ampere (sm_80)
+and Hopper (sm_90). The interpreter that runs the kernel tests on CPU never compiles, so this is where a
+construct the GPU compiler rejects would show; and the PTX says whether each access to the element tensors is
+a 128-bit vector access, which a memory-bound kernel needs to approach copy bandwidth (the bandwidth itself is
+measured on the GPU by bench/kernel_bandwidth.py)."""
 
 from __future__ import annotations
 
@@ -23,18 +24,23 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
-    assert len(rows) == 12  # 3 dtypes x clamp x tracking
+    assert [r["kernel"] for r in rows].count("fused_update") == 12  # 3 dtypes x clamp x tracking
+    assert [r["kernel"] for r in rows].count("add_layer_norm") == 3
     for row in rows:
         assert row["cubin_bytes"] > 0, row
         bytes_per_element = 4 if row["dtype"] == "float32" else 2
         threads = row["num_warps"] * 32
         vectors = row["block_size"] // threads * bytes_per_element // 16  # 16-byte accesses per thread per tensor
-        assert row["accesses"] == {
-            "load": 4,  # the three coefficients and the step counter, one scalar each
-            "load.v4": 3 * vectors,  # x_t, x0_hat, noise
-            "store.v4": vectors,  # x_next
-            **({"atomic": 1} if row["track_nonfinite"] else {}),  # the first-bad-step flag
-        }, row
+        if row["kernel"] == "fused_update":
+            expected = {
+                "load": 4,  # the three coefficients and the step counter, one scalar each
+                "load.v4": 3 * vectors,  # x_t, x0_hat, noise
+                "store.v4": vectors,  # x_next
+                **({"atomic": 1} if row["flags"]["TRACK_NONFINITE"] else {}),  # the first-bad-step flag
+            }
+        else:
+            expected = {"load.v4": 4 * vectors, "store.v4": 2 * vectors}  # h, y, weight, bias; h and the norm
+        assert row["accesses"] == expected, row
 
 
 def test_refuses_to_compile_under_the_interpreter(monkeypatch):
@@ -42,4 +48,4 @@ def test_refuses_to_compile_under_the_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        aot.compile_variant(aot.Variant("float32", False, False), arch=90)
+        aot.compile_variant(aot.Variant("fused_update", "float32", {"CLAMP": False, "TRACK_NONFINITE": False}), 90)
