@@ -12,6 +12,7 @@ from ldlm.config import ModelConfig
 from ldlm.folded_reverse import FoldedReverse
 from ldlm.reverse import ReverseTransformer
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused norms run on CPU only in Triton's interpreter
 TIMESTEPS = torch.tensor([999.0, 740.5, 333.0, 12.25, 0.0])  # a sampler's steps, continuous t
 
 
@@ -21,7 +22,7 @@ def _model(seed: int, **overrides) -> ReverseTransformer:
     with torch.no_grad():  # non-zero biases and position embeddings, so folding them is exercised
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model
+    return model.to(DEVICE)
 
 
 @pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms in one Triton kernel each
@@ -34,24 +35,24 @@ def test_matches_the_model_at_every_step(overrides, fused_norms):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
-            x, prev = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+            x, prev = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(2))
             kwargs = {"x0_prev": prev} if model.config.self_condition else {}
-            expected = model(x, torch.full((4,), float(t)), **kwargs)
-            got = folded(x, torch.tensor([step]), **kwargs)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            t_batch, step_index = torch.full((4,), float(t), device=DEVICE), torch.tensor([step], device=DEVICE)
+            expected = model(x, t_batch, **kwargs)
+            torch.testing.assert_close(folded(x, step_index, **kwargs), expected, rtol=1e-5, atol=1e-6)
             if model.config.self_condition:  # no previous estimate: zeros, as in the model
-                torch.testing.assert_close(folded(x, torch.tensor([step])), model(x, torch.full((4,), float(t))),
-                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(folded(x, step_index), model(x, t_batch), rtol=1e-5, atol=1e-6)
 
 
 def test_one_token_as_a_three_dimensional_batch():
     model = _model(2, self_condition=True)
     folded = FoldedReverse(model, TIMESTEPS)
-    x, prev = torch.randn(3, 1, model.config.latent_dim), torch.randn(3, 1, model.config.latent_dim)
+    x, prev = (torch.randn(3, 1, model.config.latent_dim, device=DEVICE) for _ in range(2))
+    step = torch.tensor([1], device=DEVICE)
     with torch.no_grad():
-        got = folded(x, torch.tensor([1]), prev)
+        got = folded(x, step, prev)
         assert got.shape == (3, 1, model.config.latent_dim)
-        torch.testing.assert_close(got[:, 0], folded(x[:, 0], torch.tensor([1]), prev[:, 0]), rtol=0, atol=0)
+        torch.testing.assert_close(got[:, 0], folded(x[:, 0], step, prev[:, 0]), rtol=0, atol=0)
 
 
 def test_shares_the_models_weights_and_folds_one_token_attention():
@@ -68,9 +69,9 @@ def test_shares_the_models_weights_and_folds_one_token_attention():
 def test_lower_precision_model():
     model = _model(4)
     folded = FoldedReverse(model.to(torch.bfloat16), TIMESTEPS)
-    x = torch.randn(5, model.config.latent_dim, dtype=torch.bfloat16)
+    x = torch.randn(5, model.config.latent_dim, dtype=torch.bfloat16, device=DEVICE)
     with torch.no_grad():
-        got = folded(x, torch.tensor([2]))
-        expected = model(x, torch.full((5,), float(TIMESTEPS[2])))
+        got = folded(x, torch.tensor([2], device=DEVICE))
+        expected = model(x, torch.full((5,), float(TIMESTEPS[2]), device=DEVICE))
     assert got.dtype == torch.bfloat16 and folded.step_bias.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=5e-2)
