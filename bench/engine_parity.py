@@ -1,6 +1,7 @@
-"""The engine's sampling loop against the reference samplers on one model, same seed and noise: the largest
-relative error of the final latents (max |engine - reference| / max |reference|), with torch's layer norms
-and with the fused Triton add + norm kernels. On CPU the engine runs eagerly (Triton's interpreter).
+"""The engine against the reference on one model. The sampling loop, same seed and noise: the largest relative
+error of the final latents (max |engine - reference| / max |reference|). The static-KV beam decode of the
+reference's sampled latents: how many items get the reference's tokens. Each with torch's layer norms and with
+the fused Triton add + norm kernels. On CPU the engine runs eagerly (Triton's interpreter).
 
     python bench/engine_parity.py --preset base                  # random weights at the preset's sizes
     python bench/engine_parity.py --checkpoint runs/e2e/model    # a trained model
@@ -16,10 +17,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, for
 import torch  # noqa: E402
 
 import ldlm  # noqa: E402
+from ldlm.beam_search import BeamSearchConfig, beam_search  # noqa: E402
 from ldlm.benchmark import bench_components  # noqa: E402
 from ldlm.fused_sampler import FusedSampler  # noqa: E402
 from ldlm.samplers import sample_ddim, sample_ddpm  # noqa: E402
 from ldlm.schedule import NoiseSchedule  # noqa: E402
+from ldlm.static_beam_search import StaticBeamSearch  # noqa: E402
 from ldlm.step_tables import ddim_tables, ddpm_tables  # noqa: E402
 
 
@@ -36,12 +39,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ddim-steps", type=int, default=50)
+    parser.add_argument("--decode-items", type=int, default=32, help="latents to beam-decode both ways")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.checkpoint:
-        reverse = ldlm.load(args.checkpoint, device=device, backend="reference").reverse
+        pipeline = ldlm.load(args.checkpoint, device=device, backend="reference")
+        reverse, decoder = pipeline.reverse, pipeline.decoder
     else:
-        reverse = bench_components(args.preset).reverse.to(device).eval()
+        components = bench_components(args.preset)
+        reverse, decoder = components.reverse.to(device).eval(), components.decoder.to(device).eval()
     schedule = NoiseSchedule.from_config(reverse.config)
     samplers = {
         "DDPM 1000": (ddpm_tables(schedule), lambda x, g: sample_ddpm(reverse, x, schedule.to(device), generator=g,
@@ -68,6 +75,20 @@ def main() -> None:
                 errors.append(max_relative_error(runs[1], runs[0]))
             cells.append(", ".join(f"{e:.1e}" for e in errors))
         print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+    # decode the reference's DDIM samples, denormalized as a pipeline would (random weights: the raw samples)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn((args.decode_items, *reverse.config.latent_shape), generator=g, device=device)
+    latents = samplers[f"DDIM {args.ddim_steps}"][1](x, g)
+    if args.checkpoint:
+        latents = pipeline.denormalize(latents)
+    search = BeamSearchConfig(num_beams=4, max_new_tokens=args.max_new_tokens)
+    expected = beam_search(decoder, latents, search)
+    cells = []
+    for fused_norms in (False, True):
+        got = StaticBeamSearch(decoder, args.decode_items, search, fused_norms=fused_norms)(latents)
+        cells.append(f"{sum(a == b for a, b in zip(got, expected))} / {len(expected)} identical")
+    print(f"| beam decode, 4 beams, {args.max_new_tokens} tokens | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

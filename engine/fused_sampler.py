@@ -76,7 +76,8 @@ class FusedSampler:
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
         # the model with each step's time folded into an input bias (a step gathers its row by the device step
-        # counter), one-token attention's two projections into one, residual adds fused with the norms after them (on CUDA)
+        # counter), one-token attention's two projections into one, residual adds fused with the norms after
+        # them (on CUDA)
         fused_norms = self.device.type == "cuda" if fused_norms is None else fused_norms
         self.denoiser = FoldedReverse(reverse, self.tables.timesteps, fused_norms=fused_norms)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs

@@ -9,9 +9,12 @@ reordering in place takes a temporary: two of each).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
+from transformers.activations import NewGELUActivation
 
 
 def check_supported(gpt2: GPT2LMHeadModel) -> None:
@@ -25,10 +28,21 @@ def check_supported(gpt2: GPT2LMHeadModel) -> None:
 class StaticKVGPT2:
     """Prefill and one-token steps of a GPT2LMHeadModel with a static KV cache."""
 
-    def __init__(self, gpt2: GPT2LMHeadModel, rows: int, max_len: int):
+    def __init__(self, gpt2: GPT2LMHeadModel, rows: int, max_len: int, *, fused_norms: bool = False):
+        """rows: batch x beams; max_len: prefix + new tokens; fused_norms: each residual add and the layer norm
+        after it as one Triton kernel (ldlm.kernels.add_layer_norm; on CPU only through TRITON_INTERPRET=1)."""
         check_supported(gpt2)
         self.gpt2 = gpt2
         cfg = gpt2.config
+        act = gpt2.transformer.h[0].mlp.act
+        # GPT-2's gelu_new spelled out in eight elementwise kernels; torch's tanh GELU is the same function in
+        # one (transformers' gelu_pytorch_tanh), equal but for rounding
+        self.act = functools.partial(F.gelu, approximate="tanh") if isinstance(act, NewGELUActivation) else act
+        self.add_layer_norm = None
+        if fused_norms:
+            from .kernels.add_layer_norm import add_layer_norm
+
+            self.add_layer_norm = add_layer_norm
         if max_len > cfg.n_positions:
             raise ValueError(f"max_len {max_len} exceeds the decoder's n_positions {cfg.n_positions}")
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -38,6 +52,7 @@ class StaticKVGPT2:
                         for _ in range(2)]  # 2 x (keys, values), each (L, R, H, max_len, hd)
         self.current = 0  # the cache that steps read and write; a reorder switches to the other
         self.positions = torch.arange(max_len, device=param.device)  # (max_len,)
+        self._mask_values = torch.tensor([0.0, float("-inf")], dtype=param.dtype, device=param.device).unbind()
 
     @property
     def k_cache(self) -> torch.Tensor:
@@ -51,10 +66,16 @@ class StaticKVGPT2:
         R, S, E = x.shape
         return x.view(R, S, self.n_head, self.head_dim).transpose(1, 2)  # (R, H, S, hd)
 
-    def _block_tail(self, block, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
+        return block.mlp.c_proj(self.act(block.mlp.c_fc(x)))  # (eval: no dropout)
+
+    def _attention_out(self, block, attn: torch.Tensor) -> torch.Tensor:
         R, H, S, hd = attn.shape
-        h = h + block.attn.c_proj(attn.transpose(1, 2).reshape(R, S, H * hd))
-        return h + block.mlp(block.ln_2(h))
+        return block.attn.c_proj(attn.transpose(1, 2).reshape(R, S, H * hd))  # (R, S, E)
+
+    def _block_tail(self, block, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = h + self._attention_out(block, attn)
+        return h + self._mlp(block, block.ln_2(h))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.gpt2.lm_head(self.gpt2.transformer.ln_f(h))
@@ -81,16 +102,25 @@ class StaticKVGPT2:
         """input_ids (R,) at `position` (a 0-d device tensor) -> logits (R, V); writes keys/values at position."""
         t = self.gpt2.transformer
         h = (t.wte(input_ids) + t.wpe(position))[:, None, :]  # (R, 1, E)
-        visible = (self.positions <= position)[None, None, None, :]  # (1, 1, 1, max_len)
+        # the mask as the additive bias SDPA would make of a boolean one, once for all layers instead of per layer
+        bias = torch.where(self.positions <= position, *self._mask_values)[None, None, None, :]  # (1, 1, 1, max_len)
         index = position.view(1)
-        for layer, block in enumerate(t.h):
-            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
+        following = [block.ln_1 for block in t.h[1:]] + [t.ln_f]  # the norm after each block
+        x = t.h[0].ln_1(h)
+        for layer, (block, next_norm) in enumerate(zip(t.h, following)):
+            q, k, v = block.attn.c_attn(x).split(h.shape[-1], dim=2)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
             self.k_cache[layer].index_copy_(2, index, k)
             self.v_cache[layer].index_copy_(2, index, v)
-            attn = F.scaled_dot_product_attention(q, self.k_cache[layer], self.v_cache[layer], attn_mask=visible)
-            h = self._block_tail(block, h, attn)
-        return self._logits(h[:, 0, :])
+            attn = F.scaled_dot_product_attention(q, self.k_cache[layer], self.v_cache[layer], attn_mask=bias)
+            if self.add_layer_norm is None:
+                h = h + self._attention_out(block, attn)
+                h = h + self._mlp(block, block.ln_2(h))
+                x = next_norm(h)
+            else:  # each residual add and the norm after it in one kernel
+                h, x = self.add_layer_norm(h, self._attention_out(block, attn), block.ln_2)
+                h, x = self.add_layer_norm(h, self._mlp(block, x), next_norm)
+        return self.gpt2.lm_head(x[:, 0, :])  # x: ln_f(h)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row r of the cache becomes old row rows[r] (beam reordering), on the device: all layers' keys and

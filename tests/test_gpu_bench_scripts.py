@@ -56,3 +56,24 @@ def test_an_engine_step_launches_only_the_model_and_one_update():
     assert ops["addmm"] == 2 + 3 * L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1
     assert ops["fused_update (Triton)"] == 1 and ops["normal_"] == 1, ops
     assert sum(ops.values()) == (2 + 3 * L) + (2 * L + 1) + L + 4, ops  # matmuls, norms, GELUs, 4 more
+
+
+def test_a_decode_token_launches_per_layer_only_the_model():
+    """bench/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
+    (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention;
+    the attention mask made once for all layers. Everything else (embedding, beam selection, reorder) does not
+    grow with depth: counted at two depths, the difference is exactly one layer's kernels per layer."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from step_kernels import decode_kernels
+    finally:
+        sys.path.remove(str(BENCH))
+    ops = decode_kernels("tiny", 4)
+    L = ModelConfig.from_preset("tiny").n_layer
+    assert "tanh" not in ops and ops["pow"] == 1, ops  # the beam's length penalty; none from GELU
+    assert ops["gelu"] == L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1, ops
+    assert ops["addmm"] == 4 * L and ops["index_copy_"] == 2 * L, ops
+    attention = sum(n for op, n in ops.items() if "scaled_dot_product" in op)
+    assert attention == L, ops
+    per_layer = 1 + 4 + 2 + 2 + 1  # GELU, matmuls, cache writes, add + norms, attention
+    assert sum(ops.values()) - per_layer * L == 103, ops  # the rest, the same at any depth (base: 223 - 10 x 12)

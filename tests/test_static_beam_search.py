@@ -12,13 +12,18 @@ from ldlm.static_gpt2 import StaticKVGPT2
 from .test_beam_search import decoder  # noqa: F401  (the shared random tiny decoder fixture)
 
 
-def test_static_gpt2_matches_hugging_face_forward(decoder):  # noqa: F811
+@pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms as Triton kernels (interpreter)
+def test_static_gpt2_matches_hugging_face_forward(decoder, fused_norms):  # noqa: F811
+    """Prefill and steps against Hugging Face's forward over the whole sequence; GPT-2's gelu_new runs as
+    torch's one-kernel tanh GELU (the same function, rounded differently)."""
+    assert decoder.gpt2.config.activation_function == "gelu_new"
     latents = torch.randn(3, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(1, 200, (3, 5), generator=torch.Generator().manual_seed(1))
     prefix = decoder.prefix(latents)
     with torch.no_grad():
         full = decoder.gpt2(inputs_embeds=torch.cat([prefix, decoder.gpt2.transformer.wte(ids)], 1)).logits
-    model = StaticKVGPT2(decoder.gpt2, rows=3, max_len=decoder.config.n_prefix + 8)
+    model = StaticKVGPT2(decoder.gpt2, rows=3, max_len=decoder.config.n_prefix + 8, fused_norms=fused_norms)
+    assert model.act.func is torch.nn.functional.gelu and model.act.keywords == {"approximate": "tanh"}
     logits = [model.prefill(prefix, repeats=1)]
     P = prefix.shape[1]
     for i in range(ids.shape[1]):
@@ -54,6 +59,16 @@ def test_same_tokens_as_reference(decoder, early_stopping, num_beams, max_new_to
     latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(1))
     cfg = BeamSearchConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, early_stopping=early_stopping)
     assert StaticBeamSearch(decoder, batch_size=6, config=cfg)(latents) == beam_search(decoder, latents, cfg)
+
+
+def test_same_tokens_with_fused_norms(decoder):  # noqa: F811
+    """The decode step with each residual add and the norm after it as one Triton kernel (the default on CUDA,
+    where every test here runs it; through the interpreter on CPU)."""
+    latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(3))
+    cfg = BeamSearchConfig(num_beams=4, max_new_tokens=12)
+    search = StaticBeamSearch(decoder, batch_size=6, config=cfg, fused_norms=True)
+    assert search.model.add_layer_norm is not None
+    assert search(latents) == beam_search(decoder, latents, cfg)
 
 
 def test_padded_batch_and_one_at_a_time(decoder):  # noqa: F811
