@@ -8,8 +8,8 @@ bandwidth.
 
 The signatures mirror Triton's own launch-time specialization for the engine's buffers: pointers 16-byte
 aligned (every torch allocation is) and widths divisible by 16 (every preset's latent width and model width
-are; batch sizes are not assumed to be). Run it with TRITON_INTERPRET unset: the interpreter replaces the language's operations that the
-compiler needs.
+are; batch sizes are not assumed to be). Run it with TRITON_INTERPRET unset: the interpreter replaces the
+language's operations that the compiler needs.
 
     python -m ldlm.kernels.aot --arch 90            # a table of the variants' memory accesses
     python -m ldlm.kernels.aot --arch 90 --json     # the same as JSON
@@ -52,7 +52,8 @@ KERNELS = {
          "CLAMP": "constexpr", "TRACK_NONFINITE": "constexpr", "BLOCK_SIZE": "constexpr"},
         divisible=("n_elements",), flags=("CLAMP", "TRACK_NONFINITE"),
     ),
-    "add_layer_norm": KernelSpec(  # one row per program, as on a GPU: the base preset's width, 768, in 1,024 lanes
+    # one row per program, as on a GPU: the base preset's width, 768, in 1,024 lanes
+    "add_layer_norm": KernelSpec(
         "add_layer_norm", "_add_layer_norm_kernel",
         {"h_ptr": "*{dtype}", "y_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "bias_ptr": "*{dtype}",
          "out_ptr": "*{dtype}", "n_rows": "i32", "n_cols": "i32", "eps": "fp32", "ROWS": "constexpr",
@@ -94,8 +95,10 @@ def compile_variant(variant: Variant, arch: int):
     signature = {name: kind.format(dtype=DTYPES[variant.dtype]) for name, kind in spec.signature.items()}
     if list(signature) != list(kernel.arg_names):
         raise RuntimeError(f"{spec.function}'s arguments {kernel.arg_names} changed: update {__name__}.KERNELS")
-    aligned = [i for i, (name, kind) in enumerate(signature.items()) if kind.startswith("*") or name in spec.divisible]
-    source = ASTSource(fn=kernel, signature=signature, constexprs={**variant.flags, **spec.constants, "BLOCK_SIZE": spec.block_size},
+    aligned = [i for i, (name, kind) in enumerate(signature.items())
+               if kind.startswith("*") or name in spec.divisible]
+    constexprs = {**variant.flags, **spec.constants, "BLOCK_SIZE": spec.block_size}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32))
 
