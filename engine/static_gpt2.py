@@ -114,8 +114,7 @@ class StaticKVGPT2:
             self.v_cache[layer].index_copy_(2, index, v)
             attn = F.scaled_dot_product_attention(q, self.k_cache[layer], self.v_cache[layer], attn_mask=bias)
             if self.add_layer_norm is None:
-                h = h + self._attention_out(block, attn)
-                h = h + self._mlp(block, block.ln_2(h))
+                h = self._block_tail(block, h, attn)
                 x = next_norm(h)
             else:  # each residual add and the norm after it in one kernel
                 h, x = self.add_layer_norm(h, self._attention_out(block, attn), block.ln_2)
