@@ -139,14 +139,12 @@ class StaticBeamSearch:
 
         # commit only while active: after the reference's stopping step the state stays frozen
         a = s.active
-        s.running.copy_(torch.where(a, running, s.running))
-        s.running_scores.copy_(torch.where(a, running_scores, s.running_scores))
-        s.finished.copy_(torch.where(a, finished, s.finished))
-        s.finished_scores.copy_(torch.where(a, finished_scores, s.finished_scores))
-        s.is_finished.copy_(torch.where(a, is_finished, s.is_finished))
-        s.improvable.copy_(torch.where(a, improvable, s.improvable))
+        for kept, new in ((s.running, running), (s.running_scores, running_scores), (s.finished, finished),
+                          (s.finished_scores, finished_scores), (s.is_finished, is_finished),
+                          (s.improvable, improvable)):
+            torch.where(a, new, kept, out=kept)  # in place: one kernel, not a where and a copy
         self.model.reorder(torch.where(a, (source_beam + self.batch_offset).view(-1), self.identity_rows))
-        s.active.copy_(a & ~stop)
+        torch.logical_and(a, ~stop, out=s.active)
         s.cur.add_(1)
 
     def decode_step(self, s: BeamState) -> None:
