@@ -18,6 +18,10 @@ def main(out: Path) -> None:
                      f"of copy ({best['dtype']}, {best['shape']}) | >= 70% of copy |")
     if (out / "latency.json").exists():
         lat = json.loads((out / "latency.json").read_text())
+        launches = lat.get("launches", {})
+
+        def per_kernel(us: float, what: str) -> str:  # the time a step's kernels take each, on average
+            return f", {launches[what]} kernels = {us / launches[what]:.1f} us each" if what in launches else ""
         loop = "1000 DDPM steps" if lat["sampler"] == "ddpm" else f"DDIM {lat['steps'] or 50} steps"
         decode = f"{lat.get('num_beams', 4)} beams, {lat.get('max_new_tokens', 64)} tokens"
         for row in lat["rows"]:
@@ -27,7 +31,8 @@ def main(out: Path) -> None:
             lines.append(f"| batch {b}: sampling loop, {loop} | {row['sample_reference']['median_s']*1e3:.0f} -> "
                          f"{row['sample_engine']['median_s']*1e3:.1f} ms = {row['speedup_sample']:.1f}x; step "
                          f"{row['per_step']['engine_us']:.0f} us vs floor {row['per_step']['floor_us']:.0f} us, "
-                         f"{row['per_step']['engine_tflops']:.2f} TFLOP/s, {row['per_step']['engine_gbs']:.0f} GB/s |{target_s} |")
+                         f"{row['per_step']['engine_tflops']:.2f} TFLOP/s, {row['per_step']['engine_gbs']:.0f} GB/s"
+                         f"{per_kernel(row['per_step']['engine_us'], 'sampling_step')} |{target_s} |")
             if b == 64 and "parity" in row:
                 parity = row["parity"]
                 lines.append(f"| batch 64: engine vs reference, same seed, fp32 | latents within "
@@ -36,7 +41,8 @@ def main(out: Path) -> None:
             if "speedup_decode_vs_hf" in row:
                 token = row.get("decode_per_token", {})
                 bound = (f"; token {token['engine_us']:.0f} us (HF {token['hf_us']:.0f}) vs floor {token['floor_us']:.0f} "
-                         f"us, {token['engine_tflops']:.1f} TFLOP/s, {token['engine_gbs']:.0f} GB/s" if token else "")
+                         f"us, {token['engine_tflops']:.1f} TFLOP/s, {token['engine_gbs']:.0f} GB/s"
+                         f"{per_kernel(token['engine_us'], 'decode_token')}" if token else "")
                 lines.append(f"| batch {b}: beam decode, {decode} | HF {row['decode_hf_generate']['median_s']*1e3:.0f} "
                              f"-> {row['decode_engine']['median_s']*1e3:.0f} ms = {row['speedup_decode_vs_hf']:.1f}x{bound} |"
                              f"{target_d} |")

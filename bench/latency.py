@@ -23,6 +23,7 @@ import torch
 from ldlm.beam_search import BeamSearchConfig, beam_search
 from ldlm.benchmark import bench_components, timed
 from ldlm.folded_reverse import FoldedReverse
+from ldlm.launches import decode_kernels, step_kernels
 from ldlm.pipeline import Pipeline
 
 
@@ -93,6 +94,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     components = bench_components(args.preset, args.vocab_size)
+    # kernels a graphed sampling step and a decoded token launch (counted on the CPU, before the models move)
+    launches = {"sampling_step": sum(step_kernels(args.preset, 1).values()),
+                "decode_token": sum(decode_kernels(components.decoder.eval(), 1, args.num_beams).values())}
     reference = Pipeline(components, device, backend="reference")
     engine = Pipeline(components, device, backend=args.engine_backend, dtype=args.dtype)
     config = reference.config
@@ -101,7 +105,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "preset": args.preset, "engine_backend": engine.backend, "dtype": args.dtype, "torch": torch.__version__,
                "sampler": args.sampler, "steps": args.steps, "num_beams": args.num_beams,
-               "max_new_tokens": args.max_new_tokens, "rates": rates, "rows": []}
+               "max_new_tokens": args.max_new_tokens, "rates": rates, "launches": launches, "rows": []}
     print(f"device {results['device']}, engine backend {engine.backend}, matmul {rates['matmul_tflops']:.2f} TFLOP/s, "
           f"copy {rates['copy_gbs']:.0f} GB/s")
     sample = dict(sampler=args.sampler, steps=args.steps, seed=0, progress=False)

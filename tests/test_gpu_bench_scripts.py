@@ -1,6 +1,6 @@
 """The GPU benchmark scripts of bench/gpu_check.sh, run small on the CPU (Triton's interpreter), so a Python error
 in them shows up here and not first on the rented GPU (their figures are only meaningful on the GPU); and the
-kernel count of an engine step (bench/step_kernels.py)."""
+kernel counts of an engine step and a decoded token (ldlm.launches, printed by bench/step_kernels.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ldlm.benchmark import bench_components
 from ldlm.config import ModelConfig
+from ldlm.launches import decode_kernels, step_kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -25,6 +27,9 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "latency.json").read_text())
     assert report["engine_backend"] == "fused" and [row["batch"] for row in report["rows"]] == [1, 64]
+    decoder = bench_components("tiny").decoder.eval()
+    assert report["launches"] == {"sampling_step": sum(step_kernels("tiny", 1).values()),
+                                  "decode_token": sum(decode_kernels(decoder, 1).values())}
     for row in report["rows"]:
         assert row["parity"]["max_rel_err"] < 1e-5 and row["parity"]["text_identical"]
         assert row["per_step"]["floor_us"] > 0 and row["speedup_sample"] > 0 and row["speedup_decode_vs_hf"] > 0
@@ -35,6 +40,9 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
     assert "text identical | <= 1e-5, identical |" in table
     assert ") vs floor" in table.split("| batch 64: beam decode, 4 beams, 4 tokens |")[1].splitlines()[0]
     assert "| batch 1: sampling loop, DDIM 3 steps |" in table
+    for line in ("| batch 1: sampling loop", "| batch 1: beam decode"):  # the time per kernel, for the bound
+        assert f"{report['launches']['sampling_step' if 'loop' in line else 'decode_token']} kernels = " in \
+            table.split(line)[1].splitlines()[0]
 
 
 def test_an_engine_step_launches_only_the_model_and_one_update():
@@ -43,11 +51,6 @@ def test_an_engine_step_launches_only_the_model_and_one_update():
     projection), the first layer norm, each residual add fused with the norm after it, the GELUs, the step
     bias's one gather, the noise draw, the step counter and the fused update; no attention kernels, no time
     embedding, no concatenation, no separate adds or finiteness check, no host synchronization."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from step_kernels import step_kernels
-    finally:
-        sys.path.remove(str(BENCH))
     ops = step_kernels("tiny", 8)
     removed = {"sin", "cos", "exp", "cat", "add", "isfinite", "all", "where", "abs", "eq", "ne",
                "_local_scalar_dense", "item"}
@@ -63,12 +66,7 @@ def test_a_decode_token_launches_per_layer_only_the_model():
     (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention;
     the attention mask made once for all layers. Everything else (embedding, beam selection, reorder) does not
     grow with depth: counted at two depths, the difference is exactly one layer's kernels per layer."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from step_kernels import decode_kernels
-    finally:
-        sys.path.remove(str(BENCH))
-    ops = decode_kernels("tiny", 4)
+    ops = decode_kernels(bench_components("tiny").decoder.eval(), 4)
     L = ModelConfig.from_preset("tiny").n_layer
     assert "tanh" not in ops and ops["pow"] == 1, ops  # the beam's length penalty; none from GELU
     assert ops["gelu"] == L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1, ops

@@ -1,0 +1,81 @@
+"""Kernels the engine launches per sampling step and per decoded token, counted on the CPU: every ATen op that
+does work (views and allocations left out), plus the engine's Triton kernels, each counted once and run as its
+torch equivalent. On a GPU each is a launch, which a CUDA graph replays without the host but still runs one
+after another, so the count bounds a graphed step as much as its FLOPs do. The ops are the same on a GPU, where
+a few (attention) may launch more than one kernel each. bench/step_kernels.py prints them; bench/latency.py
+records the totals beside its timings.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from .beam_search import BeamSearchConfig
+from .config import ModelConfig
+from .decoder import LatentDecoder
+from .fused_sampler import FusedSampler
+from .reverse import ReverseTransformer
+from .schedule import NoiseSchedule
+from .static_beam_search import StaticBeamSearch
+from .step_tables import ddpm_tables
+
+NO_KERNEL = {"view", "expand", "as_strided", "unsqueeze", "slice", "select", "t", "transpose", "permute", "split",
+             "split_with_sizes", "_reshape_alias", "alias", "empty", "empty_strided", "empty_like", "detach",
+             "_unsafe_view", "unbind", "squeeze", "lift_fresh"}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen ops that run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in NO_KERNEL:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counted_add_layer_norm(counter: CountOps):
+    """The fused add + norm Triton kernel as one counted kernel; its torch equivalent runs uncounted."""
+    def add_layer_norm(h, y, norm):
+        counter.ops["add_layer_norm (Triton)"] += 1
+        with _disable_current_modes():
+            h.add_(y)
+            return h, F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return add_layer_norm
+
+
+def step_kernels(preset: str, batch: int) -> Counter:
+    """Ops of one sampling step of the engine's loop (DDPM, a noise draw)."""
+    config = ModelConfig.from_preset(preset)
+    sampler = FusedSampler(ReverseTransformer(config).eval(), ddpm_tables(NoiseSchedule.from_config(config)),
+                           device="cpu", graphs=False, fused_norms=True)  # as on a GPU
+    counter = CountOps()
+    sampler.fused_update = lambda *args, **kwargs: None  # counted as one kernel below
+    sampler.denoiser.add_layer_norm = _counted_add_layer_norm(counter)
+    buf = sampler._buffers_for((batch, *config.latent_shape))
+    with torch.no_grad(), counter:
+        sampler._one_step(buf, torch.Generator().manual_seed(0), draw=True, from_table=False)
+    counter.ops["fused_update (Triton)"] += 1
+    return counter.ops
+
+
+def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4) -> Counter:
+    """Ops of one token of the engine's static-KV beam decode (GPT-2 step, beam selection, cache reorder), for
+    a decoder on the CPU."""
+    tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)  # the cache's length changes no count
+    config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
+    search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True)  # as on a GPU
+    counter = CountOps()
+    search.model.add_layer_norm = _counted_add_layer_norm(counter)
+    with torch.no_grad():
+        state = search._prefill()
+        with counter:
+            search.decode_step(state)
+    return counter.ops
