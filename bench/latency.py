@@ -109,6 +109,7 @@ def main() -> None:
     print(f"device {results['device']}, engine backend {engine.backend}, matmul {rates['matmul_tflops']:.2f} TFLOP/s, "
           f"copy {rates['copy_gbs']:.0f} GB/s")
     sample = dict(sampler=args.sampler, steps=args.steps, seed=0, progress=False)
+    denoiser = FoldedReverse(reference.reverse, torch.zeros(1))  # the engine's model, for its shapes
 
     for batch in args.batch_sizes:
         latents = torch.randn(batch, config.latent_dim, device=device)
@@ -142,7 +143,6 @@ def main() -> None:
         row["end_to_end_engine"] = {"median_s": row["sample_engine"]["median_s"] + row["decode_engine"]["median_s"]}
 
         n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
-        denoiser = FoldedReverse(reference.reverse, torch.zeros(1))  # the engine's model, for its shapes
         flops, bytes_moved = reverse_step_cost(denoiser, batch, engine.dtype.itemsize)
         floor_s = floor_seconds(flops, bytes_moved, rates)
         per_step = row["sample_engine"]["median_s"] / n_steps

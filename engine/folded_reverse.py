@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import residual_norm
 from .reverse import ReverseTransformer, timestep_embedding
 
 
@@ -37,10 +38,7 @@ class FoldedReverse(nn.Module):
         super().__init__()
         cfg = model.config
         self.fused_norms = fused_norms
-        if fused_norms:
-            from .kernels.add_layer_norm import add_layer_norm
-
-            self.add_layer_norm = add_layer_norm
+        self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
         self.config, self.blocks, self.ln_f, self.out_proj = cfg, model.blocks, model.ln_f, model.out_proj
         weight, bias = model.in_proj.weight, model.in_proj.bias  # (d, n_in + E), (d,)
         dtype, device = weight.dtype, weight.device
@@ -78,15 +76,9 @@ class FoldedReverse(nn.Module):
             h = F.linear(x_t, self.in_weight) + self.step_bias.index_select(0, step)  # (B, K, d)
         # attention over one token is its value, projected: one folded matrix; over K tokens the block's own
         attentions = self.value_out if one_token else [block.attn for block in self.blocks]
-        if not self.fused_norms:
-            for block, attention in zip(self.blocks, attentions):
-                h = h + attention(block.ln_1(h))
-                h = h + block.mlp(block.ln_2(h))
-            return self.out_proj(self.ln_f(h))  # (B, [K,] D)
-        # each residual add and the layer norm after it in one kernel; the last one's norm is ln_f
-        following = [block.ln_1 for block in self.blocks[1:]] + [self.ln_f]
-        x = self.blocks[0].ln_1(h)
+        following = [block.ln_1 for block in self.blocks[1:]] + [self.ln_f]  # the norm after each block
+        x = self.blocks[0].ln_1(h)  # h: the residual stream; x: its normalized value, each block's input
         for block, attention, next_norm in zip(self.blocks, attentions, following):
-            h, x = self.add_layer_norm(h, attention(x), block.ln_2)
-            h, x = self.add_layer_norm(h, block.mlp(x), next_norm)
+            h, x = self.add_norm(h, attention(x), block.ln_2)
+            h, x = self.add_norm(h, block.mlp(x), next_norm)
         return self.out_proj(x)  # (B, [K,] D)

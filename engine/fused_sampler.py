@@ -70,7 +70,7 @@ class FusedSampler:
         """graphs: capture the steps as CUDA graphs (default: on CUDA); chunk: steps per graph; clamp: clamp
         x0_hat to [-clamp, clamp] (as the model was trained); fused_norms: each residual add and the layer norm
         after it as one Triton kernel (default: on CUDA; Triton's CPU interpreter runs it far slower than torch)."""
-        self.reverse, self.device, self.dtype, self.clamp = reverse, torch.device(device), dtype, clamp
+        self.device, self.dtype, self.clamp = torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
         self.plan = loop_plan(self.draws, chunk)

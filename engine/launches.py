@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .beam_search import BeamSearchConfig
 from .config import ModelConfig
 from .decoder import LatentDecoder
 from .fused_sampler import FusedSampler
+from .kernels import add_then_norm
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule
 from .static_beam_search import StaticBeamSearch
@@ -46,8 +46,7 @@ def _counted_add_layer_norm(counter: CountOps):
     def add_layer_norm(h, y, norm):
         counter.ops["add_layer_norm (Triton)"] += 1
         with _disable_current_modes():
-            h.add_(y)
-            return h, F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            return add_then_norm(h, y, norm)
     return add_layer_norm
 
 
@@ -58,7 +57,7 @@ def step_kernels(preset: str, batch: int) -> Counter:
                            device="cpu", graphs=False, fused_norms=True)  # as on a GPU
     counter = CountOps()
     sampler.fused_update = lambda *args, **kwargs: None  # counted as one kernel below
-    sampler.denoiser.add_layer_norm = _counted_add_layer_norm(counter)
+    sampler.denoiser.add_norm = _counted_add_layer_norm(counter)
     buf = sampler._buffers_for((batch, *config.latent_shape))
     with torch.no_grad(), counter:
         sampler._one_step(buf, torch.Generator().manual_seed(0), draw=True, from_table=False)
@@ -73,7 +72,7 @@ def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4) -> Co
     config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
     search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True)  # as on a GPU
     counter = CountOps()
-    search.model.add_layer_norm = _counted_add_layer_norm(counter)
+    search.model.add_norm = _counted_add_layer_norm(counter)
     with torch.no_grad():
         state = search._prefill()
         with counter:

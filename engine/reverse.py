@@ -82,17 +82,13 @@ class ReverseTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.latent_dim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | None, x0_prev: torch.Tensor | None = None, *,
-                time_embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, D), or (B, K, D) with config.latent_tokens = K > 1; t: (B,) continuous timestep in [0, T);
         x0_prev: the previous x0 estimate, x_t's shape, used only with config.self_condition (None: zeros).
-        time_embedding: timestep_embedding(t) (B, E) computed ahead (the engine keeps a table of its steps'),
-        in place of t. Returns x_t's shape."""
+        Returns x_t's shape."""
         single = x_t.dim() == 2
         x = x_t[:, None, :] if single else x_t  # (B, K, D)
-        if time_embedding is None:
-            time_embedding = timestep_embedding(t, self.config.time_embed_dim)
-        temb = time_embedding.to(x.dtype)  # (B, E)
+        temb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)  # (B, E)
         temb = temb[:, None, :].expand(-1, x.shape[1], -1)  # (B, K, E)
         parts = [x]
         if self.config.self_condition:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
+from .kernels import residual_norm
+
 
 def check_supported(gpt2: GPT2LMHeadModel) -> None:
     cfg = gpt2.config
@@ -38,11 +40,7 @@ class StaticKVGPT2:
         # GPT-2's gelu_new spelled out in eight elementwise kernels; torch's tanh GELU is the same function in
         # one (transformers' gelu_pytorch_tanh), equal but for rounding
         self.act = functools.partial(F.gelu, approximate="tanh") if isinstance(act, NewGELUActivation) else act
-        self.add_layer_norm = None
-        if fused_norms:
-            from .kernels.add_layer_norm import add_layer_norm
-
-            self.add_layer_norm = add_layer_norm
+        self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
         if max_len > cfg.n_positions:
             raise ValueError(f"max_len {max_len} exceeds the decoder's n_positions {cfg.n_positions}")
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -113,12 +111,8 @@ class StaticKVGPT2:
             self.k_cache[layer].index_copy_(2, index, k)
             self.v_cache[layer].index_copy_(2, index, v)
             attn = F.scaled_dot_product_attention(q, self.k_cache[layer], self.v_cache[layer], attn_mask=bias)
-            if self.add_layer_norm is None:
-                h = self._block_tail(block, h, attn)
-                x = next_norm(h)
-            else:  # each residual add and the norm after it in one kernel
-                h, x = self.add_layer_norm(h, self._attention_out(block, attn), block.ln_2)
-                h, x = self.add_layer_norm(h, self._mlp(block, x), next_norm)
+            h, x = self.add_norm(h, self._attention_out(block, attn), block.ln_2)
+            h, x = self.add_norm(h, self._mlp(block, x), next_norm)
         return self.gpt2.lm_head(x[:, 0, :])  # x: ln_f(h)
 
     def reorder(self, rows: torch.Tensor) -> None:

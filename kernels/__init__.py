@@ -1,1 +1,21 @@
-"""Triton kernels for the engine's hot loops (the fused per-step noise update lands here: issue 3)."""
+"""Triton kernels for the engine's hot loops: the fused per-step update (`fused_update`) and a residual add
+with the layer norm after it (`add_layer_norm`); `aot` compiles them ahead of time for a GPU architecture."""
+
+from __future__ import annotations
+
+
+def add_then_norm(h, y, norm):
+    """torch's residual add and the layer norm after it, as two kernels: (h + y, norm(h + y))."""
+    h = h + y
+    return h, norm(h)
+
+
+def residual_norm(fused: bool):
+    """The function (h, y, norm) -> (h + y, norm(h + y)) a block's tail calls: the one Triton kernel
+    (ldlm.kernels.add_layer_norm, which updates h in place) when fused, torch's add and norm otherwise.
+    Importing this module imports no Triton; the fused kernel needs it (on CPU, TRITON_INTERPRET=1)."""
+    if not fused:
+        return add_then_norm
+    from .add_layer_norm import add_layer_norm
+
+    return add_layer_norm

@@ -67,7 +67,9 @@ def test_same_tokens_with_fused_norms(decoder):  # noqa: F811
     latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(3))
     cfg = BeamSearchConfig(num_beams=4, max_new_tokens=12)
     search = StaticBeamSearch(decoder, batch_size=6, config=cfg, fused_norms=True)
-    assert search.model.add_layer_norm is not None
+    from ldlm.kernels.add_layer_norm import add_layer_norm
+
+    assert search.model.add_norm is add_layer_norm
     assert search(latents) == beam_search(decoder, latents, cfg)
 
 
