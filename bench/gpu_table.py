@@ -57,6 +57,10 @@ def main(out: Path) -> None:
         row = json.loads((out / "latency_bf16.json").read_text())["rows"][0]
         lines.append(f"| batch {row['batch']} bf16 engine: sampling loop | {row['sample_engine']['median_s']*1e3:.1f} ms = "
                      f"{row['speedup_sample']:.1f}x vs fp32 reference | |")
+    if (out / "training.log").exists():
+        log = (out / "training.log").read_text().strip().splitlines()
+        lines.append(f"| training on CUDA (tests/test_training.py) | "
+                     f"{next((l for l in reversed(log) if 'passed' in l or 'failed' in l), log[-1])} | all pass |")
     print("\n".join(lines))
 
 

@@ -17,21 +17,22 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from .config import ModelConfig
 from .decoder import gpt2_config, load_tokenizer, train_bpe_tokenizer
-from .train import warmup_cosine
+from .train import autocast, check_precision, training_device, warmup_cosine
 
 
 def train_language_model(texts: list[str], out: str | Path, config: ModelConfig, *, time_budget: float | None,
                          max_steps: int | None = None, batch_size: int = 64, lr: float = 5e-4, warmup_steps: int = 100,
-                         seed: int = 0, progress: bool = True) -> dict:
+                         seed: int = 0, device: str = "cpu", precision: str = "fp32", progress: bool = True) -> dict:
     """Train until `time_budget` seconds or `max_steps` steps, whichever comes first (None: that limit is off).
     A step limit makes a run reproducible whatever else the machine does; the cosine schedule follows whichever
-    limit is nearer, as in `ldlm train`."""
+    limit is nearer, as in `ldlm train`, and so do `device` and `precision` ("fp32" or "bf16" autocast)."""
     if not time_budget and not max_steps:
         raise ValueError("give the baseline a time budget or a step limit (time_budget > 0 or max_steps > 0)")
+    place, precision = training_device(device), check_precision(precision)
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = train_bpe_tokenizer(texts, config.vocab_size)
-    model = GPT2LMHeadModel(gpt2_config(config, tokenizer)).train()
+    model = GPT2LMHeadModel(gpt2_config(config, tokenizer)).to(place).train()
     model.loss_type = "ForCausalLM"  # transformers infers it from the class name, which "LMHead" misses, and warns
     eos = tokenizer.eos_token_id
     rows = [[eos] + ids[: config.max_text_tokens] + [eos] for ids in tokenizer(texts)["input_ids"]]
@@ -47,7 +48,9 @@ def train_language_model(texts: list[str], out: str | Path, config: ModelConfig,
         mask = torch.zeros((batch_size, width), dtype=torch.long)
         for i, row in enumerate(batch):
             ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        ids, mask = ids.to(place), mask.to(place)
+        with autocast(place, precision):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         for group in optimizer.param_groups:
             done = max(step / max_steps if max_steps else 0.0, elapsed / time_budget if time_budget else 0.0)
             group["lr"] = lr * warmup_cosine(step, done, warmup_steps)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .backends import BACKENDS, BackendUnavailable
-from .config import PRESETS, size_overrides
+from .config import PRESETS, TRAINING_PRECISIONS, size_overrides
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,14 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="onnx backend: run the int8-quantized reverse transformer")
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="torch device to train on, e.g. cuda (default cpu); the data drawn does not depend on it")
+    p.add_argument("--precision", choices=TRAINING_PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast for the matmuls (weights, optimizer and losses stay fp32; "
+                        "default fp32)")
 
 
 def _texts_from_args(args) -> list[str]:
@@ -108,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help=f"nucleus threshold: {defaults}")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches and noise (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    _add_training_flags(p)
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
     p = sub.add_parser("generate", help="unconditional samples, or a batch job over a JSONL file (--input/--output)")
@@ -168,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-text-tokens", type=int, default=None,
                    help="tokens kept per text (default: the preset's); the context grows to fit")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _add_training_flags(q)
     q.add_argument("--no-progress", action="store_true", help="turn progress bars off")
     q = base.add_parser("sample", help="nucleus samples (p=0.95), one per line")
     q.add_argument("model", help="directory written by `ldlm baseline train`")
@@ -234,7 +244,8 @@ def cmd_train(args) -> None:
         time_budget=args.time_budget or None, decoder_share=args.decoder_share, decoder_steps=args.decoder_steps,
         diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
-        seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay,
+        seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay, device=args.device,
+        precision=args.precision,
         decoder_from=args.decoder_from or reused.get("decoder"),
         reverse_from=args.reverse_from or reused.get("diffusion"),
     )
@@ -354,7 +365,8 @@ def cmd_baseline(args) -> None:
         if not args.time_budget and not args.steps:
             raise SystemExit("ldlm baseline train: give --steps N or a --time-budget above 0")
         summary = train_language_model(texts, args.out, config, time_budget=args.time_budget, max_steps=args.steps,
-                                       seed=args.seed, progress=not args.no_progress)
+                                       seed=args.seed, device=args.device, precision=args.precision,
+                                       progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
         return
     texts = sample_language_model(args.model, args.num_samples, seed=args.seed, top_p=args.top_p,

@@ -97,6 +97,7 @@ ENCODER_FIELDS = ("encoder", "latent_dim", "encoder_max_tokens", "latent_tokens"
 REVERSE_FIELDS = ("num_timesteps", "beta_start", "beta_end", "d_model", "n_layers", "n_heads", "time_embed_dim",
                   "mlp_ratio", "dropout", "self_condition")
 DECODER_FIELDS = ("decoder", "n_prefix", "n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "max_text_tokens")
+TRAINING_PRECISIONS = ("fp32", "bf16")  # fp32, or bf16 autocast of the matmuls (ldlm.train.autocast)
 
 
 PRESETS: dict[str, ModelConfig] = {

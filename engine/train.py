@@ -25,7 +25,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .checkpoint import Components, load_checkpoint, save_checkpoint
-from .config import DECODER_FIELDS, ENCODER_FIELDS, REVERSE_FIELDS, ModelConfig
+from .config import DECODER_FIELDS, ENCODER_FIELDS, REVERSE_FIELDS, TRAINING_PRECISIONS, ModelConfig
 from .data import split_holdout
 from .decoder import LatentDecoder
 from .encoder import LatentEncoder, build_tiny_encoder, pad_states
@@ -59,6 +59,10 @@ class TrainConfig:
     decoder_from: str | None = None  # reuse this checkpoint's trained decoder and tokenizer: stage 1 is skipped
     reverse_from: str | None = None  # reuse this checkpoint's reverse transformer and latent statistics: stage 2 is skipped
     seed: int = 0
+    # where the models train, e.g. "cuda"; batches, timesteps and noise are drawn on the CPU by one seeded
+    # generator, so a run sees the same data on any device and --resume may move it to another
+    device: str = "cpu"
+    precision: str = "fp32"  # "bf16": matmuls autocast to bfloat16; weights, optimizer state and losses stay fp32
 
     def __post_init__(self) -> None:
         if self.time_budget is None and ((self.decoder_steps is None and self.decoder_from is None)
@@ -66,6 +70,7 @@ class TrainConfig:
             raise ValueError("give a time budget, or step limits for each stage that is trained")
         if not 0.0 < self.decoder_share < 1.0:
             raise ValueError(f"decoder_share must be in (0, 1), got {self.decoder_share}")
+        check_precision(self.precision)
 
 
 def _fingerprint(texts: list[str], encoder_name: str | None) -> str:
@@ -73,6 +78,27 @@ def _fingerprint(texts: list[str], encoder_name: str | None) -> str:
     for text in texts:
         digest.update(text.encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+def training_device(name: str) -> torch.device:
+    """`name` as a torch device, checked to be usable here (so a missing GPU fails before any work)."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
+        raise ValueError(f"cannot train on device {name!r} ({e}): pick one this machine has, e.g. --device cpu") from e
+    return device
+
+
+def check_precision(precision: str) -> str:
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the forward passes and losses run in: bf16 autocast, or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
 
 
 def warmup_cosine(step: int, done: float, warmup_steps: int) -> float:
@@ -148,9 +174,11 @@ class Trainer:
         self.cfg = train_config
         self.progress = progress
         self.log = log
+        self.device = training_device(train_config.device)
         self.train_texts, self.val_texts = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
         fingerprint = _fingerprint(texts, model_config.encoder)
         self.generator = torch.Generator().manual_seed(train_config.seed)
+        self.saved_rng: dict[str, torch.Tensor] = {}  # generator states of a resumed run (ldlm.train.Trainer.save)
         self.ema: ReverseTransformer | None = None  # EMA weights of the reverse transformer, when enabled
 
         if resume:
@@ -168,6 +196,9 @@ class Trainer:
                                                                           ("diffusion", train_config.reverse_from)) if p}}
         c = self.components
         self.config = c.config
+        for module in (c.encoder, c.decoder, c.reverse, self.ema):  # the latents and their statistics stay on the CPU
+            if module is not None:
+                module.to(self.device)
         if self.config.latent_tokens > 1:
             if train_config.decoder_noise > 0:
                 raise ValueError("decoder_noise needs latent_tokens = 1 (its scale is the latent std, which the "
@@ -178,7 +209,7 @@ class Trainer:
             self.train_latents, self.val_latents = self._latents(fingerprint)
         if not resume and train_config.reverse_from is None:
             self._set_latent_stats()
-        self.schedule = NoiseSchedule.from_config(self.config)
+        self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
         self.train_ids = self._token_ids(self.train_texts)
         self.val_ids = self._token_ids(self.val_texts)
 
@@ -190,7 +221,8 @@ class Trainer:
         state = json.loads(state_file.read_text())
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"{self.out} was trained on other data or another encoder: resume with the same --data")
-        self.generator.set_state(load_file(str(self.state_dir / "rng.safetensors"))["generator"])
+        self.saved_rng = load_file(str(self.state_dir / "rng.safetensors"))
+        self.generator.set_state(self.saved_rng["generator"])
         components = load_checkpoint(self.out)
         raw = self.state_dir / "reverse_raw.safetensors"
         if raw.is_file():  # the checkpoint serves EMA weights; training continues from the raw ones
@@ -207,8 +239,8 @@ class Trainer:
                 return stored["train"], stored["val"]
         start = time.perf_counter()
         encoder = self.components.encoder
-        train = encoder.encode(self.train_texts)
-        val = encoder.encode(self.val_texts) if self.val_texts else torch.empty(0, encoder.latent_dim)
+        train = encoder.encode(self.train_texts).cpu()
+        val = encoder.encode(self.val_texts).cpu() if self.val_texts else torch.empty(0, encoder.latent_dim)
         n = len(self.train_texts) + len(self.val_texts)
         self.log(f"encoded {n} texts in {time.perf_counter() - start:.1f}s ({n / (time.perf_counter() - start):.0f}/s)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -238,9 +270,10 @@ class Trainer:
         return train, val
 
     def _resample(self, states: list[torch.Tensor]) -> torch.Tensor:
-        """Token states [(L_i, D)] -> latent tokens (N, K, D) through the resampler (with grad when training)."""
+        """Token states [(L_i, D)] -> latent tokens (N, K, D) on the training device, through the resampler (with
+        grad when training)."""
         hidden, mask = pad_states(states)
-        return self.components.encoder.resampler(hidden, mask)
+        return self.components.encoder.resampler(hidden.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
     def _resampled(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +283,7 @@ class Trainer:
             out = torch.empty(len(states), *self.config.latent_shape)
             for start in range(0, len(order), 256):
                 idx = order[start : start + 256]
-                out[idx] = self._resample([states[i] for i in idx])
+                out[idx] = self._resample([states[i] for i in idx]).cpu()
             return out
 
         return run(self.train_states), run(self.val_states)
@@ -261,11 +294,11 @@ class Trainer:
         self.components.latent_std = self.train_latents.std(dim=0).clamp(min=1e-6)
 
     def _decoder_latents(self, split: str, idx: list[int]) -> torch.Tensor:
-        """Stage 1's input latents for these items: the cached pooled latents, or (K > 1) the resampler's output
-        on their token states, with grad so the resampler trains with the decoder."""
+        """Stage 1's input latents for these items, on the training device: the cached pooled latents, or (K > 1)
+        the resampler's output on their token states, with grad so the resampler trains with the decoder."""
         if self.config.latent_tokens > 1:
             return self._resample([(self.train_states if split == "train" else self.val_states)[i] for i in idx])
-        return (self.train_latents if split == "train" else self.val_latents)[idx]
+        return (self.train_latents if split == "train" else self.val_latents)[idx].to(self.device)
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         return self.components.decoder.tokenizer(texts)["input_ids"] if texts else []
@@ -273,20 +306,24 @@ class Trainer:
     # --- batches and losses ----------------------------------------------------------------------
     def _decoder_loss(self, latents: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         ids, mask = self.components.decoder.pad(rows)
-        return self.components.decoder.loss(latents, ids, mask)
+        with autocast(self.device, self.cfg.precision):
+            return self.components.decoder.loss(latents, ids.to(self.device), mask.to(self.device))
 
     def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model=None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE of the x0 prediction; z0 (B, *latent_shape) on the training device, t (B,) and noise drawn on the CPU."""
         model = model or self.components.reverse
+        t, noise = t.to(self.device), noise.to(self.device)
         x_t = add_noise(self.schedule, z0, t, noise)
         x0_prev = None
-        if self.config.self_condition:  # half the batch sees its own (detached) first estimate, half sees zeros
-            with torch.no_grad():
-                estimate = model(x_t, t.float())
-            keep = torch.rand(z0.shape[0], generator=generator or self.generator) < 0.5  # (B,)
-            keep = keep.view(-1, *(1,) * (z0.dim() - 1))  # (B, 1) or (B, 1, 1) with K latent tokens
-            x0_prev = torch.where(keep, estimate, torch.zeros_like(estimate))
-        return F.mse_loss(model(x_t, t.float(), x0_prev), z0)
+        with autocast(self.device, self.cfg.precision):
+            if self.config.self_condition:  # half the batch sees its own (detached) first estimate, half sees zeros
+                with torch.no_grad():
+                    estimate = model(x_t, t.float())
+                keep = torch.rand(z0.shape[0], generator=generator or self.generator) < 0.5  # (B,)
+                keep = keep.view(-1, *(1,) * (z0.dim() - 1)).to(self.device)  # (B, 1) or (B, 1, 1) with K tokens
+                x0_prev = torch.where(keep, estimate, torch.zeros_like(estimate))
+            return F.mse_loss(model(x_t, t.float(), x0_prev).float(), z0)
 
     def _normalized(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.components.latent_mean) / self.components.latent_std
@@ -305,7 +342,7 @@ class Trainer:
                 latents = self._decoder_latents("val", list(range(start, start + len(latents))))
                 losses.append(self._decoder_loss(latents, self.val_ids[start : start + 256]).item() * len(latents))
             else:
-                z0 = self._normalized(latents)
+                z0 = self._normalized(latents).to(self.device)
                 t = torch.randint(0, self.schedule.num_timesteps, (len(z0),), generator=fixed)
                 noise = torch.randn(z0.shape, generator=fixed)
                 losses.append(self._diffusion_loss(z0, t, noise, self.ema, fixed).item() * len(latents))
@@ -359,7 +396,8 @@ class Trainer:
             save_checkpoint(self.components, self.out)
         for stage, optimizer in getattr(self, "_optimizers", {}).items():
             save_optimizer(optimizer, self.state_dir / f"{stage}_optimizer.safetensors")
-        save_file({"generator": self.generator.get_state()}, str(self.state_dir / "rng.safetensors"))
+        save_file({"generator": self.generator.get_state(), **self._dropout_rng_states()},
+                  str(self.state_dir / "rng.safetensors"))
         (self.state_dir / "state.json").write_text(json.dumps(self.state, indent=2))
 
     def _write_log(self, record: dict) -> None:
@@ -373,9 +411,40 @@ class Trainer:
         return ((max_steps is None or self.state["steps"][stage] < max_steps)
                 and (max_seconds is None or self.state["elapsed"][stage] < max_seconds))
 
+    # --- randomness beyond self.generator: dropout draws from torch's global generators ----------------
+    def _dropout_rng_states(self) -> dict[str, torch.Tensor]:
+        """The global generators' states (CPU, and the training GPU's), saved so --resume continues them."""
+        states = {"dropout_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["dropout_cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _seed_dropout(self) -> None:
+        """The global generators as a resumed run left them, else seeded from the config's seed: a run is
+        reproducible whatever the process did before (torch seeds its global generator at random)."""
+        seed = self.cfg.seed + 3  # seed .. seed + 2 initialize the decoder, reverse transformer and resampler
+        if "dropout_cpu" in self.saved_rng:
+            torch.set_rng_state(self.saved_rng["dropout_cpu"])
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            if "dropout_cuda" in self.saved_rng:
+                torch.cuda.set_rng_state(self.saved_rng["dropout_cuda"], self.device)
+            else:
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(seed)
+
     def run(self) -> dict:
         """Run each stage that has budget left. The stages are independent given the frozen encoder, so a
-        resumed run with larger limits continues whichever stage they extend."""
+        resumed run with larger limits continues whichever stage they extend. The global generators are forked:
+        training leaves the caller's random state as it was."""
+        gpus = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
+            self._seed_dropout()
+            return self._run_stages()
+
+    def _run_stages(self) -> dict:
         self._optimizers = {}
         summary = {}
         if (self.config.latent_tokens > 1 and self.state["steps"]["diffusion"] > 0
@@ -407,11 +476,12 @@ class Trainer:
         self._optimizers[stage] = optimizer
         if stage == "diffusion" and self.cfg.ema_decay and self.ema is None:
             self.ema = copy.deepcopy(module).eval().requires_grad_(False)
-        base_lr = optimizer.param_groups[0]["lr"]
+        # from the config: a restored optimizer's groups hold the last scheduled rate, not the base one
+        base_lr = self.cfg.decoder_lr if stage == "decoder" else self.cfg.diffusion_lr
         batch_size = self.cfg.decoder_batch_size if stage == "decoder" else self.diffusion_batch_size
         max_steps, max_seconds = self._stage_limits(stage)
         n_train = len(self.train_texts)
-        z_train = self._normalized(self.train_latents)
+        z_train = self._normalized(self.train_latents).to(self.device) if stage == "diffusion" else None
 
         step, elapsed = self.state["steps"][stage], self.state["elapsed"][stage]
         bar = tqdm(total=max_steps, initial=step, desc=stage, disable=not self.progress, dynamic_ncols=True)
@@ -424,12 +494,12 @@ class Trainer:
                 latents = self._decoder_latents("train", idx.tolist())
                 if self.cfg.decoder_noise > 0:  # imperfect sampled latents should still decode (issue 4 lever)
                     noise = torch.randn(latents.shape, generator=self.generator)
-                    latents = latents + self.cfg.decoder_noise * c.latent_std * noise
+                    latents = latents + (self.cfg.decoder_noise * c.latent_std * noise).to(self.device)
                 loss = self._decoder_loss(latents, [self.train_ids[i] for i in idx.tolist()])
             else:
                 t = torch.randint(0, self.schedule.num_timesteps, (batch_size,), generator=self.generator)
                 noise = torch.randn(batch_size, *c.config.latent_shape, generator=self.generator)
-                loss = self._diffusion_loss(z_train[idx], t, noise)
+                loss = self._diffusion_loss(z_train[idx.to(self.device)], t, noise)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}: lower the learning rate")
             done = max(step / max_steps if max_steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)

@@ -45,6 +45,15 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
             table.split(line)[1].splitlines()[0]
 
 
+def test_the_table_reports_pytest_summaries_of_both_test_stages(tmp_path):
+    (tmp_path / "tests.log").write_text("....\n1 failed, 40 passed in 61.2s\ntests exit 1\n")
+    (tmp_path / "training.log").write_text("..\n7 passed, 4 deselected in 20.5s\ntraining exit 0\n")
+    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "| GPU tests (parity, graphs) | 1 failed, 40 passed in 61.2s | all pass |" in table
+    assert "| training on CUDA (tests/test_training.py) | 7 passed, 4 deselected in 20.5s | all pass |" in table
+
+
 def test_an_engine_step_launches_only_the_model_and_one_update():
     """bench/step_kernels.py's count: with one latent token, a step is the model's matmuls (the input projection
     with its step's bias, per block the folded value-output projection and the MLP's two, the output

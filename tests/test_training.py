@@ -1,0 +1,121 @@
+"""Training as a user relies on it: reproducible from its seed, resumable to the same weights, on any device
+and in bf16 autocast. The CUDA cases run where a GPU is (bench/gpu_check.sh) and are skipped elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ldlm
+from ldlm.cli import main
+from ldlm.config import ModelConfig
+from ldlm.train import STAGES, Trainer, train
+
+from .conftest import TINY_TEXTS, tiny_train_config
+
+QUIET = dict(progress=False, log=lambda *_: None)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+# the design's model with every source of randomness training has: dropout (GPT-2), self-conditioning's coin, EMA
+SELF_CONDITIONED = dataclasses.replace(ModelConfig.from_preset("tiny"), self_condition=True)
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint serves, and the raw reverse weights an EMA run keeps for --resume."""
+    files = sorted(directory.glob("*.safetensors")) + sorted((directory / "training").glob("reverse_raw.safetensors"))
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def assert_same_weights(a: dict, b: dict, device: str) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if device == "cpu":  # the CPU kernels are deterministic: bit for bit
+            assert torch.equal(a[key], b[key]), key
+        else:  # CUDA's embedding backward accumulates with atomics, in no fixed order
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_weights_and_the_callers_random_state_untouched(tmp_path, device):
+    config = tiny_train_config(decoder_steps=8, diffusion_steps=6, ema_decay=0.9, device=device)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    train(TINY_TEXTS, tmp_path / "a", SELF_CONDITIONED, config, **QUIET)
+    assert torch.equal(torch.get_rng_state(), before), "training changed the caller's global random state"
+    torch.manual_seed(456)  # a different global state must not matter: dropout is seeded from the config
+    train(TINY_TEXTS, tmp_path / "b", SELF_CONDITIONED, config, **QUIET)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"), device)
+    train(TINY_TEXTS, tmp_path / "c", SELF_CONDITIONED, dataclasses.replace(config, seed=1), **QUIET)
+    assert not torch.equal(weights(tmp_path / "a")["decoder.safetensors:gpt2.lm_head.weight"],
+                           weights(tmp_path / "c")["decoder.safetensors:gpt2.lm_head.weight"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stop_stage, stop_step", [("decoder", 5), ("diffusion", 3)])
+def test_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, monkeypatch, device, stop_stage, stop_step):
+    """A run stopped mid-stage (a crash after a save, or a spent time budget) and resumed ends with the weights
+    of a run never stopped: batches, timesteps, noise, dropout, optimizer and EMA state all continue."""
+    config = tiny_train_config(decoder_steps=10, diffusion_steps=6, ema_decay=0.9, device=device)
+    train(TINY_TEXTS, tmp_path / "whole", SELF_CONDITIONED, config, **QUIET)
+
+    budget_left = Trainer._budget_left
+
+    def stopped(self, stage):
+        if STAGES.index(stage) > STAGES.index(stop_stage):
+            return False
+        return budget_left(self, stage) and not (stage == stop_stage and self.state["steps"][stage] >= stop_step)
+
+    monkeypatch.setattr(Trainer, "_budget_left", stopped)
+    summary = train(TINY_TEXTS, tmp_path / "parts", SELF_CONDITIONED, config, **QUIET)
+    assert summary[stop_stage]["steps"] == stop_step
+    monkeypatch.undo()
+    train(TINY_TEXTS, tmp_path / "parts", SELF_CONDITIONED, config, resume=True, **QUIET)
+    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "parts"), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, device):
+    config = tiny_train_config(decoder_steps=12, diffusion_steps=12, device=device)
+    fp32 = train(TINY_TEXTS, tmp_path / "fp32", SELF_CONDITIONED, config, **QUIET)
+    bf16 = train(TINY_TEXTS, tmp_path / "bf16", SELF_CONDITIONED, dataclasses.replace(config, precision="bf16"), **QUIET)
+    for stage in STAGES:
+        assert bf16[stage]["val_loss"] != fp32[stage]["val_loss"], f"{stage}: autocast did not take effect"
+        assert bf16[stage]["val_loss"] == pytest.approx(fp32[stage]["val_loss"], rel=0.05), stage
+    assert ldlm.load(tmp_path / "bf16").reconstruct(["the cat sat on the mat."], progress=False)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        tiny_train_config(precision="fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("latent_tokens", [1, 2])
+def test_training_on_cuda_tracks_the_cpu(tmp_path, latent_tokens):
+    """The same draws on either device (they come from one CPU generator): the reverse transformer, which has no
+    dropout, ends within float tolerance of the CPU's; the decoder (dropout masks come from each device's own
+    generator) close to it. The checkpoint loads and generates on the CPU."""
+    model = dataclasses.replace(SELF_CONDITIONED, latent_tokens=latent_tokens, n_prefix=2)
+    config = tiny_train_config(decoder_steps=20, diffusion_steps=10)
+    cpu = train(TINY_TEXTS, tmp_path / "cpu", model, config, **QUIET)
+    cuda = train(TINY_TEXTS, tmp_path / "cuda", model, dataclasses.replace(config, device="cuda"), **QUIET)
+    assert cuda["decoder"]["val_loss"] == pytest.approx(cpu["decoder"]["val_loss"], rel=0.02)
+    if latent_tokens == 1:  # (with K tokens stage 2 learns the resampler's latents, which dropout also moved)
+        assert cuda["diffusion"]["val_loss"] == pytest.approx(cpu["diffusion"]["val_loss"], rel=1e-4)
+    pipe = ldlm.load(tmp_path / "cuda")
+    assert len(pipe.generate(2, sampler="ddim", steps=3, seed=0, progress=False)) == 2
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="cannot train on device 'gpu0'.*e.g. --device cpu"):
+        train(TINY_TEXTS, tmp_path / "m", SELF_CONDITIONED, tiny_train_config(device="gpu0"), **QUIET)
+    if torch.cuda.is_available():
+        return
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(TINY_TEXTS))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--preset", "tiny", "--device", "cuda",
+                 "--no-progress"]) == 2
+    assert "cannot train on device 'cuda'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists(), "the error should come before any work"
+    assert main(["baseline", "train", "--data", str(data), "--out", str(tmp_path / "lm"), "--preset", "tiny",
+                 "--steps", "2", "--time-budget", "0", "--device", "cuda", "--no-progress"]) == 2
+    assert "cannot train on device 'cuda'" in capsys.readouterr().err
