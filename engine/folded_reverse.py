@@ -59,6 +59,9 @@ class FoldedReverse(nn.Module):
                 folded.weight.copy_(proj.weight.double() @ w_v)
                 folded.bias.copy_(proj.weight.double() @ b_v + proj.bias.double())
                 self.value_out.append(folded)
+        # per block: its attention (over one token, its value projected: the folded matrix) and the norm after it
+        self.attentions = tuple(self.value_out) if cfg.latent_tokens == 1 else tuple(b.attn for b in model.blocks)
+        self.following_norms = (*(block.ln_1 for block in model.blocks[1:]), model.ln_f)
 
     def forward(self, x_t: torch.Tensor, step: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, D), or (B, K, D) with K latent tokens; step: (1,) int64 index into the timesteps (on the
@@ -74,11 +77,8 @@ class FoldedReverse(nn.Module):
             h = F.linear(x_t, self.in_weight, bias)  # (B, d): one matmul with its bias
         else:
             h = F.linear(x_t, self.in_weight) + self.step_bias.index_select(0, step)  # (B, K, d)
-        # attention over one token is its value, projected: one folded matrix; over K tokens the block's own
-        attentions = self.value_out if one_token else [block.attn for block in self.blocks]
-        following = [block.ln_1 for block in self.blocks[1:]] + [self.ln_f]  # the norm after each block
         x = self.blocks[0].ln_1(h)  # h: the residual stream; x: its normalized value, each block's input
-        for block, attention, next_norm in zip(self.blocks, attentions, following):
+        for block, attention, next_norm in zip(self.blocks, self.attentions, self.following_norms):
             h, x = self.add_norm(h, attention(x), block.ln_2)
             h, x = self.add_norm(h, block.mlp(x), next_norm)
         return self.out_proj(x)  # (B, [K,] D)

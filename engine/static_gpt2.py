@@ -41,6 +41,8 @@ class StaticKVGPT2:
         # one (transformers' gelu_pytorch_tanh), equal but for rounding
         self.act = functools.partial(F.gelu, approximate="tanh") if isinstance(act, NewGELUActivation) else act
         self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
+        t = gpt2.transformer
+        self.following_norms = (*(block.ln_1 for block in t.h[1:]), t.ln_f)  # the norm after each block
         if max_len > cfg.n_positions:
             raise ValueError(f"max_len {max_len} exceeds the decoder's n_positions {cfg.n_positions}")
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -103,9 +105,8 @@ class StaticKVGPT2:
         # the mask as the additive bias SDPA would make of a boolean one, once for all layers instead of per layer
         bias = torch.where(self.positions <= position, *self._mask_values)[None, None, None, :]  # (1, 1, 1, max_len)
         index = position.view(1)
-        following = [block.ln_1 for block in t.h[1:]] + [t.ln_f]  # the norm after each block
         x = t.h[0].ln_1(h)
-        for layer, (block, next_norm) in enumerate(zip(t.h, following)):
+        for layer, (block, next_norm) in enumerate(zip(t.h, self.following_norms)):
             q, k, v = block.attn.c_attn(x).split(h.shape[-1], dim=2)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
             self.k_cache[layer].index_copy_(2, index, k)

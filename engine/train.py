@@ -97,8 +97,9 @@ def check_precision(precision: str) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """The context the forward passes and losses run in: bf16 autocast, or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
+    """The context the forward passes and losses run in: bf16 autocast, or plain fp32 (`precision` as checked
+    by check_precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def warmup_cosine(step: int, done: float, warmup_steps: int) -> float:
