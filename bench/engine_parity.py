@@ -20,10 +20,10 @@ import ldlm  # noqa: E402
 from ldlm.beam_search import BeamSearchConfig, beam_search  # noqa: E402
 from ldlm.benchmark import bench_components  # noqa: E402
 from ldlm.fused_sampler import FusedSampler  # noqa: E402
-from ldlm.samplers import sample_ddim, sample_ddpm  # noqa: E402
+from ldlm.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
 from ldlm.schedule import NoiseSchedule  # noqa: E402
 from ldlm.static_beam_search import StaticBeamSearch  # noqa: E402
-from ldlm.step_tables import ddim_tables, ddpm_tables  # noqa: E402
+from ldlm.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables  # noqa: E402
 
 
 def max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ddim-steps", type=int, default=50)
+    parser.add_argument("--dpm-steps", type=int, default=20)
     parser.add_argument("--decode-items", type=int, default=32, help="latents to beam-decode both ways")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
@@ -56,6 +57,9 @@ def main() -> None:
         f"DDIM {args.ddim_steps}": (ddim_tables(schedule, args.ddim_steps, 0.0),
                                     lambda x, g: sample_ddim(reverse, x, schedule.to(device), steps=args.ddim_steps,
                                                              eta=0.0, generator=g, disable=True)),
+        f"DPM-Solver++(2M) {args.dpm_steps}": (dpmpp_2m_tables(schedule, args.dpm_steps),
+                                               lambda x, g: sample_dpmpp_2m(reverse, x, schedule.to(device),
+                                                                            steps=args.dpm_steps, disable=True)),
     }
     shape = (args.batch, *reverse.config.latent_shape)
     print(f"{args.checkpoint or args.preset}, batch {args.batch}, {device}: max relative error of the engine's "

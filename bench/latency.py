@@ -21,6 +21,7 @@ import platform
 import torch
 
 from ldlm.beam_search import BeamSearchConfig, beam_search
+from ldlm.config import SAMPLER_NAMES
 from ldlm.benchmark import bench_components, timed
 from ldlm.folded_reverse import FoldedReverse
 from ldlm.launches import decode_kernels, step_kernels
@@ -81,8 +82,8 @@ def main() -> None:
     parser.add_argument("--engine-backend", default="auto", help="backend for the engine column (default auto)")
     parser.add_argument("--dtype", default="float32", help="engine dtype: float32 (parity), bfloat16, float16")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    parser.add_argument("--steps", type=int, default=None, help="ddim steps (ddpm always runs 1000)")
+    parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES)
+    parser.add_argument("--steps", type=int, default=None, help="steps of ddim or dpm++2m (ddpm always runs 1000)")
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=None, help="decoder vocabulary (default: the preset's)")

@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 
 from .backends import BACKENDS, BackendUnavailable
-from .config import PRESETS, TRAINING_PRECISIONS, size_overrides
+from .config import PRESETS, SAMPLER_NAMES, TRAINING_PRECISIONS, size_overrides
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
-                   help="reverse-diffusion sampler (default: the checkpoint's, DDIM 50 for preset small; "
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="reverse-diffusion sampler (default: the checkpoint's, dpm++2m 20 for preset small; "
                         "ddpm always runs every timestep)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps for ddim (default: the checkpoint's, or 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps of ddim or dpm++2m (default: the checkpoint's, or 50 and 20)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale: 0 deterministic, 1 ancestral (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default 0)")
 
@@ -109,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (default 200)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     defaults = "the checkpoint's default for generate, stored in its config (default: the preset's)"
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help=f"sampler: {defaults}")
-    p.add_argument("--sampling-steps", type=int, default=None, help=f"ddim steps: {defaults}")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"sampler: {defaults}")
+    p.add_argument("--sampling-steps", type=int, default=None, help=f"steps of ddim or dpm++2m: {defaults}")
     p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
                    help=f"beam search or nucleus sampling: {defaults}; nucleus suits a decoder far from converged")
     p.add_argument("--top-p", type=float, default=None, help=f"nucleus threshold: {defaults}")
@@ -153,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="also score the texts of this file (e.g. a baseline's samples)")
     p.add_argument("--num-samples", type=int, default=500, help="samples on each side of MAUVE (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the reference split (default 0)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="sampler (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="steps of ddim or dpm++2m (default 50 and 20)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--output", help="write the full result (with example samples) as JSON to this file")
     p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
@@ -194,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"],
                    help="backends to compare (default auto); onnx exports a checkpoint or preset to a temp folder")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler (default ddpm, 1000 steps)")
-    p.add_argument("--steps", type=int, default=None, help="ddim steps (default 50)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="sampler (default ddpm, 1000 steps)")
+    p.add_argument("--steps", type=int, default=None, help="steps of ddim or dpm++2m (default 50 and 20)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="engine dtype (default float32); the reference runs float32 regardless")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")

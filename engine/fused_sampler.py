@@ -2,8 +2,9 @@
 
 Per step: x0_hat = reverse(x, t[step]) (as ldlm.folded_reverse rearranges it: each step's time is a row of an
 input-bias table); noise drawn into a fixed buffer from the caller's generator;
-x = a[step] x0_hat + b[step] x + c[step] noise (one kernel); step += 1 — all on the device, so the same
-captured graph replays every step. Steps that draw no noise (DDPM's last, all of DDIM with eta = 0) use
+x = a[step] x0_hat + b[step] x + c[step] noise (+ p[step] x0_prev, DPM-Solver++(2M)'s previous estimate, which
+the kernel keeps in a history buffer) in one kernel; step += 1 — all on the device, so the same captured graph
+replays every step. Steps that draw no noise (DDPM's last, all of DDIM with eta = 0 and DPM-Solver++) use
 a second variant without the draw, so the generator advances exactly as in the reference samplers and
 fp32 results match them to rounding.
 
@@ -42,6 +43,7 @@ class _Buffers:
     step: torch.Tensor  # (1,) int64 device step counter
     first_bad_step: torch.Tensor  # (1,) int64: first step whose output was non-finite, -1 while all are finite
     x0_prev: torch.Tensor  # (B, D) the previous step's x0 estimate (self-conditioned models; zeros at the start)
+    history: torch.Tensor  # (B, D) the previous step's clamped x0_hat, for a multistep solver (the kernel keeps it)
     noise_table: torch.Tensor | None = None  # (draws, B, D) per-item noise (ItemNoise), filled before each run
     draw_index: torch.Tensor | None = None  # (1,) int64 device counter: the table row the next draw reads
     graphs: dict = field(default_factory=dict)  # (draws_noise, from_table, steps) -> CUDAGraph of that many steps
@@ -73,6 +75,7 @@ class FusedSampler:
         self.device, self.dtype, self.clamp = torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
+        self.multistep = tables.multistep  # the update also reads the previous step's x0_hat (DPM-Solver++(2M))
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
         # the model with each step's time folded into an input bias (a step gathers its row by the device step
@@ -98,9 +101,11 @@ class FusedSampler:
             buf.draw_index.add_(1)
         elif draw:
             buf.noise.normal_(generator=generator)
+        history = {"history": buf.history, "coef_prev": self.tables.coef_prev} if self.multistep else {}
         self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
                           self.tables.coef_noise, buf.step, out=buf.x, clamp=self.clamp,
-                          first_bad=buf.first_bad_step)  # the kernel flags a non-finite output: no sync, no extra pass
+                          first_bad=buf.first_bad_step,  # the kernel flags a non-finite output: no sync, no extra pass
+                          **history)
         buf.step.add_(1)
 
     def _buffers_for(self, shape: tuple[int, ...]) -> _Buffers:
@@ -109,7 +114,7 @@ class FusedSampler:
             x = torch.zeros(key, device=self.device, dtype=self.dtype)
             counter = torch.zeros(1, dtype=torch.int64, device=self.device)
             self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1),
-                                          torch.zeros_like(x))
+                                          torch.zeros_like(x), torch.zeros_like(x))
         return self._buffers[key]
 
     def _graph(self, buf: _Buffers, draw: bool, from_table: bool, steps: int) -> torch.cuda.CUDAGraph:
@@ -171,6 +176,7 @@ class FusedSampler:
             buf.draw_index.zero_()
         buf.first_bad_step.fill_(-1)
         buf.x0_prev.zero_()
+        buf.history.zero_()  # read at the first step with weight 0: it must be finite
         for draw, steps in self.plan:
             if self.graphs:
                 buf.graphs[(draw, from_table, steps)].replay()

@@ -14,10 +14,10 @@ from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .nucleus import nucleus_decode
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
-from .samplers import SAMPLERS, ItemNoise, check_ddpm_steps
+from .samplers import SAMPLERS, ItemNoise
 from .reverse import self_conditioned
 from .schedule import NoiseSchedule, add_noise
-from .step_tables import ddim_tables, ddpm_tables
+from .step_tables import sampler_tables
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,11 +130,7 @@ class Pipeline:
 
         key = ("sampler", sampler, steps, eta, start_t)
         if key not in self._engine_cache:
-            schedule = self.schedule.to("cpu")
-            if sampler == "ddpm":
-                tables = ddpm_tables(schedule, check_ddpm_steps(schedule.num_timesteps, steps, start_t))
-            else:
-                tables = ddim_tables(schedule, steps or 50, eta, start_t)
+            tables = sampler_tables(sampler, self.schedule.to("cpu"), steps=steps, eta=eta, start_t=start_t)
             self._engine_cache[key] = FusedSampler(self._engine_reverse, tables, device=self.device, dtype=self.dtype,
                                                    graphs=self.backend == "cuda-graph")
         return self._engine_cache[key]

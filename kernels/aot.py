@@ -1,10 +1,10 @@
 """Compile the engine's Triton kernels ahead of time for a GPU architecture, on a machine without a GPU.
 
 Triton's compiler and the ptxas it ships need no GPU: this lowers every variant of each kernel (storage dtype,
-and the fused update's clamp and non-finite tracking) to PTX and machine code (cubin) for, say, Hopper (sm_90).
-CI uses it to check what the interpreter cannot: that each variant compiles for the GPU, and that every access
-to the element tensors is a 128-bit vector access, which is what lets a memory-bound kernel approach copy
-bandwidth.
+and the fused update's clamp, non-finite tracking and multistep history) to PTX and machine code (cubin) for,
+say, Hopper (sm_90). CI uses it to check what the interpreter cannot: that each variant compiles for the GPU,
+and that every access to the element tensors is a 128-bit vector access, which is what lets a memory-bound
+kernel approach copy bandwidth.
 
 The signatures mirror Triton's own launch-time specialization for the engine's buffers: pointers 16-byte
 aligned (every torch allocation is) and widths divisible by 16 (every preset's latent width and model width
@@ -47,10 +47,11 @@ KERNELS = {
     "fused_update": KernelSpec(
         "fused_update", "_fused_update_kernel",
         {"x_ptr": "*{dtype}", "x0_ptr": "*{dtype}", "noise_ptr": "*{dtype}", "out_ptr": "*{dtype}",
-         "coef_x0_ptr": "*fp32", "coef_xt_ptr": "*fp32", "coef_noise_ptr": "*fp32", "step_ptr": "*i64",
-         "first_bad_ptr": "*i64", "n_elements": "i32", "clamp_value": "fp32",
-         "CLAMP": "constexpr", "TRACK_NONFINITE": "constexpr", "BLOCK_SIZE": "constexpr"},
-        divisible=("n_elements",), flags=("CLAMP", "TRACK_NONFINITE"),
+         "history_ptr": "*{dtype}", "coef_x0_ptr": "*fp32", "coef_xt_ptr": "*fp32", "coef_noise_ptr": "*fp32",
+         "coef_prev_ptr": "*fp32", "step_ptr": "*i64", "first_bad_ptr": "*i64", "n_elements": "i32",
+         "clamp_value": "fp32", "CLAMP": "constexpr", "TRACK_NONFINITE": "constexpr", "HISTORY": "constexpr",
+         "BLOCK_SIZE": "constexpr"},
+        divisible=("n_elements",), flags=("CLAMP", "TRACK_NONFINITE", "HISTORY"),
     ),
     # one row per program, as on a GPU: the base preset's width, 768, in 1,024 lanes
     "add_layer_norm": KernelSpec(

@@ -36,7 +36,8 @@ def test_unknown_backend():
         resolve_backend("tensorrt", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 25, 0.0), ("ddim", 25, 1.0)])
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 25, 0.0), ("ddim", 25, 1.0),
+                                                  ("dpm++2m", 15, 0.0)])
 def test_fused_latents_and_text_match_reference(pipelines, sampler, steps, eta):
     reference, fused = pipelines
     kwargs = dict(n=4, sampler=sampler, steps=steps, eta=eta, seed=3, progress=False)
@@ -50,6 +51,9 @@ def test_fused_reconstruct_and_vary_match_reference(pipelines):
     texts = ["the cat sat on the mat.", "rain fell on the quiet town.", "we ate pizza at noon."]
     assert fused.reconstruct(texts, progress=False) == reference.reconstruct(texts, progress=False)
     assert fused.vary(texts, 0.4, seed=2, progress=False) == reference.vary(texts, 0.4, seed=2, progress=False)
+    dpm = {"sampler": "dpm++2m", "steps": 8, "seed": 2, "progress": False}
+    torch.testing.assert_close(fused.vary_latents(texts, 0.4, **dpm), reference.vary_latents(texts, 0.4, **dpm),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_batch_bucket():

@@ -44,6 +44,10 @@ def test_train_then_info_generate_reconstruct_vary(capsys, tmp_path, data_file):
                           "--no-progress")
     records = [json.loads(line) for line in stdout.splitlines()]
     assert code == 0 and [r["index"] for r in records] == [0, 1, 2] and records[0]["sampler"] == "ddim"
+    code, stdout, _ = run(capsys, "generate", str(out), "-n", "2", "--sampler", "dpm++2m", "--steps", "6", "--json",
+                          "--no-progress")
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert code == 0 and [(r["sampler"], r["steps"]) for r in records] == [("dpm++2m", 6)] * 2
 
     code, stdout, err = run(capsys, "reconstruct", str(out), "the cat sat.", "rain fell.", "--no-progress")
     assert code == 0 and len(stdout.splitlines()) == 2 and "backend: reference" in err

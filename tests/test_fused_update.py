@@ -11,7 +11,7 @@ import torch
 
 from ldlm.kernels.fused_update import fused_update  # conftest set TRITON_INTERPRET=1 where there is no GPU
 from ldlm.schedule import NoiseSchedule, ddim_step, ddpm_step
-from ldlm.step_tables import ddim_tables, ddpm_tables
+from ldlm.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (3, 385), (67, 768), (5, 7, 33)]
@@ -59,6 +59,30 @@ def test_ddim_matches_reference_fp32(schedule, shape, eta):
         expected = ddim_step(schedule, x0_hat, x_t, t, t_prev, eta, noise)
         torch.testing.assert_close(_run(tables, step_index, x_t, x0_hat, noise, torch.float32), expected,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clamp", [None, 1.5])
+def test_multistep_update_reads_and_keeps_the_history(schedule, shape, dtype, clamp):
+    """DPM-Solver++(2M): x_next = a x0_hat + b x_t + p x0_prev, and the history buffer holds (clamped) x0_hat
+    after the step, for the next; fp32 reference on the stored inputs, rounded once to the storage dtype."""
+    tables = dpmpp_2m_tables(schedule, steps=20)
+    x_t, x0_hat, x0_prev = (v.to(dtype).float() for v in _inputs(shape, 5))
+    x0_hat = 3 * x0_hat  # some entries beyond the clamp
+    step_index = 7
+    a, b, p = (float(c[step_index]) for c in (tables.coef_x0, tables.coef_xt, tables.coef_prev))
+    assert p != 0
+    kept = x0_hat if clamp is None else x0_hat.clamp(-clamp, clamp)
+    expected = a * kept + b * x_t + p * x0_prev
+    dev = tables.to(DEVICE)
+    x_dev, x0_dev, history = (v.to(DEVICE, dtype).contiguous() for v in (x_t, x0_hat, x0_prev))
+    out = fused_update(x_dev, x0_dev, torch.zeros_like(x_dev), dev.coef_x0, dev.coef_xt, dev.coef_noise,
+                       torch.tensor([step_index], device=DEVICE), clamp=clamp, history=history,
+                       coef_prev=dev.coef_prev)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float().cpu(), expected.to(dtype).float(), rtol=rtol, atol=atol)
+    assert torch.equal(history.cpu(), kept.to(dtype))
 
 
 def test_last_ddpm_step_draws_no_noise(schedule):
@@ -122,3 +146,11 @@ def test_bad_arguments_are_named(schedule):
         fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step, first_bad=step.int())
     with pytest.raises(ValueError, match="step must be a one-element int64"):
         fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step.int())
+    with pytest.raises(ValueError, match="pass history and coef_prev together"):
+        fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step, history=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"shapes differ: .* history \(2, 4\)"):
+        fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step, history=torch.zeros(2, 4),
+                     coef_prev=tables.coef_prev)
+    with pytest.raises(ValueError, match="history must be torch.float32"):
+        fused_update(x, x, x, tables.coef_x0, tables.coef_xt, tables.coef_noise, step,
+                     history=torch.zeros(2, 3, dtype=torch.float16), coef_prev=tables.coef_prev)

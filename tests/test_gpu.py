@@ -20,7 +20,8 @@ def gpu_pipelines(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 64, 100])  # 3 and 100 run padded to the graphs' batch buckets, 4 and 128
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)])
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0),
+                                                  ("dpm++2m", 20, 0.0)])
 def test_graphed_latents_and_text_match_reference(gpu_pipelines, n, sampler, steps, eta):
     reference, graphed = gpu_pipelines
     assert graphed.backend == "cuda-graph"

@@ -24,7 +24,7 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
-    assert [r["kernel"] for r in rows].count("fused_update") == 12  # 3 dtypes x clamp x tracking
+    assert [r["kernel"] for r in rows].count("fused_update") == 24  # 3 dtypes x clamp x tracking x history
     assert [r["kernel"] for r in rows].count("add_layer_norm") == 3
     for row in rows:
         assert row["cubin_bytes"] > 0, row
@@ -32,10 +32,11 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
         threads = row["num_warps"] * 32
         vectors = row["block_size"] // threads * bytes_per_element // 16  # 16-byte accesses per thread per tensor
         if row["kernel"] == "fused_update":
+            history = row["flags"]["HISTORY"]  # a multistep solver: one more coefficient, x0_prev read, x0_hat kept
             expected = {
-                "load": 4,  # the three coefficients and the step counter, one scalar each
-                "load.v4": 3 * vectors,  # x_t, x0_hat, noise
-                "store.v4": vectors,  # x_next
+                "load": 5 if history else 4,  # the coefficients and the step counter, one scalar each
+                "load.v4": (4 if history else 3) * vectors,  # x_t, x0_hat, noise (and x0_prev)
+                "store.v4": (2 if history else 1) * vectors,  # x_next (and x0_hat into the history)
                 **({"atomic": 1} if row["flags"]["TRACK_NONFINITE"] else {}),  # the first-bad-step flag
             }
         else:
@@ -47,5 +48,6 @@ def test_refuses_to_compile_under_the_interpreter(monkeypatch):
     from ldlm.kernels import aot
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    flags = {"CLAMP": False, "TRACK_NONFINITE": False, "HISTORY": False}
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        aot.compile_variant(aot.Variant("fused_update", "float32", {"CLAMP": False, "TRACK_NONFINITE": False}), 90)
+        aot.compile_variant(aot.Variant("fused_update", "float32", flags), 90)

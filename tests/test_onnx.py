@@ -148,7 +148,7 @@ def test_self_conditioned_reverse_graph_takes_the_previous_estimate(tmp_path, ca
         assert rel_err(onnx_reverse(x, t), reverse(x, t)) < 1e-5  # None: zeros, as the module does
 
 
-@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", None), ("ddim", 20)])
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", None), ("ddim", 20), ("dpm++2m", 12)])
 def test_onnx_pipeline_matches_the_reference_end_to_end(tiny_checkpoint, exported, sampler, steps):
     ref, onnx = ldlm.load(tiny_checkpoint), ldlm.load(exported)
     assert onnx.backend == "onnx" and "CPUExecutionProvider" in onnx.backend_reason

@@ -201,8 +201,10 @@ def test_reusing_a_trained_part_skips_its_stage_and_keeps_it_exactly(tiny_checkp
 
 
 def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
-    """Preset `small` samples with DDIM 50 by default (issue 4's measurement); `small-designed` with DDPM 1000."""
-    assert ModelConfig.from_preset("small").sampler == "ddim" and ModelConfig.from_preset("small").sampling_steps == 50
+    """Preset `small` samples with DPM-Solver++(2M), 20 steps, by default (as well as DDIM 50 in bench/RESULTS.md);
+    `small-designed` with DDPM 1000."""
+    small = ModelConfig.from_preset("small")
+    assert (small.sampler, small.sampling_steps) == ("dpm++2m", 20)
     assert ModelConfig.from_preset("small-designed").sampler == "ddpm"
     components = load_checkpoint(tiny_checkpoint)
     components.config = dataclasses.replace(components.config, sampler="ddim", sampling_steps=7)
@@ -210,7 +212,7 @@ def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
     assert pipe.sampling(None, None) == ("ddim", 7) and pipe.sampling("ddpm", None) == ("ddpm", None)
     default = pipe.sample_latents(2, seed=1, progress=False)
     assert torch.equal(default, pipe.sample_latents(2, sampler="ddim", steps=7, seed=1, progress=False))
-    with pytest.raises(ValueError, match="sampler must be 'ddpm' or 'ddim'"):
+    with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'dpm\+\+2m'\]"):
         ModelConfig(sampler="euler")
     # small: four latent tokens decoded by beam search (issue 4's measurement); small-designed: the mean-pooled latent
     assert ModelConfig.from_preset("small").latent_tokens == 4 and ModelConfig.from_preset("small").decoding == "beam"
