@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,12 @@ def test_a_decode_token_launches_per_layer_only_the_model():
     assert attention == L, ops
     per_layer = 1 + 4 + 2 + 2 + 1  # GELU, matmuls, cache writes, add + norms, attention
     assert sum(ops.values()) - per_layer * L == 96, ops  # the rest, the same at any depth (base: 216 - 10 x 12)
+
+
+def test_gpu_check_stage_limits_fit_one_device_call():
+    """The device tool runs a command for at most 600 s: every stage of gpu_check.sh at its limit must fit, with
+    time left for the start-up and the table."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    limits = {name: int(seconds) for name, seconds in re.findall(r"^stage (\w+) (\d+) ", script, re.M)}
+    assert {"install", "tests", "kernel", "latency", "training"} <= set(limits), limits
+    assert sum(limits.values()) <= 560, limits
