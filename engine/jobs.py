@@ -258,6 +258,7 @@ def texts_fitting_memory(pipe, items: list[Item], settings: JobSettings, size: i
 def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, *, batch_size: int = 64,
             resume: bool = False, progress: bool = True) -> dict:
     """Run `items` through `pipe`, appending their records to `output` in input order. Returns counts."""
+    pipe.sampling(settings.sampler, settings.steps, settings.eta)  # settings that cannot run fail before any work
     output = Path(output)
     todo = pending_items(items, output, settings, resume)
     mark_truncated(pipe, todo)

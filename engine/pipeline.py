@@ -14,7 +14,7 @@ from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, save_checkpoint
 from .nucleus import nucleus_decode
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
-from .samplers import SAMPLERS, ItemNoise
+from .samplers import SAMPLERS, ItemNoise, check_sampling
 from .reverse import self_conditioned
 from .schedule import NoiseSchedule, add_noise
 from .step_tables import sampler_tables
@@ -97,10 +97,12 @@ class Pipeline:
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_std + self.latent_mean
 
-    def sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
-        """The sampler and steps to run: the given ones, or the checkpoint's defaults (ModelConfig.sampler)."""
+    def sampling(self, sampler: str | None, steps: int | None, eta: float = 0.0) -> tuple[str, int | None]:
+        """The sampler and steps to run: the given ones, or the checkpoint's defaults (ModelConfig.sampler);
+        raises, saying what to change, when they cannot run with this eta."""
         if sampler is None:
-            return self.config.sampler, steps if steps is not None else self.config.sampling_steps
+            sampler, steps = self.config.sampler, steps if steps is not None else self.config.sampling_steps
+        check_sampling(sampler, steps, eta, self.schedule.num_timesteps)
         return sampler, steps
 
     def _generator(self, seed: int) -> torch.Generator:
@@ -108,8 +110,6 @@ class Pipeline:
 
     def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
                      generator: torch.Generator | ItemNoise, start_t: int | None, progress: bool) -> torch.Tensor:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.backend in ENGINE_BACKENDS:
             fused = self._fused_sampler(sampler, steps, eta, start_t)
             # graphs are captured per batch bucket: pad, then drop the padding. The padded draw gives the real
@@ -153,7 +153,7 @@ class Pipeline:
         With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
         its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default."""
         check_count(n)
-        sampler, steps = self.sampling(sampler, steps)
+        sampler, steps = self.sampling(sampler, steps, eta)
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"seeds has {len(seeds)} entries for {n} samples: give one seed per sample")
         generator = self._generator(seed)
@@ -236,7 +236,7 @@ class Pipeline:
                      seed: int = 0, *, eta: float = 0.0, seeds: list[int] | None = None,
                      progress: bool = True) -> torch.Tensor:
         """The latents `vary` decodes: (N, *latent_shape)."""
-        sampler, steps = self.sampling(sampler, steps)
+        sampler, steps = self.sampling(sampler, steps, eta)
         check_texts(texts)
         check_strength(strength)
         if seeds is not None and len(seeds) != len(texts):

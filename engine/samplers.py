@@ -91,6 +91,19 @@ def _time(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
 
 
+def check_sampling(sampler: str, steps: int | None, eta: float, num_timesteps: int) -> None:
+    """Raise, saying what to change, for a sampler name, step count or eta that cannot run (before any work)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    if steps is not None and not 1 <= steps <= num_timesteps and sampler != "ddpm":
+        raise ValueError(f"steps must be between 1 and {num_timesteps} for sampler {sampler!r}, got {steps}")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta (DDIM's noise scale) applies to sampler 'ddim' only, got eta={eta} with {sampler!r}: "
+                         "drop eta, or use --sampler ddim")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 deterministic, 1 ancestral), got {eta}")
+
+
 def check_ddpm_steps(num_timesteps: int, steps: int | None, start_t: int | None) -> int:
     """DDPM runs every timestep from start_t (default T-1) to 0: returns start_t; a different step count is an error."""
     first = num_timesteps - 1 if start_t is None else start_t

@@ -30,9 +30,9 @@ def read_jsonl(path) -> list[dict]:
 
 def test_per_item_seeds_make_results_independent_of_the_batch(tiny_pipeline):
     seeds = [11, 12, 13, 14]
-    for sampler, steps in (("ddpm", None), ("ddim", 10)):
-        together = tiny_pipeline.sample_latents(4, sampler=sampler, steps=steps, seeds=seeds, eta=1.0, progress=False)
-        alone = torch.cat([tiny_pipeline.sample_latents(1, sampler=sampler, steps=steps, seeds=[s], eta=1.0,
+    for sampler, steps, eta in (("ddpm", None, 0.0), ("ddim", 10, 1.0)):  # both draw noise at every step but the last
+        together = tiny_pipeline.sample_latents(4, sampler=sampler, steps=steps, seeds=seeds, eta=eta, progress=False)
+        alone = torch.cat([tiny_pipeline.sample_latents(1, sampler=sampler, steps=steps, seeds=[s], eta=eta,
                                                         progress=False) for s in reversed(seeds)]).flip(0)
         assert torch.allclose(together, alone, atol=1e-6, rtol=1e-5)
         assert not torch.allclose(together[0], together[1])
@@ -80,6 +80,15 @@ def test_job_reports_every_bad_line_and_keeps_the_rest_in_order(tiny_checkpoint,
     assert good["d"]["seed"] == 123 and good["a"]["mode"] == "sample" and good["e"]["mode"] == "reconstruct"
     assert good["b"]["input"] == GOOD[1]["text"] and good["b"]["settings"]["sampler"] == "ddim"
     assert all(isinstance(r["text"], str) for r in good.values())
+
+
+def test_job_settings_that_cannot_run_fail_before_any_output(tiny_checkpoint, tiny_pipeline, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, GOOD)
+    settings = settings_for(tiny_checkpoint, sampler="dpm++2m", eta=1.0)
+    with pytest.raises(ValueError, match="applies to sampler 'ddim' only"):
+        run_job(tiny_pipeline, read_items(source.open("rb"), 0), out, settings, progress=False)
+    assert not out.exists()
 
 
 def test_job_output_does_not_depend_on_batching_and_flags_truncation(tiny_checkpoint, tiny_pipeline, tmp_path):

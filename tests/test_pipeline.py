@@ -92,6 +92,26 @@ def test_unknown_sampler(tiny_pipeline):
         tiny_pipeline.generate(1, sampler="euler", progress=False)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sampler": "dpm++2m", "eta": 0.5}, r"eta \(DDIM's noise scale\) applies to sampler 'ddim' only"),
+    ({"sampler": "ddpm", "eta": 1.0}, "applies to sampler 'ddim' only"),
+    ({"sampler": "ddim", "eta": 1.5}, r"eta must be in \[0, 1\]"),
+    ({"sampler": "dpm++2m", "steps": 0}, "steps must be between 1 and 1000 for sampler 'dpm\\+\\+2m', got 0"),
+    ({"sampler": "ddim", "steps": 1001}, "steps must be between 1 and 1000"),
+])
+def test_sampling_arguments_that_cannot_run_fail_before_any_work(tiny_pipeline, kwargs, message):
+    calls = []
+    hook = tiny_pipeline.reverse.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            tiny_pipeline.sample_latents(2, progress=False, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            tiny_pipeline.vary_latents(["the cat sat."], 0.5, progress=False, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
+
+
 def test_resume_continues_where_training_stopped(tmp_path):
     config = ModelConfig.from_preset("tiny")
     out = tmp_path / "run"
