@@ -55,6 +55,20 @@ def test_the_table_reports_pytest_summaries_of_both_test_stages(tmp_path):
     assert "| training on CUDA (tests/test_training.py) | 7 passed, 4 deselected in 20.5s | all pass |" in table
 
 
+def test_the_table_reports_each_update_kernels_best_bandwidth(tmp_path):
+    def row(update, share, shape):
+        return {"update": update, "dtype": "float32", "shape": shape, "kernel_gbs": 4000 * share, "copy_gbs": 4000,
+                "kernel_us": 1.0, "share_of_copy": share}
+
+    rows = [row("ddpm", 0.5, [64, 768]), row("ddpm", 0.81, [65536, 768]), row("dpm++2m", 0.9, [262144, 768])]
+    (tmp_path / "kernel.json").write_text(json.dumps({"device": "test", "rows": rows}))
+    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert ("| fused kernel bandwidth (ddpm update), best size | 3240 GB/s = 81% of copy (float32, [65536, 768]) "
+            "| >= 70% of copy |") in table
+    assert "| fused kernel bandwidth (dpm++2m update), best size | 3600 GB/s = 90% of copy" in table
+
+
 def test_an_engine_step_launches_only_the_model_and_one_update():
     """bench/step_kernels.py's count: with one latent token, a step is the model's matmuls (the input projection
     with its step's bias, per block the folded value-output projection and the MLP's two, the output
