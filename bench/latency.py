@@ -26,13 +26,15 @@ from ldlm.benchmark import bench_components, timed
 from ldlm.folded_reverse import FoldedReverse
 from ldlm.launches import decode_kernels, step_kernels
 from ldlm.pipeline import Pipeline
+from ldlm.step_tables import sampler_tables
 
 
-def reverse_step_cost(denoiser: FoldedReverse, batch: int, bytes_per_element: int = 4) -> tuple[float, float]:
+def reverse_step_cost(denoiser: FoldedReverse, batch: int, bytes_per_element: int = 4,
+                      multistep: bool = False) -> tuple[float, float]:
     """(FLOPs, bytes) of one engine sampling step: the reverse transformer as the engine runs it
     (ldlm.folded_reverse: each step's time an input-bias row; with one latent token, attention's value and
     output projections folded into one matrix and no query or key), plus the update (read x, x0_hat, noise;
-    write x). Every tensor the step reads is read once; FLOPs are the matmuls' (the elementwise work and the
+    write x; a multistep solver also reads and writes its history). Every tensor the step reads is read once; FLOPs are the matmuls' (the elementwise work and the
     attention scores over K tokens, K^2 d per block, are left out)."""
     cfg = denoiser.config
     K, D = cfg.latent_tokens, cfg.latent_dim
@@ -42,7 +44,8 @@ def reverse_step_cost(denoiser: FoldedReverse, batch: int, bytes_per_element: in
             *denoiser.out_proj.parameters()]
     matmul_params = sum(t.numel() for t in read if t.dim() == 2)
     flops = 2.0 * matmul_params * batch * K
-    bytes_moved = (sum(t.numel() for t in read) + denoiser.step_bias[0].numel() + 4 * batch * K * D) * bytes_per_element
+    update = (6 if multistep else 4) * batch * K * D
+    bytes_moved = (sum(t.numel() for t in read) + denoiser.step_bias[0].numel() + update) * bytes_per_element
     return flops, bytes_moved
 
 
@@ -143,8 +146,9 @@ def main() -> None:
         row["end_to_end_reference"] = {"median_s": row["sample_reference"]["median_s"] + row["decode_reference"]["median_s"]}
         row["end_to_end_engine"] = {"median_s": row["sample_engine"]["median_s"] + row["decode_engine"]["median_s"]}
 
-        n_steps = reference.schedule.num_timesteps if args.sampler == "ddpm" else (args.steps or 50)
-        flops, bytes_moved = reverse_step_cost(denoiser, batch, engine.dtype.itemsize)
+        tables = sampler_tables(args.sampler, reference.schedule.to("cpu"), steps=args.steps)
+        n_steps = tables.num_steps
+        flops, bytes_moved = reverse_step_cost(denoiser, batch, engine.dtype.itemsize, tables.multistep)
         floor_s = floor_seconds(flops, bytes_moved, rates)
         per_step = row["sample_engine"]["median_s"] / n_steps
         row["per_step"] = {"flops": flops, "bytes": bytes_moved, "floor_us": floor_s * 1e6, "engine_us": per_step * 1e6,
