@@ -141,6 +141,11 @@ def test_self_conditioned_model_matches_reference(schedule):
     plain = sample_ddim(model, _start(3, 32, 2)[0], schedule, steps=30, eta=1.0, generator=_start(3, 32, 2)[1],
                         disable=True)
     assert not torch.allclose(plain, expected)
+    # with DPM-Solver++(2M) the engine keeps both: the model's previous estimate (self-conditioning, written before
+    # the update) and the solver's (the history, which the update kernel reads and rewrites)
+    expected = sample_dpmpp_2m(self_conditioned(model), x, schedule, steps=12, disable=True)
+    got = FusedSampler(model, dpmpp_2m_tables(schedule.to("cpu"), 12), device=DEVICE, graphs=False)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("graphs", [False] + ([True] if DEVICE == "cuda" else []))
