@@ -139,7 +139,9 @@ class FusedSampler:
                 buf.draw_index.zero_()
             if buf.pool is None:
                 buf.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=buf.pool):
+            # thread_local: a capture fails only on this thread's unsafe calls, not on another thread's work (threads
+            # sharing a pipeline take turns on the engine, ldlm.pipeline, but draw their own x_T meanwhile)
+            with torch.cuda.graph(graph, pool=buf.pool, capture_error_mode="thread_local"):
                 for _ in range(steps):
                     self._one_step(buf, self._rng, draw, from_table)
             buf.graphs[key] = graph

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
 import torch
@@ -48,6 +49,9 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self._engine_cache: dict = {}  # fused samplers and static beam searches, built once per shape/setting
+        # their static buffers (latents, noise, KV cache) serve one call at a time: threads sharing this pipeline
+        # take turns on the engine (the reference and onnx paths keep no state between calls and run concurrently)
+        self._engine_lock = threading.Lock()
         self.latent_mean = components.latent_mean.to(self.device)
         self.latent_std = components.latent_std.to(self.device)
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
@@ -111,16 +115,16 @@ class Pipeline:
     def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
                      generator: torch.Generator | ItemNoise, start_t: int | None, progress: bool) -> torch.Tensor:
         if self.backend in ENGINE_BACKENDS:
-            fused = self._fused_sampler(sampler, steps, eta, start_t)
             # graphs are captured per batch bucket: pad, then drop the padding. The padded draw gives the real
             # rows the reference's noise: torch's CUDA Philox keys each element's value to its flat index and
             # advances the offset by the same amount for any tensor under ~1M elements (tests/test_gpu.py
             # checks padded batches against the reference)
+            n = x.shape[0]
             if self.backend == "cuda-graph":
-                bucket = batch_bucket(x.shape[0], max(256, x.shape[0]))
-                padded = torch.cat([x, x.new_zeros(bucket - x.shape[0], *x.shape[1:])])
-                return fused(padded, generator)[: x.shape[0]].float()
-            return fused(x, generator).float()
+                bucket = batch_bucket(n, max(256, n))
+                x = torch.cat([x, x.new_zeros(bucket - n, *x.shape[1:])])
+            with self._engine_lock:  # the result is a copy, free of the static buffers once returned
+                return self._fused_sampler(sampler, steps, eta, start_t)(x, generator)[:n].float()
         extra = {"eta": eta} if sampler == "ddim" else {}
         return SAMPLERS[sampler](self_conditioned(self.reverse), x, self.schedule, steps=steps, generator=generator,
                                  disable=not progress, start_t=start_t, **extra)
@@ -195,7 +199,8 @@ class Pipeline:
             elif self.backend not in ENGINE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
                 token_ids = beam_search(self.decoder, batch, search)
             else:
-                token_ids = self._beam_searcher(batch_bucket(len(batch), batch_size), search)(batch)
+                with self._engine_lock:
+                    token_ids = self._beam_searcher(batch_bucket(len(batch), batch_size), search)(batch)
             for ids in token_ids:
                 texts.append(self.decoder.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts

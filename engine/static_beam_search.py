@@ -172,7 +172,7 @@ class StaticBeamSearch:
         for parity in (0, 1):
             self.model.current = parity
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # as ldlm.fused_sampler's
                 self.decode_step(self.state)
             self._graphs.append(graph)
 

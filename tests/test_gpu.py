@@ -33,6 +33,24 @@ def test_graphed_latents_and_text_match_reference(gpu_pipelines, n, sampler, ste
     assert graphed.decode(got, progress=False) == reference.decode(expected, progress=False)
 
 
+def test_threads_sharing_a_graphed_pipeline_get_their_own_results(tiny_checkpoint):
+    """Threads take turns on the engine's static buffers; the first call's capture tolerates the other threads'
+    work (drawing x_T, scaling latents) on the GPU meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(pipe, seed):
+        latents = pipe.sample_latents(3, sampler="ddim", steps=20, eta=1.0, seed=seed, progress=False)
+        return latents, pipe.decode(latents * 3, progress=False)
+
+    expected = [work(ldlm.load(tiny_checkpoint, device="cuda", backend="reference"), seed) for seed in range(6)]
+    graphed = ldlm.load(tiny_checkpoint, device="cuda", backend="cuda-graph")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = list(pool.map(lambda seed: work(graphed, seed), range(6)))
+    for (latents, texts), (expected_latents, expected_texts) in zip(together, expected):
+        torch.testing.assert_close(latents, expected_latents, rtol=1e-5, atol=1e-5)
+        assert texts == expected_texts
+
+
 def test_graphed_beam_search_matches_reference(gpu_pipelines):
     reference, _ = gpu_pipelines
     latents = torch.randn(6, reference.config.latent_dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
