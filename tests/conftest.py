@@ -44,3 +44,25 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_pipeline(tiny_checkpoint):
     torch.manual_seed(0)
     return ldlm.load(tiny_checkpoint)
+
+
+def assert_threads_get_their_own_results(pipe, workers: int = 3, calls: int = 6) -> None:
+    """Threads sharing `pipe` (a web server's workers, say) get what each call alone gives: sampling with noise,
+    encoding and beam decoding, several calls at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = TINY_TEXTS[:3]
+
+    def work(seed):
+        latents = pipe.sample_latents(3, sampler="ddim", steps=12, eta=1.0, seed=seed, progress=False)
+        encoded = pipe.encode(texts[seed % 3 :])
+        return latents, pipe.decode(latents * 3, progress=False), encoded, pipe.decode(encoded, progress=False)
+
+    alone = [work(seed) for seed in range(calls)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        together = list(pool.map(work, range(calls)))
+    for got, expected in zip(together, alone):
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)  # the same kernels: equal in practice
+        assert got[1] == expected[1]
+        torch.testing.assert_close(got[2], expected[2], rtol=1e-6, atol=1e-6)
+        assert got[3] == expected[3]

@@ -10,6 +10,8 @@ import ldlm
 from ldlm.backends import BackendUnavailable, resolve_backend
 from ldlm.pipeline import batch_bucket
 
+from .conftest import assert_threads_get_their_own_results
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CPU only through its interpreter
 
 
@@ -85,21 +87,6 @@ def test_fused_on_cpu_needs_the_triton_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_one_pipeline_shared_by_threads_gives_each_call_its_own_result(tiny_checkpoint, backend):
-    """The engine's static buffers (sampling loop, KV cache) serve one call at a time, the reference keeps no state
-    between calls: threads sharing a pipeline (a web server's workers, say) get what each call alone would give."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pipe = ldlm.load(tiny_checkpoint, device=DEVICE, backend=backend)
-    texts = ["the cat sat on the mat.", "rain fell on the quiet town.", "we ate pizza at noon."]
-
-    def work(seed):
-        latents = pipe.sample_latents(3, sampler="ddim", steps=12, eta=1.0, seed=seed, progress=False)
-        encoded = pipe.encode(texts[seed % 3 :])
-        return latents, pipe.decode(latents * 3, progress=False), encoded, pipe.decode(encoded, progress=False)
-
-    alone = [work(seed) for seed in range(6)]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        together = list(pool.map(work, range(6)))
-    for got, expected in zip(together, alone):
-        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
-        assert torch.equal(got[2], expected[2]) and got[3] == expected[3]
+    """The engine's static buffers (sampling loop, KV cache) serve one call at a time; the reference keeps no state
+    between calls."""
+    assert_threads_get_their_own_results(ldlm.load(tiny_checkpoint, device=DEVICE, backend=backend))

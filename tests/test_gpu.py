@@ -10,6 +10,8 @@ import ldlm
 from ldlm.beam_search import BeamSearchConfig, beam_search
 from ldlm.static_beam_search import StaticBeamSearch
 
+from .conftest import assert_threads_get_their_own_results
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -36,19 +38,7 @@ def test_graphed_latents_and_text_match_reference(gpu_pipelines, n, sampler, ste
 def test_threads_sharing_a_graphed_pipeline_get_their_own_results(tiny_checkpoint):
     """Threads take turns on the engine's static buffers; the first call's capture tolerates the other threads'
     work (drawing x_T, scaling latents) on the GPU meanwhile."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def work(pipe, seed):
-        latents = pipe.sample_latents(3, sampler="ddim", steps=20, eta=1.0, seed=seed, progress=False)
-        return latents, pipe.decode(latents * 3, progress=False)
-
-    expected = [work(ldlm.load(tiny_checkpoint, device="cuda", backend="reference"), seed) for seed in range(6)]
-    graphed = ldlm.load(tiny_checkpoint, device="cuda", backend="cuda-graph")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        together = list(pool.map(lambda seed: work(graphed, seed), range(6)))
-    for (latents, texts), (expected_latents, expected_texts) in zip(together, expected):
-        torch.testing.assert_close(latents, expected_latents, rtol=1e-5, atol=1e-5)
-        assert texts == expected_texts
+    assert_threads_get_their_own_results(ldlm.load(tiny_checkpoint, device="cuda", backend="cuda-graph"))
 
 
 def test_graphed_beam_search_matches_reference(gpu_pipelines):

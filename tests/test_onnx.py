@@ -29,7 +29,7 @@ from ldlm.export.onnx_export import export_checkpoint, export_graph
 from ldlm.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_onnx_components
 from ldlm.reverse import ReverseTransformer
 
-from .conftest import TINY_TEXTS
+from .conftest import TINY_TEXTS, assert_threads_get_their_own_results
 
 CPU = torch.device("cpu")
 
@@ -254,6 +254,11 @@ def test_cli_export_then_generate_with_onnx(tiny_checkpoint, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["hashes"] == "verified" and info["graphs"]["float32"]["reverse"]["outputs"] == ["x0_hat"]
+
+
+def test_threads_sharing_an_onnx_pipeline_get_their_own_results(exported):
+    """ONNX Runtime sessions run concurrently; every call binds its own inputs, outputs and KV cache."""
+    assert_threads_get_their_own_results(ldlm.load(exported))
 
 
 def test_evaluate_runs_on_the_onnx_backend(exported):
