@@ -130,13 +130,23 @@ def _load_latent_stats(path: Path, shape: tuple[int, ...]) -> dict[str, torch.Te
     return load_file(str(path))
 
 
+def _model_config(directory: Path, meta: dict) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'} has an invalid model config: {e}") from e
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """A checkpoint's model config, checked as load_checkpoint checks it, without loading any weights."""
+    directory = Path(directory)
+    return _model_config(directory, _read_meta(directory))
+
+
 def load_checkpoint(directory: str | Path) -> Components:
     directory = Path(directory)
     meta = _read_meta(directory)
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'config.json'} has an invalid model config: {e}") from e
+    config = _model_config(directory, meta)
 
     enc = meta.get("encoder", {})
     if enc.get("bundled"):

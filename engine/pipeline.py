@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from .backends import ENGINE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
-from .checkpoint import Components, load_checkpoint, save_checkpoint
+from .checkpoint import Components, load_checkpoint, load_config, save_checkpoint
+from .config import ModelConfig
 from .nucleus import nucleus_decode
 from .inputs import check_count, check_strength, check_texts, nonfinite_items
-from .samplers import SAMPLERS, ItemNoise, check_sampling
+from .samplers import SAMPLERS, ItemNoise, resolve_sampling
 from .reverse import self_conditioned
 from .schedule import NoiseSchedule, add_noise
 from .step_tables import sampler_tables
@@ -104,10 +105,7 @@ class Pipeline:
     def sampling(self, sampler: str | None, steps: int | None, eta: float = 0.0) -> tuple[str, int | None]:
         """The sampler and steps to run: the given ones, or the checkpoint's defaults (ModelConfig.sampler);
         raises, saying what to change, when they cannot run with this eta."""
-        if sampler is None:
-            sampler, steps = self.config.sampler, steps if steps is not None else self.config.sampling_steps
-        check_sampling(sampler, steps, eta, self.schedule.num_timesteps)
-        return sampler, steps
+        return resolve_sampling(self.config, sampler, steps, eta)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -262,6 +260,15 @@ class Pipeline:
             latents = self.denormalize(self._run_sampler(x, sampler=sampler, steps=steps, eta=eta,
                                                          generator=generator, start_t=start_t, progress=progress))
         return latents
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model config of a checkpoint or an export directory, without loading any weights."""
+    from ldlm.export.manifest import is_export, read_manifest
+
+    if is_export(path):
+        return ModelConfig.from_dict(read_manifest(path, verify_hashes=False)["model"])
+    return load_config(path)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",

@@ -21,6 +21,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .jobs import Item, JobSettings, OutputWriter, mark_truncated, output_record, pending_items, texts_fitting_memory
+from .pipeline import read_model_config
+from .samplers import resolve_sampling
 
 
 class PipelineActor:
@@ -46,6 +48,8 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
         import ray
     except ImportError as e:
         raise RuntimeError("--ray needs Ray: pip install 'ldlm[ray]'") from e
+    # settings that cannot run fail here, before Ray starts (as run_job fails before any work)
+    resolve_sampling(read_model_config(checkpoint), settings.sampler, settings.steps, settings.eta)
     output = Path(output)
     todo = pending_items(items, output, settings, resume)
     counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}

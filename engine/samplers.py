@@ -104,6 +104,15 @@ def check_sampling(sampler: str, steps: int | None, eta: float, num_timesteps: i
         raise ValueError(f"eta must be in [0, 1] (0 deterministic, 1 ancestral), got {eta}")
 
 
+def resolve_sampling(config, sampler: str | None, steps: int | None, eta: float = 0.0) -> tuple[str, int | None]:
+    """The sampler and steps to run for a model config (ldlm.config.ModelConfig): the given ones, or the config's
+    defaults; raises, saying what to change, when they cannot run with this eta."""
+    if sampler is None:
+        sampler, steps = config.sampler, steps if steps is not None else config.sampling_steps
+    check_sampling(sampler, steps, eta, config.num_timesteps)
+    return sampler, steps
+
+
 def check_ddpm_steps(num_timesteps: int, steps: int | None, start_t: int | None) -> int:
     """DDPM runs every timestep from start_t (default T-1) to 0: returns start_t; a different step count is an error."""
     first = num_timesteps - 1 if start_t is None else start_t

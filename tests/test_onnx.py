@@ -256,6 +256,12 @@ def test_cli_export_then_generate_with_onnx(tiny_checkpoint, tmp_path, capsys):
     assert info["hashes"] == "verified" and info["graphs"]["float32"]["reverse"]["outputs"] == ["x0_hat"]
 
 
+def test_model_config_reads_without_weights_from_either_directory(tiny_checkpoint, exported):
+    from ldlm.pipeline import read_model_config
+
+    assert read_model_config(exported) == read_model_config(tiny_checkpoint) == ldlm.load(tiny_checkpoint).config
+
+
 def test_threads_sharing_an_onnx_pipeline_get_their_own_results(exported):
     """ONNX Runtime sessions run concurrently; every call binds its own inputs, outputs and KV cache."""
     assert_threads_get_their_own_results(ldlm.load(exported))

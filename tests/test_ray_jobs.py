@@ -37,3 +37,14 @@ def test_ray_job_matches_a_local_run_and_resumes(local_cluster, tiny_checkpoint,
     assert counts == {"written": 7, "errors": 2, "skipped": 5}
     assert read_jsonl(on_ray) == read_jsonl(local)
     assert json.loads(on_ray.read_text().splitlines()[-2])["truncated"] is True
+
+
+def test_settings_that_cannot_run_fail_before_ray_starts(tiny_checkpoint, tmp_path, monkeypatch):
+    """The checkpoint's default sampler (tiny: DDPM) read from its config alone: eta has no meaning there."""
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, GOOD)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a job that cannot run"))
+    with pytest.raises(ValueError, match="applies to sampler 'ddim' only, got eta=0.5 with 'ddpm'"):
+        run_job_on_ray(str(tiny_checkpoint), read_items(source.open("rb"), 0), out,
+                       settings_for(tiny_checkpoint, sampler=None, steps=None, eta=0.5), progress=False)
+    assert not out.exists()
