@@ -99,7 +99,7 @@ def check_sampling(sampler: str, steps: int | None, eta: float, num_timesteps: i
         raise ValueError(f"steps must be between 1 and {num_timesteps} for sampler {sampler!r}, got {steps}")
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta (DDIM's noise scale) applies to sampler 'ddim' only, got eta={eta} with {sampler!r}: "
-                         "drop eta, or use --sampler ddim")
+                         "drop eta, or sample with 'ddim'")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0 deterministic, 1 ancestral), got {eta}")
 
