@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -217,6 +218,18 @@ class Pipeline:
         nucleus = top_p if top_p is not None else self.config.top_p
         return self.decode(latents, num_beams=num_beams, top_p=nucleus if decoding == "nucleus" else None, seed=seed,
                            progress=progress)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,), *, sampler: str | None = None, steps: int | None = None,
+               num_beams: int = 4, decoding: str | None = None) -> dict[int, float]:
+        """Generate once at each batch size, so its static buffers are allocated and, on the cuda-graph backend,
+        its graphs captured: what the first call of a size otherwise pays (a server's start-up, as vLLM captures
+        its graphs). Returns the seconds each size took. The other arguments: as generate will be called."""
+        seconds = {}
+        for n in batch_sizes:
+            start = time.perf_counter()
+            self.generate(n, steps=steps, sampler=sampler, num_beams=num_beams, decoding=decoding, progress=False)
+            seconds[n] = time.perf_counter() - start
+        return seconds
 
     def reconstruct(self, texts: list[str], *, num_beams: int = 4, progress: bool = True) -> list[str]:
         """Encode then decode: what the decoder recovers from a clean latent."""

@@ -90,3 +90,20 @@ def test_one_pipeline_shared_by_threads_gives_each_call_its_own_result(tiny_chec
     """The engine's static buffers (sampling loop, KV cache) serve one call at a time; the reference keeps no state
     between calls."""
     assert_threads_get_their_own_results(ldlm.load(tiny_checkpoint, device=DEVICE, backend=backend))
+
+
+def test_warmup_allocates_what_later_calls_of_its_sizes_use(tiny_checkpoint):
+    """After warmup, calls of the warmed sizes build nothing new (on CUDA: capture no graph, tests/test_gpu.py)."""
+    pipe = ldlm.load(tiny_checkpoint, device=DEVICE, backend="fused")
+
+    def built():  # engine objects and the sampling loops' buffers, one per batch shape
+        samplers = [e for e in pipe._engine_cache.values() if hasattr(e, "_buffers")]
+        return len(pipe._engine_cache), sum(len(e._buffers) for e in samplers)
+
+    seconds = pipe.warmup((1, 3), sampler="ddim", steps=4)
+    assert list(seconds) == [1, 3] and all(s > 0 for s in seconds.values())
+    after_warmup = built()
+    assert after_warmup[1] == 2  # the loop's buffers for batches of 1 and 3
+    pipe.generate(3, sampler="ddim", steps=4, seed=5, progress=False)
+    pipe.generate(1, sampler="ddim", steps=4, seed=6, progress=False)
+    assert built() == after_warmup

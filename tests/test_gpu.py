@@ -41,6 +41,22 @@ def test_threads_sharing_a_graphed_pipeline_get_their_own_results(tiny_checkpoin
     assert_threads_get_their_own_results(ldlm.load(tiny_checkpoint, device="cuda", backend="cuda-graph"))
 
 
+def test_warmup_captures_every_graph_later_calls_of_its_sizes_replay(tiny_checkpoint):
+    pipe = ldlm.load(tiny_checkpoint, device="cuda", backend="cuda-graph")
+
+    def graphs():  # captured so far: the sampling loop's pieces per batch bucket, the decode step's per searcher
+        engines = pipe._engine_cache.values()
+        return (sum(len(buf.graphs) for e in engines for buf in getattr(e, "_buffers", {}).values())
+                + sum(len(getattr(e, "_graphs", [])) for e in engines))
+
+    pipe.warmup((1, 3, 64), sampler="ddim", steps=10)
+    captured = graphs()
+    assert captured > 0
+    for n in (3, 4, 1, 64, 40):  # 4 and 40 fall in the buckets of 3 (4) and 64
+        pipe.generate(n, sampler="ddim", steps=10, seed=n, progress=False)
+    assert graphs() == captured
+
+
 def test_graphed_beam_search_matches_reference(gpu_pipelines):
     reference, _ = gpu_pipelines
     latents = torch.randn(6, reference.config.latent_dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
