@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -122,6 +123,18 @@ def encode_texts(texts: list[str], *, tokenizer, max_tokens: int, latent_shape: 
     return out
 
 
+# A fast tokenizer keeps its padding and truncation settings as state that each call sets: two threads tokenizing
+# at once (threads sharing a pipeline) can run with each other's settings. Tokenizing is a small share of
+# encoding, so calls take turns.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Each text's encoder tokens, special tokens included, before any truncation."""
+    with _TOKENIZER_LOCK:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+
 def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device: torch.device, batch_size: int) -> None:
     """Call run(input_ids, attention_mask, indices) on batches of the tokenized texts.
 
@@ -130,7 +143,7 @@ def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device:
     check_texts(texts)
     if not texts:
         return
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    lengths = token_lengths(tokenizer, texts)
     for i, n in enumerate(lengths):
         if n > max_tokens:
             warnings.warn(
@@ -141,9 +154,11 @@ def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device:
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = tokenizer(
-            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
-        ).to(device)
+        with _TOKENIZER_LOCK:
+            batch = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+            )
+        batch = batch.to(device)
         run(batch["input_ids"], batch["attention_mask"], idx)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .encoder import token_lengths
 from .inputs import check_strength
 
 log = logging.getLogger("ldlm.jobs")
@@ -288,7 +289,7 @@ def mark_truncated(pipe, items: list[Item]) -> None:
     if not with_text:
         return
     tokenizer, limit = pipe.encoder.tokenizer, pipe.encoder.max_tokens
-    lengths = [len(ids) for ids in tokenizer([item.text for item in with_text], truncation=False)["input_ids"]]
+    lengths = token_lengths(tokenizer, [item.text for item in with_text])
     for item, n in zip(with_text, lengths):
         if n > limit:
             item.extra["truncated"] = True

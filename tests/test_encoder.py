@@ -66,3 +66,40 @@ def test_build_tiny_encoder_leaves_global_rng_alone():
     torch.manual_seed(5)
     build_tiny_encoder(16)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_threads_encoding_at_once_tokenize_one_at_a_time(encoder, monkeypatch):
+    """A fast tokenizer's padding and truncation settings are state each call sets, so threads sharing an encoder
+    (and a pipeline) tokenizing at once can run with each other's settings (it raised, or padded wrongly, in one
+    run of six threads in about three). Tokenizer calls take turns: none overlaps another, however slow."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = ["the cat sat on the mat " * k for k in (1, 2, 3, 5, 8, 13)]
+    expected = [encoder.encode(texts[i:]) for i in range(6)]
+    tokenizer, inside, most = encoder.tokenizer, [0], [0]
+    count = threading.Lock()
+
+    class Slow:  # the encoder's tokenizer, slowed and watched: how many calls are inside it at once
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            with count:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.002)
+            try:
+                return tokenizer(*args, **kwargs)
+            finally:
+                with count:
+                    inside[0] -= 1
+
+    monkeypatch.setattr(encoder, "tokenizer", Slow())
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda i: [encoder.encode(texts[i:]) for _ in range(3)], range(6)))
+    assert most[0] == 1
+    for i, runs in enumerate(results):
+        for latents in runs:
+            torch.testing.assert_close(latents, expected[i], rtol=1e-6, atol=1e-6)
