@@ -149,7 +149,7 @@ def test_self_conditioned_model_matches_reference(schedule):
 
 
 @pytest.mark.parametrize("graphs", [False] + ([True] if DEVICE == "cuda" else []))
-@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0)])
 def test_per_item_noise_table_matches_reference(reverse, schedule, graphs, sampler, eta):
     """Batch jobs' per-item seeds: the engine copies every draw into a device table up front; the reference
     draws step by step. Same values, also with padding rows beyond the seeded items (batch buckets)."""
@@ -159,9 +159,12 @@ def test_per_item_noise_table_matches_reference(reverse, schedule, graphs, sampl
     if sampler == "ddpm":
         run_ref = lambda x, g: sample_ddpm(reverse, x, schedule, generator=g, disable=True)  # noqa: E731
         tables = ddpm_tables(schedule.to("cpu"))
-    else:
+    elif sampler == "ddim":
         run_ref = lambda x, g: sample_ddim(reverse, x, schedule, steps=30, eta=eta, generator=g, disable=True)  # noqa: E731
         tables = ddim_tables(schedule.to("cpu"), 30, eta)
+    else:  # draws nothing after x_T: the table is empty, the batch jobs' default with preset small
+        run_ref = lambda x, g: sample_dpmpp_2m(reverse, x, schedule, steps=15, disable=True)  # noqa: E731
+        tables = dpmpp_2m_tables(schedule.to("cpu"), 15)
     noise = ItemNoise(seeds)
     x = noise.randn((32,), DEVICE)
     expected = run_ref(x, noise)
