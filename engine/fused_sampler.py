@@ -78,6 +78,7 @@ class FusedSampler:
         self.multistep = tables.multistep  # the update also reads the previous step's x0_hat (DPM-Solver++(2M))
         self.plan = loop_plan(self.draws, chunk)
         self.tables = tables.to(self.device)
+        self.coef_prev = self.tables.coef_prev if self.multistep else None  # the kernel reads it with the history
         # the model with each step's time folded into an input bias (a step gathers its row by the device step
         # counter), one-token attention's two projections into one, residual adds fused with the norms after
         # them (on CUDA)
@@ -101,11 +102,10 @@ class FusedSampler:
             buf.draw_index.add_(1)
         elif draw:
             buf.noise.normal_(generator=generator)
-        history = {"history": buf.history, "coef_prev": self.tables.coef_prev} if self.multistep else {}
         self.fused_update(buf.x, x0_hat.contiguous(), buf.noise, self.tables.coef_x0, self.tables.coef_xt,
                           self.tables.coef_noise, buf.step, out=buf.x, clamp=self.clamp,
                           first_bad=buf.first_bad_step,  # the kernel flags a non-finite output: no sync, no extra pass
-                          **history)
+                          history=buf.history if self.multistep else None, coef_prev=self.coef_prev)
         buf.step.add_(1)
 
     def _buffers_for(self, shape: tuple[int, ...]) -> _Buffers:
