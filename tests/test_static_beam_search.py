@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,14 +13,26 @@ from ldlm.static_gpt2 import StaticKVGPT2
 
 from .test_beam_search import decoder  # noqa: F401  (the shared random tiny decoder fixture)
 
+# The fused add + norm kernels run where Triton runs: compiled on a GPU, else in the interpreter on the CPU (the
+# conftest sets TRITON_INTERPRET=1 only where there is no GPU, so on a GPU machine they need CUDA tensors).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5 if KERNEL_DEVICE == "cpu" else 1e-4  # cuBLAS tiles a whole sequence and one token differently
+
+
+@pytest.fixture(scope="module")
+def kernel_decoder(decoder):  # noqa: F811
+    """The shared tiny decoder, on the device where the Triton kernels run."""
+    return copy.deepcopy(decoder).to(KERNEL_DEVICE)
+
 
 @pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms as Triton kernels (interpreter)
-def test_static_gpt2_matches_hugging_face_forward(decoder, fused_norms):  # noqa: F811
+def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, fused_norms):
     """Prefill and steps against Hugging Face's forward over the whole sequence; GPT-2's gelu_new runs as
     torch's one-kernel tanh GELU (the same function, rounded differently)."""
+    decoder = kernel_decoder
     assert decoder.gpt2.config.activation_function == "gelu_new"
-    latents = torch.randn(3, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0))
-    ids = torch.randint(1, 200, (3, 5), generator=torch.Generator().manual_seed(1))
+    latents = torch.randn(3, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
+    ids = torch.randint(1, 200, (3, 5), generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
     prefix = decoder.prefix(latents)
     with torch.no_grad():
         full = decoder.gpt2(inputs_embeds=torch.cat([prefix, decoder.gpt2.transformer.wte(ids)], 1)).logits
@@ -27,8 +41,8 @@ def test_static_gpt2_matches_hugging_face_forward(decoder, fused_norms):  # noqa
     logits = [model.prefill(prefix, repeats=1)]
     P = prefix.shape[1]
     for i in range(ids.shape[1]):
-        logits.append(model.step(ids[:, i], torch.tensor(P + i)))
-    torch.testing.assert_close(torch.stack(logits, 1), full[:, P - 1 :], rtol=1e-5, atol=1e-5)
+        logits.append(model.step(ids[:, i], torch.tensor(P + i, device=KERNEL_DEVICE)))
+    torch.testing.assert_close(torch.stack(logits, 1), full[:, P - 1 :], rtol=TOL, atol=TOL)
 
 
 def test_reorder_gathers_rows_into_the_other_cache(decoder):  # noqa: F811
@@ -61,10 +75,11 @@ def test_same_tokens_as_reference(decoder, early_stopping, num_beams, max_new_to
     assert StaticBeamSearch(decoder, batch_size=6, config=cfg)(latents) == beam_search(decoder, latents, cfg)
 
 
-def test_same_tokens_with_fused_norms(decoder):  # noqa: F811
+def test_same_tokens_with_fused_norms(kernel_decoder):
     """The decode step with each residual add and the norm after it as one Triton kernel (the default on CUDA,
-    where every test here runs it; through the interpreter on CPU)."""
-    latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(3))
+    where this test runs it compiled; through the interpreter on CPU)."""
+    decoder = kernel_decoder
+    latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
     cfg = BeamSearchConfig(num_beams=4, max_new_tokens=12)
     search = StaticBeamSearch(decoder, batch_size=6, config=cfg, fused_norms=True)
     from ldlm.kernels.add_layer_norm import add_layer_norm
