@@ -6,7 +6,8 @@
 # ./gpu_results), as at most eight files, since that is all the device tool brings back: table.md, tests.log
 # (the GPU tests, then training's), the five JSON results and logs.tgz (every log, the GPU and the versions),
 # re-packed after each stage so a time limit keeps what ran. STAGES="tests profile" runs only those stages
-# (after the install), for a second call that re-checks what a first one found.
+# (after the install), for a second call that re-checks what a first one found; LATENCY_BATCHES="1 64" narrows
+# the latency stage.
 # Each stage has a time limit, in order of what the issue needs most; every stage at its limit adds up to under
 # nine minutes (the device tool allows ten a command; tests/test_gpu_bench_scripts.py keeps them under 560 s),
 # a normal run to far less.
@@ -50,13 +51,15 @@ if wanted tests; then
 fi
 
 stage kernel 45 python bench/kernel_bandwidth.py --json "$out/kernel.json"
-stage latency 150 python bench/latency.py --preset base --batch-sizes 1 8 64 256 --repeats 3 --json "$out/latency.json"
+stage latency 150 python bench/latency.py --preset base --batch-sizes ${LATENCY_BATCHES:-1 8 64 256} --repeats 3 \
+  --json "$out/latency.json"
 stage granularity 40 python bench/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 \
   --json "$out/granularity.json"
 stage latency_bf16 50 python bench/latency.py --preset base --batch-sizes 64 --repeats 3 --dtype bfloat16 \
   --json "$out/latency_bf16.json"
-# where the time goes: per-kernel device time of a step and a decoded token, fp32 / TF32 / bf16; cuBLAS's rates
-stage profile 60 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --json "$out/profile.json"
+# where the time goes: per-kernel device time of a step and a decoded token (each attention), fp32 and bf16;
+# cuBLAS's rates on the step's shapes
+stage profile 60 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
 
 # not issue 3's: training on the GPU (same draws as the CPU, resume to the same weights, bf16 autocast)
 stage training 40 python -m pytest -q -k cuda tests/test_training.py

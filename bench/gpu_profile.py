@@ -1,8 +1,9 @@
 """Where the engine's GPU time goes: per-kernel device time of one sampling step and of one beam-decode token
 (torch.profiler over eager calls: the kernels a CUDA graph replays, without the launches), in fp32 (the parity
-mode), fp32 with TF32 matmuls, and bf16; and the rate cuBLAS reaches on the step's matmul shapes.
+mode), fp32 with TF32 matmuls, and bf16, the token with each attention of ldlm.static_gpt2; and the rate cuBLAS
+reaches on the step's matmul shapes.
 
-    python bench/gpu_profile.py --preset base --batch-sizes 1 64 --json profile.json
+    python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json profile.json
     python bench/gpu_profile.py --preset tiny --device cpu --batch-sizes 2   # smoke: CPU ops, not kernels
 
 The step is the engine's (ldlm.fused_sampler: the folded reverse transformer, the fused add + norm and update
@@ -29,6 +30,7 @@ from ldlm.benchmark import bench_components, sync, timed
 from ldlm.fused_sampler import FusedSampler
 from ldlm.schedule import NoiseSchedule
 from ldlm.static_beam_search import StaticBeamSearch
+from ldlm.static_gpt2 import ATTENTION
 from ldlm.step_tables import ddpm_tables
 
 MATMUL_NAMES = ("gemm", "gemv", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "splitk", "splitK")
@@ -82,12 +84,13 @@ def step_profile(components, batch: int, dtype: torch.dtype, device: torch.devic
         return profile_calls(lambda: sampler._one_step(buf, generator, draw=True, from_table=False), device)
 
 
-def decode_profile(components, batch: int, dtype: torch.dtype, device: torch.device, num_beams: int = 4) -> dict:
+def decode_profile(components, batch: int, dtype: torch.dtype, device: torch.device, attention: str,
+                   num_beams: int = 4) -> dict:
     """One token of the static-KV beam decode, eagerly (graphs off), with the fused add + norm kernels."""
     decoder = copy.deepcopy(components.decoder).to(device, dtype)
     tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)  # 12 are run
     search = StaticBeamSearch(decoder, batch_size=batch, config=BeamSearchConfig(num_beams=num_beams,
-                              max_new_tokens=tokens), fused_norms=True)
+                              max_new_tokens=tokens), fused_norms=True, attention=attention)
     with torch.no_grad():
         state = search._prefill()
         return profile_calls(lambda: search.decode_step(state), device)
@@ -113,11 +116,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="base")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--attention", nargs="+", default=list(ATTENTION), choices=list(ATTENTION),
+                        help="the decode step's attentions to profile")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    modes = MODES if device.type == "cuda" else {"fp32": MODES["fp32"]}
+    modes = {mode: MODES[mode] for mode in (args.modes if device.type == "cuda" else ["fp32"])}
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": args.preset, "torch": torch.__version__, "rows": []}
 
     def save():
@@ -128,17 +134,20 @@ def main() -> None:
     components = bench_components(args.preset)
     for batch in args.batch_sizes:
         for mode, (dtype, tf32) in modes.items():
-            for what, run in (("step", step_profile), ("decode_token", decode_profile)):
+            parts = [("step", None, step_profile)] + [("decode_token", attention, decode_profile)
+                                                        for attention in args.attention]
+            for what, attention, run in parts:
                 try:  # one part failing keeps the others
                     with tf32_matmuls(tf32):
-                        row = {"what": what, "batch": batch, "mode": mode,
-                               **run(components, batch, dtype, device)}
+                        extra = {} if attention is None else {"attention": attention}
+                        row = {"what": what, "batch": batch, "mode": mode, **extra,
+                               **run(components, batch, dtype, device, **extra)}
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
                     continue
                 results["rows"].append(row)
                 save()
-                print(f"{what:12s} batch {batch:3d} {mode}: {row['total_us']:8.1f} us of kernels, "
+                print(f"{what:12s} batch {batch:3d} {mode} {attention or '':6s}: {row['total_us']:8.1f} us of kernels, "
                       f"{row['kernels']:.0f} launches, matmuls {row['matmul_us']:.1f} us", flush=True)
                 for top in row["top"][:6]:
                     print(f"    {top['us']:8.1f} us  x{top['launches']:<5g} {top['name']}")

@@ -75,7 +75,8 @@ def main(out: Path) -> None:
     if (out / "profile.json").exists():
         for row in json.loads((out / "profile.json").read_text())["rows"]:
             top = row["top"][0] if row["top"] else {"name": "-", "us": 0}
-            lines.append(f"| profile, batch {row['batch']} {row['what']} ({row['mode']}) | {row['total_us']:.0f} us of "
+            what = f"{row['what']} ({row['mode']}{', ' + row['attention'] + ' attention' if 'attention' in row else ''})"
+            lines.append(f"| profile, batch {row['batch']} {what} | {row['total_us']:.0f} us of "
                          f"kernels, {row['kernels']:.0f} launches, matmuls {row['matmul_us']:.0f} us; top "
                          f"{top['us']:.0f} us {top['name'][:48]} | |")
     if log[split + 1:]:

@@ -70,7 +70,8 @@ def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4) -> Co
     a decoder on the CPU."""
     tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)  # the cache's length changes no count
     config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
-    search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True)  # as on a GPU
+    search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True,
+                              attention="matmul")  # as on a GPU
     counter = CountOps()
     search.model.add_norm = _counted_add_layer_norm(counter)
     with torch.no_grad():

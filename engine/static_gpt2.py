@@ -5,6 +5,10 @@ decode step has static shapes and can be captured as a CUDA graph. Positions pas
 stale values and are masked out. It is double-buffered: a beam reorder gathers the rows from the current
 cache into the other one, which becomes current (one read and one write of the cache per token, where
 reordering in place takes a temporary: two of each).
+
+A step's attention has one query per row. SDPA's fused kernels tile 64 queries, so for one they spend 64 times
+the work (on the H200 at batch 64, fp32: 210 us a layer, a third of the token); two batched matmuls around a
+softmax read the cache once (attention="matmul", the default on CUDA; bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from transformers.activations import NewGELUActivation
 from .kernels import residual_norm
 
 
+ATTENTION = ("sdpa", "matmul")
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as 8-byte integers where the last dimension allows (a bit-exact copy moves fewer items)."""
+    return t.view(torch.int64) if t.is_contiguous() and t.shape[-1] * t.element_size() % 8 == 0 else t
+
+
 def check_supported(gpt2: GPT2LMHeadModel) -> None:
     cfg = gpt2.config
     unsupported = {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True, "scale_attn_weights": False}
@@ -30,10 +42,18 @@ def check_supported(gpt2: GPT2LMHeadModel) -> None:
 class StaticKVGPT2:
     """Prefill and one-token steps of a GPT2LMHeadModel with a static KV cache."""
 
-    def __init__(self, gpt2: GPT2LMHeadModel, rows: int, max_len: int, *, fused_norms: bool = False):
+    def __init__(self, gpt2: GPT2LMHeadModel, rows: int, max_len: int, *, fused_norms: bool = False,
+                 attention: str | None = None):
         """rows: batch x beams; max_len: prefix + new tokens; fused_norms: each residual add and the layer norm
-        after it as one Triton kernel (ldlm.kernels.add_layer_norm; on CPU only through TRITON_INTERPRET=1)."""
+        after it as one Triton kernel (ldlm.kernels.add_layer_norm; on CPU only through TRITON_INTERPRET=1);
+        attention: a step's one-query attention as "matmul" (two batched matmuls, the default on CUDA) or "sdpa"
+        (torch's scaled_dot_product_attention, the default elsewhere)."""
         check_supported(gpt2)
+        param = next(gpt2.parameters())
+        attention = attention or ("matmul" if param.is_cuda else "sdpa")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}: use one of {ATTENTION}")
+        self.attention = attention
         self.gpt2 = gpt2
         cfg = gpt2.config
         act = gpt2.transformer.h[0].mlp.act
@@ -46,7 +66,7 @@ class StaticKVGPT2:
         if max_len > cfg.n_positions:
             raise ValueError(f"max_len {max_len} exceeds the decoder's n_positions {cfg.n_positions}")
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        param = next(gpt2.parameters())
+        self.scale = self.head_dim**-0.5  # GPT-2's scale_attn_weights (check_supported)
         shape = (cfg.n_layer, rows, self.n_head, max_len, self.head_dim)
         self._caches = [tuple(torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in "kv")
                         for _ in range(2)]  # 2 x (keys, values), each (L, R, H, max_len, hd)
@@ -76,6 +96,16 @@ class StaticKVGPT2:
     def _block_tail(self, block, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         h = h + self._attention_out(block, attn)
         return h + self._mlp(block, block.ln_2(h))
+
+    def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + bias) v for q (R, H, 1, hd) over the cache k, v (R, H, max_len, hd)."""
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        # q scaled first: a new, contiguous q that the batched matmul takes without a copy (exact for hd = 4^n)
+        scores = torch.matmul(q * self.scale, k.transpose(-1, -2)).add_(bias)  # (R, H, 1, max_len)
+        # as SDPA, the softmax in fp32 (asking for fp32 of an fp32 tensor would cost a copy)
+        probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+        return torch.matmul(probs, v)  # (R, H, 1, hd)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.gpt2.lm_head(self.gpt2.transformer.ln_f(h))
@@ -111,7 +141,7 @@ class StaticKVGPT2:
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
             self.k_cache[layer].index_copy_(2, index, k)
             self.v_cache[layer].index_copy_(2, index, v)
-            attn = F.scaled_dot_product_attention(q, self.k_cache[layer], self.v_cache[layer], attn_mask=bias)
+            attn = self._attend_one_query(q, self.k_cache[layer], self.v_cache[layer], bias)
             h, x = self.add_norm(h, self._attention_out(block, attn), block.ln_2)
             h, x = self.add_norm(h, self._mlp(block, x), next_norm)
         return self.gpt2.lm_head(x[:, 0, :])  # x: ln_f(h)
@@ -120,7 +150,9 @@ class StaticKVGPT2:
         """Row r of the cache becomes old row rows[r] (beam reordering), on the device: all layers' keys and
         values gathered into the other cache in two kernels, then that cache is current. Captured in a CUDA
         graph, each of the two directions is its own graph (StaticBeamSearch replays them alternately). (It
-        still moves the full static length every token; cache indirection would avoid that, bench/RESULTS.md.)"""
+        still moves the full static length every token; cache indirection would avoid that, bench/RESULTS.md.)
+        The gather copies bits as 8-byte words: it moves elements, and a quarter as many bf16 ones run faster
+        (on the H200 a bf16 cache gathered at 1.3 TB/s, an fp32 one at 2.4)."""
         for source, target in zip(self._caches[self.current], self._caches[1 - self.current]):
-            torch.index_select(source, 1, rows, out=target)
+            torch.index_select(_as_words(source), 1, rows, out=_as_words(target))
         self.current = 1 - self.current

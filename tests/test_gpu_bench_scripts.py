@@ -89,18 +89,19 @@ def test_an_engine_step_launches_only_the_model_and_one_update():
 
 def test_a_decode_token_launches_per_layer_only_the_model():
     """bench/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
-    (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention;
-    the attention mask made once for all layers. Everything else (embedding, beam selection, reorder) does not
-    grow with depth: counted at two depths, the difference is exactly one layer's kernels per layer."""
+    (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention
+    as on a GPU (the scaled query, two batched matmuls, the mask's add, the softmax; no copies); the attention
+    mask made once for all layers. Everything else (embedding, beam selection, reorder) does not grow with
+    depth."""
     ops = decode_kernels(bench_components("tiny").decoder.eval(), 4)
     L = ModelConfig.from_preset("tiny").n_layer
     assert "tanh" not in ops and ops["pow"] == 1, ops  # the beam's length penalty; none from GELU
     assert ops["gelu"] == L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1, ops
     assert ops["addmm"] == 4 * L and ops["index_copy_"] == 2 * L, ops
-    attention = sum(n for op, n in ops.items() if "scaled_dot_product" in op)
-    assert attention == L, ops
-    per_layer = 1 + 4 + 2 + 2 + 1  # GELU, matmuls, cache writes, add + norms, attention
-    assert sum(ops.values()) - per_layer * L == 96, ops  # the rest, the same at any depth (base: 216 - 10 x 12)
+    assert not any("scaled_dot_product" in op for op in ops) and "clone" not in ops, ops
+    assert ops["bmm"] == 2 * L and ops["_softmax"] == L and ops["add_"] == L + 1, ops  # + the step counter
+    per_layer = 1 + 4 + 2 + 2 + 5  # GELU, matmuls, cache writes, add + norms, attention
+    assert sum(ops.values()) - per_layer * L == 96, ops  # the rest, the same at any depth (base: 264 - 14 x 12)
 
 
 def test_gpu_check_stage_limits_fit_one_device_call():

@@ -9,7 +9,7 @@ import torch
 
 from ldlm.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
 from ldlm.static_beam_search import StaticBeamSearch, ban_repeated_ngrams_static
-from ldlm.static_gpt2 import StaticKVGPT2
+from ldlm.static_gpt2 import StaticKVGPT2, _as_words
 
 from .test_beam_search import decoder  # noqa: F401  (the shared random tiny decoder fixture)
 
@@ -25,18 +25,20 @@ def kernel_decoder(decoder):  # noqa: F811
     return copy.deepcopy(decoder).to(KERNEL_DEVICE)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 @pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms as Triton kernels (interpreter)
-def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, fused_norms):
+def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, fused_norms, attention):
     """Prefill and steps against Hugging Face's forward over the whole sequence; GPT-2's gelu_new runs as
     torch's one-kernel tanh GELU (the same function, rounded differently)."""
-    decoder = kernel_decoder
-    assert decoder.gpt2.config.activation_function == "gelu_new"
-    latents = torch.randn(3, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
+    dec = kernel_decoder
+    assert dec.gpt2.config.activation_function == "gelu_new"
+    latents = torch.randn(3, dec.config.latent_dim, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
     ids = torch.randint(1, 200, (3, 5), generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
-    prefix = decoder.prefix(latents)
+    prefix = dec.prefix(latents)
     with torch.no_grad():
-        full = decoder.gpt2(inputs_embeds=torch.cat([prefix, decoder.gpt2.transformer.wte(ids)], 1)).logits
-    model = StaticKVGPT2(decoder.gpt2, rows=3, max_len=decoder.config.n_prefix + 8, fused_norms=fused_norms)
+        full = dec.gpt2(inputs_embeds=torch.cat([prefix, dec.gpt2.transformer.wte(ids)], 1)).logits
+    model = StaticKVGPT2(dec.gpt2, rows=3, max_len=dec.config.n_prefix + 8, fused_norms=fused_norms,
+                         attention=attention)
     assert model.act.func is torch.nn.functional.gelu and model.act.keywords == {"approximate": "tanh"}
     logits = [model.prefill(prefix, repeats=1)]
     P = prefix.shape[1]
@@ -75,17 +77,19 @@ def test_same_tokens_as_reference(decoder, early_stopping, num_beams, max_new_to
     assert StaticBeamSearch(decoder, batch_size=6, config=cfg)(latents) == beam_search(decoder, latents, cfg)
 
 
-def test_same_tokens_with_fused_norms(kernel_decoder):
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_same_tokens_with_fused_norms(kernel_decoder, attention):
     """The decode step with each residual add and the norm after it as one Triton kernel (the default on CUDA,
-    where this test runs it compiled; through the interpreter on CPU)."""
-    decoder = kernel_decoder
-    latents = torch.randn(6, decoder.config.latent_dim, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
+    where this test runs it compiled; through the interpreter on CPU), with either attention."""
+    dec = kernel_decoder
+    latents = torch.randn(6, dec.config.latent_dim, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
     cfg = BeamSearchConfig(num_beams=4, max_new_tokens=12)
-    search = StaticBeamSearch(decoder, batch_size=6, config=cfg, fused_norms=True)
+    search = StaticBeamSearch(dec, batch_size=6, config=cfg, fused_norms=True, attention=attention)
+    assert search.model.attention == attention
     from ldlm.kernels.add_layer_norm import add_layer_norm
 
     assert search.model.add_norm is add_layer_norm
-    assert search(latents) == beam_search(decoder, latents, cfg)
+    assert search(latents) == beam_search(dec, latents, cfg)
 
 
 def test_padded_batch_and_one_at_a_time(decoder):  # noqa: F811
@@ -97,3 +101,22 @@ def test_padded_batch_and_one_at_a_time(decoder):  # noqa: F811
     assert batched == [search(latents[i : i + 1])[0] for i in range(5)]
     with pytest.raises(ValueError, match="exceeds this searcher's batch_size 8"):
         search(torch.randn(9, decoder.config.latent_dim))
+
+
+def test_attention_default_follows_the_device_and_a_wrong_name_says_what_to_use(decoder):  # noqa: F811
+    assert StaticKVGPT2(decoder.gpt2, rows=2, max_len=8).attention == "sdpa"  # a CPU model
+    with pytest.raises(ValueError, match=r"attention='flash': use one of \('sdpa', 'matmul'\)"):
+        StaticKVGPT2(decoder.gpt2, rows=2, max_len=8, attention="flash")
+
+
+def test_reorder_of_a_bf16_cache_copies_bits(decoder):  # noqa: F811
+    """The reorder gathers 8-byte words; a cache whose rows are not a whole number of words gathers elements."""
+    model = StaticKVGPT2(copy.deepcopy(decoder.gpt2).to(torch.bfloat16), rows=3, max_len=5)
+    for cache in model._caches[0]:
+        cache.copy_(torch.randn(cache.shape))
+    before = [c.clone() for c in model._caches[0]]
+    model.reorder(torch.tensor([2, 0, 0]))
+    for old, new in zip(before, (model.k_cache, model.v_cache)):
+        assert torch.equal(new, old[:, [2, 0, 0]])
+    odd = torch.zeros(2, 3, 3, dtype=torch.bfloat16)  # 6 bytes a row
+    assert _as_words(odd) is odd and _as_words(torch.zeros(2, 4, dtype=torch.bfloat16)).dtype == torch.int64
