@@ -33,7 +33,8 @@ from ldlm.static_beam_search import StaticBeamSearch
 from ldlm.static_gpt2 import ATTENTION
 from ldlm.step_tables import ddpm_tables
 
-MATMUL_NAMES = ("gemm", "gemv", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "splitk", "splitK")
+MATMUL_NAMES = ("gemm", "gemv", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "splitk", "splitK", "nvjet")
+ATTENTION_NAMES = ("fmha", "sdpa", "flash", "attention", "Attention")  # CUTLASS and cuDNN attention: not matmuls
 MODES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 
 
@@ -54,7 +55,8 @@ def kernel_times(events, calls: int, device_type: DeviceType = DeviceType.CUDA) 
         if event.device_type == device_type:
             time_us[event.name] += event.time_range.elapsed_us() / calls
             launches[event.name] += 1 / calls
-    matmul = sum(t for name, t in time_us.items() if any(m in name for m in MATMUL_NAMES))
+    matmul = sum(t for name, t in time_us.items()
+                 if any(m in name for m in MATMUL_NAMES) and not any(a in name for a in ATTENTION_NAMES))
     return {"total_us": sum(time_us.values()), "matmul_us": matmul, "kernels": round(sum(launches.values()), 2),
             "top": [{"name": name[:100], "us": us, "launches": round(launches[name], 2)}
                     for name, us in time_us.most_common(12)]}

@@ -65,13 +65,13 @@ def step_kernels(preset: str, batch: int) -> Counter:
     return counter.ops
 
 
-def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4) -> Counter:
+def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa") -> Counter:
     """Ops of one token of the engine's static-KV beam decode (GPT-2 step, beam selection, cache reorder), for
-    a decoder on the CPU."""
+    a decoder on the CPU; attention as ldlm.static_gpt2's."""
     tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)  # the cache's length changes no count
     config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
-    search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True,
-                              attention="matmul")  # as on a GPU
+    search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True,  # as on a GPU
+                              attention=attention)
     counter = CountOps()
     search.model.add_norm = _counted_add_layer_norm(counter)
     with torch.no_grad():

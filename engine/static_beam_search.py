@@ -64,7 +64,7 @@ class StaticBeamSearch:
         """check_every: tokens between the host's checks for all-finished; graphs: capture the decode step as
         CUDA graphs; fused_norms: residual adds fused with the layer norms after them in Triton kernels
         (default: on CUDA; Triton's CPU interpreter runs them far slower than torch); attention: a step's one-query
-        attention, "matmul" (the default on CUDA) or "sdpa" (ldlm.static_gpt2)."""
+        attention, "sdpa" (the default) or "matmul" (ldlm.static_gpt2)."""
         self.decoder, self.config, self.check_every, self.graphs = decoder, config, check_every, graphs
         self.B, self.K, self.T = batch_size, config.num_beams, config.max_new_tokens
         self.P = decoder.config.n_prefix

@@ -7,8 +7,9 @@ cache into the other one, which becomes current (one read and one write of the c
 reordering in place takes a temporary: two of each).
 
 A step's attention has one query per row. SDPA's fused kernels tile 64 queries, so for one they spend 64 times
-the work (on the H200 at batch 64, fp32: 210 us a layer, a third of the token); two batched matmuls around a
-softmax read the cache once (attention="matmul", the default on CUDA; bench/RESULTS.md).
+the work (on the H200 at batch 64, fp32: 210 us a layer, a third of the token's kernel time); two batched
+matmuls around a softmax read the cache once (attention="matmul"). It is not yet the default: it adds four
+kernels a layer, and whether it wins at batch 1 too has not been measured on a GPU (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ class StaticKVGPT2:
                  attention: str | None = None):
         """rows: batch x beams; max_len: prefix + new tokens; fused_norms: each residual add and the layer norm
         after it as one Triton kernel (ldlm.kernels.add_layer_norm; on CPU only through TRITON_INTERPRET=1);
-        attention: a step's one-query attention as "matmul" (two batched matmuls, the default on CUDA) or "sdpa"
-        (torch's scaled_dot_product_attention, the default elsewhere)."""
+        attention: a step's one-query attention as "sdpa" (torch's scaled_dot_product_attention, the default)
+        or "matmul" (two batched matmuls around a softmax)."""
         check_supported(gpt2)
         param = next(gpt2.parameters())
-        attention = attention or ("matmul" if param.is_cuda else "sdpa")
+        attention = attention or "sdpa"
         if attention not in ATTENTION:
             raise ValueError(f"attention={attention!r}: use one of {ATTENTION}")
         self.attention = attention

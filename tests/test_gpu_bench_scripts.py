@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ldlm.benchmark import bench_components
 from ldlm.config import ModelConfig
 from ldlm.launches import decode_kernels, step_kernels
@@ -44,6 +46,50 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
     for line in ("| batch 1: sampling loop", "| batch 1: beam decode"):  # the time per kernel, for the bound
         assert f"{report['launches']['sampling_step' if 'loop' in line else 'decode_token']} kernels = " in \
             table.split(line)[1].splitlines()[0]
+
+
+def test_profile_runs_both_attentions_and_the_table_shows_them(tmp_path):
+    """bench/gpu_profile.py on the CPU (ops stand in for kernels): a step and a decoded token with each attention."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_profile.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "2",
+         "--json", str(tmp_path / "profile.json")], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert [(r["what"], r.get("attention")) for r in report["rows"]] == [
+        ("step", None), ("decode_token", "sdpa"), ("decode_token", "matmul")]
+    assert all(r["total_us"] > 0 and r["kernels"] > 0 and r["top"] for r in report["rows"])
+    assert len(report["matmul"]) == 3 and all(m["tflops"] > 0 for m in report["matmul"])
+    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "| profile, batch 2 decode_token (fp32, matmul attention) |" in table
+
+
+def test_profile_counts_attention_kernels_apart_from_matmuls():
+    """CUTLASS's and cuDNN's attention kernels carry "cutlass" or "sm80_" in their names, as matmuls do."""
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gpu_profile import kernel_times
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class Kernel:
+        device_type = DeviceType.CUDA
+
+        def __init__(self, name, us):
+            self.name, self.us = name, us
+            self.time_range = self
+
+        def elapsed_us(self):
+            return self.us
+
+    names = {"fmha_cutlassF_f32_aligned_64x64_rf_sm80": 210.0, "cudnn_generated_fort_native_sdpa_sm80_flash": 64.0,
+             "sm80_xmma_gemm_f32f32_f32f32_f32_nn": 47.0, "nvjet_sm90_tst_64x8": 5.0, "_add_layer_norm_kernel": 2.0}
+    times = kernel_times([Kernel(n, us) for n, us in names.items()] * 2, calls=2)
+    assert times["total_us"] == 328.0 and times["matmul_us"] == 52.0 and times["kernels"] == 5
+    assert times["top"][0] == {"name": "fmha_cutlassF_f32_aligned_64x64_rf_sm80", "us": 210.0, "launches": 1.0}
 
 
 def test_the_table_reports_pytest_summaries_of_both_test_stages(tmp_path):
@@ -87,21 +133,26 @@ def test_an_engine_step_launches_only_the_model_and_one_update():
     assert sum(ops.values()) == (2 + 3 * L) + (2 * L + 1) + L + 4, ops  # matmuls, norms, GELUs, 4 more
 
 
-def test_a_decode_token_launches_per_layer_only_the_model():
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_a_decode_token_launches_per_layer_only_the_model(attention):
     """bench/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
-    (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention
-    as on a GPU (the scaled query, two batched matmuls, the mask's add, the softmax; no copies); the attention
-    mask made once for all layers. Everything else (embedding, beam selection, reorder) does not grow with
-    depth."""
-    ops = decode_kernels(bench_components("tiny").decoder.eval(), 4)
+    (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention:
+    one SDPA kernel, or the scaled query, two batched matmuls, the mask's add and the softmax (no copies); the
+    attention mask made once for all layers. Everything else (embedding, beam selection, reorder) does not
+    grow with depth."""
+    ops = decode_kernels(bench_components("tiny").decoder.eval(), 4, attention=attention)
     L = ModelConfig.from_preset("tiny").n_layer
     assert "tanh" not in ops and ops["pow"] == 1, ops  # the beam's length penalty; none from GELU
     assert ops["gelu"] == L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1, ops
     assert ops["addmm"] == 4 * L and ops["index_copy_"] == 2 * L, ops
-    assert not any("scaled_dot_product" in op for op in ops) and "clone" not in ops, ops
-    assert ops["bmm"] == 2 * L and ops["_softmax"] == L and ops["add_"] == L + 1, ops  # + the step counter
-    per_layer = 1 + 4 + 2 + 2 + 5  # GELU, matmuls, cache writes, add + norms, attention
-    assert sum(ops.values()) - per_layer * L == 96, ops  # the rest, the same at any depth (base: 264 - 14 x 12)
+    sdpa = sum(n for op, n in ops.items() if "scaled_dot_product" in op)
+    if attention == "sdpa":
+        assert sdpa == L and "bmm" not in ops, ops
+    else:
+        assert sdpa == 0 and "clone" not in ops, ops
+        assert ops["bmm"] == 2 * L and ops["_softmax"] == L and ops["add_"] == L + 1, ops  # + the step counter
+    per_layer = 1 + 4 + 2 + 2 + (1 if attention == "sdpa" else 5)  # GELU, matmuls, cache writes, norms, attention
+    assert sum(ops.values()) - per_layer * L == 96, ops  # the rest, the same at any depth (base: 216 - 10 x 12)
 
 
 def test_gpu_check_stage_limits_fit_one_device_call():
