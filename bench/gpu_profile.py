@@ -126,7 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     modes = {mode: MODES[mode] for mode in (args.modes if device.type == "cuda" else ["fp32"])}
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": args.preset, "torch": torch.__version__, "rows": []}
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": args.preset,
+               "torch": torch.__version__, "rows": []}
 
     def save():
         if args.json:

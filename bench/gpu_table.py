@@ -69,13 +69,14 @@ def main(out: Path) -> None:
         lines.append(f"| batch {row['batch']} bf16 engine: sampling loop | {row['sample_engine']['median_s']*1e3:.1f} ms = "
                      f"{row['speedup_sample']:.1f}x vs fp32 reference | (target >= 15x) |")
         if "speedup_decode_vs_hf" in row:
-            lines.append(f"| batch {row['batch']} bf16 engine: beam decode | HF (fp32) "
-                         f"{row['decode_hf_generate']['median_s']*1e3:.0f} -> {row['decode_engine']['median_s']*1e3:.0f} ms "
+            hf_ms, engine_ms = row["decode_hf_generate"]["median_s"] * 1e3, row["decode_engine"]["median_s"] * 1e3
+            lines.append(f"| batch {row['batch']} bf16 engine: beam decode | HF (fp32) {hf_ms:.0f} -> {engine_ms:.0f} ms "
                          f"= {row['speedup_decode_vs_hf']:.1f}x | (target >= 10x) |")
     if (out / "profile.json").exists():
         for row in json.loads((out / "profile.json").read_text())["rows"]:
             top = row["top"][0] if row["top"] else {"name": "-", "us": 0}
-            what = f"{row['what']} ({row['mode']}{', ' + row['attention'] + ' attention' if 'attention' in row else ''})"
+            attention = f", {row['attention']} attention" if "attention" in row else ""
+            what = f"{row['what']} ({row['mode']}{attention})"
             lines.append(f"| profile, batch {row['batch']} {what} | {row['total_us']:.0f} us of "
                          f"kernels, {row['kernels']:.0f} launches, matmuls {row['matmul_us']:.0f} us; top "
                          f"{top['us']:.0f} us {top['name'][:48]} | |")

@@ -105,7 +105,10 @@ class StaticKVGPT2:
         # q scaled first: a new, contiguous q that the batched matmul takes without a copy (exact for hd = 4^n)
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2)).add_(bias)  # (R, H, 1, max_len)
         # as SDPA, the softmax in fp32 (asking for fp32 of an fp32 tensor would cost a copy)
-        probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+        if scores.dtype == torch.float32:
+            probs = scores.softmax(-1)
+        else:
+            probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
         return torch.matmul(probs, v)  # (R, H, 1, hd)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
