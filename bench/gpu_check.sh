@@ -41,7 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$logs/gp
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)" 2>&1 | tee "$logs/versions.txt"
 
-stage tests 130 python -m pytest -q --durations=15 tests/test_gpu.py tests/test_fused_update.py tests/test_add_layer_norm.py \
+stage tests 100 python -m pytest -q --durations=15 tests/test_gpu.py tests/test_fused_update.py tests/test_add_layer_norm.py \
   tests/test_folded_reverse.py tests/test_fused_sampler.py tests/test_static_beam_search.py tests/test_backends.py
 code=$?
 if wanted tests; then
@@ -59,7 +59,7 @@ stage latency_bf16 50 python bench/latency.py --preset base --batch-sizes 64 --r
   --json "$out/latency_bf16.json"
 # where the time goes: per-kernel device time of a step and a decoded token (each attention), fp32 and bf16;
 # cuBLAS's rates on the step's shapes
-stage profile 60 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
+stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
 
 # not issue 3's: training on the GPU (same draws as the CPU, resume to the same weights, bf16 autocast)
 stage training 40 python -m pytest -q -k cuda tests/test_training.py
