@@ -41,13 +41,13 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _counted_add_layer_norm(counter: CountOps):
-    """The fused add + norm Triton kernel as one counted kernel; its torch equivalent runs uncounted."""
-    def add_layer_norm(h, y, norm):
-        counter.ops["add_layer_norm (Triton)"] += 1
+def _counted(counter: CountOps, name: str, torch_equivalent):
+    """A Triton kernel as one counted kernel, `name`; its torch equivalent runs uncounted."""
+    def kernel(*args):
+        counter.ops[f"{name} (Triton)"] += 1
         with _disable_current_modes():
-            return add_then_norm(h, y, norm)
-    return add_layer_norm
+            return torch_equivalent(*args)
+    return kernel
 
 
 def step_kernels(preset: str, batch: int) -> Counter:
@@ -57,7 +57,7 @@ def step_kernels(preset: str, batch: int) -> Counter:
                            device="cpu", graphs=False, fused_norms=True)  # as on a GPU
     counter = CountOps()
     sampler.fused_update = lambda *args, **kwargs: None  # counted as one kernel below
-    sampler.denoiser.add_norm = _counted_add_layer_norm(counter)
+    sampler.denoiser.add_norm = _counted(counter, "add_layer_norm", add_then_norm)
     buf = sampler._buffers_for((batch, *config.latent_shape))
     with torch.no_grad(), counter:
         sampler._one_step(buf, torch.Generator().manual_seed(0), draw=True, from_table=False)
@@ -73,7 +73,11 @@ def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4, atten
     search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True,  # as on a GPU
                               attention=attention)
     counter = CountOps()
-    search.model.add_norm = _counted_add_layer_norm(counter)
+    search.model.add_norm = _counted(counter, "add_layer_norm", add_then_norm)
+    if attention == "indirect":
+        from .kernels.beam_attention import beam_attention_reference  # (its module imports Triton)
+
+        search.model._beam_attention = _counted(counter, "beam_attention", beam_attention_reference)
     with torch.no_grad():
         state = search._prefill()
         with counter:

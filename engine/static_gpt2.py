@@ -7,9 +7,12 @@ cache into the other one, which becomes current (one read and one write of the c
 reordering in place takes a temporary: two of each).
 
 A step's attention has one query per row. SDPA's fused kernels tile 64 queries, so for one they spend 64 times
-the work (on the H200 at batch 64, fp32: 210 us a layer, a third of the token's kernel time); two batched
-matmuls around a softmax read the cache once (attention="matmul"). It is not yet the default: it adds four
-kernels a layer, and whether it wins at batch 1 too has not been measured on a GPU (bench/RESULTS.md).
+the work (on the H200 at batch 64, fp32: 210 us a layer, a third of the token's kernel time). Two other ways:
+attention="matmul", two batched matmuls around a softmax that read the cache once; and attention="indirect",
+which moves no cache at all: a slot (row, position) is written once, so a small table says which row's slot
+holds each hypothesis's key and value, a reorder gathers the table, and a Triton kernel
+(ldlm.kernels.beam_attention) attends through it, reading only the positions written so far, from one cache
+instead of two. Neither is the default yet: SDPA is what ran on the GPU; bench/gpu_profile.py times all three.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from transformers.activations import NewGELUActivation
 from .kernels import residual_norm
 
 
-ATTENTION = ("sdpa", "matmul")
+ATTENTION = ("sdpa", "matmul", "indirect")
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -47,8 +50,9 @@ class StaticKVGPT2:
                  attention: str | None = None):
         """rows: batch x beams; max_len: prefix + new tokens; fused_norms: each residual add and the layer norm
         after it as one Triton kernel (ldlm.kernels.add_layer_norm; on CPU only through TRITON_INTERPRET=1);
-        attention: a step's one-query attention as "sdpa" (torch's scaled_dot_product_attention, the default)
-        or "matmul" (two batched matmuls around a softmax)."""
+        attention: a step's one-query attention as "sdpa" (torch's scaled_dot_product_attention, the default),
+        "matmul" (two batched matmuls around a softmax) or "indirect" (the Triton kernel reading the cache
+        through a table of source rows, which reorders replace; on CPU only through TRITON_INTERPRET=1)."""
         check_supported(gpt2)
         param = next(gpt2.parameters())
         attention = attention or "sdpa"
@@ -69,19 +73,29 @@ class StaticKVGPT2:
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.scale = self.head_dim**-0.5  # GPT-2's scale_attn_weights (check_supported)
         shape = (cfg.n_layer, rows, self.n_head, max_len, self.head_dim)
+        indirect = attention == "indirect"
+        # 2 (indirect: 1) x (keys, values), each (L, R, H, max_len, hd)
         self._caches = [tuple(torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in "kv")
-                        for _ in range(2)]  # 2 x (keys, values), each (L, R, H, max_len, hd)
-        self.current = 0  # the cache that steps read and write; a reorder switches to the other
+                        for _ in range(1 if indirect else 2)]
+        self.current = 0  # the cache (indirect: the source table) steps read and write; a reorder switches
         self.positions = torch.arange(max_len, device=param.device)  # (max_len,)
+        self.row_ids = torch.arange(rows, device=param.device)[:, None]  # (R, 1)
+        # indirect: row r's key and value at position p live in row _sources[current][r, p]'s slot
+        self._sources = [torch.zeros(rows, max_len, dtype=torch.int64, device=param.device)
+                         for _ in range(2)] if indirect else None
+        if indirect:
+            from .kernels.beam_attention import beam_attention
+
+            self._beam_attention = beam_attention
         self._mask_values = torch.tensor([0.0, float("-inf")], dtype=param.dtype, device=param.device).unbind()
 
     @property
     def k_cache(self) -> torch.Tensor:
-        return self._caches[self.current][0]  # (L, R, H, max_len, hd)
+        return self._caches[self.current % len(self._caches)][0]  # (L, R, H, max_len, hd)
 
     @property
     def v_cache(self) -> torch.Tensor:
-        return self._caches[self.current][1]  # (L, R, H, max_len, hd)
+        return self._caches[self.current % len(self._caches)][1]  # (L, R, H, max_len, hd)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         R, S, E = x.shape
@@ -98,10 +112,14 @@ class StaticKVGPT2:
         h = h + self._attention_out(block, attn)
         return h + self._mlp(block, block.ln_2(h))
 
-    def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd) + bias) v for q (R, H, 1, hd) over the cache k, v (R, H, max_len, hd)."""
+    def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                          position: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + bias) v for q (R, H, 1, hd) over the cache k, v (R, H, max_len, hd); bias
+        (1, 1, 1, max_len) masks the positions after `position` (a one-element device tensor)."""
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.attention == "indirect":
+            return self._beam_attention(q, k, v, self._sources[self.current], position, self.scale)
         # q scaled first: a new, contiguous q that the batched matmul takes without a copy (exact for hd = 4^n)
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2)).add_(bias)  # (R, H, 1, max_len)
         # as SDPA, the softmax in fp32 (asking for fp32 of an fp32 tensor would cost a copy)
@@ -121,6 +139,8 @@ class StaticKVGPT2:
         Returns last-position logits (B, V)."""
         B, P, _ = embeds.shape
         self.current = 0
+        if self._sources is not None:  # every row reads its own slots until a reorder says otherwise
+            self._sources[0].copy_(self.row_ids.expand_as(self._sources[0]))
         t = self.gpt2.transformer
         h = embeds + t.wpe(self.positions[:P])  # (B, P, E)
         for layer, block in enumerate(t.h):
@@ -137,15 +157,19 @@ class StaticKVGPT2:
         t = self.gpt2.transformer
         h = (t.wte(input_ids) + t.wpe(position))[:, None, :]  # (R, 1, E)
         # the mask as the additive bias SDPA would make of a boolean one, once for all layers instead of per layer
-        bias = torch.where(self.positions <= position, *self._mask_values)[None, None, None, :]  # (1, 1, 1, max_len)
+        # (the indirect kernel masks by the position itself)
+        bias = None if self._sources is not None else (
+            torch.where(self.positions <= position, *self._mask_values)[None, None, None, :])  # (1, 1, 1, max_len)
         index = position.view(1)
+        if self._sources is not None:  # this step's key and value go to each row's own slot
+            self._sources[self.current].index_copy_(1, index, self.row_ids)
         x = t.h[0].ln_1(h)
         for layer, (block, next_norm) in enumerate(zip(t.h, self.following_norms)):
             q, k, v = block.attn.c_attn(x).split(h.shape[-1], dim=2)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
             self.k_cache[layer].index_copy_(2, index, k)
             self.v_cache[layer].index_copy_(2, index, v)
-            attn = self._attend_one_query(q, self.k_cache[layer], self.v_cache[layer], bias)
+            attn = self._attend_one_query(q, self.k_cache[layer], self.v_cache[layer], bias, index)
             h, x = self.add_norm(h, self._attention_out(block, attn), block.ln_2)
             h, x = self.add_norm(h, self._mlp(block, x), next_norm)
         return self.gpt2.lm_head(x[:, 0, :])  # x: ln_f(h)
@@ -153,10 +177,14 @@ class StaticKVGPT2:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row r of the cache becomes old row rows[r] (beam reordering), on the device: all layers' keys and
         values gathered into the other cache in two kernels, then that cache is current. Captured in a CUDA
-        graph, each of the two directions is its own graph (StaticBeamSearch replays them alternately). (It
-        still moves the full static length every token; cache indirection would avoid that, bench/RESULTS.md.)
-        The gather copies bits as 8-byte words: it moves elements, and a quarter as many bf16 ones run faster
-        (on the H200 a bf16 cache gathered at 1.3 TB/s, an fp32 one at 2.4)."""
-        for source, target in zip(self._caches[self.current], self._caches[1 - self.current]):
-            torch.index_select(_as_words(source), 1, rows, out=_as_words(target))
+        graph, each of the two directions is its own graph (StaticBeamSearch replays them alternately). It
+        moves the full static length every token; with attention="indirect" it gathers the (R, max_len) table
+        of source rows instead, and the cache stays where it is. The gather copies bits as 8-byte words: it
+        moves elements, and a quarter as many bf16 ones run faster (on the H200 a bf16 cache gathered at
+        1.3 TB/s, an fp32 one at 2.4)."""
+        if self._sources is not None:
+            torch.index_select(self._sources[self.current], 0, rows, out=self._sources[1 - self.current])
+        else:
+            for source, target in zip(self._caches[self.current], self._caches[1 - self.current]):
+                torch.index_select(_as_words(source), 1, rows, out=_as_words(target))
         self.current = 1 - self.current

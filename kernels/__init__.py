@@ -1,5 +1,6 @@
-"""Triton kernels for the engine's hot loops: the fused per-step update (`fused_update`) and a residual add
-with the layer norm after it (`add_layer_norm`); `aot` compiles them ahead of time for a GPU architecture."""
+"""Triton kernels for the engine's hot loops: the fused per-step update (`fused_update`), a residual add with
+the layer norm after it (`add_layer_norm`) and the beam decode's one-query attention read through a table of
+source rows (`beam_attention`); `aot` compiles them ahead of time for a GPU architecture."""
 
 from __future__ import annotations
 

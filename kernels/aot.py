@@ -40,7 +40,7 @@ class KernelSpec:
     divisible: tuple[str, ...]  # integer arguments divisible by 16 in every launch of the engine's (the widths)
     flags: tuple[str, ...] = ()  # boolean constexprs, compiled both ways
     constants: dict[str, int] = field(default_factory=dict)  # other constexprs, as the engine launches it on a GPU
-    block_size: int = 1024  # BLOCK_SIZE as the engine launches it (base preset)
+    block_size: int = 1024  # BLOCK_SIZE as the engine launches it (base preset); 0: the kernel has none
 
 
 KERNELS = {
@@ -60,6 +60,16 @@ KERNELS = {
          "out_ptr": "*{dtype}", "n_rows": "i32", "n_cols": "i32", "eps": "fp32", "ROWS": "constexpr",
          "BLOCK_SIZE": "constexpr"},
         divisible=("n_cols",), constants={"ROWS": 1},
+    ),
+    # the base preset's decode step: 12 heads of 64, 8 prefix positions + 64 tokens
+    "beam_attention": KernelSpec(
+        "beam_attention", "_beam_attention_kernel",
+        {"q_ptr": "*{dtype}", "k_ptr": "*{dtype}", "v_ptr": "*{dtype}", "source_ptr": "*i64", "out_ptr": "*{dtype}",
+         "position_ptr": "*i64", "scale": "fp32", "stride_qr": "i32", "stride_qh": "i32", "stride_or": "i32",
+         "stride_oh": "i32", "N_HEADS": "constexpr", "MAX_LEN": "constexpr", "HEAD_DIM": "constexpr",
+         "BLOCK_P": "constexpr"},
+        divisible=("stride_qr", "stride_qh", "stride_or", "stride_oh"),
+        constants={"N_HEADS": 12, "MAX_LEN": 72, "HEAD_DIM": 64, "BLOCK_P": 32}, block_size=0,
     ),
 }
 
@@ -98,7 +108,7 @@ def compile_variant(variant: Variant, arch: int):
         raise RuntimeError(f"{spec.function}'s arguments {kernel.arg_names} changed: update {__name__}.KERNELS")
     aligned = [i for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name in spec.divisible]
-    constexprs = {**variant.flags, **spec.constants, "BLOCK_SIZE": spec.block_size}
+    constexprs = {**variant.flags, **spec.constants, **({"BLOCK_SIZE": spec.block_size} if spec.block_size else {})}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32))

@@ -57,11 +57,12 @@ def test_warmup_captures_every_graph_later_calls_of_its_sizes_replay(tiny_checkp
     assert graphs() == captured
 
 
-def test_graphed_beam_search_matches_reference(gpu_pipelines):
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])  # indirect: the table, not the cache, reorders
+def test_graphed_beam_search_matches_reference(gpu_pipelines, attention):
     reference, _ = gpu_pipelines
     latents = torch.randn(6, reference.config.latent_dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     cfg = BeamSearchConfig(num_beams=4, max_new_tokens=20)
-    search = StaticBeamSearch(reference.decoder, batch_size=8, config=cfg, graphs=True)
+    search = StaticBeamSearch(reference.decoder, batch_size=8, config=cfg, graphs=True, attention=attention)
     expected = beam_search(reference.decoder, latents, cfg)
     assert search(latents) == expected
     assert search(latents) == expected  # replay of the captured decode step

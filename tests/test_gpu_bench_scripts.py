@@ -48,7 +48,7 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
             table.split(line)[1].splitlines()[0]
 
 
-def test_profile_runs_both_attentions_and_the_table_shows_them(tmp_path):
+def test_profile_runs_every_attention_and_the_table_shows_them(tmp_path):
     """bench/gpu_profile.py on the CPU (ops stand in for kernels): a step and a decoded token with each attention."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
@@ -57,12 +57,13 @@ def test_profile_runs_both_attentions_and_the_table_shows_them(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "profile.json").read_text())
     assert [(r["what"], r.get("attention")) for r in report["rows"]] == [
-        ("step", None), ("decode_token", "sdpa"), ("decode_token", "matmul")]
+        ("step", None), ("decode_token", "sdpa"), ("decode_token", "matmul"), ("decode_token", "indirect")]
     assert all(r["total_us"] > 0 and r["kernels"] > 0 and r["top"] for r in report["rows"])
     assert len(report["matmul"]) == 3 and all(m["tflops"] > 0 for m in report["matmul"])
     table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
                            timeout=60).stdout
     assert "| profile, batch 2 decode_token (fp32, matmul attention) |" in table
+    assert "| profile, batch 2 decode_token (fp32, indirect attention) |" in table
 
 
 def test_profile_counts_attention_kernels_apart_from_matmuls():
@@ -134,26 +135,31 @@ def test_an_engine_step_launches_only_the_model_and_one_update():
     assert sum(ops.values()) == (2 + 3 * L) + (2 * L + 1) + L + 4, ops  # matmuls, norms, GELUs, 4 more
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])
 def test_a_decode_token_launches_per_layer_only_the_model(attention):
     """bench/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
     (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention:
-    one SDPA kernel, or the scaled query, two batched matmuls, the mask's add and the softmax (no copies); the
-    attention mask made once for all layers. Everything else (embedding, beam selection, reorder) does not
-    grow with depth."""
+    one SDPA kernel, or the scaled query, two batched matmuls, the mask's add and the softmax (no copies), or
+    the one Triton kernel reading through the source table; the attention mask made once for all layers.
+    Everything else (embedding, beam selection, reorder) does not grow with depth; with the table, the
+    reorder is one gather of it instead of two of the caches, and each step writes its column once."""
     ops = decode_kernels(bench_components("tiny").decoder.eval(), 4, attention=attention)
     L = ModelConfig.from_preset("tiny").n_layer
     assert "tanh" not in ops and ops["pow"] == 1, ops  # the beam's length penalty; none from GELU
     assert ops["gelu"] == L and ops["add_layer_norm (Triton)"] == 2 * L and ops["native_layer_norm"] == 1, ops
-    assert ops["addmm"] == 4 * L and ops["index_copy_"] == 2 * L, ops
+    assert ops["addmm"] == 4 * L and ops["index_copy_"] == 2 * L + (attention == "indirect"), ops
     sdpa = sum(n for op, n in ops.items() if "scaled_dot_product" in op)
     if attention == "sdpa":
-        assert sdpa == L and "bmm" not in ops, ops
-    else:
+        assert sdpa == L and "bmm" not in ops and ops["index_select"] == 2, ops  # the reorder: keys, values
+    elif attention == "matmul":
         assert sdpa == 0 and "clone" not in ops, ops
         assert ops["bmm"] == 2 * L and ops["_softmax"] == L and ops["add_"] == L + 1, ops  # + the step counter
-    per_layer = 1 + 4 + 2 + 2 + (1 if attention == "sdpa" else 5)  # GELU, matmuls, cache writes, norms, attention
-    assert sum(ops.values()) - per_layer * L == 96, ops  # the rest, the same at any depth (base: 216 - 10 x 12)
+    else:
+        assert sdpa == 0 and "bmm" not in ops and ops["beam_attention (Triton)"] == L, ops
+        assert ops["index_select"] == 1 and ops["index_copy_"] == 2 * L + 1, ops  # the table's gather and column
+    per_layer = 1 + 4 + 2 + 2 + (5 if attention == "matmul" else 1)  # GELU, matmuls, cache writes, norms, attention
+    rest = 96 if attention != "indirect" else 94  # + the table's column, - a cache gather, - the mask's 2 (in-kernel)
+    assert sum(ops.values()) - per_layer * L == rest, ops  # the same at any depth (base, sdpa: 216 - 10 x 12)
 
 
 def test_gpu_check_stage_limits_fit_one_device_call():

@@ -1,6 +1,6 @@
-"""The engine's Triton kernels (the fused update, the fused residual add + layer norm) compiled for real GPUs,
-without one: Triton's compiler and its bundled ptxas lower every variant to machine code for Ampere (sm_80)
-and Hopper (sm_90). The interpreter that runs the kernel tests on CPU never compiles, so this is where a
+"""The engine's Triton kernels (the fused update, the fused residual add + layer norm, the beam-indirect
+attention) compiled for real GPUs, without one: Triton's compiler and its bundled ptxas lower every variant to
+machine code for Ampere (sm_80) and Hopper (sm_90). The interpreter that runs the kernel tests on CPU never compiles, so this is where a
 construct the GPU compiler rejects would show; and the PTX says whether each access to the element tensors is
 a 128-bit vector access, which a memory-bound kernel needs to approach copy bandwidth (the bandwidth itself is
 measured on the GPU by bench/kernel_bandwidth.py)."""
@@ -26,6 +26,7 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
     rows = json.loads(run.stdout)
     assert [r["kernel"] for r in rows].count("fused_update") == 24  # 3 dtypes x clamp x tracking x history
     assert [r["kernel"] for r in rows].count("add_layer_norm") == 3
+    assert [r["kernel"] for r in rows].count("beam_attention") == 3
     for row in rows:
         assert row["cubin_bytes"] > 0, row
         bytes_per_element = 4 if row["dtype"] == "float32" else 2
@@ -39,8 +40,12 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
                 "store.v4": (2 if history else 1) * vectors,  # x_next (and x0_hat into the history)
                 **({"atomic": 1} if row["flags"]["TRACK_NONFINITE"] else {}),  # the first-bad-step flag
             }
-        else:
+        elif row["kernel"] == "add_layer_norm":
             expected = {"load.v4": 4 * vectors, "store.v4": 2 * vectors}  # h, y, weight, bias; h and the norm
+        else:  # beam_attention: a block of 32 positions x 64 dims of keys and of values a loop, the query once
+            tile = 32 * 64 // threads * bytes_per_element // 16
+            assert row["accesses"]["load.v4"] == 2 * tile + 1, row  # the gathered rows: 128-bit accesses
+            continue
         assert row["accesses"] == expected, row
 
 

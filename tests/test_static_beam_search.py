@@ -25,7 +25,7 @@ def kernel_decoder(decoder):  # noqa: F811
     return copy.deepcopy(decoder).to(KERNEL_DEVICE)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])
 @pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms as Triton kernels (interpreter)
 def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, fused_norms, attention):
     """Prefill and steps against Hugging Face's forward over the whole sequence; GPT-2's gelu_new runs as
@@ -77,7 +77,7 @@ def test_same_tokens_as_reference(decoder, early_stopping, num_beams, max_new_to
     assert StaticBeamSearch(decoder, batch_size=6, config=cfg)(latents) == beam_search(decoder, latents, cfg)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])
 def test_same_tokens_with_fused_norms(kernel_decoder, attention):
     """The decode step with each residual add and the norm after it as one Triton kernel (the default on CUDA,
     where this test runs it compiled; through the interpreter on CPU), with either attention."""
@@ -92,21 +92,23 @@ def test_same_tokens_with_fused_norms(kernel_decoder, attention):
     assert search(latents) == beam_search(dec, latents, cfg)
 
 
-def test_padded_batch_and_one_at_a_time(decoder):  # noqa: F811
+@pytest.mark.parametrize("attention", ["sdpa", "indirect"])  # indirect: a searcher reused keeps no stale table
+def test_padded_batch_and_one_at_a_time(decoder, attention):  # noqa: F811
     latents = torch.randn(5, decoder.config.latent_dim, generator=torch.Generator().manual_seed(2))
     cfg = BeamSearchConfig(num_beams=4, max_new_tokens=14)
-    search = StaticBeamSearch(decoder, batch_size=8, config=cfg, check_every=3)
+    search = StaticBeamSearch(decoder, batch_size=8, config=cfg, check_every=3, attention=attention)
     batched = search(latents)  # 5 real items padded to the static batch of 8
     assert batched == beam_search(decoder, latents, cfg)
-    assert batched == [search(latents[i : i + 1])[0] for i in range(5)]
+    items = range(5) if attention == "sdpa" else [3]  # (the interpreter runs the kernel a program at a time: slow)
+    assert [batched[i] for i in items] == [search(latents[i : i + 1])[0] for i in items]
     with pytest.raises(ValueError, match="exceeds this searcher's batch_size 8"):
         search(torch.randn(9, decoder.config.latent_dim))
 
 
 def test_attention_defaults_to_sdpa_and_a_wrong_name_says_what_to_use(decoder):  # noqa: F811
-    """SDPA stays the default until the matmul attention's speed is measured on a GPU at every batch size."""
+    """SDPA stays the default until the other two are timed on a GPU at every batch size."""
     assert StaticKVGPT2(decoder.gpt2, rows=2, max_len=8).attention == "sdpa"
-    with pytest.raises(ValueError, match=r"attention='flash': use one of \('sdpa', 'matmul'\)"):
+    with pytest.raises(ValueError, match=r"attention='flash': use one of \('sdpa', 'matmul', 'indirect'\)"):
         StaticKVGPT2(decoder.gpt2, rows=2, max_len=8, attention="flash")
 
 
@@ -121,3 +123,32 @@ def test_reorder_of_a_bf16_cache_copies_bits(decoder):  # noqa: F811
         assert torch.equal(new, old[:, [2, 0, 0]])
     odd = torch.zeros(2, 3, 3, dtype=torch.bfloat16)  # 6 bytes a row
     assert _as_words(odd) is odd and _as_words(torch.zeros(2, 4, dtype=torch.bfloat16)).dtype == torch.int64
+
+
+def test_indirect_reorder_moves_the_table_not_the_cache(kernel_decoder):
+    """With attention="indirect" a reorder gathers the (rows, max_len) table of source rows and the one cache
+    stays put; read through the table, the cache is the one a copying reorder makes, and the next step's
+    logits are the same (to rounding: the attention kernels differ)."""
+    dec = kernel_decoder
+    P = dec.config.n_prefix
+    latents = torch.randn(2, dec.config.latent_dim, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE)
+    prefix = dec.prefix(latents)
+    ids = torch.tensor([5, 6, 7, 8], device=KERNEL_DEVICE)
+    copying = StaticKVGPT2(dec.gpt2, rows=4, max_len=P + 4)
+    indirect = StaticKVGPT2(dec.gpt2, rows=4, max_len=P + 4, attention="indirect", fused_norms=KERNEL_DEVICE == "cuda")
+    assert len(indirect._caches) == 1 and len(copying._caches) == 2  # half the cache memory
+    for model in (copying, indirect):
+        model.prefill(prefix, repeats=2)
+        model.step(ids, torch.tensor(P, device=KERNEL_DEVICE))
+        model.reorder(torch.tensor([1, 1, 3, 2], device=KERNEL_DEVICE))
+    keys = indirect.k_cache.clone()
+    assert torch.equal(indirect._sources[indirect.current][:, P], torch.tensor([1, 1, 3, 2], device=KERNEL_DEVICE))
+    slots = torch.arange(P + 1, device=KERNEL_DEVICE)
+    rows = indirect._sources[indirect.current][:, : P + 1]  # (R, P+1)
+    through_table = indirect.k_cache[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # -> (L, R, H, P+1, hd)
+    expected = copying.k_cache[:, :, :, : P + 1]
+    assert torch.equal(through_table[..., :P, :], expected[..., :P, :])  # the prefill's, computed alike
+    torch.testing.assert_close(through_table, expected, rtol=TOL, atol=TOL)  # layer 2's keys follow attention
+    position = torch.tensor(P + 1, device=KERNEL_DEVICE)
+    torch.testing.assert_close(indirect.step(ids, position), copying.step(ids, position), rtol=TOL, atol=TOL)
+    assert torch.equal(indirect.k_cache[:, :, :, : P + 1], keys[:, :, :, : P + 1])  # nothing written moved
