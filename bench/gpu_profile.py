@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from ldlm.beam_search import BeamSearchConfig
 from ldlm.benchmark import bench_components, sync, timed
 from ldlm.fused_sampler import FusedSampler
+from ldlm.launches import token_searcher
 from ldlm.schedule import NoiseSchedule
-from ldlm.static_beam_search import StaticBeamSearch
 from ldlm.static_gpt2 import ATTENTION
 from ldlm.step_tables import ddpm_tables
 
@@ -89,11 +88,8 @@ def step_profile(components, batch: int, dtype: torch.dtype, device: torch.devic
 def decode_profile(components, batch: int, dtype: torch.dtype, device: torch.device, attention: str,
                    num_beams: int = 4) -> dict:
     """One token of the static-KV beam decode, eagerly (graphs off), with the fused add + norm kernels."""
-    decoder = copy.deepcopy(components.decoder).to(device, dtype)
-    tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)  # 12 are run
-    search = StaticBeamSearch(decoder, batch_size=batch, config=BeamSearchConfig(num_beams=num_beams,
-                              max_new_tokens=tokens), fused_norms=True, attention=attention)
-    with torch.no_grad():
+    search = token_searcher(copy.deepcopy(components.decoder).to(device, dtype), batch, num_beams, attention)
+    with torch.no_grad():  # 12 of its tokens are run
         state = search._prefill()
         return profile_calls(lambda: search.decode_step(state), device)
 

@@ -65,13 +65,19 @@ def step_kernels(preset: str, batch: int) -> Counter:
     return counter.ops
 
 
+def token_searcher(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa"
+                   ) -> StaticBeamSearch:
+    """The engine's static-KV beam search as on a GPU (fused norms), for timing or counting its tokens: up to 64
+    new tokens, fewer where the decoder's positions end (the cache's length changes no kernel count)."""
+    tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)
+    config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
+    return StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True, attention=attention)
+
+
 def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa") -> Counter:
     """Ops of one token of the engine's static-KV beam decode (GPT-2 step, beam selection, cache reorder), for
     a decoder on the CPU; attention as ldlm.static_gpt2's."""
-    tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)  # the cache's length changes no count
-    config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
-    search = StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True,  # as on a GPU
-                              attention=attention)
+    search = token_searcher(decoder, batch, num_beams, attention)
     counter = CountOps()
     search.model.add_norm = _counted(counter, "add_layer_norm", add_then_norm)
     if attention == "indirect":

@@ -91,11 +91,15 @@ class StaticKVGPT2:
 
     @property
     def k_cache(self) -> torch.Tensor:
-        return self._caches[self.current % len(self._caches)][0]  # (L, R, H, max_len, hd)
+        return self._caches[self._cache_index][0]  # (L, R, H, max_len, hd)
 
     @property
     def v_cache(self) -> torch.Tensor:
-        return self._caches[self.current % len(self._caches)][1]  # (L, R, H, max_len, hd)
+        return self._caches[self._cache_index][1]  # (L, R, H, max_len, hd)
+
+    @property
+    def _cache_index(self) -> int:
+        return 0 if self._sources is not None else self.current  # indirect: the one cache never moves
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         R, S, E = x.shape
