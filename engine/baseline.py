@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from .config import ModelConfig
 from .decoder import gpt2_config, load_tokenizer, train_bpe_tokenizer
+from .model_files import ModelFileError, check_weight_shapes, folder_files, read_json
 from .train import autocast, check_precision, training_device, warmup_cosine
 
 
@@ -78,7 +79,15 @@ def sample_language_model(path: str | Path, n: int, *, seed: int = 0, top_p: flo
                           batch_size: int = 64) -> list[str]:
     """n texts from the language model: nucleus sampling from EOS, one generator seed for the whole call."""
     path = Path(path)
-    model = GPT2LMHeadModel(GPT2Config.from_dict(json.loads((path / "config.json").read_text())["gpt2"]))
+    folder_files(path)  # every file inside the folder
+    values = read_json(path / "config.json", "the baseline model").get("gpt2")
+    if not isinstance(values, dict) or values.get("model_type", "gpt2") != "gpt2" or "auto_map" in values:
+        raise ModelFileError(f"{path / 'config.json'} holds no plain GPT-2 config (\"gpt2\"): pass a folder written "
+                             "by `ldlm baseline train`")
+    config = GPT2Config.from_dict(values)
+    check_weight_shapes(lambda: GPT2LMHeadModel(config), path / "lm.safetensors", {"transformer.h": config.n_layer},
+                        str(path / "config.json"))
+    model = GPT2LMHeadModel(config)
     load_model(model, str(path / "lm.safetensors"))
     model.eval()
     # rows are one start token each, never padded; transformers drops the all-ones mask before the first

@@ -21,6 +21,7 @@ from .checkpoint import Components
 from .config import ModelConfig
 from .decoder import LatentDecoder, train_bpe_tokenizer
 from .encoder import LatentEncoder, build_tiny_encoder
+from .inputs import check_positive_int
 from .reverse import ReverseTransformer
 
 STAGES = ("encode", "loop", "decode", "end_to_end")
@@ -89,6 +90,15 @@ class BenchSettings:
     num_beams: int = 4
     max_new_tokens: int = 64
     text_words: int = 24  # words per input text of the encode stage
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes:
+            raise ValueError("give at least one batch size")
+        for size in self.batch_sizes:
+            check_positive_int(size, "each batch size")
+        check_positive_int(self.iters, "iters")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a whole number >= 0, got {self.warmup!r}")
 
 
 def bench_texts(n: int, words: int) -> list[str]:

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import __version__
-from .config import ModelConfig
+from .config import DEFAULT_ENCODER, ModelConfig
 from .decoder import LatentDecoder, load_tokenizer
 from .encoder import LatentEncoder
+from .model_files import ModelFileError, check_weight_shapes, folder_files, header_shapes, inside, is_hub_id
 from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 
@@ -31,7 +31,7 @@ FORMAT = "ldlm-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     """A checkpoint that cannot be loaded; the message says which file and what to do."""
 
 
@@ -95,27 +95,8 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; retrain or restore it")
-
-
-def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from the safetensors header, without reading the weights."""
-    _check_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): it is corrupt; retrain or restore it") from e
-
-
 def _load_weights(module: torch.nn.Module, path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    mismatched = [f"{k}: file {shape} vs config {expected[k]}"
-                  for k, shape in _shapes(path).items() if k in expected and expected[k] != shape]
-    if mismatched:
-        raise CheckpointError(f"{path} does not match config.json: shapes differ for {mismatched[:3]}")
+    """Weights whose shapes check_weight_shapes has already compared with the config."""
     missing, unexpected = load_model(module, str(path), strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -124,7 +105,7 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
 
 
 def _load_latent_stats(path: Path, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    shapes = _shapes(path)
+    shapes = header_shapes(path)
     if shapes != {"mean": shape, "std": shape}:
         raise CheckpointError(f"{path} must hold mean and std of shape {shape}, holds {shapes}")
     return load_file(str(path))
@@ -143,32 +124,86 @@ def load_config(directory: str | Path) -> ModelConfig:
     return _model_config(directory, _read_meta(directory))
 
 
+def _gpt2_config(directory: Path, meta: dict) -> GPT2Config:
+    values = meta.get("gpt2")
+    path = directory / "config.json"
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} has no \"gpt2\" decoder config: the checkpoint is corrupt; retrain or restore it")
+    if values.get("model_type", "gpt2") != "gpt2" or "auto_map" in values:
+        raise CheckpointError(f"{path} describes a {values.get('model_type')!r} decoder with custom code or another "
+                              "architecture; ldlm decodes with GPT-2 only")
+    try:
+        return GPT2Config.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid \"gpt2\" config: {e}") from e
+
+
+def _check_sizes(directory: Path, config: ModelConfig, gpt2: GPT2Config) -> None:
+    """Every module's shapes against its weight file's header, before any module is built for real: a config
+    that does not belong to its weights (a hostile one could ask for hundreds of GB) stops here."""
+    what = "config.json"
+    check_weight_shapes(lambda: ReverseTransformer(config), directory / "reverse.safetensors",
+                        {"blocks": config.n_layers}, what)
+    check_weight_shapes(lambda: LatentDecoder(config, GPT2LMHeadModel(gpt2), tokenizer=None),
+                        directory / "decoder.safetensors", {"gpt2.transformer.h": gpt2.n_layer}, what)
+    if config.latent_tokens > 1:
+        check_weight_shapes(lambda: LatentResampler(config), directory / "resampler.safetensors",
+                            {"layers": config.resampler_layers}, what)
+
+
+def _load_encoder(directory: Path, meta: dict, config: ModelConfig) -> tuple[LatentEncoder, bool]:
+    """The encoder from the checkpoint's folder, or the shipped default, or a hub id from the local cache: never
+    a path outside the checkpoint, never a download."""
+    enc = meta.get("encoder")
+    path = directory / "config.json"
+    if not isinstance(enc, dict) or not isinstance(enc.get("bundled", False), bool):
+        raise CheckpointError(f"{path} has no \"encoder\" entry saying where the encoder is: the checkpoint is "
+                              "corrupt; retrain or restore it")
+    if enc.get("bundled"):
+        return LatentEncoder.from_folder(inside(directory, "encoder", "the bundled encoder"),
+                                         config.encoder_max_tokens), True
+    name = config.encoder
+    if not isinstance(name, str) or (name != DEFAULT_ENCODER and not is_hub_id(name)):
+        raise CheckpointError(f"{path} names its encoder {name!r}, which is not a hub id and not in the checkpoint: "
+                              "ldlm reads only the checkpoint's folder; save the checkpoint with its encoder bundled "
+                              "(`ldlm train` bundles an encoder given as a local folder)")
+    return LatentEncoder.from_pretrained(name, config.encoder_max_tokens), False
+
+
 def load_checkpoint(directory: str | Path) -> Components:
-    directory = Path(directory)
+    """A checkpoint's parts, after checking, from its files alone, that every file lies inside its folder, that
+    no custom code would run, and that the configs match the weights (ldlm.model_files)."""
+    try:
+        return _load_checkpoint(Path(directory))
+    except CheckpointError:
+        raise
+    except ModelFileError as e:  # a check of ldlm.model_files: the same kind of error for the caller
+        raise CheckpointError(str(e)) from e
+
+
+def _load_checkpoint(directory: Path) -> Components:
     meta = _read_meta(directory)
     config = _model_config(directory, meta)
+    gpt2_config = _gpt2_config(directory, meta)
+    folder_files(directory)
+    _check_sizes(directory, config, gpt2_config)
+    stats = _load_latent_stats(directory / "latent_stats.safetensors", config.latent_shape)
+    tokenizer_folder = inside(directory, "tokenizer", "the decoder's tokenizer")
 
-    enc = meta.get("encoder", {})
-    if enc.get("bundled"):
-        encoder = LatentEncoder.from_pretrained(str(directory / "encoder"), config.encoder_max_tokens)
-    else:
-        encoder = LatentEncoder.from_pretrained(config.encoder, config.encoder_max_tokens)
+    encoder, bundled = _load_encoder(directory, meta, config)
     if encoder.latent_dim != config.latent_dim:
         raise CheckpointError(
             f"encoder {config.encoder!r} has hidden size {encoder.latent_dim} but the checkpoint was trained on "
             f"{config.latent_dim}-d latents: load it with the encoder it was trained with"
         )
-
     if config.latent_tokens > 1:
         encoder.resampler = LatentResampler(config)
         _load_weights(encoder.resampler, directory / "resampler.safetensors")
         encoder.resampler.eval()
-    stats = _load_latent_stats(directory / "latent_stats.safetensors", config.latent_shape)
 
     reverse = ReverseTransformer(config)
     _load_weights(reverse, directory / "reverse.safetensors")
-    gpt2 = GPT2LMHeadModel(GPT2Config.from_dict(meta["gpt2"]))
-    decoder = LatentDecoder(config, gpt2, load_tokenizer(directory / "tokenizer"))
+    decoder = LatentDecoder(config, GPT2LMHeadModel(gpt2_config), load_tokenizer(tokenizer_folder))
     _load_weights(decoder, directory / "decoder.safetensors")
     return Components(config, encoder, decoder.eval(), reverse.eval(), stats["mean"], stats["std"],
-                      encoder_bundled=bool(enc.get("bundled")))
+                      encoder_bundled=bundled)

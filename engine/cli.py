@@ -48,10 +48,20 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "default fp32)")
 
 
+def _read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file named by a flag, with errors that name it."""
+    from .inputs import read_user_file
+
+    try:
+        return read_user_file(path, flag, "a text file").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it as UTF-8") from None
+
+
 def _texts_from_args(args) -> list[str]:
     texts = list(args.texts)
     if args.file:
-        texts += [line.strip() for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [line.strip() for line in _read_text_file(args.file, "--file").splitlines() if line.strip()]
     if not texts:
         raise SystemExit("give texts as arguments or --file FILE (one text per line)")
     return texts
@@ -213,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fp16", action="store_true", help="skip the float16 graphs")
     p.add_argument("--no-int8", action="store_true", help="skip the int8-quantized reverse transformer")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUTDIR (never anything else)")
 
     p = sub.add_parser("info", help="describe a checkpoint or an ONNX export")
     p.add_argument("checkpoint", help="checkpoint or export directory")
@@ -292,7 +303,7 @@ def cmd_generate(args) -> None:
 def _run_generate_job(args) -> None:
     import logging
 
-    from .jobs import JobSettings, model_fingerprint, read_items, run_job, unconditional_items
+    from .jobs import JobSettings, model_fingerprint, read_input_file, run_job, unconditional_items
 
     if not args.output:
         raise ValueError("--input needs --output FILE (the job's JSONL results)")
@@ -304,8 +315,7 @@ def _run_generate_job(args) -> None:
     settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
                            eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed)
     if args.input:
-        with open(args.input, "rb") as f:
-            items = read_items(f, args.seed)
+        items = read_input_file(args.input, args.seed, output=args.output)
     else:
         items = unconditional_items(args.num_samples, args.seed)
     if args.ray:
@@ -388,6 +398,7 @@ def cmd_bench(args) -> None:
     from .benchmark import BenchSettings, bench_components, bench_pipeline, format_table, plot
     from .checkpoint import load_checkpoint
     from .export.manifest import is_export
+    from .inputs import resolve_device
     from .pipeline import Pipeline, load
 
     if (args.checkpoint is None) == (args.preset is None):
@@ -397,9 +408,10 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(batch_sizes=tuple(args.batch_sizes), sampler=args.sampler, steps=args.steps,
                              warmup=args.warmup, iters=args.iters, num_beams=args.num_beams,
                              max_new_tokens=args.max_new_tokens)
+    device = resolve_device(args.device)
     for backend in args.backends:  # fail before any work when a backend cannot run here
         if backend != "onnx" and not (args.checkpoint and is_export(args.checkpoint)):
-            resolve_backend(backend, torch.device(args.device))
+            resolve_backend(backend, device)
     components = None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -432,7 +444,8 @@ def cmd_export(args) -> None:
     from ldlm.export.onnx_export import export_checkpoint
 
     variants = ("float32",) if args.no_fp16 else ("float32", "float16")
-    export_checkpoint(args.checkpoint, args.outdir, variants=variants, int8=not args.no_int8, opset=args.opset)
+    export_checkpoint(args.checkpoint, args.outdir, variants=variants, int8=not args.no_int8, opset=args.opset,
+                      overwrite=args.overwrite)
 
 
 def cmd_info(args) -> None:
@@ -457,7 +470,8 @@ def cmd_info(args) -> None:
     info = {
         "checkpoint": str(args.checkpoint),
         "ldlm_version": meta["ldlm_version"],
-        "encoder": "bundled (built in code)" if c.encoder_bundled else c.config.encoder,
+        "encoder": (f"bundled ({'from ' + c.config.encoder if c.config.encoder else 'built in code'})"
+                    if c.encoder_bundled else c.config.encoder),
         "latent_dim": c.config.latent_dim,
         "latent_shape": list(c.config.latent_shape),
         "parameters": n_params,
@@ -490,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, BackendUnavailable) as e:
         print(f"ldlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read or write the system refused (disk full, permissions): say where
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"ldlm {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 

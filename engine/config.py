@@ -13,6 +13,13 @@ DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 
 
+MAX_TIMESTEPS = 100_000  # far above any schedule in use (the design's T is 1000)
+_POSITIVE_INTS = ("latent_dim", "latent_tokens", "resampler_layers", "resampler_heads", "num_timesteps", "d_model",
+                  "n_layers", "n_heads", "time_embed_dim", "mlp_ratio", "n_prefix", "n_embd", "n_layer", "n_head",
+                  "n_positions", "vocab_size", "max_text_tokens")
+_OPTIONAL_POSITIVE_INTS = ("encoder_max_tokens", "sampling_steps")
+
+
 @dataclass
 class ModelConfig:
     # --- encoder (frozen, pretrained BERT-family) ---
@@ -50,12 +57,11 @@ class ModelConfig:
     top_p: float = 0.95  # nucleus threshold when decoding is nucleus
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.decoding not in ("beam", "nucleus"):
             raise ValueError(f"decoding must be 'beam' or 'nucleus', got {self.decoding!r}")
         if self.sampler not in SAMPLER_NAMES:
             raise ValueError(f"sampler must be one of {list(SAMPLER_NAMES)}, got {self.sampler!r}")
-        if self.latent_tokens < 1:
-            raise ValueError(f"latent_tokens must be at least 1, got {self.latent_tokens}")
         if self.n_prefix % self.latent_tokens:
             raise ValueError(f"n_prefix ({self.n_prefix}) must be a multiple of latent_tokens ({self.latent_tokens}): "
                              "each latent token makes n_prefix / latent_tokens prefix embeddings")
@@ -70,6 +76,29 @@ class ModelConfig:
                 f"n_prefix ({self.n_prefix}) + max_text_tokens ({self.max_text_tokens}) + 1 must fit in "
                 f"n_positions ({self.n_positions}); raise n_positions or lower max_text_tokens"
             )
+
+    def _check_types(self) -> None:
+        """Each field of its kind and in range (a config is read from files others may write): sizes are whole
+        numbers >= 1, the schedule's T at most MAX_TIMESTEPS (its tables are allocated from it alone)."""
+        for name in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_POSITIVE_INTS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.num_timesteps > MAX_TIMESTEPS:
+            raise ValueError(f"num_timesteps must be at most {MAX_TIMESTEPS}, got {self.num_timesteps}")
+        for name in ("beta_start", "beta_end", "dropout", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if not self.beta_start < self.beta_end:
+            raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})")
+        for name in ("encoder", "decoder"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a path or hub id (a string) or None, got {getattr(self, name)!r}")
+        if not isinstance(self.self_condition, bool):
+            raise ValueError(f"self_condition must be true or false, got {self.self_condition!r}")
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

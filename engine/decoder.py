@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .config import ModelConfig
+from .model_files import (DECODER_MODEL_TYPES, check_model_folder, check_model_weights, check_tokenizer_folder,
+                          load_pretrained, local_folder)
 
 EOS = "<|endoftext|>"  # GPT-2's only special token: end of text, also used as padding
 
@@ -36,7 +38,9 @@ def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | Path):
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    """A tokenizer folder, checked first (ldlm.model_files: transformers' own classes, no custom code)."""
+    check_tokenizer_folder(Path(path), f"the tokenizer at {path}")
+    tokenizer = load_pretrained(AutoTokenizer, Path(path))
     if tokenizer.pad_token is None:  # pretrained GPT-2 has no pad token: pad with EOS (masked everywhere)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -120,9 +124,12 @@ class LatentDecoder(nn.Module):
     @classmethod
     def build(cls, config: ModelConfig, texts: list[str] | None = None) -> LatentDecoder:
         """A pretrained GPT-2 (config.decoder) or one built from the config with a BPE trained on `texts`."""
-        if config.decoder is not None:
-            gpt2 = GPT2LMHeadModel.from_pretrained(config.decoder)
-            return cls(config, gpt2, load_tokenizer(config.decoder))
+        if config.decoder is not None:  # named by the user who trains: fetched from the hub if need be
+            folder = local_folder(config.decoder, "decoder", download=True)
+            values = check_model_folder(folder, DECODER_MODEL_TYPES, f"the decoder at {folder}")
+            check_model_weights(folder, GPT2Config.from_dict(values), "h", f"the decoder at {folder}")
+            gpt2 = load_pretrained(GPT2LMHeadModel, folder, use_safetensors=True)
+            return cls(config, gpt2, load_tokenizer(folder))
         if not texts:
             raise ValueError("a decoder built from a config needs the training texts to train its tokenizer")
         tokenizer = train_bpe_tokenizer(texts, config.vocab_size)

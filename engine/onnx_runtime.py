@@ -104,13 +104,28 @@ class Graph:
                 f"ONNX Runtime could not start {PROVIDERS[provider]} for {path.name} (it runs {running}); its log "
                 "above says why (no GPU, or CUDA/cuDNN libraries that do not match onnxruntime-gpu's build): "
                 "install the libraries it names, or use provider='cpu' with device='cpu'")
-        self.device_type = provider
-        self.input_dtypes = {i["name"]: getattr(torch, i["dtype"]) for i in spec["inputs"]}
+        self.path, self.device_type = path, provider
+        named = {name: dtype for dtype, name in _ELEMENT_TYPES.items()}
+        unknown = [i["dtype"] for i in spec["inputs"] if i["dtype"] not in named]
+        if unknown:
+            raise ValueError(f"manifest.json gives {path.name} inputs of types {unknown}, which ldlm never exports: "
+                             "re-run `ldlm export`")
+        self.input_dtypes = {i["name"]: named[i["dtype"]] for i in spec["inputs"]}
         expected = ([i["name"] for i in spec["inputs"]], [o["name"] for o in spec["outputs"]])
         actual = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if expected != actual:
             raise ValueError(f"{path} does not match manifest.json: the graph has inputs/outputs {actual}, the "
                              f"manifest lists {expected}; re-run `ldlm export` (a graph was replaced)")
+        # each input's and output's shape, fixed sizes as ints and dynamic axes as names
+        self.shapes = {v.name: list(v.shape) for v in (*self.session.get_inputs(), *self.session.get_outputs())}
+
+    def expect_shape(self, name: str, shape: list, source: str) -> None:
+        """Refuse a manifest whose sizes (`source`) disagree with the graph's own: the loader allocates the
+        outputs from the manifest's numbers, so a hostile one could ask for any amount of memory."""
+        actual = self.shapes[name]
+        if len(actual) != len(shape) or any(isinstance(a, int) and a != e for a, e in zip(actual, shape)):
+            raise ValueError(f"{self.path} gives {name} the shape {actual}, but manifest.json's {source} implies "
+                             f"{shape}: the manifest does not belong to this graph; re-run `ldlm export`")
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run with `inputs`, writing into the preallocated `outputs` (shapes known to the caller)."""
@@ -251,6 +266,24 @@ class OnnxDecoder:
         return logits, cache
 
 
+def _check_sizes(encoder: OnnxEncoder, reverse: OnnxReverse, decoder: OnnxDecoder, config: ModelConfig) -> None:
+    """The manifest's model config and decoder sizes against the graphs', before any tensor is allocated."""
+    latent, s = list(config.latent_shape), decoder.spec
+    for key in ("n_layer", "n_head", "head_dim", "vocab_size", "n_positions", "eos_token_id", "pad_token_id"):
+        if isinstance(s.get(key), bool) or not isinstance(s.get(key), int) or s[key] < 0:
+            raise ValueError(f"manifest.json's decoder {key} must be a whole number, got {s.get(key)!r}: re-run "
+                             "`ldlm export`")
+    encoder.graph.expect_shape("latent", ["batch", *latent], "model config")
+    reverse.graph.expect_shape("x_t", ["batch", *latent], "model config")
+    reverse.graph.expect_shape("x0_hat", ["batch", *latent], "model config")
+    decoder.prefill_graph.expect_shape("latent", ["batch", *latent], "model config")
+    decoder.prefill_graph.expect_shape("logits", ["batch", s["vocab_size"]], "decoder vocab_size")
+    decoder.prefill_graph.expect_shape("present", [s["n_layer"], 2, "batch", s["n_head"], config.n_prefix,
+                                                   s["head_dim"]], "decoder sizes")
+    decoder.step_graph.expect_shape("logits", ["batch", s["vocab_size"]], "decoder vocab_size")
+    decoder.step_graph.expect_shape("new_kv", [s["n_layer"], 2, "batch", s["n_head"], s["head_dim"]], "decoder sizes")
+
+
 def load_onnx_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
                          options: OnnxOptions | None = None) -> tuple[Components, str]:
     """The pipeline's parts from an export directory, and which provider runs them and why.
@@ -290,8 +323,15 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
                           load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
                           device)
     reverse = OnnxReverse(graph("reverse"), config)
+    _check_sizes(encoder, reverse, decoder, config)
     stats = manifest["latent_stats"]
-    mean, std = torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
+    try:
+        mean, std = torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ExportError(f"{directory / 'manifest.json'} has malformed latent_stats ({e}): re-run `ldlm export`") from e
+    if tuple(mean.shape) != config.latent_shape or tuple(std.shape) != config.latent_shape:
+        raise ExportError(f"{directory / 'manifest.json'}: latent_stats must have the latent's shape "
+                          f"{config.latent_shape}, not {tuple(mean.shape)}: re-run `ldlm export`")
     threads = options.intra_op_threads or os.cpu_count()
     detail = f"{why}; {variant}{' + int8 reverse' if options.int8_reverse else ''} graphs"
     if provider == "cpu":

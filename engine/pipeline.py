@@ -16,7 +16,8 @@ from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, load_config, save_checkpoint
 from .config import ModelConfig
 from .nucleus import nucleus_decode
-from .inputs import check_count, check_strength, check_texts, nonfinite_items
+from .inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
+                     resolve_device)
 from .samplers import SAMPLERS, ItemNoise, resolve_sampling
 from .reverse import self_conditioned
 from .schedule import NoiseSchedule, add_noise
@@ -48,7 +49,7 @@ class Pipeline:
                  dtype: str | torch.dtype = torch.float32, *, backend_reason: str | None = None):
         self.components = components
         self.config = components.config
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self._engine_cache: dict = {}  # fused samplers and static beam searches, built once per shape/setting
         # their static buffers (latents, noise, KV cache) serve one call at a time: threads sharing this pipeline
@@ -77,7 +78,7 @@ class Pipeline:
              dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
         from ldlm.export.manifest import is_export
 
-        device = torch.device(device)
+        device = resolve_device(device)
         if not is_export(path):
             resolve_backend(backend, device)  # fail before loading weights
             return cls(load_checkpoint(path), device, backend, dtype)
@@ -95,6 +96,7 @@ class Pipeline:
     # --- latents ---------------------------------------------------------------------------------
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """texts -> raw latents (N, *latent_shape): (N, D), or (N, K, D) with K latent tokens; float32."""
+        check_positive_int(batch_size, "batch_size")
         return self.encoder.encode(texts, batch_size=batch_size)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,7 @@ class Pipeline:
         return resolve_sampling(self.config, sampler, steps, eta)
 
     def _generator(self, seed: int) -> torch.Generator:
+        check_seed(seed)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
@@ -156,6 +159,7 @@ class Pipeline:
         With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
         its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default."""
         check_count(n)
+        check_positive_int(batch_size, "batch_size")
         sampler, steps = self.sampling(sampler, steps, eta)
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"seeds has {len(seeds)} entries for {n} samples: give one seed per sample")
@@ -186,6 +190,11 @@ class Pipeline:
         bad = nonfinite_items(latents)
         if bad:
             raise ValueError(f"decode: latents of items {bad[:10]} hold NaN or inf; pass finite latents")
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(num_beams, "num_beams")
+        if max_new_tokens is not None:
+            check_positive_int(max_new_tokens, "max_new_tokens")
+        check_seed(seed)
         search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=max_new_tokens or self.config.max_text_tokens,
                                   no_repeat_ngram_size=no_repeat_ngram_size)
         texts = []
@@ -255,6 +264,7 @@ class Pipeline:
         sampler, steps = self.sampling(sampler, steps, eta)
         check_texts(texts)
         check_strength(strength)
+        check_seed(seed)
         if seeds is not None and len(seeds) != len(texts):
             raise ValueError(f"seeds has {len(seeds)} entries for {len(texts)} texts: give one seed per text")
         latents = self.encode(texts)

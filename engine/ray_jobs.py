@@ -20,13 +20,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .jobs import Item, JobSettings, OutputWriter, mark_truncated, output_record, pending_items, texts_fitting_memory
+from .jobs import Item, JobOutput, JobSettings, mark_truncated, output_record, run_isolating_failures
 from .pipeline import read_model_config
 from .samplers import resolve_sampling
 
 
 class PipelineActor:
-    """Holds one loaded pipeline; turns a batch of serialized items into their texts (halving on OOM)."""
+    """Holds one loaded pipeline; turns a batch of serialized items into their texts (halving on OOM), or the
+    errors of the items that failed on their own."""
 
     def __init__(self, checkpoint: str, load_kwargs: dict, settings: dict):
         from .pipeline import load
@@ -37,8 +38,9 @@ class PipelineActor:
     def __call__(self, batch: dict) -> dict:
         items = [Item(**json.loads(s)) for s in batch["item"]]
         mark_truncated(self.pipe, items)
-        texts, _ = texts_fitting_memory(self.pipe, items, self.settings, len(items))
-        return {"order": batch["order"], "text": texts, "extra": [json.dumps(item.extra) for item in items]}
+        texts, _ = run_isolating_failures(self.pipe, items, self.settings, len(items))
+        return {"order": batch["order"], "text": [text or "" for text in texts],
+                "extra": [json.dumps({"extra": item.extra, "error": item.error}) for item in items]}
 
 
 def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, settings: JobSettings, *,
@@ -50,8 +52,14 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
         raise RuntimeError("--ray needs Ray: pip install 'ldlm[ray]'") from e
     # settings that cannot run fail here, before Ray starts (as run_job fails before any work)
     resolve_sampling(read_model_config(checkpoint), settings.sampler, settings.steps, settings.eta)
-    output = Path(output)
-    todo = pending_items(items, output, settings, resume)
+    with JobOutput(output, settings, resume) as out:
+        return _run_on_ray(ray, checkpoint, items, out, settings, load_kwargs=load_kwargs, batch_size=batch_size,
+                           workers=workers, address=address, progress=progress)
+
+
+def _run_on_ray(ray, checkpoint: str, items: list[Item], out: JobOutput, settings: JobSettings, *, load_kwargs,
+                batch_size: int, workers: int | None, address: str | None, progress: bool) -> dict:
+    todo = out.pending(items)
     counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -60,25 +68,25 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
         workers = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
     load_kwargs = {**(load_kwargs or {}), "device": "cuda" if gpus else "cpu"}
     valid = [(order, item) for order, item in enumerate(todo) if item.error is None]
-    writer = OutputWriter(output)
     bar = tqdm(total=len(todo), desc="generate (ray)", unit="item", disable=not progress, dynamic_ncols=True)
     next_position = 0  # index into todo of the next record to write
-    arrived: dict[int, tuple[str, dict]] = {}  # todo index -> (text, extra) of results not yet written
+    arrived: dict[int, tuple[str | None, dict, str | None]] = {}  # todo index -> (text, extra, error), unwritten
 
     def position_ready(position: int) -> bool:
         return position < len(todo) and (todo[position].error is not None or position in arrived)
 
-    def write_through(position: int, texts: dict[int, tuple[str, dict]]) -> int:
+    def write_through(position: int, texts: dict[int, tuple[str | None, dict, str | None]]) -> int:
         """Write the todo items from `position` on while they are ready (bad lines, and valid ones whose text
         has arrived): the file stays in input order."""
         records = []
         while position_ready(position):
             item = todo[position]
-            text, extra = texts.pop(position, (None, {}))
+            text, extra, error = texts.pop(position, (None, {}, None))
             item.extra.update(extra)
+            item.error = item.error or error
             records.append(output_record(item, text, settings))
             position += 1
-        writer.write(records)
+        out.write(records)
         counts["written"] += sum(1 for r in records if "error" not in r)
         counts["errors"] += sum(1 for r in records if "error" in r)
         bar.update(len(records))
@@ -96,10 +104,10 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
                 batch_format="numpy")
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 for order, text, extra in zip(batch["order"], batch["text"], batch["extra"]):
-                    arrived[int(order)] = (str(text), json.loads(extra))
+                    result = json.loads(extra)
+                    arrived[int(order)] = (str(text), result["extra"], result["error"])
                 next_position = write_through(next_position, arrived)
         next_position = write_through(next_position, arrived)  # trailing bad lines
     finally:
         bar.close()
-        writer.close()
     return counts

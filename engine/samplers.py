@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .inputs import nonfinite_items
+from .inputs import check_seed, is_number, nonfinite_items
 from .schedule import NoiseSchedule, ddim_step, ddpm_step
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,6 +57,8 @@ class ItemNoise:
     BLOCK = 64
 
     def __init__(self, seeds: list[int]):
+        for i, seed in enumerate(seeds):
+            check_seed(seed, f"seeds[{i}]")
         self.seeds = list(seeds)
         self.generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
         self._buffers: list[torch.Tensor | None] = [None] * len(self.seeds)  # drawn rows not yet served
@@ -93,8 +95,12 @@ def _time(t: int, x: torch.Tensor) -> torch.Tensor:
 
 def check_sampling(sampler: str, steps: int | None, eta: float, num_timesteps: int) -> None:
     """Raise, saying what to change, for a sampler name, step count or eta that cannot run (before any work)."""
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise ValueError(f"steps must be a whole number, got {steps!r}")
+    if not is_number(eta) or math.isnan(eta):
+        raise ValueError(f"eta must be a number in [0, 1] (0 deterministic, 1 ancestral), got {eta!r}")
     if steps is not None and not 1 <= steps <= num_timesteps and sampler != "ddpm":
         raise ValueError(f"steps must be between 1 and {num_timesteps} for sampler {sampler!r}, got {steps}")
     if eta != 0.0 and sampler != "ddim":

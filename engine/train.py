@@ -25,10 +25,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .checkpoint import Components, load_checkpoint, save_checkpoint
-from .config import DECODER_FIELDS, ENCODER_FIELDS, REVERSE_FIELDS, TRAINING_PRECISIONS, ModelConfig
+from .config import DECODER_FIELDS, DEFAULT_ENCODER, ENCODER_FIELDS, REVERSE_FIELDS, TRAINING_PRECISIONS, ModelConfig
 from .data import split_holdout
 from .decoder import LatentDecoder
 from .encoder import LatentEncoder, build_tiny_encoder, pad_states
+from .inputs import check_seed
+from .model_files import is_hub_id
 from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule, add_noise
@@ -71,6 +73,7 @@ class TrainConfig:
         if not 0.0 < self.decoder_share < 1.0:
             raise ValueError(f"decoder_share must be in (0, 1), got {self.decoder_share}")
         check_precision(self.precision)
+        check_seed(self.seed)
 
 
 def _fingerprint(texts: list[str], encoder_name: str | None) -> str:
@@ -120,8 +123,10 @@ def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=p
         encoder, bundled = source.encoder, source.encoder_bundled
     elif config.encoder is None:
         encoder, bundled = build_tiny_encoder(config.latent_dim, seed=seed), True
-    else:
-        encoder, bundled = LatentEncoder.from_pretrained(config.encoder, config.encoder_max_tokens), False
+    else:  # named by the user who trains: fetched from the hub if need be. A local folder travels inside the
+        # checkpoint (a checkpoint reads nothing outside its folder); the default and hub ids are named by id
+        encoder = LatentEncoder.from_pretrained(config.encoder, config.encoder_max_tokens, download=True)
+        bundled = config.encoder != DEFAULT_ENCODER and not is_hub_id(config.encoder)
     if encoder.latent_dim != config.latent_dim:
         config = dataclasses.replace(config, latent_dim=encoder.latent_dim)
         log(f"latent_dim set to the encoder's hidden size, {encoder.latent_dim}")

@@ -1,7 +1,8 @@
 """The manifest of an export directory: what each graph is, what it expects, and a hash of every file.
 
-It is plain JSON read with the standard library only, so the ONNX runtime path needs neither torch.onnx nor
-onnx to check an export before loading it.
+It is plain JSON, so the ONNX runtime path needs neither torch.onnx nor onnx to check an export before
+loading it. An export is data someone else may have written: the loader opens only files inside the folder,
+each listed in the manifest and verified against its hash.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from ldlm.model_files import ModelFileError, folder_files, inside
+
 MANIFEST = "manifest.json"
 FORMAT = "ldlm-onnx"
 FORMAT_VERSION = 1
 GRAPHS = ("encoder", "reverse", "decoder_prefill", "decoder_step")
 
 
-class ExportError(ValueError):
+class ExportError(ModelFileError):
     """An export directory that cannot be used; the message names the file and what to do."""
 
 
@@ -30,8 +33,7 @@ def sha256(path: Path) -> str:
 
 def hash_files(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory` except the manifest, by relative POSIX path."""
-    return {p.relative_to(directory).as_posix(): sha256(p)
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {name: sha256(directory / name) for name in folder_files(directory) if name != MANIFEST}
 
 
 def write_manifest(directory: Path, manifest: dict) -> Path:
@@ -45,8 +47,33 @@ def is_export(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
 
 
+def _opened_files(directory: Path, manifest: dict) -> list[str]:
+    """The files the loader opens besides the manifest, relative to the export folder: every graph and its
+    external data, and everything in the tokenizer folders; each name checked to stay inside the folder."""
+    names = []
+    graphs, tokenizers = manifest["graphs"], manifest["tokenizers"]
+    if not isinstance(graphs, dict) or not all(isinstance(v, dict) for v in graphs.values()):
+        raise ExportError(f"{directory / MANIFEST} has a malformed \"graphs\" field: re-run `ldlm export`")
+    for variant, specs in graphs.items():
+        for name, spec in specs.items():
+            if not isinstance(spec, dict):
+                raise ExportError(f"{directory / MANIFEST}: graph {variant}/{name} is not an object: re-run `ldlm export`")
+            for key in ["file", *(["external_data"] if "external_data" in spec else [])]:
+                inside(directory, spec.get(key), f"graph {variant}/{name}'s {key!r} in {MANIFEST}")
+                names.append(Path(spec[key]).as_posix())
+    if not isinstance(tokenizers, dict):
+        raise ExportError(f"{directory / MANIFEST} has a malformed \"tokenizers\" field: re-run `ldlm export`")
+    for role, folder in tokenizers.items():
+        path = inside(directory, folder, f"the {role} tokenizer folder in {MANIFEST}")
+        if not path.is_dir():
+            raise ExportError(f"{path} is missing (the {role} tokenizer): re-run `ldlm export` or restore it")
+        names += [f"{Path(folder).as_posix()}/{name}" for name in folder_files(path)]
+    return names
+
+
 def read_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
-    """The manifest, after checking its format and (by default) every file's hash against it."""
+    """The manifest, after checking its format, that every file in the folder is listed in it and every path it
+    names stays inside the folder, and (by default) every file's hash: the loader opens nothing unverified."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -61,16 +88,36 @@ def read_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path} has format_version {manifest.get('format_version')!r}; this ldlm reads "
                           f"{FORMAT_VERSION}: re-export with this version (`ldlm export`)")
-    for key in ("model", "latent_stats", "graphs", "files", "tokenizers", "decoder"):
-        if key not in manifest:
-            raise ExportError(f"{path} lacks the field {key!r}: re-run `ldlm export`")
+    for key in ("model", "latent_stats", "graphs", "files", "tokenizers", "encoder", "decoder"):
+        if not isinstance(manifest.get(key), dict):
+            raise ExportError(f"{path} lacks the field {key!r} (an object): re-run `ldlm export`")
+    try:
+        _check_listing(directory, manifest)
+    except ModelFileError as e:
+        raise ExportError(str(e)) from e
     if verify_hashes:
         for name, expected in manifest["files"].items():
-            file = directory / name
-            if not file.is_file():
-                raise ExportError(f"{file} is missing (listed in {MANIFEST}): the export is incomplete; re-run "
-                                  "`ldlm export` or restore the file")
-            if sha256(file) != expected:
-                raise ExportError(f"{file} does not match its hash in {MANIFEST}: it was changed or corrupted; "
-                                  "re-run `ldlm export` or restore the file")
+            if sha256(directory / name) != expected:
+                raise ExportError(f"{directory / name} does not match its hash in {MANIFEST}: it was changed or "
+                                  "corrupted; re-run `ldlm export` or restore the file")
     return manifest
+
+
+def _check_listing(directory: Path, manifest: dict) -> None:
+    """Files on disk, files listed and files the loader opens: the same set, all inside the folder."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ExportError(f"{directory / MANIFEST}: \"files\" must map each file to its sha256; re-run `ldlm export`")
+    listed = {inside(directory, name, f"the file entry {name!r} in {MANIFEST}").relative_to(directory).as_posix()
+              for name in files}
+    on_disk = set(folder_files(directory)) - {MANIFEST}
+    for name in sorted(listed - on_disk):
+        raise ExportError(f"{directory / name} is missing (listed in {MANIFEST}): the export is incomplete; re-run "
+                          "`ldlm export` or restore the file")
+    for name in sorted(on_disk - listed):
+        raise ExportError(f"{directory / name} is not listed in {MANIFEST}, so its hash cannot be checked: every "
+                          "file of an export must be listed; remove the file, or re-run `ldlm export`")
+    for name in _opened_files(directory, manifest):
+        if name not in listed:
+            raise ExportError(f"{MANIFEST} names {name} as a graph file but does not list it under \"files\": "
+                              "re-run `ldlm export`")

@@ -14,6 +14,8 @@ import copy
 import inspect
 import logging
 import platform
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from ldlm import __version__
 from ldlm.checkpoint import Components, load_checkpoint
 
 from .graphs import DecoderPrefillGraph, DecoderStepGraph, EncoderGraph, ReverseGraph
-from .manifest import GRAPHS, write_manifest
+from .manifest import GRAPHS, is_export, write_manifest
 
 OPSET = 18  # LayerNormalization needs 17; 18 is the newest opset ONNX Runtime's CPU and CUDA kernels fully cover
 VARIANTS = {"float32": "", "float16": ".fp16"}  # variant -> file suffix
@@ -194,17 +196,49 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _check_target(out: Path, overwrite: bool) -> None:
+    """ldlm export writes a new folder, or replaces an earlier export when told to; anything else is refused
+    before any work (a checkpoint given as its own target would be overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: pass a new directory for the export")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_export(out):
+        kind = "an ldlm checkpoint" if (out / "config.json").is_file() else "not an ldlm export"
+        raise FileExistsError(f"{out} is not empty and is {kind}: ldlm export writes into a new or empty directory; "
+                              "pass another one")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds an export: pass --overwrite (overwrite=True) to replace it, or a "
+                              "new directory")
+
+
 def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, variants=("float32", "float16"),
-                      int8: bool = True, opset: int = OPSET, log=print) -> Path:
-    """Write the graphs of `checkpoint` (a directory or loaded Components) and their manifest into `out`."""
-    components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
+                      int8: bool = True, opset: int = OPSET, overwrite: bool = False, log=print) -> Path:
+    """Write the graphs of `checkpoint` (a directory or loaded Components) and their manifest into `out`: a new
+    or empty directory, or (overwrite=True) an earlier export, replaced only once the new one is complete."""
+    out = Path(out)
+    _check_target(out, overwrite)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "float32" not in variants:
         raise ValueError(f"variants must include float32 and come from {list(VARIANTS)}, got {list(variants)}")
-    out = Path(out)
-    if (out / "manifest.json").exists():
-        raise FileExistsError(f"{out} already holds an export: pass a new directory, or delete it first")
-    out.mkdir(parents=True, exist_ok=True)
+    components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # beside it, so the last step is a rename
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export of this process id that was killed
+    staging.mkdir()
+    try:
+        _write_export(components, staging, variants=variants, int8=int8, opset=opset, log=log)
+        if out.is_dir():  # empty, or an earlier export (checked above)
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {out / 'manifest.json'}")
+    return out
+
+
+def _write_export(components: Components, out: Path, *, variants, int8: bool, opset: int, log) -> None:
     components.encoder.tokenizer.save_pretrained(out / "encoder_tokenizer")
     components.decoder.tokenizer.save_pretrained(out / "decoder_tokenizer")
 
@@ -216,10 +250,10 @@ def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, v
             path = out / f"{name}{VARIANTS[variant]}.onnx"
             graphs[variant][name] = export_graph(converted, name, path, opset)
             size = sum(p.stat().st_size for p in out.glob(f"{path.name}*"))
-            log(f"exported {name} ({variant}) -> {path} ({size / 2**20:.1f} MiB)")
+            log(f"exported {name} ({variant}) -> {path.name} ({size / 2**20:.1f} MiB)")
     if int8:
         graphs["int8"] = {"reverse": quantize_reverse(out / "reverse.onnx", out / "reverse.int8.onnx")}
-        log(f"quantized reverse (int8) -> {out / 'reverse.int8.onnx'}")
+        log("quantized reverse (int8) -> reverse.int8.onnx")
 
     gpt2 = components.decoder.gpt2.config
     write_manifest(out, {
@@ -235,5 +269,3 @@ def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, v
                     "vocab_size": gpt2.vocab_size, "n_positions": gpt2.n_positions},
         "graphs": graphs,
     })
-    log(f"wrote {out / 'manifest.json'}")
-    return out
