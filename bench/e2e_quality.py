@@ -28,10 +28,12 @@ def split(data: Path, workdir: Path, holdout_lines: int, seed: int) -> None:
     random.Random(seed).shuffle(mrs)
     held, train = [], []
     for mr in mrs:
-        (held if len(held) < holdout_lines else train).extend(by_mr[mr])
+        (held if len(held) < holdout_lines else train).extend((mr, text) for text in by_mr[mr])
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
-    (workdir / "heldout.txt").write_text("\n".join(held) + "\n", encoding="utf-8")
+    for name, pairs in (("train", train), ("heldout", held)):  # texts alone, and with their MR (conditional)
+        (workdir / f"{name}.txt").write_text("".join(text + "\n" for _, text in pairs), encoding="utf-8")
+        (workdir / f"{name}.jsonl").write_text("".join(json.dumps({"mr": mr, "text": text}, ensure_ascii=False) + "\n"
+                                                       for mr, text in pairs), encoding="utf-8")
     print(f"{len(mrs)} MRs: {len(train)} training lines, {len(held)} held-out lines -> {workdir}")
 
 

@@ -43,7 +43,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 
 stage tests 100 python -m pytest -q --durations=15 tests/test_gpu.py tests/test_fused_update.py tests/test_add_layer_norm.py \
   tests/test_folded_reverse.py tests/test_fused_sampler.py tests/test_static_beam_search.py tests/test_backends.py \
-  tests/test_beam_attention.py
+  tests/test_beam_attention.py tests/test_conditional_engine.py
 code=$?
 if wanted tests; then
   echo "tests exit $code" >> "$logs/tests.log"

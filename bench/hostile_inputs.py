@@ -81,8 +81,9 @@ class Fixtures:
     def __init__(self, root: Path):
         self.root = root
         self.checkpoint, self.export = root / "ckpt", root / "export"
+        texts = ["the cat sat on the mat.", "a dog ran in the park.", "rain fell on the town."] * 8
         code = ("from ldlm.config import ModelConfig; from ldlm.train import TrainConfig, train\n"
-                f"texts = {json.dumps(['the cat sat on the mat.', 'a dog ran in the park.', 'rain fell on the town.'] * 8)}\n"
+                f"texts = {json.dumps(texts)}\n"
                 "cfg = TrainConfig(time_budget=None, decoder_steps=20, diffusion_steps=10, eval_every=10, "
                 "decoder_batch_size=8, diffusion_batch_size=16, warmup_steps=2, save_every=1e9)\n"
                 f"train(texts, {str(self.checkpoint)!r}, ModelConfig.from_preset('tiny'), cfg, progress=False, "
@@ -168,7 +169,8 @@ def cases(fx: Fixtures) -> list[Case]:
 
     def checkpoint_changed(d: Path, run: Run) -> str:
         root = d / "ckpt"
-        changed = (root / "manifest.json").exists() or (root / "config.json").read_bytes() != (d / "before").read_bytes()
+        config_changed = (root / "config.json").read_bytes() != (d / "before").read_bytes()
+        changed = (root / "manifest.json").exists() or config_changed
         return "CHECKPOINT FOLDER WRITTEN INTO" if changed else "checkpoint untouched"
 
     settings = ["--sampler", "ddim", "--steps", "2", "--no-progress"]
@@ -206,10 +208,11 @@ def cases(fx: Fixtures) -> list[Case]:
         source, out = d / "in.jsonl", d / "out.jsonl"
         write_jsonl(source, GOOD)
         first = cli("generate", str(fx.checkpoint), "--input", str(source), "--output", str(out), *settings)
-        script = f"import json,pathlib; p=pathlib.Path({str(source)!r}); rows={GOOD!r}; rows[1]['text']='rain fell.'; " \
-                 "p.write_text(''.join(json.dumps(r)+chr(10) for r in rows))"
-        return [first, python(script),
-                cli("generate", str(fx.checkpoint), "--input", str(source), "--output", str(out), *settings, "--resume")]
+        script = (f"import json,pathlib; p=pathlib.Path({str(source)!r}); rows={GOOD!r}; "
+                  "rows[1]['text']='rain fell.'; p.write_text(''.join(json.dumps(r)+chr(10) for r in rows))")
+        resume = cli("generate", str(fx.checkpoint), "--input", str(source), "--output", str(out), *settings,
+                     "--resume")
+        return [first, python(script), resume]
 
     def edited_judge(d: Path, run: Run) -> str:
         mine = [r for r in records(d) if r.get("id") == "b"]
@@ -233,8 +236,8 @@ def cases(fx: Fixtures) -> list[Case]:
     def crlf_input(data: bytes) -> Callable[[Path], list[list[str]]]:
         def prepare(d: Path) -> list[list[str]]:
             (d / "in.jsonl").write_bytes(data)
-            return [cli("generate", str(fx.checkpoint), "--input", str(d / "in.jsonl"), "--output", str(d / "out.jsonl"),
-                        *settings)]
+            return [cli("generate", str(fx.checkpoint), "--input", str(d / "in.jsonl"), "--output",
+                        str(d / "out.jsonl"), *settings)]
         return prepare
 
     rows3 = [json.dumps(r).encode() for r in GOOD]
@@ -256,7 +259,8 @@ def cases(fx: Fixtures) -> list[Case]:
              custom_code("encoder/config.json"), mark_judge, stdin="y\n" * 20),
         Case("code-tokenizer", "auto_map in a checkpoint's tokenizer/tokenizer_config.json; `yes | ldlm info`",
              custom_code("tokenizer/tokenizer_config.json"), mark_judge, stdin="y\n" * 20),
-        Case("code-export-tokenizer", "auto_map in an export's decoder_tokenizer/, hashes rewritten; `yes | ldlm generate`",
+        Case("code-export-tokenizer",
+             "auto_map in an export's decoder_tokenizer/, hashes rewritten; `yes | ldlm generate`",
              custom_code("decoder_tokenizer/tokenizer_config.json"), mark_judge, stdin="y\n" * 20),
         Case("size-d-model", "config d_model 131072 (the weights are 64)", config_edit("model", {"d_model": 131072})),
         Case("size-n-layer", "gpt2 n_layer 100000 (the weights have 2)", config_edit("gpt2", {"n_layer": 100000})),
@@ -273,23 +277,27 @@ def cases(fx: Fixtures) -> list[Case]:
         Case("export-onto-checkpoint", "`ldlm export CKPT CKPT`", export_onto_checkpoint, checkpoint_changed),
         Case("resume-input-as-output", "--resume with --output = --input (no final newline)",
              job(GOOD, resume=True, output=lambda d: d / "in.jsonl", final_newline=False), input_kept),
-        Case("poison-seed", "a line with seed 2**64 among good ones", job([*GOOD, {"id": "z", "seed": 2**64}]), written),
+        Case("poison-seed", "a line with seed 2**64 among good ones", job([*GOOD, {"id": "z", "seed": 2**64}]),
+             written),
         Case("poison-surrogate", "a text with a lone surrogate", job([*GOOD, b'{"id": "z", "text": "caf\\ud800"}']),
              written),
         Case("poison-long-id", "a 5,000-digit integer id", job([*GOOD, b'{"id": ' + b"7" * 5000 + b"}"]), written),
         Case("resume-other-model", "resume a job with a checkpoint whose weights differ", other_model, written),
         Case("resume-edited-line", "resume after a line's text was edited", edited_input, edited_judge),
-        Case("two-jobs-one-output", "two jobs writing one output at once", concurrent_jobs, duplicates, concurrent=True),
+        Case("two-jobs-one-output", "two jobs writing one output at once", concurrent_jobs, duplicates,
+             concurrent=True),
         Case("unknown-field", "a line with \"strenght\": 0.95",
              job([{"id": "v", "text": "the cat sat.", "mode": "vary", "strenght": 0.95}]), typo_judge),
-        Case("bom", "input starting with a UTF-8 BOM", crlf_input(b"\xef\xbb\xbf" + b"\n".join(rows3) + b"\n"), written),
+        Case("bom", "input starting with a UTF-8 BOM", crlf_input(b"\xef\xbb\xbf" + b"\n".join(rows3) + b"\n"),
+             written),
         Case("cr-only", "input with CR-only line endings", crlf_input(b"\r".join(rows3) + b"\r"), written),
         Case("seed-negative", "`ldlm generate -n 1 --seed -1`",
              lambda d: [cli("generate", str(fx.checkpoint), "-n", "1", "--seed", "-1", *settings)]),
         Case("seed-float", "generate(1, seed=2.5)", api_call("p.generate(1, seed=2.5, progress=False)")),
         Case("steps-float", "generate(1, sampler='ddim', steps=2.5)",
              api_call("p.generate(1, sampler='ddim', steps=2.5, progress=False)")),
-        Case("strength-true", "vary([...], strength=True)", api_call("print(p.vary(['the cat.'], strength=True, progress=False))")),
+        Case("strength-true", "vary([...], strength=True)",
+             api_call("print(p.vary(['the cat.'], strength=True, progress=False))")),
         Case("surrogate-text", "encode(['caf\\ud800'])", api_call("p.encode(['caf\\ud800'])")),
         Case("encode-batch-0", "encode([...], batch_size=0)", api_call("p.encode(['the cat.'], batch_size=0)")),
         Case("bench-batch-0", "`ldlm bench --preset tiny --batch-sizes 0`",
@@ -299,7 +307,8 @@ def cases(fx: Fixtures) -> list[Case]:
                             "--steps", "2", "--max-new-tokens", "2")]),
         Case("device-cuda", "`--device cuda` on a machine without CUDA",
              lambda d: [cli("generate", str(fx.checkpoint), "-n", "1", "--device", "cuda")]),
-        Case("device-malformed", "`--device banana`", lambda d: [cli("generate", str(fx.checkpoint), "-n", "1", "--device", "banana")]),
+        Case("device-malformed", "`--device banana`",
+             lambda d: [cli("generate", str(fx.checkpoint), "-n", "1", "--device", "banana")]),
         Case("input-directory", "`--input` a directory",
              lambda d: [cli("generate", str(fx.checkpoint), "--input", str(d), "--output", str(d / "o.jsonl"))]),
         Case("file-not-utf8", "`reconstruct --file` a Latin-1 file",

@@ -24,7 +24,9 @@ from .encoder import LatentEncoder, build_tiny_encoder
 from .inputs import check_positive_int
 from .reverse import ReverseTransformer
 
-STAGES = ("encode", "loop", "decode", "end_to_end")
+STAGES = ("encode", "loop", "loop_conditional", "loop_guided", "decode", "end_to_end")
+CONDITIONAL_STAGES = ("loop_conditional", "loop_guided")  # timed only for a conditional model
+GUIDED = 2.0  # the guidance weight the guided loop is timed at (any w other than 0 and 1 costs the same)
 
 # BERT sizes standing in for each preset's pretrained encoder (bert-base-uncased, all-MiniLM-L6-v2)
 ENCODER_SIZES = {"base": {"num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
@@ -107,7 +109,8 @@ def bench_texts(n: int, words: int) -> list[str]:
 
 
 def bench_pipeline(pipe, name: str, settings: BenchSettings) -> list[dict]:
-    """One row per (batch size, stage) for a loaded pipeline."""
+    """One row per (batch size, stage) for a loaded pipeline; a conditional one also times its loop reading a
+    condition (texts of the encode stage as sources, or its labels in turn), alone and guided."""
     rows = []
     for batch in settings.batch_sizes:
         texts = bench_texts(batch, settings.text_words)
@@ -125,6 +128,13 @@ def bench_pipeline(pipe, name: str, settings: BenchSettings) -> list[dict]:
                   "loop": lambda batch=batch: pipe.sample_latents(batch, **sample),
                   "decode": lambda latents=latents: pipe.decode(latents, **decode),
                   "end_to_end": end_to_end}
+        if pipe.config.condition is not None:  # the loop reading a condition: w = 1 (one branch), guided (both)
+            given = ({"sources": texts} if pipe.config.condition == "text" else
+                     {"labels": [pipe.config.labels[i % len(pipe.config.labels)] for i in range(batch)]})
+            stages["loop_conditional"] = lambda batch=batch, given=given: pipe.sample_latents(
+                batch, guidance=1.0, **given, **sample)
+            stages["loop_guided"] = lambda batch=batch, given=given: pipe.sample_latents(
+                batch, guidance=GUIDED, **given, **sample)
         for stage, fn in stages.items():
             result = timed(fn, pipe.device, settings.warmup, settings.iters)
             rows.append({"backend": name, "batch": batch, "stage": stage, **result,
@@ -147,8 +157,9 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.5), squeeze=False)
-    for ax, stage in zip(axes[0], STAGES):
+    stages = [s for s in STAGES if any(r["stage"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.5), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
         for backend in dict.fromkeys(r["backend"] for r in rows):
             points = sorted((r["batch"], r["median_s"] * 1e3) for r in rows if r["backend"] == backend and r["stage"] == stage)
             if points:

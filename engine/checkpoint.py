@@ -128,7 +128,8 @@ def _gpt2_config(directory: Path, meta: dict) -> GPT2Config:
     values = meta.get("gpt2")
     path = directory / "config.json"
     if not isinstance(values, dict):
-        raise CheckpointError(f"{path} has no \"gpt2\" decoder config: the checkpoint is corrupt; retrain or restore it")
+        raise CheckpointError(f"{path} has no \"gpt2\" decoder config: the checkpoint is corrupt; retrain or "
+                              "restore it")
     if values.get("model_type", "gpt2") != "gpt2" or "auto_map" in values:
         raise CheckpointError(f"{path} describes a {values.get('model_type')!r} decoder with custom code or another "
                               "architecture; ldlm decodes with GPT-2 only")

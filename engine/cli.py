@@ -55,7 +55,8 @@ def _read_text_file(path: str, flag: str) -> str:
     try:
         return read_user_file(path, flag, "a text file").decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it as UTF-8") from None
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it as "
+                         "UTF-8") from None
 
 
 def _texts_from_args(args) -> list[str]:
@@ -100,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder tokens kept per text (default: the preset's; longer texts are cut); "
                         "the decoder's context grows to fit")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
+    condition = p.add_mutually_exclusive_group()
+    condition.add_argument("--source-field", metavar="FIELD",
+                           help="a text-conditional model: this .jsonl field holds the source each text is generated "
+                                "from (E2E: mr); sampled with `ldlm generate --source`")
+    condition.add_argument("--label-field", metavar="FIELD",
+                           help="a class-conditional model: this .jsonl field holds each text's label; sampled with "
+                                "`ldlm generate --label`")
+    p.add_argument("--condition-attention", choices=["cross", "joint"], default=None,
+                   help="how the reverse transformer reads the condition: cross-attention in each block, or its "
+                        "tokens joined to the latent tokens' self-attention (default cross)")
+    p.add_argument("--condition-dropout", type=float, default=0.1,
+                   help="share of stage-2 rows trained on the null condition, for classifier-free guidance "
+                        "(default 0.1)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the checkpoint's default guidance weight w: 0 unconditional, 1 conditional, above 1 "
+                        "guided (default 1)")
     p.add_argument("--time-budget", type=float, default=600.0,
                    help="seconds for both stages together (default 600; 0 means only step limits)")
     p.add_argument("--decoder-share", type=float, default=0.5, help="share of the time budget for stage 1 (default 0.5)")
@@ -132,8 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="unconditional samples, or a batch job over a JSONL file (--input/--output)")
     p.add_argument("checkpoint", help="checkpoint directory (or an export directory, for backend onnx)")
-    p.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples without --input (default 8)")
-    p.add_argument("--input", help="batch job: JSONL, one {\"id\", [\"text\", \"mode\", \"strength\"], [\"seed\"]} per line")
+    p.add_argument("-n", "--num-samples", type=int, default=None,
+                   help="how many samples without --input (default 8), or per --source / --label (default 1)")
+    p.add_argument("--source", action="append", metavar="TEXT",
+                   help="a text-conditional model: generate from this source text (repeat for more)")
+    p.add_argument("--source-file", metavar="FILE", help="a text-conditional model: one source text per line")
+    p.add_argument("--label", action="append", metavar="NAME",
+                   help="a class-conditional model: generate for this label (repeat for more)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight: 0 unconditional, 1 conditional, above 1 guided "
+                        "(default: the checkpoint's)")
+    p.add_argument("--input", help="batch job: JSONL, one {\"id\", [\"text\", \"mode\", \"strength\"] or "
+                                   "[\"source\"] or [\"label\"], [\"seed\"], [\"guidance\"]} per line")
     p.add_argument("--output", help="batch job: JSONL written in input order, flushed batch by batch")
     p.add_argument("--resume", action="store_true", help="batch job: skip the ids --output already holds (same settings)")
     p.add_argument("--batch-size", type=int, default=64, help="batch job: items per batch (default 64; halved on OOM)")
@@ -182,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--preset", choices=sorted(PRESETS), default="small", help="decoder sizes to match (default small)")
     q.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
+    q.add_argument("--source-field", metavar="FIELD",
+                   help="a conditional language model of `source <|sep|> text`: this .jsonl field holds the source")
     q.add_argument("--time-budget", type=float, default=600.0, help="training seconds (default 600; 0: no time limit)")
     q.add_argument("--steps", type=int, default=None,
                    help="step limit (default none); with --time-budget 0, a run that does not depend on the machine")
@@ -190,11 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     _add_training_flags(q)
     q.add_argument("--no-progress", action="store_true", help="turn progress bars off")
-    q = base.add_parser("sample", help="nucleus samples (p=0.95), one per line")
+    q = base.add_parser("sample", help="nucleus samples (p=0.95), one per line; from sources, beam search")
     q.add_argument("model", help="directory written by `ldlm baseline train`")
+    q.add_argument("--source-file", metavar="FILE",
+                   help="a conditional model: one text per source line of FILE (beam search; nucleus with --top-p)")
+    q.add_argument("--num-beams", type=int, default=4, help="with --source-file: beams (default 4)")
     q.add_argument("-n", "--num-samples", type=int, default=8, help="how many samples (default 8)")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    q.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    q.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold (default 0.95; with --source-file, beam search unless given)")
     q.add_argument("--max-new-tokens", type=int, default=64,
                    help="length bound of each sample (default 64; match the training's --max-text-tokens)")
     q.add_argument("--output", help="write the samples to this file instead of printing them")
@@ -246,10 +279,15 @@ def _reused_stages(out: str) -> dict[str, str]:
 
 def cmd_train(args) -> None:
     from .config import ModelConfig
-    from .data import read_corpus
+    from .data import read_conditional_corpus, read_corpus
     from .train import TrainConfig, train
 
-    texts = read_corpus(args.data, args.text_field)
+    condition_field = args.source_field or args.label_field
+    conditions = None
+    if condition_field:
+        texts, conditions = read_conditional_corpus(args.data, args.text_field, condition_field)
+    else:
+        texts = read_corpus(args.data, args.text_field)
     print(f"training preset {args.preset!r} on {len(texts)} texts from {', '.join(args.data)} -> {args.out}")
     reused = _reused_stages(args.out) if args.resume else {}
     train_config = TrainConfig(
@@ -257,19 +295,27 @@ def cmd_train(args) -> None:
         diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
         seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay, device=args.device,
-        precision=args.precision,
+        precision=args.precision, condition_dropout=args.condition_dropout,
         decoder_from=args.decoder_from or reused.get("decoder"),
         reverse_from=args.reverse_from or reused.get("diffusion"),
     )
     overrides = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v is not None}
     if args.self_condition:
         overrides["self_condition"] = True
+    if condition_field:
+        overrides["condition"] = "text" if args.source_field else "label"
+    if args.condition_attention or args.guidance is not None:
+        if not condition_field:
+            raise ValueError("--condition-attention and --guidance set up a conditional model: add --source-field "
+                             "or --label-field")
+        overrides.update({k: v for k, v in (("condition_attention", args.condition_attention),
+                                            ("guidance", args.guidance)) if v is not None})
     for field in ("sampler", "sampling_steps", "decoding", "top_p"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     overrides.update(size_overrides(args.preset, args.max_text_tokens, args.latent_tokens))
     summary = train(texts, args.out, ModelConfig.from_preset(args.preset, **overrides), train_config,
-                    resume=args.resume, progress=not args.no_progress)
+                    conditions=conditions, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
 
 
@@ -289,15 +335,47 @@ def _load(args):
     return pipe
 
 
+def _conditions_from_args(args) -> tuple[str, list[str]] | None:
+    """("sources" or "labels", the list) from --source / --source-file / --label, or None."""
+    sources = list(args.source or [])
+    if args.source_file:
+        sources += [line.strip() for line in _read_text_file(args.source_file, "--source-file").splitlines()
+                    if line.strip()]
+    if sources and args.label:
+        raise ValueError("give --source/--source-file or --label, not both")
+    if args.source_file and not sources:
+        raise ValueError(f"--source-file {args.source_file} holds no source text")
+    if sources:
+        return "sources", sources
+    return ("labels", list(args.label)) if args.label else None
+
+
 def cmd_generate(args) -> None:
+    conditions = _conditions_from_args(args)
     if args.input or args.output:
+        if conditions:
+            raise ValueError("a batch job reads its sources or labels from --input lines ({\"id\": ..., \"source\": "
+                             "...}): drop --source/--label")
         return _run_generate_job(args)
     pipe = _load(args)
-    texts = pipe.generate(args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta,
-                          num_beams=args.num_beams, decoding=args.decoding, top_p=args.top_p,
-                          progress=not args.no_progress)
     sampler, steps = pipe.sampling(args.sampler, args.steps)
-    _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
+    common = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta, num_beams=args.num_beams,
+                  decoding=args.decoding, top_p=args.top_p, progress=not args.no_progress)
+    if conditions is None:
+        texts = pipe.generate(8 if args.num_samples is None else args.num_samples, **common)
+        _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
+        return
+    kind, given = conditions
+    each = [c for c in given for _ in range(1 if args.num_samples is None else args.num_samples)]
+    texts = pipe.generate_from(**{kind: each}, guidance=args.guidance, **common)
+    guidance = pipe.config.guidance if args.guidance is None else args.guidance
+    for i, (condition, text) in enumerate(zip(each, texts)):
+        if args.json:
+            record = {"index": i, kind[:-1]: condition, "text": text, "guidance": guidance, "sampler": sampler,
+                      "steps": steps, "seed": args.seed}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(text)
 
 
 def _run_generate_job(args) -> None:
@@ -313,11 +391,12 @@ def _run_generate_job(args) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
-                           eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed)
+                           eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed,
+                           guidance=args.guidance)
     if args.input:
         items = read_input_file(args.input, args.seed, output=args.output)
     else:
-        items = unconditional_items(args.num_samples, args.seed)
+        items = unconditional_items(8 if args.num_samples is None else args.num_samples, args.seed)
     if args.ray:
         from .ray_jobs import run_job_on_ray
 
@@ -366,22 +445,33 @@ def cmd_eval(args) -> None:
 
 
 def cmd_baseline(args) -> None:
-    from .baseline import sample_language_model, train_language_model
+    from .baseline import generate_from_language_model, sample_language_model, train_language_model
     from .config import ModelConfig
-    from .data import read_corpus
+    from .data import read_conditional_corpus, read_corpus
 
     if args.baseline_command == "train":
-        texts = read_corpus(args.data, args.text_field)
+        sources = None
+        if args.source_field:
+            texts, sources = read_conditional_corpus(args.data, args.text_field, args.source_field)
+        else:
+            texts = read_corpus(args.data, args.text_field)
         config = ModelConfig.from_preset(args.preset, **size_overrides(args.preset, args.max_text_tokens))
         if not args.time_budget and not args.steps:
             raise SystemExit("ldlm baseline train: give --steps N or a --time-budget above 0")
         summary = train_language_model(texts, args.out, config, time_budget=args.time_budget, max_steps=args.steps,
                                        seed=args.seed, device=args.device, precision=args.precision,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, sources=sources)
         print(json.dumps(summary, indent=2))
         return
-    texts = sample_language_model(args.model, args.num_samples, seed=args.seed, top_p=args.top_p,
-                                  max_new_tokens=args.max_new_tokens)
+    if args.source_file:
+        sources = [line.strip() for line in _read_text_file(args.source_file, "--source-file").splitlines()
+                   if line.strip()]
+        texts = generate_from_language_model(args.model, sources, num_beams=args.num_beams, top_p=args.top_p,
+                                             seed=args.seed, max_new_tokens=args.max_new_tokens)
+    else:
+        texts = sample_language_model(args.model, args.num_samples, seed=args.seed,
+                                      top_p=0.95 if args.top_p is None else args.top_p,
+                                      max_new_tokens=args.max_new_tokens)
     if args.output:
         Path(args.output).write_text("\n".join(texts) + "\n", encoding="utf-8")
     else:
@@ -493,6 +583,11 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_rec
             "eval": cmd_eval, "baseline": cmd_baseline, "export": cmd_export, "bench": cmd_bench, "info": cmd_info, "demo": cmd_demo}
 
 
+# the pip extra that brings each optional package (pyproject.toml), for a one-line error when it is missing
+EXTRA_OF_MODULE = {"sacrebleu": "eval", "mauve": "eval", "wordfreq": "eval", "onnx": "onnx", "onnxscript": "onnx",
+                   "onnxruntime": "onnx", "ray": "ray", "matplotlib": "bench", "triton": "gpu"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -508,6 +603,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a read or write the system refused (disk full, permissions): say where
         where = f" ({e.filename})" if e.filename else ""
         print(f"ldlm {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:  # not an optional package: a broken install, whose traceback helps
+            raise
+        print(f"ldlm {args.command}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'ldlm[{extra}]'", file=sys.stderr)
         return 2
     return 0
 

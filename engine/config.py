@@ -41,6 +41,11 @@ class ModelConfig:
     mlp_ratio: int = 4  # feed-forward width = mlp_ratio * d_model
     dropout: float = 0.0  # dropout inside the reverse transformer while training
     self_condition: bool = False  # also input the previous step's x0 estimate (Chen et al. 2022); issue 4 lever
+    # --- conditioning (ldlm.guidance): what the reverse transformer generates from, with classifier-free guidance ---
+    condition: str | None = None  # None: unconditional; "text": a source text's encoder token states; "label": a class
+    condition_attention: str = "cross"  # how blocks read it: "cross"-attention, or "joint" tokens in self-attention
+    labels: list[str] | None = None  # the fixed label set of a "label" model, in embedding order
+    guidance: float = 1.0  # default classifier-free guidance weight w: 0 unconditional, 1 conditional, > 1 guided
     # --- decoder: GPT-2 conditioned on the latent through learned prefix embeddings ---
     decoder: str | None = None  # path/id of a pretrained GPT-2 (brings its tokenizer); None: built from the fields below
     n_prefix: int = 8  # prefix embeddings made from one latent
@@ -67,6 +72,21 @@ class ModelConfig:
                              "each latent token makes n_prefix / latent_tokens prefix embeddings")
         if self.latent_tokens > 1 and self.latent_dim % self.resampler_heads:
             raise ValueError(f"latent_dim={self.latent_dim} must be divisible by resampler_heads={self.resampler_heads}")
+        if self.condition not in (None, "text", "label"):
+            raise ValueError(f"condition must be None, 'text' or 'label', got {self.condition!r}")
+        if self.condition_attention not in ("cross", "joint"):
+            raise ValueError(f"condition_attention must be 'cross' or 'joint', got {self.condition_attention!r}")
+        if self.condition == "label" and self.labels is not None:  # None until training reads them from the data
+            labels = self.labels
+            if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels)
+                    or len(set(labels)) != len(labels)):
+                raise ValueError(f"a label-conditioned model needs a list of distinct non-empty label names, got "
+                                 f"{labels!r}")
+        elif self.labels is not None:
+            raise ValueError("labels belong to condition='label' only: drop them, or set condition='label'")
+        guidance = self.guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf"):
+            raise ValueError(f"guidance must be a number >= 0, got {self.guidance!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_embd % self.n_head:
@@ -127,7 +147,7 @@ class ModelConfig:
 # The resampler (K > 1) is trained with the decoder but defines the latent space, so it travels with the encoder.
 ENCODER_FIELDS = ("encoder", "latent_dim", "encoder_max_tokens", "latent_tokens", "resampler_layers", "resampler_heads")
 REVERSE_FIELDS = ("num_timesteps", "beta_start", "beta_end", "d_model", "n_layers", "n_heads", "time_embed_dim",
-                  "mlp_ratio", "dropout", "self_condition")
+                  "mlp_ratio", "dropout", "self_condition", "condition", "condition_attention", "labels")
 DECODER_FIELDS = ("decoder", "n_prefix", "n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "max_text_tokens")
 TRAINING_PRECISIONS = ("fp32", "bf16")  # fp32, or bf16 autocast of the matmuls (ldlm.train.autocast)
 

@@ -10,17 +10,27 @@ import sysconfig
 from pathlib import Path
 
 
-def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """One example per non-empty line; `.jsonl` lines are objects whose `text_field` holds the text."""
+def _fold(text: str) -> str:
+    return " ".join(text.split())
+
+
+def read_examples(path: str | Path, text_field: str = "text", condition_field: str | None = None
+                  ) -> list[tuple[str, str | None]]:
+    """(text, condition) per non-empty line; `.jsonl` lines are objects whose `text_field` holds the text and
+    `condition_field` (if given: jsonl only) what it is generated from, a source text or a label (a string, or
+    a number read as its name). Whitespace is folded."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")
-    texts = []
+    if condition_field is not None and path.suffix != ".jsonl":
+        raise ValueError(f"{path}: a condition field ({condition_field!r}) needs .jsonl data, one object per line")
+    examples = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
+            condition = None
             if path.suffix == ".jsonl":
                 try:
                     record = json.loads(line)
@@ -29,9 +39,20 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise ValueError(f"{path}:{lineno} has no string field {text_field!r}; pass --text-field")
                 line = record[text_field].strip()
+                if condition_field is not None:
+                    value = record.get(condition_field)
+                    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+                        raise ValueError(f"{path}:{lineno} has no usable field {condition_field!r} (a non-empty "
+                                         f"string, got {value!r}); fix the line or pass another field")
+                    condition = _fold(str(value))
             if line:
-                texts.append(" ".join(line.split()))
-    return texts
+                examples.append((_fold(line), condition))
+    return examples
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """One example per non-empty line; `.jsonl` lines are objects whose `text_field` holds the text."""
+    return [text for text, _ in read_examples(path, text_field)]
 
 
 def read_corpus(paths: list[str | Path], text_field: str = "text") -> list[str]:
@@ -39,6 +60,15 @@ def read_corpus(paths: list[str | Path], text_field: str = "text") -> list[str]:
     if not texts:
         raise ValueError(f"no text found in {[str(p) for p in paths]}")
     return texts
+
+
+def read_conditional_corpus(paths: list[str | Path], text_field: str, condition_field: str
+                            ) -> tuple[list[str], list[str]]:
+    """The texts and, aligned with them, what each is generated from (ldlm train --source-field/--label-field)."""
+    examples = [e for p in paths for e in read_examples(p, text_field, condition_field)]
+    if not examples:
+        raise ValueError(f"no text found in {[str(p) for p in paths]}")
+    return [text for text, _ in examples], [condition for _, condition in examples]
 
 
 def split_holdout(texts: list[str], fraction: float = 0.02, max_holdout: int = 500, seed: int = 0):

@@ -20,14 +20,15 @@ EOS = "<|endoftext|>"  # GPT-2's only special token: end of text, also used as p
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
-def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2's scheme) trained on the corpus: any text round-trips through it."""
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, extra_special: list[str] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's scheme) trained on the corpus: any text round-trips through it. EOS, and
+    `extra_special` tokens (a separator), are single tokens of their own."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=[EOS, *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     return wrap_tokenizer(tokenizer)

@@ -49,7 +49,8 @@ class LatentEncoder(nn.Module):
         self.max_tokens = min([max_tokens, *limits] if max_tokens else limits)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_tokens: int | None = None, *, download: bool = False) -> LatentEncoder:
+    def from_pretrained(cls, name_or_path: str, max_tokens: int | None = None, *,
+                        download: bool = False) -> LatentEncoder:
         """A BERT-family encoder from a folder or a hub id (see resolve_encoder), checked before loading
         (ldlm.model_files): no custom code runs."""
         return cls.from_folder(resolve_encoder(name_or_path, download=download), max_tokens)

@@ -2,7 +2,8 @@
 
 Rows of the result:
 - model: reconstruction from clean latents (exact match, corpus BLEU, teacher-forced token accuracy) and
-  unconditional samples scored against the references (MAUVE, Div, Mem, mean length, degenerate rate);
+  unconditional samples scored against the references (MAUVE, Div, Mem, mean length, degenerate rate, and
+  the share of words English word-frequency lists have never seen);
 - samples: the same sample scores for a file of texts (for instance a plain language model's samples);
 - reference: one half of the references scored against the other half, the ceiling for every figure.
 
@@ -72,6 +73,7 @@ def sample_scores(samples: list[str], reference_features, train_texts: list[str]
         "mem": metrics.memorization(samples, train_texts),
         "mean_length": metrics.mean_length(samples),
         "degenerate": metrics.degenerate_rate(samples),
+        "unknown_words": metrics.unknown_word_rate(samples),  # fluency that MAUVE's features cannot see
     }
 
 
@@ -110,7 +112,8 @@ def evaluate(references: list[str], train_texts: list[str], *, pipe=None, sample
 
 
 def format_table(result: dict) -> str:
-    cols = ["exact_match", "bleu", "token_accuracy", "mauve", "div", "mem", "mean_length", "degenerate", "n"]
+    cols = ["exact_match", "bleu", "token_accuracy", "mauve", "div", "mem", "mean_length", "degenerate",
+            "unknown_words", "n"]
     lines = ["| row | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     for name, row in result["rows"].items():
         values = {**row.get("reconstruction", {}), **row.get("samples", {})}

@@ -1,8 +1,9 @@
 """Batch generation jobs: JSONL in, JSONL out, in input order, crash-safe and resumable.
 
 Each input line is an object with an `id` (a string or a number) and either nothing more (an unconditional
-sample; optional `seed`) or a `text` with a `mode`: `reconstruct` (the default) or `vary` (optional `strength`
-in [0, 1], default 0.3; optional `seed`). Any other field is an error of that line, so a typo never runs at a
+sample; optional `seed`), or a `text` with a `mode`: `reconstruct` (the default) or `vary` (optional `strength`
+in [0, 1], default 0.3; optional `seed`), or, for a conditional model, a `source` text or a `label` to generate
+from (optional `seed`, `guidance`). Any other field is an error of that line, so a typo never runs at a
 default. Every item draws its noise from its own seed (ldlm.samplers.ItemNoise), so an output depends on the
 item alone: not on its batch, on a resume, or on which worker ran it. A seed not given is derived from the
 job's seed and the id, and written out.
@@ -33,12 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .encoder import token_lengths
+from .guidance import check_condition, check_guidance
 from .inputs import MAX_SEED, check_strength, lone_surrogate, read_user_file
 from .model_files import folder_files
 
 log = logging.getLogger("ldlm.jobs")
 MODES = ("reconstruct", "vary")
-FIELDS = ("id", "text", "mode", "strength", "seed")  # what an input line may hold
+FIELDS = ("id", "text", "mode", "strength", "seed", "source", "label", "guidance")  # what an input line may hold
 
 
 class JobOutputError(ValueError):
@@ -56,6 +58,7 @@ class JobSettings:
     num_beams: int = 4
     dtype: str = "float32"
     seed: int = 0  # the job's seed, from which items without a seed get theirs
+    guidance: float | None = None  # lines with a source or label without their own; None: the checkpoint's
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -94,6 +97,9 @@ class Item:
     error: str | None = None
     extra: dict = field(default_factory=dict)  # e.g. {"truncated": True}
     duplicate: bool = False  # its id was used on an earlier line, so the id cannot identify it
+    source: str | None = None  # a conditional sample: the source text, or the label, it is generated from
+    label: str | None = None
+    guidance: float | None = None  # its own guidance weight; None: the job's
     request_hash: str = ""  # of what the line asks for: an edited line is a new request
 
     @property
@@ -170,6 +176,8 @@ def _request_problem(item: Item, record: dict, job_seed: int) -> str | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         return f"{name}: \"seed\" must be a whole number in [0, 2**63 - 1], got {seed!r}"
     item.seed = derived_seed(job_seed, item.id) if seed is None else seed
+    if "source" in record or "label" in record or "guidance" in record:
+        return _condition_problem(item, record)
     if "text" not in record:
         for key in ("mode", "strength"):
             if key in record:
@@ -193,6 +201,33 @@ def _request_problem(item: Item, record: dict, job_seed: int) -> str | None:
         except ValueError as e:
             return f"{name}: {e}"
         item.strength = float(record.get("strength", 0.3))
+    return None
+
+
+def _condition_problem(item: Item, record: dict) -> str | None:
+    """A conditional sample's fields (a `source` or a `label`, an optional `guidance`); the first thing wrong."""
+    name = f"id {item.id!r}"
+    if "text" in record or "mode" in record or "strength" in record:
+        return f"{name}: a line generates from a \"source\" or \"label\", or works on a \"text\": not both"
+    if ("source" in record) == ("label" in record):
+        return f"{name}: \"guidance\" needs a \"source\" or a \"label\"" if "source" not in record else \
+            f"{name}: give a \"source\" or a \"label\", not both"
+    key = "source" if "source" in record else "label"
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        return f"{name}: \"{key}\" must be a non-empty string, got {value!r}"
+    value = str(value)
+    position = lone_surrogate(value)
+    if position is not None:
+        return f"{name}: \"{key}\" holds a lone surrogate at character {position}, which is not text: fix the escapes"
+    guidance = record.get("guidance")
+    if guidance is not None:
+        try:
+            check_guidance(guidance)
+        except ValueError as e:
+            return f"{name}: {e}"
+        item.guidance = float(guidance)
+    setattr(item, key, value)
     return None
 
 
@@ -250,6 +285,9 @@ def output_record(item: Item, text: str | None, settings: JobSettings) -> dict:
     record.update({"text": text, "mode": item.mode, "seed": item.seed})
     if item.text is not None:
         record["input"] = item.text
+    for key in ("source", "label", "guidance"):
+        if getattr(item, key) is not None:
+            record[key] = getattr(item, key)
     if item.strength is not None:
         record["strength"] = item.strength
     record.update(item.extra)
@@ -365,7 +403,8 @@ class JobOutput:
             os.fsync(self.file.fileno())
         except OSError as e:
             raise JobOutputError(f"writing {self.path} failed ({e.strerror}): the {self.written} records written "
-                                 "before are kept; make room or fix the permissions, then run again with --resume") from e
+                                 "before are kept; make room or fix the permissions, then run again with "
+                                 "--resume") from e
 
     def write(self, records: list[dict]) -> None:
         if records:
@@ -398,11 +437,20 @@ def run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
     """The texts for a list of valid items, in order: samples, reconstructions and variations batched together
     for the decode."""
     latents = torch.empty(len(items), *pipe.config.latent_shape, device=pipe.device)
-    samples = [i for i, item in enumerate(items) if item.mode == "sample"]
+    samples = [i for i, item in enumerate(items) if item.mode == "sample" and not _conditional(item)]
     if samples:
         latents[samples] = pipe.sample_latents(len(samples), steps=settings.steps, sampler=settings.sampler,
                                                eta=settings.eta, seeds=[items[i].seed for i in samples],
                                                batch_size=len(samples), progress=False)
+    conditional = [i for i, item in enumerate(items) if _conditional(item)]
+    for guidance in dict.fromkeys(_guidance(items[i], settings) for i in conditional):  # in order of appearance
+        group = [i for i in conditional if _guidance(items[i], settings) == guidance]
+        kind = "sources" if items[group[0]].source is not None else "labels"
+        given = [items[i].source if kind == "sources" else items[i].label for i in group]
+        latents[group] = pipe.sample_latents(len(group), steps=settings.steps, sampler=settings.sampler,
+                                             eta=settings.eta, seeds=[items[i].seed for i in group],
+                                             batch_size=len(group), guidance=guidance, progress=False,
+                                             **{kind: given})
     clean = [i for i, item in enumerate(items) if item.mode == "reconstruct"]
     if clean:
         latents[clean] = pipe.encode([items[i].text for i in clean])
@@ -411,6 +459,26 @@ def run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
         latents[group] = pipe.vary_latents([items[i].text for i in group], strength, settings.steps, settings.sampler,
                                            eta=settings.eta, seeds=[items[i].seed for i in group], progress=False)
     return pipe.decode(latents, num_beams=settings.num_beams, batch_size=max(1, len(items)), progress=False)
+
+
+def _conditional(item: Item) -> bool:
+    return item.source is not None or item.label is not None
+
+
+def _guidance(item: Item, settings: JobSettings) -> float | None:
+    return item.guidance if item.guidance is not None else settings.guidance
+
+
+def mark_bad_conditions(config, items: list[Item]) -> None:
+    """Conditional lines checked against the model before any work (ldlm.guidance.check_condition): an
+    unconditional model, the wrong kind or an unknown label is that line's error."""
+    for item in items:
+        if item.error is None and _conditional(item):
+            try:
+                check_condition(config, 1, [item.source] if item.source is not None else None,
+                                [item.label] if item.label is not None else None)
+            except (ValueError, TypeError) as e:
+                item.error = f"id {item.id!r}: {e}"
 
 
 def _failure(item: Item, error: Exception) -> str:
@@ -465,6 +533,7 @@ def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, 
     pipe.sampling(settings.sampler, settings.steps, settings.eta)  # settings that cannot run fail before any work
     with JobOutput(output, settings, resume) as out:
         todo = out.pending(items)
+        mark_bad_conditions(pipe.config, todo)
         mark_truncated(pipe, todo)
         counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
         with tqdm(total=len(todo), desc="generate", unit="item", disable=not progress, dynamic_ncols=True) as bar:
@@ -483,13 +552,15 @@ def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, 
 
 
 def mark_truncated(pipe, items: list[Item]) -> None:
-    """Texts over the encoder's limit are truncated (as the API does, with a warning); their lines say so."""
-    with_text = [item for item in items if item.error is None and item.text is not None]
+    """Texts (and source texts) over the encoder's limit are truncated (as the API does, with a warning); their
+    lines say so."""
+    with_text = [item for item in items if item.error is None and (item.text or item.source) is not None]
     if not with_text:
         return
     tokenizer, limit = pipe.encoder.tokenizer, pipe.encoder.max_tokens
-    lengths = token_lengths(tokenizer, [item.text for item in with_text])
+    lengths = token_lengths(tokenizer, [item.text if item.text is not None else item.source for item in with_text])
     for item, n in zip(with_text, lengths):
         if n > limit:
+            what = "text" if item.text is not None else "source"
             item.extra["truncated"] = True
-            item.extra["warning"] = f"the text has {n} encoder tokens, over the limit of {limit}: its end was cut"
+            item.extra["warning"] = f"the {what} has {n} encoder tokens, over the limit of {limit}: its end was cut"

@@ -221,5 +221,6 @@ def check_weight_shapes(build: Callable[[], torch.nn.Module], path: Path, layers
         elif any(s != expected for s in stored):
             wrong.append(f"{names[0]}: file {stored[0]} vs config {expected}")
     if wrong or missing:
-        raise ModelFileError(f"{path} does not match {what}: " + "; ".join(
-            ([f"shapes differ for {wrong[:3]}"] if wrong else []) + ([f"missing {sorted(missing)[:3]}"] if missing else [])))
+        problems = ([f"shapes differ for {wrong[:3]}"] if wrong else []) + \
+            ([f"missing {sorted(missing)[:3]}"] if missing else [])
+        raise ModelFileError(f"{path} does not match {what}: " + "; ".join(problems))

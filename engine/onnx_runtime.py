@@ -328,7 +328,8 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
     try:
         mean, std = torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
     except (TypeError, ValueError, KeyError) as e:
-        raise ExportError(f"{directory / 'manifest.json'} has malformed latent_stats ({e}): re-run `ldlm export`") from e
+        raise ExportError(f"{directory / 'manifest.json'} has malformed latent_stats ({e}): re-run "
+                          "`ldlm export`") from e
     if tuple(mean.shape) != config.latent_shape or tuple(std.shape) != config.latent_shape:
         raise ExportError(f"{directory / 'manifest.json'}: latent_stats must have the latent's shape "
                           f"{config.latent_shape}, not {tuple(mean.shape)}: re-run `ldlm export`")

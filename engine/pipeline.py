@@ -19,7 +19,7 @@ from .nucleus import nucleus_decode
 from .inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
                      resolve_device)
 from .samplers import SAMPLERS, ItemNoise, resolve_sampling
-from .reverse import self_conditioned
+from .guidance import check_condition, check_guidance, encode_condition, guided_denoiser
 from .schedule import NoiseSchedule, add_noise
 from .step_tables import sampler_tables
 
@@ -63,6 +63,9 @@ class Pipeline:
             self.encoder, self.decoder, self.reverse = components.encoder, components.decoder, components.reverse
             return
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
+        if self.config.condition is not None and self.backend in ENGINE_BACKENDS:
+            self.backend_reason += ("; a conditional model's sampling loop runs the reference samplers (the "
+                                    "engine's fused step does not read conditions yet); the decode is the engine's")
         if self.dtype != torch.float32 and self.backend == "reference":
             raise ValueError(f"the reference backend runs in float32 only; use backend='fused' or 'cuda-graph' "
                              f"for {self.dtype}")
@@ -115,8 +118,9 @@ class Pipeline:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
-                     generator: torch.Generator | ItemNoise, start_t: int | None, progress: bool) -> torch.Tensor:
-        if self.backend in ENGINE_BACKENDS:
+                     generator: torch.Generator | ItemNoise, start_t: int | None, progress: bool,
+                     condition=None, guidance: float = 1.0) -> torch.Tensor:
+        if self.backend in ENGINE_BACKENDS and self.config.condition is None:
             # graphs are captured per batch bucket: pad, then drop the padding. The padded draw gives the real
             # rows the reference's noise: torch's CUDA Philox keys each element's value to its flat index and
             # advances the offset by the same amount for any tensor under ~1M elements (tests/test_gpu.py
@@ -128,8 +132,24 @@ class Pipeline:
             with self._engine_lock:  # the result is a copy, free of the static buffers once returned
                 return self._fused_sampler(sampler, steps, eta, start_t)(x, generator)[:n].float()
         extra = {"eta": eta} if sampler == "ddim" else {}
-        return SAMPLERS[sampler](self_conditioned(self.reverse), x, self.schedule, steps=steps, generator=generator,
-                                 disable=not progress, start_t=start_t, **extra)
+        return SAMPLERS[sampler](guided_denoiser(self.reverse, condition, guidance), x, self.schedule, steps=steps,
+                                 generator=generator, disable=not progress, start_t=start_t, **extra)
+
+    def _conditions(self, n: int, sources: list[str] | None, labels: list[str] | None,
+                    guidance: float | None) -> float:
+        """Check what a conditional call generates from (n items); returns the guidance weight to use."""
+        guidance = self.config.guidance if guidance is None else guidance
+        check_guidance(guidance)
+        check_condition(self.config, n, sources, labels)
+        return guidance
+
+    def _condition(self, sources: list[str] | None, labels: list[str] | None, rows: slice):
+        """The Condition of the items in `rows`, or None when the call has none."""
+        if sources is None and labels is None:
+            return None
+        return encode_condition(self.reverse, self.encoder, device=self.device,
+                                sources=sources[rows] if sources is not None else None,
+                                labels=labels[rows] if labels is not None else None)
 
     def _fused_sampler(self, sampler: str, steps: int | None, eta: float, start_t: int | None):
         from .fused_sampler import FusedSampler
@@ -153,14 +173,18 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, n: int, *, steps: int | None = None, sampler: str | None = None, eta: float = 0.0,
                        seed: int = 0, seeds: list[int] | None = None, batch_size: int = 256,
-                       progress: bool = True) -> torch.Tensor:
+                       sources: list[str] | None = None, labels: list[str] | None = None,
+                       guidance: float | None = None, progress: bool = True) -> torch.Tensor:
         """n raw latents (n, *latent_shape) from Gaussian noise. One generator seeded with `seed` draws x_T, then
         each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents.
         With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
-        its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default."""
+        its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default.
+        A conditional model samples item i from sources[i] (or labels[i]) with classifier-free guidance weight
+        `guidance` (None: the checkpoint's); without them, unconditionally (its null condition)."""
         check_count(n)
         check_positive_int(batch_size, "batch_size")
         sampler, steps = self.sampling(sampler, steps, eta)
+        guidance = self._conditions(n, sources, labels, guidance)
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"seeds has {len(seeds)} entries for {n} samples: give one seed per sample")
         generator = self._generator(seed)
@@ -172,8 +196,9 @@ class Pipeline:
                 x = generator.randn(self.config.latent_shape, self.device)
             else:
                 x = torch.randn(size, *self.config.latent_shape, generator=generator, device=self.device)
+            condition = self._condition(sources, labels, slice(start, start + size))
             z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                  start_t=None, progress=progress)
+                                  start_t=None, progress=progress, condition=condition, guidance=guidance)
             out.append(self.denormalize(z))
         return torch.cat(out) if out else torch.empty(0, *self.config.latent_shape, device=self.device)
 
@@ -221,12 +246,38 @@ class Pipeline:
         given."""
         latents = self.sample_latents(n, steps=steps, sampler=sampler, eta=eta, seed=seed,
                                       batch_size=batch_size, progress=progress)
+        return self._decode_samples(latents, decoding=decoding, top_p=top_p, num_beams=num_beams, seed=seed,
+                                    progress=progress)
+
+    def _decode_samples(self, latents: torch.Tensor, *, decoding: str | None, top_p: float | None, num_beams: int,
+                        seed: int, progress: bool) -> list[str]:
+        """Sampled latents -> texts, by the decoding asked for (None: the checkpoint's, or nucleus with top_p)."""
         decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
         if decoding not in ("beam", "nucleus"):
             raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
         nucleus = top_p if top_p is not None else self.config.top_p
         return self.decode(latents, num_beams=num_beams, top_p=nucleus if decoding == "nucleus" else None, seed=seed,
                            progress=progress)
+
+    def generate_from(self, sources: list[str] | None = None, *, labels: list[str] | None = None,
+                      guidance: float | None = None, seed: int = 0, seeds: list[int] | None = None,
+                      sampler: str | None = None, steps: int | None = None, eta: float = 0.0, num_beams: int = 4,
+                      decoding: str | None = None, top_p: float | None = None, batch_size: int = 256,
+                      progress: bool = True) -> list[str]:
+        """One text per source text (or per label, for a class-conditional model), in input order: reverse
+        diffusion from noise reading the condition, with classifier-free guidance weight `guidance` (0
+        unconditional, 1 conditional, above 1 guided; None: the checkpoint's default), then decode. Noise as
+        in sample_latents: from `seed`, or each item from its own entry of `seeds`."""
+        given = sources if sources is not None else labels
+        if given is None:
+            raise ValueError("pass sources=[...] (or labels=[...] for a class-conditional model)")
+        if isinstance(given, str):
+            raise TypeError("pass a list, not a single string: wrap it as [text]")
+        latents = self.sample_latents(len(given), steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
+                                      batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
+                                      progress=progress)
+        return self._decode_samples(latents, decoding=decoding, top_p=top_p, num_beams=num_beams, seed=seed,
+                                    progress=progress)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), *, sampler: str | None = None, steps: int | None = None,
                num_beams: int = 4, decoding: str | None = None) -> dict[int, float]:
@@ -247,24 +298,29 @@ class Pipeline:
     @torch.no_grad()
     def vary(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str | None = None,
              seed: int = 0, *, eta: float = 0.0, num_beams: int = 4, seeds: list[int] | None = None,
+             sources: list[str] | None = None, labels: list[str] | None = None, guidance: float | None = None,
              progress: bool = True) -> list[str]:
         """Encode, noise the latent to t = strength * T, denoise from there, decode (SDEdit, Meng et al. 2022).
 
         strength 0 returns the reconstruction; 1 starts from (almost) pure noise. `seeds`: one per text, each
-        text drawing its noise from its own generator (as in sample_latents).
+        text drawing its noise from its own generator (as in sample_latents). A conditional model denoises
+        towards sources[i] (or labels[i]) with guidance, as in sample_latents.
         """
-        return self.decode(self.vary_latents(texts, strength, steps, sampler, seed, eta=eta, seeds=seeds,
-                                             progress=progress), num_beams=num_beams, progress=progress)
+        latents = self.vary_latents(texts, strength, steps, sampler, seed, eta=eta, seeds=seeds, sources=sources,
+                                    labels=labels, guidance=guidance, progress=progress)
+        return self.decode(latents, num_beams=num_beams, progress=progress)
 
     @torch.no_grad()
     def vary_latents(self, texts: list[str], strength: float = 0.3, steps: int | None = None, sampler: str | None = None,
                      seed: int = 0, *, eta: float = 0.0, seeds: list[int] | None = None,
+                     sources: list[str] | None = None, labels: list[str] | None = None, guidance: float | None = None,
                      progress: bool = True) -> torch.Tensor:
         """The latents `vary` decodes: (N, *latent_shape)."""
         sampler, steps = self.sampling(sampler, steps, eta)
         check_texts(texts)
         check_strength(strength)
         check_seed(seed)
+        guidance = self._conditions(len(texts), sources, labels, guidance)
         if seeds is not None and len(seeds) != len(texts):
             raise ValueError(f"seeds has {len(seeds)} entries for {len(texts)} texts: give one seed per text")
         latents = self.encode(texts)
@@ -280,8 +336,10 @@ class Pipeline:
             x = add_noise(self.schedule, z0, t, noise)
             if sampler == "ddpm":
                 steps = None  # DDPM runs every timestep from start_t
+            condition = self._condition(sources, labels, slice(0, len(texts)))
             latents = self.denormalize(self._run_sampler(x, sampler=sampler, steps=steps, eta=eta,
-                                                         generator=generator, start_t=start_t, progress=progress))
+                                                         generator=generator, start_t=start_t, progress=progress,
+                                                         condition=condition, guidance=guidance))
         return latents
 
 

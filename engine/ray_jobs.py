@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .jobs import Item, JobOutput, JobSettings, mark_truncated, output_record, run_isolating_failures
+from .jobs import (Item, JobOutput, JobSettings, mark_bad_conditions, mark_truncated, output_record,
+                   run_isolating_failures)
 from .pipeline import read_model_config
 from .samplers import resolve_sampling
 
@@ -51,15 +52,17 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
     except ImportError as e:
         raise RuntimeError("--ray needs Ray: pip install 'ldlm[ray]'") from e
     # settings that cannot run fail here, before Ray starts (as run_job fails before any work)
-    resolve_sampling(read_model_config(checkpoint), settings.sampler, settings.steps, settings.eta)
+    config = read_model_config(checkpoint)
+    resolve_sampling(config, settings.sampler, settings.steps, settings.eta)
     with JobOutput(output, settings, resume) as out:
-        return _run_on_ray(ray, checkpoint, items, out, settings, load_kwargs=load_kwargs, batch_size=batch_size,
-                           workers=workers, address=address, progress=progress)
+        todo = out.pending(items)
+        mark_bad_conditions(config, todo)
+        return _run_on_ray(ray, checkpoint, items, todo, out, settings, load_kwargs=load_kwargs,
+                           batch_size=batch_size, workers=workers, address=address, progress=progress)
 
 
-def _run_on_ray(ray, checkpoint: str, items: list[Item], out: JobOutput, settings: JobSettings, *, load_kwargs,
-                batch_size: int, workers: int | None, address: str | None, progress: bool) -> dict:
-    todo = out.pending(items)
+def _run_on_ray(ray, checkpoint: str, items: list[Item], todo: list[Item], out: JobOutput, settings: JobSettings, *,
+                load_kwargs, batch_size: int, workers: int | None, address: str | None, progress: bool) -> dict:
     counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)

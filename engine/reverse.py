@@ -1,8 +1,9 @@
-"""The reverse transformer: (x_t, t) -> x0_hat, one readable file (nanoGPT style)."""
+"""The reverse transformer: (x_t, t[, condition]) -> x0_hat, one readable file (nanoGPT style)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,38 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+@dataclass
+class Condition:
+    """What a batch is generated from, as the blocks read it: d_model-wide tokens and which of them are real.
+    A text gives its encoder token states (projected), a label one embedding, the null condition one learned
+    token (classifier-free guidance's unconditional branch)."""
+
+    tokens: torch.Tensor  # (B, L, d_model)
+    mask: torch.Tensor  # (B, L) bool, True for a real token; every row has at least one
+
+    def padded(self, length: int) -> Condition:
+        """The same condition with L grown to `length` by masked zero tokens."""
+        extra = length - self.tokens.shape[1]
+        if extra <= 0:
+            return self
+        return Condition(F.pad(self.tokens, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False))
+
+    @staticmethod
+    def cat(parts: list[Condition]) -> Condition:
+        """Rows of several conditions, padded to the longest: (sum B, max L, d_model)."""
+        length = max(p.tokens.shape[1] for p in parts)
+        padded = [p.padded(length) for p in parts]
+        return Condition(torch.cat([p.tokens for p in padded]), torch.cat([p.mask for p in padded]))
+
+    def rows(self, index) -> Condition:
+        return Condition(self.tokens[index], self.mask[index])
+
+
+def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) bool, True for keys to attend to -> SDPA's (B, 1, 1, N) boolean attn_mask."""
+    return None if mask is None else mask[:, None, None, :]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -30,8 +63,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, K, C = x.shape  # K latent tokens
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C); mask (B, N) bool marks the keys to attend to (None: all)."""
+        B, K, C = x.shape  # K latent tokens (and, with joint conditioning, the condition's tokens)
         if K == 1 and not (self.training and self.dropout > 0):
             # One token attends only to itself: the softmax over a single key is exactly 1, so attention returns
             # its value. Skipping the query and key projections and the attention kernels is exact, and saves a
@@ -39,17 +73,43 @@ class SelfAttention(nn.Module):
             return self.proj(F.linear(x, self.qkv.weight[2 * C :], self.qkv.bias[2 * C :]))  # (B, 1, C)
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, K, C)
         q, k, v = (z.view(B, K, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, K, C/H)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, K, C))
+
+
+class CrossAttention(nn.Module):
+    """The latent tokens attend to the condition's tokens (LD4LG's seq2seq reverse network)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.q = nn.Linear(config.d_model, config.d_model)
+        self.kv = nn.Linear(config.d_model, 2 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """x (B, K, C), condition tokens (B, L, C) -> (B, K, C)."""
+        (B, K, C), L, H = x.shape, condition.tokens.shape[1], self.n_heads
+        q = self.q(x).view(B, K, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
+        k, v = (z.view(B, L, H, C // H).transpose(1, 2) for z in self.kv(condition.tokens).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(condition.mask),
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, K, C))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer encoder layer (bidirectional attention over the latent tokens)."""
+    """Pre-norm transformer encoder layer (bidirectional attention over the latent tokens), with a
+    cross-attention to the condition after the self-attention when `cross` (condition_attention "cross")."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, cross: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model)
         self.attn = SelfAttention(config)
+        if cross:
+            self.ln_cross = nn.LayerNorm(config.d_model)
+            self.cross = CrossAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = nn.Sequential(
             nn.Linear(config.d_model, config.mlp_ratio * config.d_model),
@@ -58,8 +118,11 @@ class Block(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                condition: Condition | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        if condition is not None:
+            x = x + self.cross(self.ln_cross(x), condition)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -69,6 +132,10 @@ class ReverseTransformer(nn.Module):
     Input: [x_t ; sinusoidal(t)] per latent token, projected to d_model (plus a learned position embedding
     per token when there are K > 1); `n_layers` pre-norm encoder blocks; a final LayerNorm and a projection
     back to the latent size.
+
+    A conditional model (config.condition) reads a Condition (embed_condition): each block cross-attends to
+    it, or ("joint") its tokens join the latent tokens in every block's self-attention. Without one it reads
+    the learned null condition, so one model is conditional and unconditional (classifier-free guidance).
     """
 
     def __init__(self, config: ModelConfig):
@@ -78,14 +145,49 @@ class ReverseTransformer(nn.Module):
         self.in_proj = nn.Linear(inputs, config.d_model)
         if config.latent_tokens > 1:  # tell the K latent tokens apart (the resampler's queries are ordered)
             self.pos_emb = nn.Parameter(0.02 * torch.randn(config.latent_tokens, config.d_model))  # (K, d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        cross = config.condition is not None and config.condition_attention == "cross"
+        self.blocks = nn.ModuleList(Block(config, cross) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.latent_dim)
+        if config.condition == "label":
+            if not config.labels:
+                raise ValueError("a label-conditioned model needs its label set (ModelConfig.labels); training reads "
+                                 "it from the data")
+            self.condition_embed = nn.Embedding(len(config.labels), config.d_model)
+        elif config.condition == "text":  # the frozen encoder's token states (latent_dim wide) -> d_model
+            self.condition_embed = nn.Sequential(nn.LayerNorm(config.latent_dim),
+                                                 nn.Linear(config.latent_dim, config.d_model))
+        if config.condition is not None:
+            self.null_condition = nn.Parameter(0.02 * torch.randn(1, config.d_model))  # one token (1, d_model)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
+        """A batch's condition: label ids (B,), or a source text's encoder token states (B, L, latent_dim) with
+        their attention mask (B, L)."""
+        if self.config.condition == "label":
+            ones = torch.ones(states.shape[0], 1, dtype=torch.bool, device=states.device)
+            return Condition(self.condition_embed(states)[:, None, :], ones)  # one token each
+        if self.config.condition != "text":
+            raise ValueError("this reverse transformer is unconditional: it takes no condition")
+        tokens = self.condition_embed(states.to(self.condition_embed[1].weight.dtype))
+        return Condition(tokens, mask.bool() if mask is not None else torch.ones(states.shape[:2], dtype=torch.bool,
+                                                                                 device=states.device))
+
+    def null(self, batch: int) -> Condition:
+        """The null condition for `batch` rows: one learned token each."""
+        token = self.null_condition[None].expand(batch, -1, -1)  # (B, 1, d_model)
+        return Condition(token, torch.ones(batch, 1, dtype=torch.bool, device=token.device))
+
+    def drop(self, condition: Condition, dropped: torch.Tensor) -> Condition:
+        """Rows where `dropped` (B,) bool is True replaced by the null condition (condition dropout)."""
+        null = self.null(condition.tokens.shape[0]).padded(condition.tokens.shape[1])
+        return Condition(torch.where(dropped[:, None, None], null.tokens.to(condition.tokens.dtype), condition.tokens),
+                         torch.where(dropped[:, None], null.mask, condition.mask))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
+                condition: Condition | None = None) -> torch.Tensor:
         """x_t: (B, D), or (B, K, D) with config.latent_tokens = K > 1; t: (B,) continuous timestep in [0, T);
-        x0_prev: the previous x0 estimate, x_t's shape, used only with config.self_condition (None: zeros).
-        Returns x_t's shape."""
+        x0_prev: the previous x0 estimate, x_t's shape, used only with config.self_condition (None: zeros);
+        condition: what a conditional model generates from (None: the null condition). Returns x_t's shape."""
         single = x_t.dim() == 2
         x = x_t[:, None, :] if single else x_t  # (B, K, D)
         temb = timestep_embedding(t, self.config.time_embed_dim).to(x.dtype)  # (B, E)
@@ -97,22 +199,27 @@ class ReverseTransformer(nn.Module):
         h = self.in_proj(torch.cat([*parts, temb], dim=-1))  # (B, K, d_model)
         if self.config.latent_tokens > 1:
             h = h + self.pos_emb.to(h.dtype)
-        for block in self.blocks:
-            h = block(h)
+        if self.config.condition is None:
+            if condition is not None:
+                raise ValueError("this reverse transformer is unconditional: it takes no condition")
+            for block in self.blocks:
+                h = block(h)
+        else:
+            condition = condition if condition is not None else self.null(h.shape[0])
+            condition = Condition(condition.tokens.to(h.dtype), condition.mask)
+            h = self._conditioned(h, condition)
         out = self.out_proj(self.ln_f(h))  # (B, K, D)
         return out[:, 0, :] if single else out
 
-
-def self_conditioned(model: ReverseTransformer):
-    """A denoiser (x_t, t) -> x0_hat for the samplers: feeds each estimate back as the next step's x0_prev
-    when the model is self-conditioned (one fresh state per sampling run); the model itself otherwise."""
-    if not model.config.self_condition:
-        return model
-    previous = None
-
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal previous
-        previous = model(x_t, t, previous)
-        return previous
-
-    return denoise
+    def _conditioned(self, h: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The blocks on latent tokens h (B, K, d_model) reading `condition`."""
+        if self.config.condition_attention == "cross":
+            for block in self.blocks:
+                h = block(h, condition=condition)
+            return h
+        K = h.shape[1]  # joint: the condition's tokens join the sequence; the latent tokens are read back
+        seq = torch.cat([h, condition.tokens], dim=1)  # (B, K + L, d_model)
+        mask = torch.cat([condition.mask.new_ones(h.shape[0], K), condition.mask], dim=1)  # (B, K + L)
+        for block in self.blocks:
+            seq = block(seq, mask)
+        return seq[:, :K]

@@ -34,6 +34,7 @@ from .model_files import is_hub_id
 from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule, add_noise
+from .train_conditions import TrainingConditions
 from .train_state import load_optimizer, save_optimizer
 
 STAGES = ("decoder", "diffusion")
@@ -58,6 +59,9 @@ class TrainConfig:
     holdout_fraction: float = 0.02  # share of the data held out for validation loss (at most 500 lines)
     ema_decay: float | None = None  # keep an EMA of the reverse transformer (served and validated); None: off
     decoder_noise: float = 0.0  # stage 1 trains on latents + N(0, (decoder_noise * latent_std)^2): robust decoding
+    # a conditional model (ModelConfig.condition): the share of stage-2 rows whose condition is replaced by the
+    # learned null condition, so one model learns both branches of classifier-free guidance
+    condition_dropout: float = 0.1
     decoder_from: str | None = None  # reuse this checkpoint's trained decoder and tokenizer: stage 1 is skipped
     reverse_from: str | None = None  # reuse this checkpoint's reverse transformer and latent statistics: stage 2 is skipped
     seed: int = 0
@@ -74,12 +78,16 @@ class TrainConfig:
             raise ValueError(f"decoder_share must be in (0, 1), got {self.decoder_share}")
         check_precision(self.precision)
         check_seed(self.seed)
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
 
 
-def _fingerprint(texts: list[str], encoder_name: str | None) -> str:
+def _fingerprint(texts: list[str], encoder_name: str | None, conditions: list[str] | None = None) -> str:
     digest = hashlib.sha256(str(encoder_name).encode())
     for text in texts:
         digest.update(text.encode() + b"\n")
+    for condition in conditions or []:  # none for an unconditional model: its fingerprint is as before
+        digest.update(b"\x00" + condition.encode() + b"\n")
     return digest.hexdigest()[:16]
 
 
@@ -174,15 +182,16 @@ def load_reused_parts(config: ModelConfig, train_config: TrainConfig) -> tuple[M
 
 class Trainer:
     def __init__(self, texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig,
-                 *, resume: bool = False, progress: bool = True, log=print):
+                 *, conditions: list[str] | None = None, resume: bool = False, progress: bool = True, log=print):
         self.out = Path(out)
         self.state_dir = self.out / "training"
         self.cfg = train_config
         self.progress = progress
         self.log = log
         self.device = training_device(train_config.device)
+        check_conditions(model_config, texts, conditions)
         self.train_texts, self.val_texts = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
-        fingerprint = _fingerprint(texts, model_config.encoder)
+        fingerprint = _fingerprint(texts, model_config.encoder, conditions)
         self.generator = torch.Generator().manual_seed(train_config.seed)
         self.saved_rng: dict[str, torch.Tensor] = {}  # generator states of a resumed run (ldlm.train.Trainer.save)
         self.ema: ReverseTransformer | None = None  # EMA weights of the reverse transformer, when enabled
@@ -193,7 +202,7 @@ class Trainer:
             if (self.out / "config.json").exists():
                 raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume, or a new --out")
             model_config, reused = load_reused_parts(model_config, train_config)
-            fingerprint = _fingerprint(texts, model_config.encoder)
+            fingerprint = _fingerprint(texts, model_config.encoder, conditions)
             self.components = build_components(model_config, self.train_texts, seed=train_config.seed, log=log,
                                                reused=reused)
             self.state = {"fingerprint": fingerprint, "stage": STAGES[0], "steps": {s: 0 for s in STAGES},
@@ -216,6 +225,12 @@ class Trainer:
         if not resume and train_config.reverse_from is None:
             self._set_latent_stats()
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
+        self.conditions = None  # what each example is generated from (a conditional model)
+        if conditions is not None:
+            # split_holdout's order depends on the length and the seed alone: the conditions split as the texts
+            train_c, val_c = split_holdout(conditions, train_config.holdout_fraction, seed=train_config.seed)
+            self.conditions = TrainingConditions(self.config, {"train": train_c, "val": val_c}, c.encoder,
+                                                 self.state_dir / "conditions.safetensors", fingerprint, log)
         self.train_ids = self._token_ids(self.train_texts)
         self.val_ids = self._token_ids(self.val_texts)
 
@@ -316,20 +331,29 @@ class Trainer:
             return self.components.decoder.loss(latents, ids.to(self.device), mask.to(self.device))
 
     def _diffusion_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model=None,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """MSE of the x0 prediction; z0 (B, *latent_shape) on the training device, t (B,) and noise drawn on the CPU."""
+                        generator: torch.Generator | None = None, rows: tuple[str, torch.Tensor] | None = None,
+                        dropout: float = 0.0) -> torch.Tensor:
+        """MSE of the x0 prediction; z0 (B, *latent_shape) on the training device, t (B,) and noise drawn on the CPU.
+        A conditional model reads the condition of `rows` (split, example ids), each row replaced by the null
+        condition with probability `dropout`."""
         model = model or self.components.reverse
+        generator = generator or self.generator
         t, noise = t.to(self.device), noise.to(self.device)
         x_t = add_noise(self.schedule, z0, t, noise)
-        x0_prev = None
+        x0_prev, condition = None, None
         with autocast(self.device, self.cfg.precision):
+            if self.conditions is not None:
+                condition = self.conditions.batch(model, *rows, self.device)
+                if dropout > 0:
+                    dropped = torch.rand(z0.shape[0], generator=generator) < dropout  # (B,)
+                    condition = model.drop(condition, dropped.to(self.device))
             if self.config.self_condition:  # half the batch sees its own (detached) first estimate, half sees zeros
                 with torch.no_grad():
-                    estimate = model(x_t, t.float())
-                keep = torch.rand(z0.shape[0], generator=generator or self.generator) < 0.5  # (B,)
+                    estimate = model(x_t, t.float(), None, condition)
+                keep = torch.rand(z0.shape[0], generator=generator) < 0.5  # (B,)
                 keep = keep.view(-1, *(1,) * (z0.dim() - 1)).to(self.device)  # (B, 1) or (B, 1, 1) with K tokens
                 x0_prev = torch.where(keep, estimate, torch.zeros_like(estimate))
-            return F.mse_loss(model(x_t, t.float(), x0_prev).float(), z0)
+            return F.mse_loss(model(x_t, t.float(), x0_prev, condition).float(), z0)
 
     def _normalized(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.components.latent_mean) / self.components.latent_std
@@ -351,7 +375,8 @@ class Trainer:
                 z0 = self._normalized(latents).to(self.device)
                 t = torch.randint(0, self.schedule.num_timesteps, (len(z0),), generator=fixed)
                 noise = torch.randn(z0.shape, generator=fixed)
-                losses.append(self._diffusion_loss(z0, t, noise, self.ema, fixed).item() * len(latents))
+                rows = ("val", torch.arange(start, start + len(latents)))
+                losses.append(self._diffusion_loss(z0, t, noise, self.ema, fixed, rows).item() * len(latents))
         module.train()
         return sum(losses) / len(self.val_texts)
 
@@ -505,7 +530,8 @@ class Trainer:
             else:
                 t = torch.randint(0, self.schedule.num_timesteps, (batch_size,), generator=self.generator)
                 noise = torch.randn(batch_size, *c.config.latent_shape, generator=self.generator)
-                loss = self._diffusion_loss(z_train[idx.to(self.device)], t, noise)
+                loss = self._diffusion_loss(z_train[idx.to(self.device)], t, noise, rows=("train", idx),
+                                            dropout=self.cfg.condition_dropout)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}: lower the learning rate")
             done = max(step / max_steps if max_steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
@@ -548,8 +574,30 @@ class Trainer:
         return {"steps": step, "seconds": elapsed, "train_loss": loss_ema, "val_loss": val_loss}
 
 
+def check_conditions(config: ModelConfig, texts: list[str], conditions: list[str] | None) -> None:
+    """A conditional model trains on one condition per text (a source text or a label name); an unconditional
+    one on none."""
+    if config.condition is None:
+        if conditions is not None:
+            raise ValueError("conditions were given for an unconditional model: set condition='text' or 'label' "
+                             "(ldlm train --source-field / --label-field)")
+        return
+    if conditions is None or len(conditions) != len(texts):
+        raise ValueError(f"a {config.condition}-conditioned model trains on one condition per text: got "
+                         f"{'none' if conditions is None else len(conditions)} for {len(texts)} texts")
+    for i, condition in enumerate(conditions):
+        if not isinstance(condition, str) or not condition.strip():
+            raise ValueError(f"the condition of text {i} is {condition!r}: give each a non-empty "
+                             f"{'source text' if config.condition == 'text' else 'label'}")
+
+
 def train(texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig | None = None,
-          *, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train both stages; returns a summary per stage. `out` becomes a checkpoint directory."""
-    trainer = Trainer(texts, out, model_config, train_config or TrainConfig(), resume=resume, progress=progress, log=log)
+          *, conditions: list[str] | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train both stages; returns a summary per stage. `out` becomes a checkpoint directory. A conditional
+    model (model_config.condition) takes `conditions`, one source text or label per text; a label model
+    without a label set gets the data's distinct labels, sorted."""
+    if model_config.condition == "label" and model_config.labels is None and conditions is not None:
+        model_config = dataclasses.replace(model_config, labels=sorted(set(conditions)))
+    trainer = Trainer(texts, out, model_config, train_config or TrainConfig(), conditions=conditions, resume=resume,
+                      progress=progress, log=log)
     return trainer.run()

@@ -57,7 +57,8 @@ def _opened_files(directory: Path, manifest: dict) -> list[str]:
     for variant, specs in graphs.items():
         for name, spec in specs.items():
             if not isinstance(spec, dict):
-                raise ExportError(f"{directory / MANIFEST}: graph {variant}/{name} is not an object: re-run `ldlm export`")
+                raise ExportError(f"{directory / MANIFEST}: graph {variant}/{name} is not an object: re-run "
+                                  "`ldlm export`")
             for key in ["file", *(["external_data"] if "external_data" in spec else [])]:
                 inside(directory, spec.get(key), f"graph {variant}/{name}'s {key!r} in {MANIFEST}")
                 names.append(Path(spec[key]).as_posix())

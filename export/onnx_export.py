@@ -222,6 +222,10 @@ def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, v
     if unknown or "float32" not in variants:
         raise ValueError(f"variants must include float32 and come from {list(VARIANTS)}, got {list(variants)}")
     components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
+    if components.config.condition is not None:
+        raise ValueError(f"a {components.config.condition}-conditioned model cannot be exported to ONNX yet (its "
+                         "reverse graph would take the condition as an input): run it with backend reference, "
+                         "fused or cuda-graph")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # beside it, so the last step is a rename
     shutil.rmtree(staging, ignore_errors=True)  # left by an export of this process id that was killed

@@ -128,12 +128,13 @@ def test_self_conditioned_model_matches_reference(schedule):
     """Self-conditioning (issue 4 lever): the engine carries the previous x0 estimate in a static buffer."""
     import dataclasses
 
-    from ldlm.reverse import self_conditioned
+    from ldlm.guidance import guided_denoiser
 
     torch.manual_seed(1)
     model = ReverseTransformer(dataclasses.replace(ModelConfig.from_preset("tiny"), self_condition=True)).to(DEVICE).eval()
     x, g_ref = _start(3, 32, 2)
-    expected = sample_ddim(self_conditioned(model), x, schedule, steps=30, eta=1.0, generator=g_ref, disable=True)
+    expected = sample_ddim(guided_denoiser(model, None, 1.0), x, schedule, steps=30, eta=1.0, generator=g_ref,
+                           disable=True)
     x, g = _start(3, 32, 2)
     got = FusedSampler(model, ddim_tables(schedule.to("cpu"), 30, 1.0), device=DEVICE, graphs=False)(x, g)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -143,7 +144,7 @@ def test_self_conditioned_model_matches_reference(schedule):
     assert not torch.allclose(plain, expected)
     # with DPM-Solver++(2M) the engine keeps both: the model's previous estimate (self-conditioning, written before
     # the update) and the solver's (the history, which the update kernel reads and rewrites)
-    expected = sample_dpmpp_2m(self_conditioned(model), x, schedule, steps=12, disable=True)
+    expected = sample_dpmpp_2m(guided_denoiser(model, None, 1.0), x, schedule, steps=12, disable=True)
     got = FusedSampler(model, dpmpp_2m_tables(schedule.to("cpu"), 12), device=DEVICE, graphs=False)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +81,40 @@ def test_eval_cli_scores_a_sample_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "| samples |" in out and "| reference |" in out
     assert json.loads((tmp_path / "out.json").read_text())["rows"]["samples"]["samples"]["n"] == 3
+
+
+def test_a_missing_optional_package_is_a_one_line_error_naming_its_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wordfreq", None)  # `import wordfreq` now fails as if it were not installed
+    refs, samples = tmp_path / "refs.txt", tmp_path / "samples.txt"
+    refs.write_text("\n".join(TINY_TEXTS[:6]))
+    samples.write_text("the cat sat on the mat.\na dog ran.\nrain fell on the town.\n")
+    code = main(["eval", "--references", str(refs), "--train", str(refs), "--samples", str(samples), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "this needs wordfreq" in err and "pip install 'ldlm[eval]'" in err
+    assert "Traceback" not in err
+
+
+def test_rouge_l_against_hand_computed_values():
+    # LCS of "the cat sat on the mat" and "the cat is on a mat": the cat on mat = 4 of 6 and 6 words
+    p = r = 4 / 6
+    expected = 100 * (1 + 1.2**2) * p * r / (r + 1.2**2 * p)
+    assert metrics.rouge_l(["the cat sat on the mat"], [["the cat is on a mat"]]) == pytest.approx(expected)
+    assert metrics.rouge_l(["The cat."], [["a dog", "the cat ."]]) == pytest.approx(100.0)  # the best reference
+    assert metrics.rouge_l(["x y z"], [["a b"]]) == 0.0
+    assert metrics.rouge_l(["", "a b"], [["a"], ["a b"]]) == pytest.approx(50.0)
+
+
+def test_multi_reference_bleu_takes_every_reference():
+    outputs = ["the cat sat on the mat", "a dog ran in the park"]
+    one = metrics.multi_reference_bleu(outputs, [["the cat is on the mat"], ["a dog ran in a park"]])
+    more = metrics.multi_reference_bleu(outputs, [["the cat is on the mat", "the cat sat on the mat"],
+                                                  ["a dog ran in a park"]])
+    assert more > one and metrics.multi_reference_bleu(outputs, [[o] for o in outputs]) == pytest.approx(100.0)
+
+
+def test_unknown_word_rate_counts_invented_words():
+    assert metrics.unknown_word_rate(["The cat sat on the mat."]) == 0.0
+    # two invented words among eight; a price and a number are not words
+    assert metrics.unknown_word_rate(["The nailicicate cat sat on antrucrifals mats, £20 for 3."]) == \
+        pytest.approx(2 / 8)
+    assert metrics.unknown_word_rate(["", "42 !"]) == 0.0
