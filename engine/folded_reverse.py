@@ -10,6 +10,8 @@ Rewrites of ldlm.reverse.ReverseTransformer, exact but for float rounding, for t
   into one linear map, W_o (W_v y + b_v) + b_o = (W_o W_v) y + (W_o b_v + b_o), folded once, in float64.
 - Optionally (fused_norms, the engine's choice), each residual add and the layer norm that follows it as one
   Triton kernel (ldlm.kernels.add_layer_norm).
+- A condition read by cross-attention (config.condition_attention "cross") does not change over a sampling
+  run, so its keys and values are projected once per run (condition_states) instead of at every step.
 
 Everything else (layer norms, MLPs, output) is the original modules, shared, not copied. On the `base` preset
 the engine's sampling step goes from 44 kernels to 31 and its matmul FLOPs down by a tenth
@@ -19,12 +21,22 @@ tests/test_fused_sampler.py over whole sampling loops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import residual_norm
-from .reverse import ReverseTransformer, timestep_embedding
+from .reverse import Condition, ReverseTransformer, timestep_embedding
+
+
+@dataclass
+class ConditionStates:
+    """A condition as the folded blocks' cross-attentions read it: per block its keys and values."""
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block: k, v, each (B, H, L, C/H)
+    mask: torch.Tensor  # (B, 1, 1, L) bool, True for a real condition token
 
 
 class FoldedReverse(nn.Module):
@@ -40,6 +52,11 @@ class FoldedReverse(nn.Module):
         self.fused_norms = fused_norms
         self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
         self.config, self.blocks, self.ln_f, self.out_proj = cfg, model.blocks, model.ln_f, model.out_proj
+        if cfg.condition is not None and cfg.condition_attention != "cross":
+            raise ValueError(f"the folded reverse transformer reads conditions by cross-attention; this model's "
+                             f"condition_attention is {cfg.condition_attention!r} (run it on the reference backend)")
+        self.conditional = cfg.condition is not None
+        self.null = model.null if self.conditional else None  # (batch) -> the null Condition
         weight, bias = model.in_proj.weight, model.in_proj.bias  # (d, n_in + E), (d,)
         dtype, device = weight.dtype, weight.device
         n_in = cfg.latent_dim * (2 if cfg.self_condition else 1)  # x_t, and x0_prev when self-conditioned
@@ -63,13 +80,41 @@ class FoldedReverse(nn.Module):
         self.attentions = tuple(self.value_out) if cfg.latent_tokens == 1 else tuple(b.attn for b in model.blocks)
         self.following_norms = (*(block.ln_1 for block in model.blocks[1:]), model.ln_f)
 
-    def forward(self, x_t: torch.Tensor, step: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def condition_states(self, condition: Condition) -> ConditionStates:
+        """Each block's cross-attention keys and values of `condition` (tokens (B, L, d_model)): the same
+        projections the model makes at every step, made once."""
+        tokens = condition.tokens.to(self.in_weight.dtype)
+        B, L, C = tokens.shape
+        H = self.config.n_heads
+        keys_values = []
+        for block in self.blocks:
+            k, v = block.cross.kv(tokens).split(C, dim=2)  # 2 x (B, L, C)
+            keys_values.append(tuple(z.view(B, L, H, C // H).transpose(1, 2) for z in (k, v)))  # (B, H, L, C/H)
+        return ConditionStates(keys_values, condition.mask[:, None, None, :])
+
+    def _cross_attend(self, block, x: torch.Tensor, keys_values, mask: torch.Tensor) -> torch.Tensor:
+        """block.cross on normalized latent tokens x (B, [K,] C) against precomputed keys and values."""
+        k, v = keys_values  # (B, H, L, C/H)
+        B, H, C = x.shape[0], self.config.n_heads, x.shape[-1]
+        q = block.cross.q(x).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, C/H)
+        return block.cross.proj(y.transpose(1, 2).reshape(x.shape))
+
+    def forward(self, x_t: torch.Tensor, step: torch.Tensor, x0_prev: torch.Tensor | None = None,
+                condition: ConditionStates | None = None) -> torch.Tensor:
         """x_t: (B, D), or (B, K, D) with K latent tokens; step: (1,) int64 index into the timesteps (on the
-        device); x0_prev: the previous estimate, x_t's shape (self-conditioned models only). Returns x_t's shape."""
+        device); x0_prev: the previous estimate, x_t's shape (self-conditioned models only); condition: a
+        conditional model's condition_states, one row per row of x_t (None: the null condition). Returns x_t's
+        shape."""
         one_token = self.config.latent_tokens == 1
         if one_token and x_t.dim() == 3:  # (B, 1, D): run as (B, D)
             prev = None if x0_prev is None else x0_prev[:, 0]
-            return self.forward(x_t[:, 0], step, prev)[:, None]
+            return self.forward(x_t[:, 0], step, prev, condition)[:, None]
+        if self.conditional and condition is None:
+            condition = self.condition_states(self.null(x_t.shape[0]))
+        elif condition is not None and not self.conditional:
+            raise ValueError("this reverse transformer is unconditional: it takes no condition")
         if self.config.self_condition:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_prev is None else x0_prev], dim=-1)  # (B, [K,] 2D)
         if one_token:
@@ -78,7 +123,12 @@ class FoldedReverse(nn.Module):
         else:
             h = F.linear(x_t, self.in_weight) + self.step_bias.index_select(0, step)  # (B, K, d)
         x = self.blocks[0].ln_1(h)  # h: the residual stream; x: its normalized value, each block's input
-        for block, attention, next_norm in zip(self.blocks, self.attentions, self.following_norms):
-            h, x = self.add_norm(h, attention(x), block.ln_2)
+        for i, (block, attention, next_norm) in enumerate(zip(self.blocks, self.attentions, self.following_norms)):
+            if condition is None:
+                h, x = self.add_norm(h, attention(x), block.ln_2)
+            else:  # self-attention, then cross-attention to the condition, as ldlm.reverse.Block
+                h, x = self.add_norm(h, attention(x), block.ln_cross)
+                h, x = self.add_norm(h, self._cross_attend(block, x, condition.keys_values[i], condition.mask),
+                                     block.ln_2)
             h, x = self.add_norm(h, block.mlp(x), next_norm)
         return self.out_proj(x)  # (B, [K,] D)

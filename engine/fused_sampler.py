@@ -8,6 +8,12 @@ replays every step. Steps that draw no noise (DDPM's last, all of DDIM with eta 
 a second variant without the draw, so the generator advances exactly as in the reference samplers and
 fp32 results match them to rounding.
 
+A conditional model (cross-attention) reads its condition's keys and values from static buffers, projected
+once per run (ldlm.folded_reverse.ConditionStates); a guided run (weight w other than 0 and 1) denoises each
+item's conditional and null rows as one (2B)-row forward and combines them, x0 = x0_null + w (x0_cond -
+x0_null), with w a device scalar, so one captured graph serves every w. Condition lengths are bucketed to
+powers of two (masked padding), so a graph serves every source up to its bucket.
+
 Capture granularity is `chunk` steps per graph (1 = one step per graph): each run of steps alike in drawing
 noise is split into `chunk`-step pieces and one remainder piece, each replayed from a graph of its length, so
 no step runs eagerly between replays. The graphs of one batch shape share one memory pool (they never run
@@ -23,7 +29,8 @@ from itertools import groupby
 
 import torch
 
-from .folded_reverse import FoldedReverse
+from .folded_reverse import ConditionStates, FoldedReverse
+from .reverse import Condition
 from .samplers import ItemNoise
 from .step_tables import StepTables
 
@@ -46,8 +53,15 @@ class _Buffers:
     history: torch.Tensor  # (B, D) the previous step's clamped x0_hat, for a multistep solver (the kernel keeps it)
     noise_table: torch.Tensor | None = None  # (draws, B, D) per-item noise (ItemNoise), filled before each run
     draw_index: torch.Tensor | None = None  # (1,) int64 device counter: the table row the next draw reads
+    condition: ConditionStates | None = None  # a conditional model's static condition keys and values (2B rows guided)
+    guidance: torch.Tensor | None = None  # (1,) the guidance weight w of a guided run
     graphs: dict = field(default_factory=dict)  # (draws_noise, from_table, steps) -> CUDAGraph of that many steps
     pool: tuple | None = None  # the memory pool the graphs above share
+
+
+def condition_bucket(length: int) -> int:
+    """The static condition length a condition of `length` tokens runs at: the next power of two."""
+    return 1 << max(0, length - 1).bit_length()
 
 
 def loop_plan(draws: list[bool], chunk: int) -> list[tuple[bool, int]]:
@@ -91,12 +105,20 @@ class FusedSampler:
         self._rng = torch.Generator(device=self.device) if self.graphs else None
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
+    def _denoise(self, buf: _Buffers) -> torch.Tensor:
+        """This step's x0_hat (B, *latent): one branch, or a guided run's two as one (2B)-row forward."""
+        prev = buf.x0_prev if self.self_condition else None
+        if buf.guidance is None:
+            return self.denoiser(buf.x, buf.step, prev, buf.condition)
+        both = self.denoiser(torch.cat([buf.x, buf.x]), buf.step, None if prev is None else torch.cat([prev, prev]),
+                             buf.condition)
+        x0_cond, x0_null = both.split(buf.x.shape[0])
+        return x0_null + buf.guidance * (x0_cond - x0_null)  # as ldlm.guidance.guided_denoiser
+
     def _one_step(self, buf: _Buffers, generator: torch.Generator | None, draw: bool, from_table: bool) -> None:
+        x0_hat = self._denoise(buf).to(self.dtype)
         if self.self_condition:
-            x0_hat = self.denoiser(buf.x, buf.step, buf.x0_prev).to(self.dtype)
             buf.x0_prev.copy_(x0_hat)
-        else:
-            x0_hat = self.denoiser(buf.x, buf.step).to(self.dtype)
         if draw and from_table:  # per-item noise, pre-drawn into the table (static, so graphs replay it)
             buf.noise.copy_(buf.noise_table.index_select(0, buf.draw_index)[0])
             buf.draw_index.add_(1)
@@ -108,14 +130,48 @@ class FusedSampler:
                           history=buf.history if self.multistep else None, coef_prev=self.coef_prev)
         buf.step.add_(1)
 
-    def _buffers_for(self, shape: tuple[int, ...]) -> _Buffers:
-        key = tuple(shape)  # (B, D), or (B, K, D) latent tokens
+    def _buffers_for(self, shape: tuple[int, ...], guided: bool = False, condition_length: int = 0) -> _Buffers:
+        key = (tuple(shape), guided, condition_length)  # (B, D), or (B, K, D) latent tokens
         if key not in self._buffers:
-            x = torch.zeros(key, device=self.device, dtype=self.dtype)
+            x = torch.zeros(shape, device=self.device, dtype=self.dtype)
             counter = torch.zeros(1, dtype=torch.int64, device=self.device)
-            self._buffers[key] = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1),
-                                          torch.zeros_like(x), torch.zeros_like(x))
+            buf = _Buffers(x, torch.zeros_like(x), counter, torch.full_like(counter, -1), torch.zeros_like(x),
+                           torch.zeros_like(x))
+            if self.denoiser.conditional:
+                cfg = self.denoiser.config
+                rows, H = shape[0] * (2 if guided else 1), cfg.n_heads
+                head = (rows, H, condition_length, cfg.d_model // H)
+                buf.condition = ConditionStates(
+                    [(x.new_zeros(head), x.new_zeros(head)) for _ in range(cfg.n_layers)],
+                    torch.zeros(rows, 1, 1, condition_length, dtype=torch.bool, device=self.device))
+                buf.guidance = x.new_zeros(1) if guided else None
+            self._buffers[key] = buf
         return self._buffers[key]
+
+    def _condition_buffers(self, x_start: torch.Tensor, condition: Condition | None, guidance: float) -> _Buffers:
+        """The buffers of this run, holding its condition's keys and values (conditional models) and weight."""
+        if not self.denoiser.conditional:
+            if condition is not None:
+                raise ValueError("this reverse transformer is unconditional: it takes no condition")
+            return self._buffers_for(x_start.shape)
+        B = x_start.shape[0]
+        if condition is not None and condition.tokens.shape[0] != B:
+            raise ValueError(f"the condition has {condition.tokens.shape[0]} rows for {B} latents: give one each")
+        guided = condition is not None and guidance not in (0, 1)
+        if condition is None or guidance == 0:
+            condition = self.denoiser.null(B)
+        elif guided:  # each item's conditional rows, then its null rows
+            condition = Condition.cat([condition, self.denoiser.null(B)])
+        length = condition_bucket(condition.tokens.shape[1])
+        buf = self._buffers_for(x_start.shape, guided, length)
+        states = self.denoiser.condition_states(condition.padded(length))
+        for (k_buf, v_buf), (k, v) in zip(buf.condition.keys_values, states.keys_values):
+            k_buf.copy_(k)
+            v_buf.copy_(v)
+        buf.condition.mask.copy_(states.mask)
+        if guided:
+            buf.guidance.fill_(guidance)
+        return buf
 
     def _graph(self, buf: _Buffers, draw: bool, from_table: bool, steps: int) -> torch.cuda.CUDAGraph:
         """Capture `steps` steps (with or without the noise draw, from the generator or the table) once per
@@ -148,12 +204,14 @@ class FusedSampler:
         return buf.graphs[key]
 
     @torch.no_grad()
-    def __call__(self, x_start: torch.Tensor, generator: torch.Generator | ItemNoise | None = None) -> torch.Tensor:
+    def __call__(self, x_start: torch.Tensor, generator: torch.Generator | ItemNoise | None = None, *,
+                 condition: Condition | None = None, guidance: float = 1.0) -> torch.Tensor:
         """Denoise x_start (B, *latent_shape) through every step of the tables; returns a new tensor of its shape.
         With per-item noise (ItemNoise, batch jobs) every draw the run needs is taken from it up front into a
         device table that the steps (graphed or not) read in order: the same values the reference samplers draw
-        step by step."""
-        buf = self._buffers_for(x_start.shape)
+        step by step. A conditional model reads `condition` (B rows; None: the null condition) with classifier-
+        free guidance weight `guidance` (checked by the caller, ldlm.guidance.check_guidance)."""
+        buf = self._condition_buffers(x_start, condition, guidance)
         draws = self.draws
         from_table = isinstance(generator, ItemNoise)
         rng = None if from_table else generator

@@ -20,6 +20,7 @@ from .inputs import (check_count, check_positive_int, check_seed, check_strength
                      resolve_device)
 from .samplers import SAMPLERS, ItemNoise, resolve_sampling
 from .guidance import check_condition, check_guidance, encode_condition, guided_denoiser
+from .reverse import Condition
 from .schedule import NoiseSchedule, add_noise
 from .step_tables import sampler_tables
 
@@ -63,9 +64,13 @@ class Pipeline:
             self.encoder, self.decoder, self.reverse = components.encoder, components.decoder, components.reverse
             return
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
-        if self.config.condition is not None and self.backend in ENGINE_BACKENDS:
-            self.backend_reason += ("; a conditional model's sampling loop runs the reference samplers (the "
-                                    "engine's fused step does not read conditions yet); the decode is the engine's")
+        # the engine's folded step reads conditions by cross-attention; a joint-attention model's loop runs the
+        # reference samplers (its condition tokens pass through every block at every step)
+        self._engine_loop = self.config.condition is None or self.config.condition_attention == "cross"
+        if not self._engine_loop and self.backend in ENGINE_BACKENDS:
+            self.backend_reason += ("; this model reads its condition by joint attention, so its sampling loop runs "
+                                    "the reference samplers (the engine's folded step reads cross-attention "
+                                    "conditions); the decode is the engine's")
         if self.dtype != torch.float32 and self.backend == "reference":
             raise ValueError(f"the reference backend runs in float32 only; use backend='fused' or 'cuda-graph' "
                              f"for {self.dtype}")
@@ -120,7 +125,7 @@ class Pipeline:
     def _run_sampler(self, x: torch.Tensor, *, sampler: str, steps: int | None, eta: float,
                      generator: torch.Generator | ItemNoise, start_t: int | None, progress: bool,
                      condition=None, guidance: float = 1.0) -> torch.Tensor:
-        if self.backend in ENGINE_BACKENDS and self.config.condition is None:
+        if self.backend in ENGINE_BACKENDS and self._engine_loop:
             # graphs are captured per batch bucket: pad, then drop the padding. The padded draw gives the real
             # rows the reference's noise: torch's CUDA Philox keys each element's value to its flat index and
             # advances the offset by the same amount for any tensor under ~1M elements (tests/test_gpu.py
@@ -129,8 +134,11 @@ class Pipeline:
             if self.backend == "cuda-graph":
                 bucket = batch_bucket(n, max(256, n))
                 x = torch.cat([x, x.new_zeros(bucket - n, *x.shape[1:])])
+                if condition is not None:  # padding rows read the null condition
+                    condition = Condition.cat([condition, self.reverse.null(bucket - n)])
             with self._engine_lock:  # the result is a copy, free of the static buffers once returned
-                return self._fused_sampler(sampler, steps, eta, start_t)(x, generator)[:n].float()
+                run = self._fused_sampler(sampler, steps, eta, start_t)
+                return run(x, generator, condition=condition, guidance=guidance)[:n].float()
         extra = {"eta": eta} if sampler == "ddim" else {}
         return SAMPLERS[sampler](guided_denoiser(self.reverse, condition, guidance), x, self.schedule, steps=steps,
                                  generator=generator, disable=not progress, start_t=start_t, **extra)

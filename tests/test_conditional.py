@@ -168,15 +168,6 @@ def test_the_checkpoint_records_its_condition_and_old_ones_still_load(label_chec
                                ldlm.load(tiny_checkpoint).sample_latents(2, sampler="ddim", steps=4, progress=False))
 
 
-def test_the_engine_backend_samples_a_conditional_model_as_the_reference(text_checkpoint):
-    reference, fused = ldlm.load(text_checkpoint), ldlm.load(text_checkpoint, backend="fused")
-    assert "reference samplers" in fused.backend_reason
-    kwargs = {"sources": ["about cat", "about sun"], "sampler": "ddim", "steps": 5, "seed": 3, "progress": False}
-    torch.testing.assert_close(fused.sample_latents(2, **kwargs), reference.sample_latents(2, **kwargs), rtol=0,
-                               atol=0)
-    assert fused.generate_from(**kwargs) == reference.generate_from(**kwargs)
-
-
 def test_cli_trains_and_generates_from_labels_and_sources(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "topic": lab, "src": s}) + "\n"
