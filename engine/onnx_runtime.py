@@ -19,7 +19,8 @@ from .backends import BackendUnavailable
 from .checkpoint import Components
 from .config import ModelConfig
 from .decoder import load_tokenizer
-from .encoder import encode_texts
+from .encoder import encode_texts, for_each_batch
+from .reverse import Condition
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -151,6 +152,7 @@ class OnnxEncoder:
 
     def __init__(self, graph: Graph, tokenizer, max_tokens: int, latent_shape: tuple[int, ...], device: torch.device):
         self.graph, self.tokenizer, self.max_tokens, self.latent_shape = graph, tokenizer, max_tokens, latent_shape
+        self.hidden_size = latent_shape[-1]  # the encoder's width: the latent is its (pooled) hidden states
         self.device = device
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -163,20 +165,70 @@ class OnnxEncoder:
         return encode_texts(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, latent_shape=self.latent_shape,
                             pooled=self._pooled, device=self.device, batch_size=batch_size)
 
+    @torch.no_grad()
+    def token_states(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """texts -> each text's last hidden states over its real tokens, (L_i, D) float32 on the CPU, as
+        LatentEncoder.token_states: a text-conditioned model's sources."""
+        if "token_states" not in self.graph.shapes:
+            raise ValueError(f"{self.graph.path.name} returns no token states: this export's model is not "
+                             "conditioned on a source text")
+        states: list[torch.Tensor | None] = [None] * len(texts)
+
+        def keep(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
+            B, L = input_ids.shape
+            latent = torch.empty(B, *self.latent_shape, device=self.device)
+            hidden = torch.empty(B, L, self.hidden_size, device=self.device)
+            self.graph.run({"input_ids": input_ids, "attention_mask": attention_mask},
+                           {"latent": latent, "token_states": hidden})
+            hidden = hidden.cpu()
+            for row, i in enumerate(idx):
+                states[i] = hidden[row, : int(attention_mask[row].sum())].clone()
+
+        for_each_batch(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, run=keep, device=self.device,
+                       batch_size=batch_size)
+        return states
+
 
 class OnnxReverse:
-    """The reverse transformer graph as a denoiser: (x_t (B, D), t (B,)[, x0_prev]) -> x0_hat (B, D)."""
+    """The reverse transformer graph as a denoiser: (x_t (B, D), t (B,)[, x0_prev][, condition]) -> x0_hat
+    (B, D); for a conditional model also what ldlm.guidance reads of a ReverseTransformer: embed_condition
+    (the condition graph) and null (the manifest's learned null condition)."""
 
-    def __init__(self, graph: Graph, config: ModelConfig):
+    def __init__(self, graph: Graph, config: ModelConfig, condition_graph: Graph | None = None,
+                 null_condition: torch.Tensor | None = None):
         self.graph, self.config = graph, config
+        self.condition_graph, self.null_condition = condition_graph, null_condition  # (1, d_model) float32
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
+                 condition: Condition | None = None) -> torch.Tensor:
         inputs = {"x_t": x_t.float(), "t": t.float()}
         if self.config.self_condition:
             inputs["x0_prev"] = torch.zeros_like(inputs["x_t"]) if x0_prev is None else x0_prev.float()
+        if self.config.condition is not None:
+            condition = condition if condition is not None else self.null(x_t.shape[0])
+            inputs["condition_tokens"] = condition.tokens.float()
+            inputs["condition_mask"] = condition.mask.long()
+        elif condition is not None:
+            raise ValueError("this reverse transformer is unconditional: it takes no condition")
         out = torch.empty_like(inputs["x_t"])
         self.graph.run(inputs, {"x0_hat": out})
         return out
+
+    def embed_condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
+        """As ReverseTransformer.embed_condition: label ids (B,), or token states (B, L, D) with their mask."""
+        if self.condition_graph is None:
+            raise ValueError("this reverse transformer is unconditional: it takes no condition")
+        label = self.config.condition == "label"
+        length = 1 if label else states.shape[1]
+        tokens = torch.empty(states.shape[0], length, self.config.d_model, device=states.device)
+        self.condition_graph.run({"states": states.long() if label else states.float()}, {"condition_tokens": tokens})
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=states.device)
+        return Condition(tokens, mask.bool())
+
+    def null(self, batch: int) -> Condition:
+        token = self.null_condition[None].expand(batch, -1, -1)  # (B, 1, d_model)
+        return Condition(token, torch.ones(batch, 1, dtype=torch.bool, device=token.device))
 
 
 class OnnxCache:
@@ -282,6 +334,33 @@ def _check_sizes(encoder: OnnxEncoder, reverse: OnnxReverse, decoder: OnnxDecode
                                                    s["head_dim"]], "decoder sizes")
     decoder.step_graph.expect_shape("logits", ["batch", s["vocab_size"]], "decoder vocab_size")
     decoder.step_graph.expect_shape("new_kv", [s["n_layer"], 2, "batch", s["n_head"], s["head_dim"]], "decoder sizes")
+    if config.condition is not None:
+        reverse.graph.expect_shape("condition_tokens", ["batch", "length", config.d_model], "model config")
+        length = 1 if config.condition == "label" else "length"
+        reverse.condition_graph.expect_shape("condition_tokens", ["batch", length, config.d_model], "model config")
+    if config.condition == "text":
+        encoder.graph.expect_shape("token_states", ["batch", "length", encoder.hidden_size], "model config")
+
+
+def _condition_parts(directory: Path, manifest: dict, specs: dict, config: ModelConfig, graph,
+                     device: torch.device) -> tuple[Graph | None, torch.Tensor | None]:
+    """A conditional model's condition graph and null condition (1, d_model); (None, None) for another."""
+    from ldlm.export.manifest import ExportError
+
+    if config.condition is None:
+        return None, None
+    if "condition" not in specs or "null_condition" not in manifest:
+        raise ExportError(f"{directory} holds a {config.condition}-conditioned model but no condition graph or null "
+                          "condition: export the checkpoint again with `ldlm export`")
+    try:
+        null = torch.tensor(manifest["null_condition"], dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{directory / 'manifest.json'} has a malformed null_condition ({e}): re-run "
+                          "`ldlm export`") from e
+    if tuple(null.shape) != (1, config.d_model):
+        raise ExportError(f"{directory / 'manifest.json'}: null_condition must be (1, {config.d_model}), not "
+                          f"{tuple(null.shape)}: re-run `ldlm export`")
+    return graph("condition"), null.to(device)
 
 
 def load_onnx_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -322,7 +401,8 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
     decoder = OnnxDecoder(graph("decoder_prefill"), graph("decoder_step"),
                           load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
                           device)
-    reverse = OnnxReverse(graph("reverse"), config)
+    reverse = OnnxReverse(graph("reverse"), config, *_condition_parts(directory, manifest, specs, config, graph,
+                                                                    device))
     _check_sizes(encoder, reverse, decoder, config)
     stats = manifest["latent_stats"]
     try:

@@ -1,4 +1,5 @@
-"""The four exported graphs as small modules with plain-tensor inputs and outputs.
+"""The exported graphs as small modules with plain-tensor inputs and outputs: encoder, reverse transformer,
+decoder prefill and step, and for a conditional model the condition embedding.
 
 The prefill's cache comes out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at
 index 0 and values at 1; the step graph reads a static cache, one key and one value tensor per layer, and
@@ -17,7 +18,7 @@ from torch import nn
 
 from ldlm.decoder import LatentDecoder
 from ldlm.encoder import LatentEncoder, masked_mean
-from ldlm.reverse import ReverseTransformer
+from ldlm.reverse import Condition, ReverseTransformer
 from ldlm.static_gpt2 import check_supported
 
 
@@ -27,32 +28,54 @@ def _dtype(module: nn.Module) -> torch.dtype:
 
 class EncoderGraph(nn.Module):
     """(input_ids (B, L) int64, attention_mask (B, L) int64) -> latent (B, *latent_shape) float32: the masked
-    mean (B, D), or the resampler's K latent tokens (B, K, D)."""
+    mean (B, D), or the resampler's K latent tokens (B, K, D); with token_states (a text-conditioned model,
+    whose sources it also encodes), also the last hidden states (B, L, D) float32."""
 
-    def __init__(self, encoder: LatentEncoder):
+    def __init__(self, encoder: LatentEncoder, token_states: bool = False):
         super().__init__()
         self.model = encoder.model
         self.resampler = encoder.resampler
+        self.token_states = token_states
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
         if self.resampler is None:
-            return masked_mean(hidden.float(), attention_mask)
-        return self.resampler(hidden, attention_mask).float()
+            latent = masked_mean(hidden.float(), attention_mask)
+        else:
+            latent = self.resampler(hidden, attention_mask).float()
+        return (latent, hidden.float()) if self.token_states else latent
 
 
 class ReverseGraph(nn.Module):
-    """(x_t (B, *latent_shape), t (B,) float32 [, x0_prev like x_t]) -> x0_hat like x_t, float32."""
+    """(x_t (B, *latent_shape), t (B,) float32 [, x0_prev like x_t] [, condition_tokens (B, L, d_model) float32,
+    condition_mask (B, L) int64: a conditional model's Condition]) -> x0_hat like x_t, float32."""
 
     def __init__(self, reverse: ReverseTransformer):
         super().__init__()
         self.reverse = reverse
         self.self_condition = reverse.config.self_condition
+        self.conditional = reverse.config.condition is not None
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         dtype = _dtype(self.reverse)
-        prev = x0_prev.to(dtype) if self.self_condition else None
-        return self.reverse(x_t.to(dtype), t, prev).float()
+        prev = extra[0].to(dtype) if self.self_condition else None
+        condition = None
+        if self.conditional:
+            tokens, mask = extra[-2:]
+            condition = Condition(tokens.to(dtype), mask.bool())
+        return self.reverse(x_t.to(dtype), t, prev, condition).float()
+
+
+class ConditionGraph(nn.Module):
+    """A conditional model's condition embedding: a text's encoder token states (B, L, D) float32, or label ids
+    (B,) int64 -> condition tokens (B, L or 1, d_model) float32 (the mask is the caller's: all ones for labels)."""
+
+    def __init__(self, reverse: ReverseTransformer):
+        super().__init__()
+        self.reverse = reverse
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.reverse.embed_condition(states).tokens.float()
 
 
 class _GPT2Graph(nn.Module):

@@ -1,4 +1,9 @@
-"""`ldlm export`: a checkpoint -> four ONNX graphs (fp32, fp16 and an int8 reverse transformer) + a manifest.
+"""`ldlm export`: a checkpoint -> its ONNX graphs (fp32, fp16 and an int8 reverse transformer) + a manifest.
+
+The graphs: encoder, reverse transformer, decoder prefill and step; a conditional model adds its condition
+embedding ("condition"), its reverse graph takes the condition's tokens and mask, a text-conditioned model's
+encoder graph also returns the token states its sources are read from, and the manifest holds the learned
+null condition (classifier-free guidance's unconditional branch).
 
 Exporter: torch's dynamo-based `torch.onnx.export(..., dynamo=True)` (torch.export, then onnxscript), torch's
 default since 2.9 and the path the TorchScript exporter's deprecation points to. It exports every graph here
@@ -27,7 +32,7 @@ from torch import nn
 from ldlm import __version__
 from ldlm.checkpoint import Components, load_checkpoint
 
-from .graphs import DecoderPrefillGraph, DecoderStepGraph, EncoderGraph, ReverseGraph
+from .graphs import ConditionGraph, DecoderPrefillGraph, DecoderStepGraph, EncoderGraph, ReverseGraph
 from .manifest import GRAPHS, is_export, write_manifest
 
 OPSET = 18  # LayerNormalization needs 17; 18 is the newest opset ONNX Runtime's CPU and CUDA kernels fully cover
@@ -40,7 +45,7 @@ class GraphSpec:
 
     build: Callable[[Components], nn.Module]
     inputs: Callable[[Components], dict[str, torch.Tensor]]  # example inputs by name, in forward's order
-    outputs: tuple[str, ...]
+    outputs: Callable[[Components], tuple[str, ...]]
     dynamic: Callable[[Components], dict[str, dict[int, object]]]  # input name -> {axis: torch.export.Dim}
 
 
@@ -63,7 +68,16 @@ def _reverse_inputs(c: Components) -> dict[str, torch.Tensor]:
     inputs = {"x_t": torch.randn(2, *c.config.latent_shape), "t": torch.tensor([3.0, 700.0])}
     if c.config.self_condition:
         inputs["x0_prev"] = torch.randn(2, *c.config.latent_shape)
+    if c.config.condition is not None:  # three condition tokens, the second row's last one padding
+        inputs["condition_tokens"] = torch.randn(2, 3, c.config.d_model)
+        inputs["condition_mask"] = torch.tensor([[1, 1, 1], [1, 1, 0]])
     return inputs
+
+
+def _condition_inputs(c: Components) -> dict[str, torch.Tensor]:
+    if c.config.condition == "label":
+        return {"states": torch.tensor([0, len(c.config.labels) - 1])}
+    return {"states": torch.randn(2, 3, c.config.latent_dim)}
 
 
 def _step_inputs(c: Components) -> dict[str, torch.Tensor]:
@@ -90,20 +104,42 @@ def _step_dynamic(c: Components) -> dict[str, dict[int, object]]:
 
 
 def _reverse_dynamic(c: Components):
-    batch, _, _ = _dims()
-    return {"x_t": {0: batch}, "t": {0: batch}, "x0_prev": {0: batch}}
+    batch, length, _ = _dims()
+    return {"x_t": {0: batch}, "t": {0: batch}, "x0_prev": {0: batch}, "condition_tokens": {0: batch, 1: length},
+            "condition_mask": {0: batch, 1: length}}
+
+
+def _encoder_dynamic(c: Components):
+    batch, length, _ = _dims()
+    return {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
+
+
+def _condition_dynamic(c: Components):
+    batch, length, _ = _dims()
+    return {"states": {0: batch} if c.config.condition == "label" else {0: batch, 1: length}}
+
+
+def _reads_sources(c: Components) -> bool:
+    return c.config.condition == "text"
 
 
 SPECS: dict[str, GraphSpec] = {
-    "encoder": GraphSpec(lambda c: EncoderGraph(c.encoder), _encoder_inputs, ("latent",),
-                         lambda c: (lambda b, n, _: {"input_ids": {0: b, 1: n}, "attention_mask": {0: b, 1: n}})(*_dims())),
-    "reverse": GraphSpec(lambda c: ReverseGraph(c.reverse), _reverse_inputs, ("x0_hat",), _reverse_dynamic),
+    "encoder": GraphSpec(lambda c: EncoderGraph(c.encoder, token_states=_reads_sources(c)), _encoder_inputs,
+                         lambda c: ("latent", "token_states") if _reads_sources(c) else ("latent",), _encoder_dynamic),
+    "reverse": GraphSpec(lambda c: ReverseGraph(c.reverse), _reverse_inputs, lambda c: ("x0_hat",), _reverse_dynamic),
     "decoder_prefill": GraphSpec(lambda c: DecoderPrefillGraph(c.decoder),
-                                 lambda c: {"latent": torch.randn(2, *c.config.latent_shape)}, ("logits", "present"),
-                                 lambda c: {"latent": {0: _dims()[0]}}),
-    "decoder_step": GraphSpec(lambda c: DecoderStepGraph(c.decoder), _step_inputs, ("logits", "new_kv"),
+                                 lambda c: {"latent": torch.randn(2, *c.config.latent_shape)},
+                                 lambda c: ("logits", "present"), lambda c: {"latent": {0: _dims()[0]}}),
+    "decoder_step": GraphSpec(lambda c: DecoderStepGraph(c.decoder), _step_inputs, lambda c: ("logits", "new_kv"),
                               _step_dynamic),
+    "condition": GraphSpec(lambda c: ConditionGraph(c.reverse), _condition_inputs, lambda c: ("condition_tokens",),
+                           _condition_dynamic),
 }
+
+
+def graph_names(c: Components) -> tuple[str, ...]:
+    """The graphs an export of `c` holds."""
+    return GRAPHS + (("condition",) if c.config.condition is not None else ())
 
 
 def _in_dtype(components: Components, dtype: torch.dtype) -> Components:
@@ -155,13 +191,13 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
     inputs = spec.inputs(components)
     dynamic = [spec.dynamic(components).get(k) for k in inputs]  # positional, as the inputs are passed
     params = inspect.signature(module.forward).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # torch.export nests *args in one tuple
-        fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
-        dynamic = [*dynamic[:fixed], tuple(dynamic[fixed:])]
+    fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) and len(dynamic) > fixed:
+        dynamic = [*dynamic[:fixed], tuple(dynamic[fixed:])]  # torch.export nests *args in one tuple
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
-                          output_names=list(spec.outputs), dynamic_shapes=tuple(dynamic), opset_version=opset,
-                          dynamo=True, verbose=False)
+                          output_names=list(spec.outputs(components)), dynamic_shapes=tuple(dynamic),
+                          opset_version=opset, dynamo=True, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     data = path.with_name(path.name + ".data")  # the exporter moves large weights into an external data file
     return {"file": path.name, **({"external_data": data.name} if data.is_file() else {}), **_io(path)}
@@ -222,10 +258,6 @@ def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, v
     if unknown or "float32" not in variants:
         raise ValueError(f"variants must include float32 and come from {list(VARIANTS)}, got {list(variants)}")
     components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
-    if components.config.condition is not None:
-        raise ValueError(f"a {components.config.condition}-conditioned model cannot be exported to ONNX yet (its "
-                         "reverse graph would take the condition as an input): run it with backend reference, "
-                         "fused or cuda-graph")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # beside it, so the last step is a rename
     shutil.rmtree(staging, ignore_errors=True)  # left by an export of this process id that was killed
@@ -250,7 +282,7 @@ def _write_export(components: Components, out: Path, *, variants, int8: bool, op
     for variant in variants:
         converted = _in_dtype(components, getattr(torch, variant))
         graphs[variant] = {}
-        for name in GRAPHS:
+        for name in graph_names(components):
             path = out / f"{name}{VARIANTS[variant]}.onnx"
             graphs[variant][name] = export_graph(converted, name, path, opset)
             size = sum(p.stat().st_size for p in out.glob(f"{path.name}*"))
@@ -272,4 +304,6 @@ def _write_export(components: Components, out: Path, *, variants, int8: bool, op
                     "n_layer": gpt2.n_layer, "n_head": gpt2.n_head, "head_dim": gpt2.n_embd // gpt2.n_head,
                     "vocab_size": gpt2.vocab_size, "n_positions": gpt2.n_positions},
         "graphs": graphs,
+        **({"null_condition": components.reverse.null_condition.detach().float().tolist()}
+           if components.config.condition is not None else {}),
     })

@@ -147,10 +147,6 @@ def test_conditional_calls_on_other_models_are_refused(text_checkpoint, tiny_pip
         pipe.generate_from(["about cat", "  "], progress=False)
     with pytest.raises(ValueError, match="conditioned on a source text: pass sources"):
         pipe.generate_from(labels=["animal"], progress=False)
-    with pytest.raises(ValueError, match="cannot be exported to ONNX yet"):
-        from ldlm.export.onnx_export import export_checkpoint
-
-        export_checkpoint(text_checkpoint, text_checkpoint.parent / "onnx", log=lambda *_: None)
 
 
 def test_the_checkpoint_records_its_condition_and_old_ones_still_load(label_checkpoint, tiny_checkpoint, tmp_path):

@@ -140,7 +140,8 @@ def test_the_engine_backends_generate_from_sources_as_the_reference(text_checkpo
 def test_a_joint_attention_model_loops_on_the_reference_samplers(tmp_path):
     out = tmp_path / "joint"
     train_conditional(out, "text", attention="joint")
-    reference, fused = ldlm.load(out, device=DEVICE, backend="reference"), ldlm.load(out, device=DEVICE, backend="fused")
+    reference = ldlm.load(out, device=DEVICE, backend="reference")
+    fused = ldlm.load(out, device=DEVICE, backend="fused")
     assert "joint attention" in fused.backend_reason
     kwargs = {"sources": ["about cat", "about sun"], "sampler": "ddim", "steps": 5, "seed": 3, "progress": False}
     torch.testing.assert_close(fused.sample_latents(2, **kwargs), reference.sample_latents(2, **kwargs), rtol=0,

@@ -1,0 +1,91 @@
+"""A conditional model exported to ONNX (issue 18): the reverse graph takes the condition's tokens and mask, a
+condition graph embeds sources' token states (which the encoder graph also returns) or labels, the manifest
+holds the null condition; the onnx backend then generates from sources and labels as the reference does
+(fp32 latents within 1e-5, identical text), guided or not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")  # installed by .ci/run
+
+import ldlm
+from ldlm.export.manifest import ExportError
+from ldlm.export.onnx_export import export_checkpoint
+
+from .test_conditional import label_checkpoint, text_checkpoint  # noqa: F401 (fixtures)
+from .test_onnx import rel_err
+
+
+@pytest.fixture(scope="module")
+def text_export(text_checkpoint, tmp_path_factory):  # noqa: F811
+    return export_checkpoint(text_checkpoint, tmp_path_factory.mktemp("text") / "onnx", variants=("float32",),
+                             int8=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def label_export(label_checkpoint, tmp_path_factory):  # noqa: F811
+    return export_checkpoint(label_checkpoint, tmp_path_factory.mktemp("label") / "onnx",
+                             log=lambda *_: None)  # every variant: fp32, fp16, int8 reverse
+
+
+def test_the_export_holds_the_condition_graph_and_the_null_condition(text_export):
+    manifest = json.loads((text_export / "manifest.json").read_text())
+    graphs = manifest["graphs"]["float32"]
+    assert set(graphs) == {"encoder", "reverse", "decoder_prefill", "decoder_step", "condition"}
+    assert [o["name"] for o in graphs["encoder"]["outputs"]] == ["latent", "token_states"]
+    assert [i["name"] for i in graphs["reverse"]["inputs"]] == ["x_t", "t", "condition_tokens", "condition_mask"]
+    assert len(manifest["null_condition"]) == 1 and len(manifest["null_condition"][0]) == manifest["model"]["d_model"]
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 2.5])
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 6), ("dpm++2m", 5)])
+def test_onnx_generates_from_sources_as_the_reference(text_checkpoint, text_export, sampler, steps,  # noqa: F811
+                                                      guidance):
+    reference, onnx = ldlm.load(text_checkpoint), ldlm.load(text_export)
+    kwargs = {"sources": ["about cat", "about the sun and the rain"], "sampler": sampler, "steps": steps,
+              "seed": 3, "guidance": guidance, "progress": False}
+    expected, got = reference.sample_latents(2, **kwargs), onnx.sample_latents(2, **kwargs)
+    assert rel_err(got, expected) < 1e-5
+    assert onnx.generate_from(**kwargs) == reference.generate_from(**kwargs)
+
+
+def test_onnx_generates_from_labels_and_varies_as_the_reference(label_checkpoint, label_export):  # noqa: F811
+    reference, onnx = ldlm.load(label_checkpoint), ldlm.load(label_export)
+    kwargs = {"labels": ["other", "animal", "other"], "sampler": "ddim", "steps": 5, "guidance": 3.0,
+              "progress": False}
+    assert rel_err(onnx.sample_latents(3, **kwargs), reference.sample_latents(3, **kwargs)) < 1e-5
+    assert onnx.generate_from(**kwargs) == reference.generate_from(**kwargs)
+    texts = ["the cat sat on the mat.", "a bird flew."]
+    assert onnx.vary(texts, 0.5, labels=["other", "animal"], seed=1, progress=False) == \
+        reference.vary(texts, 0.5, labels=["other", "animal"], seed=1, progress=False)
+    with pytest.raises(ValueError, match="not one of this model's labels"):
+        onnx.generate_from(labels=["plant"], progress=False)
+
+
+def test_the_fp16_and_int8_graphs_of_a_conditional_model(label_checkpoint, label_export):  # noqa: F811
+    from ldlm.onnx_runtime import OnnxOptions
+
+    kwargs = {"labels": ["other", "animal"], "sampler": "ddim", "steps": 5, "guidance": 2.0, "progress": False}
+    expected = ldlm.load(label_checkpoint).sample_latents(2, **kwargs)
+    assert rel_err(ldlm.load(label_export, dtype="float16").sample_latents(2, **kwargs), expected) < 2e-2
+    int8 = ldlm.load(label_export, onnx_options=OnnxOptions(int8_reverse=True)).sample_latents(2, **kwargs)
+    assert 0 < rel_err(int8, expected) < 0.1  # quantized: not equal, but near
+
+
+def test_an_export_without_its_null_condition_is_refused(label_export, tmp_path):
+    import shutil
+
+    from ldlm.export.manifest import write_manifest
+
+    broken = tmp_path / "broken"
+    shutil.copytree(label_export, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["null_condition"], manifest["files"]
+    (broken / "manifest.json").unlink()
+    write_manifest(broken, {k: v for k, v in manifest.items() if k not in ("format", "format_version")})
+    with pytest.raises(ExportError, match="no condition graph or null condition"):
+        ldlm.load(broken)
