@@ -3,11 +3,22 @@
     import ldlm
     pipe = ldlm.load("runs/e2e")
     pipe.generate(4, sampler="ddim", steps=50, seed=0)
+
+`import ldlm` is cheap: torch and transformers are imported when a model is first loaded (ldlm.load, or any
+module that needs them), so `ldlm --help` and programs that only read configs start at once.
 """
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, ModelConfig  # noqa: E402
-from .pipeline import Pipeline, load  # noqa: E402
+from .config import PRESETS, ModelConfig  # noqa: E402  (no torch)
 
 __all__ = ["ModelConfig", "PRESETS", "Pipeline", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    """ldlm.Pipeline and ldlm.load, imported on first use (PEP 562)."""
+    if name in ("Pipeline", "load"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ldlm' has no attribute {name!r}")

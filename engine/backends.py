@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a backend is resolved, so that the CLI's parser needs none
+    import torch
 
 BACKENDS = ("auto", "reference", "fused", "cuda-graph", "onnx")
 ENGINE_BACKENDS = ("fused", "cuda-graph")  # the Triton/CUDA-graph engine (ldlm.fused_sampler, static beam search)
@@ -51,6 +53,8 @@ def resolve_backend(name: str, device: torch.device, export: bool = False) -> tu
     if name in ("fused", "cuda-graph") and not triton_available():
         raise BackendUnavailable(f"backend {name!r} needs triton: pip install triton, or use backend='reference'")
     if name == "cuda-graph" and device.type != "cuda":
+        import torch
+
         why = "torch.cuda.is_available() is False" if not torch.cuda.is_available() else f"device is {device}"
         raise BackendUnavailable(f"backend 'cuda-graph' needs a CUDA device ({why}): pass device='cuda', "
                            "or use backend='reference' or 'fused'")

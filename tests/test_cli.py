@@ -152,3 +152,30 @@ def test_baseline_lengths_follow_the_options(capsys, tmp_path, data_file):
     samples = (tmp_path / "s.txt").read_text().splitlines()
     assert code == 0 and samples == sample_language_model(out, 4, seed=0, max_new_tokens=3)
     assert samples != sample_language_model(out, 4, seed=0, max_new_tokens=64)
+
+
+HEAVY = ("torch", "transformers", "tokenizers", "numpy")
+
+
+@pytest.mark.parametrize("code", [
+    "import ldlm",  # the package and its config, without the model stack
+    "from ldlm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0",
+    "from ldlm.cli import main\ntry:\n    main(['generate', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0",
+    "from ldlm.cli import main\ntry:\n    main(['generate'])\nexcept SystemExit as e:\n    assert e.code == 2",  # usage error
+])
+def test_help_usage_errors_and_import_start_without_the_model_stack(code):
+    import sys
+
+    check = f"{code}\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_lazy_package_attributes_load_the_pipeline():
+    import ldlm
+    from ldlm import load
+
+    assert load is ldlm.load and ldlm.Pipeline.__name__ == "Pipeline"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ldlm.nothing  # noqa: B018
