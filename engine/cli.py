@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="batch job: JSONL written in input order, flushed batch by batch")
     p.add_argument("--resume", action="store_true", help="batch job: skip the ids --output already holds (same settings)")
     p.add_argument("--batch-size", type=int, default=64, help="batch job: items per batch (default 64; halved on OOM)")
-    p.add_argument("--ray", action="store_true", help="batch job: run on Ray, one pipeline actor per GPU or CPU worker")
+    p.add_argument("--ray", action="store_true",
+                   help="run as a batch job on Ray, one pipeline actor per GPU or CPU worker (without --output: "
+                        "the records printed in order)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--ray-workers", type=int, default=None, help="pipeline actors (default: GPUs, else CPUs / 2)")
     p.add_argument("--decoding", choices=["beam", "nucleus"], default=None,
@@ -356,7 +358,9 @@ def cmd_generate(args) -> None:
         if conditions:
             raise ValueError("a batch job reads its sources or labels from --input lines ({\"id\": ..., \"source\": "
                              "...}): drop --source/--label")
-        return _run_generate_job(args)
+        return _run_generate_job(args, args.input, args.output)
+    if args.ray:
+        return _print_ray_job(args, conditions)
     pipe = _load(args)
     sampler, steps = pipe.sampling(args.sampler, args.steps)
     common = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta, num_beams=args.num_beams,
@@ -378,12 +382,37 @@ def cmd_generate(args) -> None:
             print(text)
 
 
-def _run_generate_job(args) -> None:
+def _print_ray_job(args, conditions: tuple[str, list[str]] | None) -> None:
+    """`--ray` without --output: the request as a batch job on Ray (each item seeded from --seed and its id, as
+    in any batch job), its records printed in input order."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job_input, job_output = None, Path(tmp) / "output.jsonl"  # unconditional: ids 0..N-1, as a job's -n N
+        if conditions is not None:
+            kind, given = conditions
+            field = "source" if kind == "sources" else "label"
+            per = 1 if args.num_samples is None else args.num_samples
+            job_input = Path(tmp) / "input.jsonl"
+            job_input.write_text("".join(json.dumps({"id": i, field: c}, ensure_ascii=False) + "\n" for i, c in
+                                         enumerate(c for c in given for _ in range(per))), encoding="utf-8")
+        _run_generate_job(args, job_input, job_output, report=False)
+        records = [json.loads(line) for line in job_output.read_text(encoding="utf-8").splitlines()]
+    for record in sorted(records, key=lambda r: r["id"]):
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False))
+        elif "error" in record:
+            print(f"ldlm generate: item {record['id']}: error: {record['error']}", file=sys.stderr)
+        else:
+            print(record["text"])
+
+
+def _run_generate_job(args, input_path, output_path, report: bool = True) -> None:
     import logging
 
     from .jobs import JobSettings, model_fingerprint, read_input_file, run_job, unconditional_items
 
-    if not args.output:
+    if not output_path:
         raise ValueError("--input needs --output FILE (the job's JSONL results)")
     if args.top_p is not None or args.decoding == "nucleus":
         raise ValueError("batch jobs decode by beam search: drop --decoding nucleus / --top-p")
@@ -393,22 +422,23 @@ def _run_generate_job(args) -> None:
     settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
                            eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed,
                            guidance=args.guidance)
-    if args.input:
-        items = read_input_file(args.input, args.seed, output=args.output)
+    if input_path:
+        items = read_input_file(input_path, args.seed, output=output_path)
     else:
         items = unconditional_items(8 if args.num_samples is None else args.num_samples, args.seed)
     if args.ray:
         from .ray_jobs import run_job_on_ray
 
         load_kwargs = {"backend": args.backend, "dtype": args.dtype, "onnx_options": _onnx_options(args)}
-        counts = run_job_on_ray(args.checkpoint, items, args.output, settings, load_kwargs=load_kwargs,
+        counts = run_job_on_ray(args.checkpoint, items, output_path, settings, load_kwargs=load_kwargs,
                                 batch_size=args.batch_size, resume=args.resume, workers=args.ray_workers,
                                 address=args.ray_address, progress=not args.no_progress)
     else:
-        counts = run_job(_load(args), items, args.output, settings, batch_size=args.batch_size, resume=args.resume,
+        counts = run_job(_load(args), items, output_path, settings, batch_size=args.batch_size, resume=args.resume,
                          progress=not args.no_progress)
-    print(f"{args.output}: {counts['written']} written, {counts['errors']} bad lines reported, "
-          f"{counts['skipped']} already done", file=sys.stderr)
+    if report:
+        print(f"{output_path}: {counts['written']} written, {counts['errors']} bad lines reported, "
+              f"{counts['skipped']} already done", file=sys.stderr)
 
 
 def cmd_reconstruct(args) -> None:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +38,7 @@ from .encoder import token_lengths
 from .guidance import check_condition, check_guidance
 from .inputs import MAX_SEED, check_strength, lone_surrogate, read_user_file
 from .model_files import folder_files
+from .samplers import resolve_sampling
 
 log = logging.getLogger("ldlm.jobs")
 MODES = ("reconstruct", "vary")
@@ -65,6 +67,13 @@ class JobSettings:
 
     def public(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+def resolved_settings(settings: JobSettings, config) -> JobSettings:
+    """The settings with the sampler and steps that will run (the checkpoint's defaults filled in, so the output
+    records what ran); settings that cannot run fail here, before any work."""
+    sampler, steps = resolve_sampling(config, settings.sampler, settings.steps, settings.eta)
+    return dataclasses.replace(settings, sampler=sampler, steps=steps)
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -530,7 +539,7 @@ def _one_at_a_time(pipe, chunk: list[Item], settings: JobSettings, first: Except
 def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, *, batch_size: int = 64,
             resume: bool = False, progress: bool = True) -> dict:
     """Run `items` through `pipe`, appending their records to `output` in input order. Returns counts."""
-    pipe.sampling(settings.sampler, settings.steps, settings.eta)  # settings that cannot run fail before any work
+    settings = resolved_settings(settings, pipe.config)
     with JobOutput(output, settings, resume) as out:
         todo = out.pending(items)
         mark_bad_conditions(pipe.config, todo)

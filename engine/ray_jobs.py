@@ -20,10 +20,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .backends import BackendUnavailable
 from .jobs import (Item, JobOutput, JobSettings, mark_bad_conditions, mark_truncated, output_record,
-                   run_isolating_failures)
+                   resolved_settings, run_isolating_failures)
 from .pipeline import read_model_config
-from .samplers import resolve_sampling
 
 
 class PipelineActor:
@@ -50,10 +50,10 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
     try:
         import ray
     except ImportError as e:
-        raise RuntimeError("--ray needs Ray: pip install 'ldlm[ray]'") from e
+        raise BackendUnavailable("--ray needs Ray: pip install 'ldlm[ray]'") from e
     # settings that cannot run fail here, before Ray starts (as run_job fails before any work)
     config = read_model_config(checkpoint)
-    resolve_sampling(config, settings.sampler, settings.steps, settings.eta)
+    settings = resolved_settings(settings, config)
     with JobOutput(output, settings, resume) as out:
         todo = out.pending(items)
         mark_bad_conditions(config, todo)

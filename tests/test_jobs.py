@@ -175,3 +175,12 @@ def test_cli_unconditional_job_and_usage_errors(tiny_checkpoint, tmp_path, capsy
     assert "3 written, 0 bad lines reported, 0 already done" in capsys.readouterr().err
     assert main(["generate", str(tiny_checkpoint), "--input", str(out)]) == 2
     assert "--input needs --output" in capsys.readouterr().err
+
+
+def test_job_records_name_the_sampler_and_steps_that_ran(tiny_checkpoint, tiny_pipeline, tmp_path):
+    out = tmp_path / "out.jsonl"
+    run_job(tiny_pipeline, read_items(b'{"id": 1}\n', 0), out, settings_for(tiny_checkpoint, sampler=None, steps=None),
+            progress=False)
+    settings = read_jsonl(out)[0]["settings"]
+    expected = tiny_pipeline.sampling(None, None)
+    assert (settings["sampler"], settings["steps"]) == expected and settings["sampler"] is not None

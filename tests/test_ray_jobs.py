@@ -48,3 +48,30 @@ def test_settings_that_cannot_run_fail_before_ray_starts(tiny_checkpoint, tmp_pa
         run_job_on_ray(str(tiny_checkpoint), read_items(source.open("rb"), 0), out,
                        settings_for(tiny_checkpoint, sampler=None, steps=None, eta=0.5), progress=False)
     assert not out.exists()
+
+
+def test_generate_with_ray_and_no_output_runs_the_job_on_ray(local_cluster, tiny_checkpoint, tmp_path, capsys,
+                                                             monkeypatch):
+    from ldlm import ray_jobs
+    from ldlm.cli import main
+
+    flags = ["--sampler", "ddim", "--steps", "3", "--no-progress"]
+    assert main(["generate", str(tiny_checkpoint), "-n", "3", "--output", str(tmp_path / "local.jsonl"), *flags]) == 0
+    local = [r["text"] for r in read_jsonl(tmp_path / "local.jsonl")]
+    capsys.readouterr()
+    used = []
+    real = ray_jobs._run_on_ray
+    monkeypatch.setattr(ray_jobs, "_run_on_ray", lambda *a, **k: used.append(1) or real(*a, **k))
+    assert main(["generate", str(tiny_checkpoint), "-n", "3", "--ray", "--ray-workers", "1", *flags]) == 0
+    assert used and capsys.readouterr().out.splitlines() == local  # on Ray, the records of the same job, in order
+
+
+def test_ray_missing_is_a_one_line_error(tiny_checkpoint, capsys, monkeypatch):
+    import sys
+
+    from ldlm.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["generate", str(tiny_checkpoint), "-n", "2", "--ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'ldlm[ray]'" in err and "Traceback" not in err
