@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from .checkpoint import Components
@@ -85,8 +86,8 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
 @dataclass(frozen=True)
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8, 64)
-    sampler: str = "ddpm"
-    steps: int | None = None  # ddim steps (ddpm runs all T)
+    sampler: str | None = None  # None: the pipeline's own (its checkpoint's default)
+    steps: int | None = None  # steps of ddim or dpm++2m (None: the sampler's default; ddpm runs all T)
     warmup: int = 1
     iters: int = 5
     num_beams: int = 4
@@ -108,14 +109,18 @@ def bench_texts(n: int, words: int) -> list[str]:
     return [" ".join(letters[(i + j) % 26] * 3 for j in range(words)) for i in range(n)]
 
 
-def bench_pipeline(pipe, name: str, settings: BenchSettings) -> list[dict]:
+def bench_pipeline(pipe, name: str, settings: BenchSettings, progress: bool = True) -> list[dict]:
     """One row per (batch size, stage) for a loaded pipeline; a conditional one also times its loop reading a
-    condition (texts of the encode stage as sources, or its labels in turn), alone and guided."""
+    condition (texts of the encode stage as sources, or its labels in turn), alone and guided. Rows name the
+    sampler and steps that ran; a bar shows the backend, batch, stage and the time left."""
     rows = []
+    sampler, steps = pipe.sampling(settings.sampler, settings.steps)
+    stage_count = len(STAGES) if pipe.config.condition is not None else len(STAGES) - len(CONDITIONAL_STAGES)
+    bar = tqdm(total=len(settings.batch_sizes) * stage_count * (settings.warmup + settings.iters), desc=name,
+               unit="run", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in settings.batch_sizes:
         texts = bench_texts(batch, settings.text_words)
-        sample = {"steps": settings.steps, "sampler": settings.sampler, "seed": 0, "batch_size": batch,
-                  "progress": False}
+        sample = {"steps": steps, "sampler": sampler, "seed": 0, "batch_size": batch, "progress": False}
         latents = pipe.sample_latents(batch, **{**sample, "sampler": "ddim", "steps": 2})
         decode = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens, "batch_size": batch,
                   "progress": False}
@@ -136,9 +141,16 @@ def bench_pipeline(pipe, name: str, settings: BenchSettings) -> list[dict]:
             stages["loop_guided"] = lambda batch=batch, given=given: pipe.sample_latents(
                 batch, guidance=GUIDED, **given, **sample)
         for stage, fn in stages.items():
-            result = timed(fn, pipe.device, settings.warmup, settings.iters)
-            rows.append({"backend": name, "batch": batch, "stage": stage, **result,
-                         "samples_per_s": batch / result["median_s"]})
+            bar.set_postfix_str(f"batch {batch}, {stage}")
+
+            def counted(fn=fn):
+                fn()
+                bar.update(1)
+
+            result = timed(counted, pipe.device, settings.warmup, settings.iters)
+            rows.append({"backend": name, "batch": batch, "stage": stage, "sampler": sampler, "steps": steps,
+                         **result, "samples_per_s": batch / result["median_s"]})
+    bar.close()
     return rows
 
 

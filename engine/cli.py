@@ -240,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"],
                    help="backends to compare (default auto); onnx exports a checkpoint or preset to a temp folder")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="sampler (default ddpm, 1000 steps)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="sampler (default: the checkpoint's own; for --preset, the design's ddpm, 1000 steps)")
     p.add_argument("--steps", type=int, default=None, help="steps of ddim or dpm++2m (default 50 and 20)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="engine dtype (default float32); the reference runs float32 regardless")
+    p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
@@ -525,7 +527,8 @@ def cmd_bench(args) -> None:
         raise ValueError("give a checkpoint directory or --preset NAME (not both)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install 'ldlm[bench]' (or drop --plot)")
-    settings = BenchSettings(batch_sizes=tuple(args.batch_sizes), sampler=args.sampler, steps=args.steps,
+    sampler = args.sampler or ("ddpm" if args.preset else None)  # a preset's random weights: the design's DDPM
+    settings = BenchSettings(batch_sizes=tuple(args.batch_sizes), sampler=sampler, steps=args.steps,
                              warmup=args.warmup, iters=args.iters, num_beams=args.num_beams,
                              max_new_tokens=args.max_new_tokens)
     device = resolve_device(args.device)
@@ -552,7 +555,7 @@ def cmd_bench(args) -> None:
                 pipe = Pipeline(components, args.device, backend, dtype)
             name = pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}"
             print(f"benchmarking {name} ({pipe.backend_reason})", file=sys.stderr)
-            rows += bench_pipeline(pipe, name, settings)
+            rows += bench_pipeline(pipe, name, settings, progress=not args.no_progress)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str))

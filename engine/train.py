@@ -82,6 +82,16 @@ class TrainConfig:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
 
 
+def _time_left(step: int, elapsed: float, step_time: float, max_steps: int | None,
+               max_seconds: float | None) -> str:
+    """The time a stage has left, by whichever of its limits comes first, for the progress bar (which shows
+    its own estimate only for a step limit)."""
+    left = [s for s in ((max_steps - step) * step_time if max_steps else None,
+                        max_seconds - elapsed if max_seconds else None) if s is not None]
+    seconds = max(0.0, min(left)) if left else 0.0
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def _fingerprint(texts: list[str], encoder_name: str | None, conditions: list[str] | None = None) -> str:
     digest = hashlib.sha256(str(encoder_name).encode())
     for text in texts:
@@ -559,7 +569,8 @@ class Trainer:
                                  "examples_per_s": rate, "elapsed_s": elapsed})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-",
-                            ex_s=f"{batch_size / step_time:.0f}")
+                            ex_s=f"{batch_size / step_time:.0f}",
+                            left=_time_left(step, elapsed, step_time, max_steps, max_seconds))
             if time.perf_counter() - last_save > self.cfg.save_every:
                 self.save()
                 last_save = time.perf_counter()

@@ -22,8 +22,17 @@ def test_bench_a_preset_on_two_backends(tmp_path, capsys):
         assert abs(r["samples_per_s"] - r["batch"] / r["median_s"]) < 1e-6 * r["samples_per_s"]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| onnx | 3 | end_to_end |" in capsys.readouterr().out
+    assert {(r["sampler"], r["steps"]) for r in rows} == {("ddim", 3)}
 
 
 def test_bench_usage_errors(tiny_checkpoint, capsys):
     assert main(["bench", str(tiny_checkpoint), "--preset", "tiny"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_of_a_checkpoint_runs_its_own_sampler_and_says_so(tiny_checkpoint, tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tiny_checkpoint), "--batch-sizes", "2", "--iters", "1", "--warmup", "0",
+                 "--max-new-tokens", "2", "--no-progress", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["sampler"], r["steps"]) for r in rows} == {tiny_pipeline.sampling(None, None)}

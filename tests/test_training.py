@@ -119,3 +119,12 @@ def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path, capsys):
     assert main(["baseline", "train", "--data", str(data), "--out", str(tmp_path / "lm"), "--preset", "tiny",
                  "--steps", "2", "--time-budget", "0", "--device", "cuda", "--no-progress"]) == 2
     assert "cannot train on device 'cuda'" in capsys.readouterr().err
+
+
+def test_the_bar_shows_the_time_left_by_the_first_limit():
+    from ldlm.train import _time_left
+
+    assert _time_left(10, 5.0, 0.5, max_steps=130, max_seconds=None) == "1m00s"  # 120 steps of 0.5 s
+    assert _time_left(10, 5.0, 0.5, max_steps=None, max_seconds=35.0) == "0m30s"  # the time budget
+    assert _time_left(10, 5.0, 0.5, max_steps=20, max_seconds=600.0) == "0m05s"  # whichever comes first
+    assert _time_left(10, 50.0, 0.5, max_steps=None, max_seconds=35.0) == "0m00s"
