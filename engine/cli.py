@@ -354,6 +354,16 @@ def _conditions_from_args(args) -> tuple[str, list[str]] | None:
     return ("labels", list(args.label)) if args.label else None
 
 
+def _sample_count(args) -> int:
+    """-n without conditions: how many unconditional samples (default 8)."""
+    return 8 if args.num_samples is None else args.num_samples
+
+
+def _each_condition(args, given: list[str]) -> list[str]:
+    """Each source or label repeated -n times (default once): one entry per text to generate."""
+    return [c for c in given for _ in range(1 if args.num_samples is None else args.num_samples)]
+
+
 def cmd_generate(args) -> None:
     conditions = _conditions_from_args(args)
     if args.input or args.output:
@@ -368,11 +378,11 @@ def cmd_generate(args) -> None:
     common = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta, num_beams=args.num_beams,
                   decoding=args.decoding, top_p=args.top_p, progress=not args.no_progress)
     if conditions is None:
-        texts = pipe.generate(8 if args.num_samples is None else args.num_samples, **common)
+        texts = pipe.generate(_sample_count(args), **common)
         _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
         return
     kind, given = conditions
-    each = [c for c in given for _ in range(1 if args.num_samples is None else args.num_samples)]
+    each = _each_condition(args, given)
     texts = pipe.generate_from(**{kind: each}, guidance=args.guidance, **common)
     guidance = pipe.config.guidance if args.guidance is None else args.guidance
     for i, (condition, text) in enumerate(zip(each, texts)):
@@ -394,10 +404,9 @@ def _print_ray_job(args, conditions: tuple[str, list[str]] | None) -> None:
         if conditions is not None:
             kind, given = conditions
             field = "source" if kind == "sources" else "label"
-            per = 1 if args.num_samples is None else args.num_samples
             job_input = Path(tmp) / "input.jsonl"
-            job_input.write_text("".join(json.dumps({"id": i, field: c}, ensure_ascii=False) + "\n" for i, c in
-                                         enumerate(c for c in given for _ in range(per))), encoding="utf-8")
+            job_input.write_text("".join(json.dumps({"id": i, field: c}, ensure_ascii=False) + "\n"
+                                         for i, c in enumerate(_each_condition(args, given))), encoding="utf-8")
         _run_generate_job(args, job_input, job_output, report=False)
         records = [json.loads(line) for line in job_output.read_text(encoding="utf-8").splitlines()]
     for record in sorted(records, key=lambda r: r["id"]):
@@ -427,7 +436,7 @@ def _run_generate_job(args, input_path, output_path, report: bool = True) -> Non
     if input_path:
         items = read_input_file(input_path, args.seed, output=output_path)
     else:
-        items = unconditional_items(8 if args.num_samples is None else args.num_samples, args.seed)
+        items = unconditional_items(_sample_count(args), args.seed)
     if args.ray:
         from .ray_jobs import run_job_on_ray
 

@@ -102,17 +102,11 @@ class LatentEncoder(nn.Module):
     def token_states(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
         """texts -> each text's last hidden states over its real tokens, (L_i, D) float32 on the CPU: what the
         resampler reads, cached once so it can be trained without running the frozen encoder again."""
-        device = next(self.model.parameters()).device
-        states: list[torch.Tensor | None] = [None] * len(texts)
+        def hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-        def keep(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float().cpu()
-            for row, i in enumerate(idx):
-                states[i] = hidden[row, : int(attention_mask[row].sum())].clone()
-
-        for_each_batch(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, run=keep, device=device,
-                       batch_size=batch_size)
-        return states
+        return collect_token_states(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, hidden=hidden,
+                                    device=next(self.model.parameters()).device, batch_size=batch_size)
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +118,22 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = 1
     return hidden, mask
+
+
+def collect_token_states(texts: list[str], *, tokenizer, max_tokens: int, hidden, device: torch.device,
+                         batch_size: int = 64) -> list[torch.Tensor]:
+    """texts -> each one's (L_i, D) float32 states over its real tokens, on the CPU, in input order;
+    `hidden(input_ids, attention_mask)` gives a batch's last hidden states (the PyTorch encoder, or its
+    exported graph)."""
+    states: list[torch.Tensor | None] = [None] * len(texts)
+
+    def keep(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
+        batch = hidden(input_ids, attention_mask).float().cpu()
+        for row, i in enumerate(idx):
+            states[i] = batch[row, : int(attention_mask[row].sum())].clone()
+
+    for_each_batch(texts, tokenizer=tokenizer, max_tokens=max_tokens, run=keep, device=device, batch_size=batch_size)
+    return states
 
 
 def encode_texts(texts: list[str], *, tokenizer, max_tokens: int, latent_shape: tuple[int, ...], pooled,

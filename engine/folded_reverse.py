@@ -36,7 +36,7 @@ class ConditionStates:
     """A condition as the folded blocks' cross-attentions read it: per block its keys and values."""
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block: k, v, each (B, H, L, C/H)
-    mask: torch.Tensor  # (B, 1, 1, L) bool, True for a real condition token
+    mask: torch.Tensor  # (B, L) bool, True for a real condition token
 
 
 class FoldedReverse(nn.Module):
@@ -85,21 +85,7 @@ class FoldedReverse(nn.Module):
         """Each block's cross-attention keys and values of `condition` (tokens (B, L, d_model)): the same
         projections the model makes at every step, made once."""
         tokens = condition.tokens.to(self.in_weight.dtype)
-        B, L, C = tokens.shape
-        H = self.config.n_heads
-        keys_values = []
-        for block in self.blocks:
-            k, v = block.cross.kv(tokens).split(C, dim=2)  # 2 x (B, L, C)
-            keys_values.append(tuple(z.view(B, L, H, C // H).transpose(1, 2) for z in (k, v)))  # (B, H, L, C/H)
-        return ConditionStates(keys_values, condition.mask[:, None, None, :])
-
-    def _cross_attend(self, block, x: torch.Tensor, keys_values, mask: torch.Tensor) -> torch.Tensor:
-        """block.cross on normalized latent tokens x (B, [K,] C) against precomputed keys and values."""
-        k, v = keys_values  # (B, H, L, C/H)
-        B, H, C = x.shape[0], self.config.n_heads, x.shape[-1]
-        q = block.cross.q(x).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, C/H)
-        return block.cross.proj(y.transpose(1, 2).reshape(x.shape))
+        return ConditionStates([block.cross.keys_values(tokens) for block in self.blocks], condition.mask)
 
     def forward(self, x_t: torch.Tensor, step: torch.Tensor, x0_prev: torch.Tensor | None = None,
                 condition: ConditionStates | None = None) -> torch.Tensor:
@@ -128,7 +114,6 @@ class FoldedReverse(nn.Module):
                 h, x = self.add_norm(h, attention(x), block.ln_2)
             else:  # self-attention, then cross-attention to the condition, as ldlm.reverse.Block
                 h, x = self.add_norm(h, attention(x), block.ln_cross)
-                h, x = self.add_norm(h, self._cross_attend(block, x, condition.keys_values[i], condition.mask),
-                                     block.ln_2)
+                h, x = self.add_norm(h, block.cross.attend(x, *condition.keys_values[i], condition.mask), block.ln_2)
             h, x = self.add_norm(h, block.mlp(x), next_norm)
         return self.out_proj(x)  # (B, [K,] D)

@@ -143,7 +143,7 @@ class FusedSampler:
                 head = (rows, H, condition_length, cfg.d_model // H)
                 buf.condition = ConditionStates(
                     [(x.new_zeros(head), x.new_zeros(head)) for _ in range(cfg.n_layers)],
-                    torch.zeros(rows, 1, 1, condition_length, dtype=torch.bool, device=self.device))
+                    torch.zeros(rows, condition_length, dtype=torch.bool, device=self.device))
                 buf.guidance = x.new_zeros(1) if guided else None
             self._buffers[key] = buf
         return self._buffers[key]

@@ -20,13 +20,13 @@ runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 from collections.abc import Iterable
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO

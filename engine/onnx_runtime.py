@@ -19,7 +19,7 @@ from .backends import BackendUnavailable
 from .checkpoint import Components
 from .config import ModelConfig
 from .decoder import load_tokenizer
-from .encoder import encode_texts, for_each_batch
+from .encoder import collect_token_states, encode_texts
 from .reverse import Condition
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -172,21 +172,17 @@ class OnnxEncoder:
         if "token_states" not in self.graph.shapes:
             raise ValueError(f"{self.graph.path.name} returns no token states: this export's model is not "
                              "conditioned on a source text")
-        states: list[torch.Tensor | None] = [None] * len(texts)
 
-        def keep(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
+        def hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             B, L = input_ids.shape
             latent = torch.empty(B, *self.latent_shape, device=self.device)
-            hidden = torch.empty(B, L, self.hidden_size, device=self.device)
+            states = torch.empty(B, L, self.hidden_size, device=self.device)
             self.graph.run({"input_ids": input_ids, "attention_mask": attention_mask},
-                           {"latent": latent, "token_states": hidden})
-            hidden = hidden.cpu()
-            for row, i in enumerate(idx):
-                states[i] = hidden[row, : int(attention_mask[row].sum())].clone()
+                           {"latent": latent, "token_states": states})
+            return states
 
-        for_each_batch(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, run=keep, device=self.device,
-                       batch_size=batch_size)
-        return states
+        return collect_token_states(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, hidden=hidden,
+                                    device=self.device, batch_size=batch_size)
 
 
 class OnnxReverse:
@@ -227,8 +223,7 @@ class OnnxReverse:
         return Condition(tokens, mask.bool())
 
     def null(self, batch: int) -> Condition:
-        token = self.null_condition[None].expand(batch, -1, -1)  # (B, 1, d_model)
-        return Condition(token, torch.ones(batch, 1, dtype=torch.bool, device=token.device))
+        return Condition.repeated(self.null_condition, batch)
 
 
 class OnnxCache:

@@ -49,6 +49,12 @@ class Condition:
     def rows(self, index) -> Condition:
         return Condition(self.tokens[index], self.mask[index])
 
+    @staticmethod
+    def repeated(token: torch.Tensor, batch: int) -> Condition:
+        """One token (1, d_model) as the condition of `batch` rows (the null condition)."""
+        tokens = token[None].expand(batch, -1, -1)  # (B, 1, d_model)
+        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device))
+
 
 def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, N) bool, True for keys to attend to -> SDPA's (B, 1, 1, N) boolean attn_mask."""
@@ -89,14 +95,24 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition tokens (B, L, C) -> keys and values, each (B, H, L, C/H). They do not depend on x_t, so the
+        engine's sampling loop computes them once per run (ldlm.folded_reverse)."""
+        (B, L, C), H = tokens.shape, self.n_heads
+        k, v = (z.view(B, L, H, C // H).transpose(1, 2) for z in self.kv(tokens).split(C, dim=2))
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, [K,] C) against keys and values (B, H, L, C/H) with key mask (B, L) -> x's shape."""
+        B, C, H = x.shape[0], x.shape[-1], self.n_heads
+        q = self.q(x).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
+
     def forward(self, x: torch.Tensor, condition: Condition) -> torch.Tensor:
         """x (B, K, C), condition tokens (B, L, C) -> (B, K, C)."""
-        (B, K, C), L, H = x.shape, condition.tokens.shape[1], self.n_heads
-        q = self.q(x).view(B, K, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
-        k, v = (z.view(B, L, H, C // H).transpose(1, 2) for z in self.kv(condition.tokens).split(C, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(condition.mask),
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, K, C))
+        return self.attend(x, *self.keys_values(condition.tokens), condition.mask)
 
 
 class Block(nn.Module):
@@ -174,8 +190,7 @@ class ReverseTransformer(nn.Module):
 
     def null(self, batch: int) -> Condition:
         """The null condition for `batch` rows: one learned token each."""
-        token = self.null_condition[None].expand(batch, -1, -1)  # (B, 1, d_model)
-        return Condition(token, torch.ones(batch, 1, dtype=torch.bool, device=token.device))
+        return Condition.repeated(self.null_condition, batch)
 
     def drop(self, condition: Condition, dropped: torch.Tensor) -> Condition:
         """Rows where `dropped` (B,) bool is True replaced by the null condition (condition dropout)."""
