@@ -4,6 +4,8 @@
     fused       the engine's code path without graphs: fused Triton update on static buffers, static-KV beam
                 search; runs anywhere Triton runs (on CPU through TRITON_INTERPRET=1), for debugging and tests
     cuda-graph  the engine on CUDA: the same, with the sampling steps and the decode step captured as graphs
+    compiled    the reference modules through torch.compile (Inductor, CPU or CUDA; ldlm.compiled): the reference
+                samplers with a compiled reverse transformer, the static-KV beam search with a compiled step
     onnx        the networks exported by `ldlm export`, run by ONNX Runtime from the export directory alone
                 (ldlm.onnx_runtime); the sampling and beam-search arithmetic is the reference's
     auto        onnx for an export directory; for a checkpoint, cuda-graph where CUDA and Triton are
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a backend is resolved, so that the CLI's parser needs none
     import torch
 
-BACKENDS = ("auto", "reference", "fused", "cuda-graph", "onnx")
+BACKENDS = ("auto", "reference", "fused", "cuda-graph", "compiled", "onnx")
 ENGINE_BACKENDS = ("fused", "cuda-graph")  # the Triton/CUDA-graph engine (ldlm.fused_sampler, static beam search)
+STATIC_DECODE_BACKENDS = (*ENGINE_BACKENDS, "compiled")  # decode with the static-KV beam search
 
 
 class BackendUnavailable(RuntimeError):
@@ -50,6 +53,13 @@ def resolve_backend(name: str, device: torch.device, export: bool = False) -> tu
         if not triton_available():
             return "reference", "auto: triton is not installed (pip install triton)"
         return "cuda-graph", "auto: CUDA device and triton available"
+    if name == "compiled" and device.type == "cpu":
+        from .compiled import compiler_missing
+
+        missing = compiler_missing()
+        if missing:
+            raise BackendUnavailable(f"backend 'compiled' on CPU needs Inductor's C++ toolchain: {missing}; install "
+                                     "one (apt install g++), or use backend='reference'")
     if name in ("fused", "cuda-graph") and not triton_available():
         raise BackendUnavailable(f"backend {name!r} needs triton: pip install triton, or use backend='reference'")
     if name == "cuda-graph" and device.type != "cuda":

@@ -65,9 +65,16 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> dict:
-    """Median, p90 and p99 seconds of `fn` over `iters` runs after `warmup` runs."""
-    for _ in range(warmup):
+    """Median, p90 and p99 seconds of `fn` over `iters` runs after `warmup` runs; `first_call_s`, the first
+    warm-up run alone: what compiling, capturing graphs and allocating cost (None without warm-up)."""
+    first = None
+    for i in range(warmup):
+        sync(device)
+        start = time.perf_counter()
         fn()
+        sync(device)
+        if i == 0:
+            first = time.perf_counter() - start
     times = []
     for _ in range(iters):
         sync(device)
@@ -80,7 +87,8 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
     def pct(q: float) -> float:
         return times[min(len(times) - 1, int(q * len(times)))]
 
-    return {"median_s": statistics.median(times), "p90_s": pct(0.9), "p99_s": pct(0.99), "iters": iters}
+    return {"median_s": statistics.median(times), "p90_s": pct(0.9), "p99_s": pct(0.99), "iters": iters,
+            "first_call_s": first}
 
 
 @dataclass(frozen=True)
@@ -155,10 +163,12 @@ def bench_pipeline(pipe, name: str, settings: BenchSettings, progress: bool = Tr
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| backend | batch | stage | median | p90 | p99 | samples/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| backend | batch | stage | median | p90 | p99 | samples/s | first call |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        first = "-" if r.get("first_call_s") is None else f"{r['first_call_s'] * 1e3:.1f} ms"
         lines.append(f"| {r['backend']} | {r['batch']} | {r['stage']} | {r['median_s'] * 1e3:.1f} ms | "
-                     f"{r['p90_s'] * 1e3:.1f} ms | {r['p99_s'] * 1e3:.1f} ms | {r['samples_per_s']:.1f} |")
+                     f"{r['p90_s'] * 1e3:.1f} ms | {r['p99_s'] * 1e3:.1f} ms | {r['samples_per_s']:.1f} | {first} |")
     return "\n".join(lines)
 
 

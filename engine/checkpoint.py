@@ -23,7 +23,8 @@ from . import __version__
 from .config import DEFAULT_ENCODER, ModelConfig
 from .decoder import LatentDecoder, load_tokenizer
 from .encoder import LatentEncoder
-from .model_files import ModelFileError, check_weight_shapes, folder_files, header_shapes, inside, is_hub_id
+from .model_files import (ModelFileError, check_weight_shapes, folder_files, header_shapes, inside, is_hub_id,
+                          transformers_bars_off)
 from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 
@@ -60,7 +61,8 @@ def save_checkpoint(c: Components, directory: str | Path) -> Path:
     save_model(c.decoder, str(directory / "decoder.safetensors"))
     c.decoder.tokenizer.save_pretrained(directory / "tokenizer")
     if c.encoder_bundled:
-        c.encoder.save_pretrained(directory / "encoder")
+        with transformers_bars_off():
+            c.encoder.save_pretrained(directory / "encoder")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -268,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train the small preset on text shipped with Python (cached), then sample")
     p.add_argument("--data", nargs="+", metavar="FILE", help="train on these files instead of Python's documentation")
     p.add_argument("--cache-dir", default=None, help="where the trained demo model is kept (default ~/.cache/ldlm)")
-    p.add_argument("--time-budget", type=float, default=420.0, help="training seconds (default 420)")
+    # the defaults are ldlm.demo's DEMO_*_STEPS, written out so that --help imports no torch (a test checks them)
+    p.add_argument("--decoder-steps", type=int, default=400,
+                   help="decoder training steps (default 400: about 7 minutes all told on an idle 2-core CPU)")
+    p.add_argument("--diffusion-steps", type=int, default=300, help="reverse transformer training steps (default 300)")
     p.add_argument("-n", "--num-samples", type=int, default=5, help="unconditional samples to print (default 5)")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
     return parser
@@ -548,7 +551,7 @@ def cmd_bench(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
-            dtype = "float32" if backend == "reference" else args.dtype
+            dtype = "float32" if backend in ("reference", "compiled") else args.dtype
             if args.checkpoint and is_export(args.checkpoint):
                 pipe = load(args.checkpoint, device=args.device, backend=backend, dtype=dtype)
             elif backend == "onnx":
@@ -617,8 +620,8 @@ def cmd_info(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(data=args.data, cache_dir=args.cache_dir, time_budget=args.time_budget,
-             num_samples=args.num_samples, progress=not args.no_progress)
+    run_demo(data=args.data, cache_dir=args.cache_dir, decoder_steps=args.decoder_steps,
+             diffusion_steps=args.diffusion_steps, num_samples=args.num_samples, progress=not args.no_progress)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary,

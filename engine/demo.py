@@ -1,5 +1,6 @@
-"""`ldlm demo`: the embedded default. Trains the `small` preset on text that ships with Python, caches it,
-then samples, reconstructs and varies, printing the time each stage took. A second run reuses the cache."""
+"""`ldlm demo`: the embedded default. Trains the `small` preset on text that ships with Python to fixed step
+counts (the same model on every machine), caches it, checks it (ldlm.self_check), then samples, reconstructs
+and varies, printing the time each stage took. A second run reuses the cache."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 from . import __version__
 from .config import ModelConfig
 from .data import python_docs_corpus, read_corpus, split_holdout
+from .inputs import check_positive_int
 from .pipeline import load
+from .self_check import check_model
 from .train import TrainConfig, train
 
 
@@ -32,17 +35,28 @@ def _training_done(directory: Path) -> bool:
     return state.is_file() and json.loads(state.read_text()).get("stage") == "done"
 
 
-def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None, time_budget: float = 420.0,
+# fixed step counts, not a time budget, so that every machine trains the same model (a slower or busier one
+# takes longer): sized to about 7 minutes all told on an idle 2-core CPU (bench/RESULTS.md, "the demo at fixed
+# step counts"). The decoder gets most of it: reconstruction quality bounds everything the demo prints, and the
+# reverse transformer's held-out loss flattens within a few hundred steps.
+DEMO_DECODER_STEPS = 400
+DEMO_DIFFUSION_STEPS = 300
+SELF_CHECK_TEXTS = 32  # held-out texts reconstructed, and samples checked, by the self-check
+
+
+def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None, *,
+             decoder_steps: int = DEMO_DECODER_STEPS, diffusion_steps: int = DEMO_DIFFUSION_STEPS,
              num_samples: int = 5, progress: bool = True, preset: str = "small") -> dict:
+    check_positive_int(decoder_steps, "decoder_steps (--decoder-steps)")
+    check_positive_int(diffusion_steps, "diffusion_steps (--diffusion-steps)")
     timings = {}
     start = time.perf_counter()
     texts = read_corpus(data) if data else python_docs_corpus()
     source = ", ".join(data) if data else "Python's own documentation (pydoc topics and stdlib docstrings)"
     config = ModelConfig.from_preset(preset)
-    # the decoder gets most of the budget: reconstruction quality bounds everything the demo prints,
-    # and the reverse transformer's held-out loss flattens within a few hundred steps
-    train_config = TrainConfig(time_budget=time_budget, decoder_share=0.7)
-    directory = Path(cache_dir or default_cache_dir()) / f"demo-{preset}-{_run_key(texts, config, train_config)}"
+    train_config = TrainConfig(time_budget=None, decoder_steps=decoder_steps, diffusion_steps=diffusion_steps)
+    cache = Path(cache_dir or default_cache_dir())
+    directory = cache / f"demo-{preset}-{_run_key(texts, config, train_config)}"
     timings["corpus"] = time.perf_counter() - start
     print(f"corpus: {len(texts)} sentences from {source}")
 
@@ -51,8 +65,12 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
         print(f"model: cached at {directory}")
     else:
         resume = (directory / "training" / "state.json").is_file()
-        print(f"model: {'resuming' if resume else 'training'} preset {preset!r} for up to {time_budget:.0f}s -> {directory}")
-        train(texts, directory, config, train_config, resume=resume, progress=progress)
+        print(f"model: {'resuming' if resume else 'training'} preset {preset!r}, {decoder_steps} decoder and "
+              f"{diffusion_steps} diffusion steps (about 7 min on an idle 2-core CPU) -> {directory}")
+        # the encoded corpus is kept beside the demo models, keyed by the encoder and the texts, so a demo
+        # with other step counts (or a new ldlm version) encodes nothing again
+        train(texts, directory, config, train_config, resume=resume, progress=progress,
+              encoding_cache=cache / "encoded")
     timings["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -60,11 +78,16 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    samples = pipe.generate(num_samples, seed=0, progress=progress)
+    drawn = pipe.generate(max(num_samples, SELF_CHECK_TEXTS), seed=0, progress=progress)
+    samples = drawn[:num_samples]
     sampler, steps = pipe.sampling(None, None)
-    timings[f"generate {num_samples} ({sampler}, {steps or 1000} steps)"] = time.perf_counter() - start
+    timings[f"generate {len(drawn)} ({sampler}, {steps or 1000} steps)"] = time.perf_counter() - start
 
     _, held_out = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
+    start = time.perf_counter()
+    check = check_model(pipe, held_out[:SELF_CHECK_TEXTS], drawn)
+    timings[f"self-check ({check.reconstructed} reconstructions)"] = time.perf_counter() - start
+
     examples = held_out[:3]
     start = time.perf_counter()
     reconstructions = pipe.reconstruct(examples, progress=progress)
@@ -74,14 +97,21 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
     variations = pipe.vary(examples, strength=0.3, seed=0, progress=progress)
     timings[f"vary {len(examples)} (strength 0.3)"] = time.perf_counter() - start
 
+    print(f"\n{check.summary()}")
+    if check.verdict != "good":
+        print(f"  {'To fix' if not check.passed else 'For better text'}: train longer, e.g. `ldlm demo "
+              f"--decoder-steps {4 * decoder_steps} --diffusion-steps {2 * diffusion_steps}` (about four times as "
+              "long), or train on your own text with `ldlm train`.")
     print("\nunconditional samples:")
     for text in samples:
         print(f"  - {text}")
     print("\nheld-out sentence -> reconstruction | variation (strength 0.3):")
     for original, rec, var in zip(examples, reconstructions, variations):
         print(f"  > {original}\n    = {rec}\n    ~ {var}")
+    if not check.passed:
+        print("\n(undertrained: see the self-check above)")
     print("\ntime per stage:")
     for stage, seconds in timings.items():
         print(f"  {stage:<36} {seconds:8.1f} s")
     return {"samples": samples, "reconstructions": reconstructions, "variations": variations, "timings": timings,
-            "checkpoint": str(directory)}
+            "checkpoint": str(directory), "self_check": check}

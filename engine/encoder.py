@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import string
 import threading
 import warnings
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
 from .config import DEFAULT_ENCODER
@@ -70,6 +73,19 @@ class LatentEncoder(nn.Module):
     def latent_dim(self) -> int:
         return self.model.config.hidden_size
 
+    def frozen_identity(self) -> str:
+        """A digest of everything that decides the frozen encoder's output for a text: its weights, config,
+        tokenizer and token limit (not the resampler, which trains). Keys caches of encoded corpora."""
+        digest = hashlib.sha256(json.dumps([self.model.config.to_dict(), self.max_tokens], sort_keys=True,
+                                           default=str).encode())
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        digest.update((backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(),
+                                                                                  sort_keys=True)).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode() + b"\0")
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         if self.resampler is None:
@@ -87,8 +103,9 @@ class LatentEncoder(nn.Module):
         self.tokenizer.save_pretrained(directory)
 
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """texts -> (N, *latent_shape) float32 on the encoder's device, in input order (see `encode_texts`)."""
+    def encode(self, texts: list[str], batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
+        """texts -> (N, *latent_shape) float32 on the encoder's device, in input order (see `encode_texts`);
+        `progress`: show a bar with this description."""
         device = next(self.model.parameters()).device
 
         def pooled(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -96,17 +113,18 @@ class LatentEncoder(nn.Module):
             return self.pool(hidden.float(), attention_mask)
 
         return encode_texts(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, latent_shape=self.latent_shape,
-                            pooled=pooled, device=device, batch_size=batch_size)
+                            pooled=pooled, device=device, batch_size=batch_size, progress=progress)
 
     @torch.no_grad()
-    def token_states(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+    def token_states(self, texts: list[str], batch_size: int = 64, progress: str | None = None) -> list[torch.Tensor]:
         """texts -> each text's last hidden states over its real tokens, (L_i, D) float32 on the CPU: what the
         resampler reads, cached once so it can be trained without running the frozen encoder again."""
         def hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         return collect_token_states(texts, tokenizer=self.tokenizer, max_tokens=self.max_tokens, hidden=hidden,
-                                    device=next(self.model.parameters()).device, batch_size=batch_size)
+                                    device=next(self.model.parameters()).device, batch_size=batch_size,
+                                    progress=progress)
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +139,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collect_token_states(texts: list[str], *, tokenizer, max_tokens: int, hidden, device: torch.device,
-                         batch_size: int = 64) -> list[torch.Tensor]:
+                         batch_size: int = 64, progress: str | None = None) -> list[torch.Tensor]:
     """texts -> each one's (L_i, D) float32 states over its real tokens, on the CPU, in input order;
     `hidden(input_ids, attention_mask)` gives a batch's last hidden states (the PyTorch encoder, or its
     exported graph)."""
@@ -132,12 +150,13 @@ def collect_token_states(texts: list[str], *, tokenizer, max_tokens: int, hidden
         for row, i in enumerate(idx):
             states[i] = batch[row, : int(attention_mask[row].sum())].clone()
 
-    for_each_batch(texts, tokenizer=tokenizer, max_tokens=max_tokens, run=keep, device=device, batch_size=batch_size)
+    for_each_batch(texts, tokenizer=tokenizer, max_tokens=max_tokens, run=keep, device=device, batch_size=batch_size,
+                   progress=progress)
     return states
 
 
 def encode_texts(texts: list[str], *, tokenizer, max_tokens: int, latent_shape: tuple[int, ...], pooled,
-                 device: torch.device, batch_size: int = 64) -> torch.Tensor:
+                 device: torch.device, batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
     """texts -> (N, *latent_shape) float32 on `device`, in input order; `pooled(input_ids, attention_mask)` gives a
     batch's latents (the PyTorch encoder, or its exported graph)."""
     out = torch.empty(len(texts), *latent_shape, device=device)
@@ -145,7 +164,8 @@ def encode_texts(texts: list[str], *, tokenizer, max_tokens: int, latent_shape: 
     def store(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: list[int]) -> None:
         out[idx] = pooled(input_ids, attention_mask)
 
-    for_each_batch(texts, tokenizer=tokenizer, max_tokens=max_tokens, run=store, device=device, batch_size=batch_size)
+    for_each_batch(texts, tokenizer=tokenizer, max_tokens=max_tokens, run=store, device=device, batch_size=batch_size,
+                   progress=progress)
     return out
 
 
@@ -161,11 +181,13 @@ def token_lengths(tokenizer, texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
-def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device: torch.device, batch_size: int) -> None:
+def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device: torch.device, batch_size: int,
+                   progress: str | None = None) -> None:
     """Call run(input_ids, attention_mask, indices) on batches of the tokenized texts.
 
     Texts longer than the encoder's limit are truncated with a warning naming the item. Batches are formed
-    from length-sorted texts to cut padding; the attention mask keeps padding out of the pooling."""
+    from length-sorted texts to cut padding; the attention mask keeps padding out of the pooling. `progress`:
+    a bar with this description, counting texts (its total and time left), for corpus-sized calls."""
     check_texts(texts)
     if not texts:
         return
@@ -178,17 +200,19 @@ def for_each_batch(texts: list[str], *, tokenizer, max_tokens: int, run, device:
                 stacklevel=4,
             )
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        with _TOKENIZER_LOCK:
-            batch = tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
-            )
-        batch = batch.to(device)
-        run(batch["input_ids"], batch["attention_mask"], idx)
+    with tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None, dynamic_ncols=True) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            with _TOKENIZER_LOCK:
+                batch = tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+                )
+            batch = batch.to(device)
+            run(batch["input_ids"], batch["attention_mask"], idx)
+            bar.update(len(idx))
 
 
-def build_tiny_encoder(hidden_size: int = 32, seed: int = 0) -> LatentEncoder:
+def build_tiny_encoder(hidden_size: int = 32, seed: int = 0, max_tokens: int | None = None) -> LatentEncoder:
     """A random 2-layer BERT with a character-level WordPiece vocabulary, built in code (no files, no downloads)."""
     chars = sorted(set(string.printable.strip()))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
@@ -203,4 +227,4 @@ def build_tiny_encoder(hidden_size: int = 32, seed: int = 0) -> LatentEncoder:
     with torch.random.fork_rng():  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = BertModel(config)
-    return LatentEncoder(model, tokenizer)
+    return LatentEncoder(model, tokenizer, max_tokens)

@@ -16,6 +16,7 @@ and transformers then loads it with trust_remote_code=False and local files only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import stat
@@ -154,9 +155,27 @@ def local_folder(name_or_path: str, what: str, *, download: bool = False) -> Pat
                              "folder") from e
 
 
+@contextlib.contextmanager
+def transformers_bars_off():
+    """No "Loading weights" / "Writing model shards" bars from transformers on the user's terminal while ldlm
+    loads or saves, unless they asked transformers for them (verbosity info or debug:
+    `transformers.logging.set_verbosity_info()`)."""
+    from transformers.utils import logging as hf_logging
+
+    silence = hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() > hf_logging.INFO
+    if silence:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if silence:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(cls, folder: Path, **kwargs):
-    """`cls.from_pretrained` on a checked local folder: no custom code, no network."""
-    return cls.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True, **kwargs)
+    """`cls.from_pretrained` on a checked local folder: no custom code, no network, no bars."""
+    with transformers_bars_off():
+        return cls.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True, **kwargs)
 
 
 def check_model_weights(folder: Path, config, layers_stack: str | None, what: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends import ENGINE_BACKENDS, resolve_backend
+from .backends import ENGINE_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components, load_checkpoint, load_config, save_checkpoint
 from .config import ModelConfig
@@ -56,6 +56,7 @@ class Pipeline:
         # their static buffers (latents, noise, KV cache) serve one call at a time: threads sharing this pipeline
         # take turns on the engine (the reference and onnx paths keep no state between calls and run concurrently)
         self._engine_lock = threading.Lock()
+        self.compile_times = None  # backend "compiled": seconds each shape's first (compiling) call took
         self.latent_mean = components.latent_mean.to(self.device)
         self.latent_std = components.latent_std.to(self.device)
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
@@ -64,6 +65,10 @@ class Pipeline:
             self.encoder, self.decoder, self.reverse = components.encoder, components.decoder, components.reverse
             return
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
+        if self.backend == "compiled":
+            from .compiled import CompileTimes
+
+            self.compile_times = CompileTimes()
         # the engine's folded step reads conditions by cross-attention; a joint-attention model's loop runs the
         # reference samplers (its condition tokens pass through every block at every step)
         self._engine_loop = self.config.condition is None or self.config.condition_attention == "cross"
@@ -71,8 +76,8 @@ class Pipeline:
             self.backend_reason += ("; this model reads its condition by joint attention, so its sampling loop runs "
                                     "the reference samplers (the engine's folded step reads cross-attention "
                                     "conditions); the decode is the engine's")
-        if self.dtype != torch.float32 and self.backend == "reference":
-            raise ValueError(f"the reference backend runs in float32 only; use backend='fused' or 'cuda-graph' "
+        if self.dtype != torch.float32 and self.backend in ("reference", "compiled"):
+            raise ValueError(f"the {self.backend} backend runs in float32 only; use backend='fused' or 'cuda-graph' "
                              f"for {self.dtype}")
         self.encoder = components.encoder.to(self.device).eval()
         self.decoder = components.decoder.to(self.device).eval()
@@ -140,7 +145,8 @@ class Pipeline:
                 run = self._fused_sampler(sampler, steps, eta, start_t)
                 return run(x, generator, condition=condition, guidance=guidance)[:n].float()
         extra = {"eta": eta} if sampler == "ddim" else {}
-        return SAMPLERS[sampler](guided_denoiser(self.reverse, condition, guidance), x, self.schedule, steps=steps,
+        reverse = self._compiled_reverse() if self.backend == "compiled" else self.reverse
+        return SAMPLERS[sampler](guided_denoiser(reverse, condition, guidance), x, self.schedule, steps=steps,
                                  generator=generator, disable=not progress, start_t=start_t, **extra)
 
     def _conditions(self, n: int, sources: list[str] | None, labels: list[str] | None,
@@ -169,13 +175,24 @@ class Pipeline:
                                                    graphs=self.backend == "cuda-graph")
         return self._engine_cache[key]
 
+    def _compiled_reverse(self):
+        from .compiled import CompiledReverse
+
+        if "reverse" not in self._engine_cache:
+            self._engine_cache["reverse"] = CompiledReverse(self.reverse, self.compile_times)
+        return self._engine_cache["reverse"]
+
     def _beam_searcher(self, batch: int, search: BeamSearchConfig):
         from .static_beam_search import StaticBeamSearch
 
         key = ("beam", batch, search)
         if key not in self._engine_cache:
-            self._engine_cache[key] = StaticBeamSearch(self._engine_decoder, batch, search,
-                                                       graphs=self.backend == "cuda-graph")
+            searcher = StaticBeamSearch(self._engine_decoder, batch, search, graphs=self.backend == "cuda-graph")
+            if self.backend == "compiled":
+                from .compiled import compile_beam_step
+
+                compile_beam_step(searcher, self.compile_times)
+            self._engine_cache[key] = searcher
         return self._engine_cache[key]
 
     @torch.no_grad()
@@ -237,7 +254,7 @@ class Pipeline:
             if top_p is not None:
                 token_ids = nucleus_decode(self.decoder, batch, top_p=top_p, max_new_tokens=search.max_new_tokens,
                                            generator=generator)
-            elif self.backend not in ENGINE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
+            elif self.backend not in STATIC_DECODE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
                 token_ids = beam_search(self.decoder, batch, search)
             else:
                 with self._engine_lock:

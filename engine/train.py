@@ -140,7 +140,7 @@ def build_components(config: ModelConfig, texts: list[str], seed: int = 0, log=p
     if source is not None:  # a reused part only makes sense in its own latent space: take the encoder along
         encoder, bundled = source.encoder, source.encoder_bundled
     elif config.encoder is None:
-        encoder, bundled = build_tiny_encoder(config.latent_dim, seed=seed), True
+        encoder, bundled = build_tiny_encoder(config.latent_dim, seed=seed, max_tokens=config.encoder_max_tokens), True
     else:  # named by the user who trains: fetched from the hub if need be. A local folder travels inside the
         # checkpoint (a checkpoint reads nothing outside its folder); the default and hub ids are named by id
         encoder = LatentEncoder.from_pretrained(config.encoder, config.encoder_max_tokens, download=True)
@@ -192,8 +192,10 @@ def load_reused_parts(config: ModelConfig, train_config: TrainConfig) -> tuple[M
 
 class Trainer:
     def __init__(self, texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig,
-                 *, conditions: list[str] | None = None, resume: bool = False, progress: bool = True, log=print):
+                 *, conditions: list[str] | None = None, resume: bool = False, progress: bool = True, log=print,
+                 encoding_cache: str | Path | None = None):
         self.out = Path(out)
+        self.encoding_cache = Path(encoding_cache) if encoding_cache else None  # shared across runs; None: training/
         self.state_dir = self.out / "training"
         self.cfg = train_config
         self.progress = progress
@@ -228,10 +230,10 @@ class Trainer:
             if train_config.decoder_noise > 0:
                 raise ValueError("decoder_noise needs latent_tokens = 1 (its scale is the latent std, which the "
                                  "resampler changes while it trains): drop --decoder-noise or --latent-tokens")
-            self.train_states, self.val_states = self._token_states(fingerprint)
+            self.train_states, self.val_states = self._token_states()
             self.train_latents, self.val_latents = self._resampled()
         else:
-            self.train_latents, self.val_latents = self._latents(fingerprint)
+            self.train_latents, self.val_latents = self._latents()
         if not resume and train_config.reverse_from is None:
             self._set_latent_stats()
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
@@ -239,8 +241,7 @@ class Trainer:
         if conditions is not None:
             # split_holdout's order depends on the length and the seed alone: the conditions split as the texts
             train_c, val_c = split_holdout(conditions, train_config.holdout_fraction, seed=train_config.seed)
-            self.conditions = TrainingConditions(self.config, {"train": train_c, "val": val_c}, c.encoder,
-                                                 self.state_dir / "conditions.safetensors", fingerprint, log)
+            self.conditions = TrainingConditions(self.config, {"train": train_c, "val": val_c}, self._source_states)
         self.train_ids = self._token_ids(self.train_texts)
         self.val_ids = self._token_ids(self.val_texts)
 
@@ -261,44 +262,81 @@ class Trainer:
             load_model(components.reverse, str(raw))
         return components, state
 
-    def _latents(self, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of the train and validation texts, encoded once and cached under training/."""
-        cache = self.state_dir / "latents.safetensors"
-        if cache.is_file():
-            stored = load_file(str(cache))
-            if stored.get("fingerprint") is not None and bytes(stored["fingerprint"].tolist()).decode() == fingerprint:
-                return stored["train"], stored["val"]
-        start = time.perf_counter()
-        encoder = self.components.encoder
-        train = encoder.encode(self.train_texts).cpu()
-        val = encoder.encode(self.val_texts).cpu() if self.val_texts else torch.empty(0, encoder.latent_dim)
-        n = len(self.train_texts) + len(self.val_texts)
-        self.log(f"encoded {n} texts in {time.perf_counter() - start:.1f}s ({n / (time.perf_counter() - start):.0f}/s)")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"train": train, "val": val, "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)},
-                  str(cache))
-        return train, val
+    def _encoding_key(self, kind: str, texts: dict[str, list[str]]) -> str:
+        """What decides an encoded corpus: the frozen encoder (weights, tokenizer, token limit), what is kept
+        (pooled latents or token states) and the texts of each split, in order. Not the steps, the seed's
+        other uses or the package version, so a run that changes only those reuses the encoding."""
+        digest = hashlib.sha256(f"{kind}\0{self.components.encoder.frozen_identity()}\0".encode())
+        for split, values in texts.items():
+            digest.update(f"\0{split}:{len(values)}\0".encode())
+            for text in values:
+                digest.update(text.encode() + b"\n")
+        return digest.hexdigest()[:32]
 
-    def _token_states(self, fingerprint: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The frozen encoder's token states of the train and validation texts (what the resampler reads), encoded
-        once and cached under training/ as one flat (tokens, D) tensor and the texts' lengths."""
-        cache = self.state_dir / "token_states.safetensors"
+    def _cached_encoding(self, kind: str, encode, texts: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+        """`encode()`'s tensors, from the cache when its key matches: training/{kind}.safetensors, or with a
+        shared `encoding_cache` folder (the demo's) {kind}-{key}.safetensors there, reused across runs.
+        `texts`: what was encoded, by split (default: the train and validation texts)."""
+        texts = texts or {"train": self.train_texts, "val": self.val_texts}
+        key = self._encoding_key(kind, texts)
+        cache = (self.encoding_cache / f"{kind}-{key}.safetensors" if self.encoding_cache
+                 else self.state_dir / f"{kind}.safetensors")
         if cache.is_file():
             stored = load_file(str(cache))
-            if bytes(stored["fingerprint"].tolist()).decode() == fingerprint:
-                return (list(stored["train"].split(stored["train_lengths"].tolist())),
-                        list(stored["val"].split(stored["val_lengths"].tolist())))
+            if "key" in stored and bytes(stored.pop("key").tolist()).decode() == key:
+                self.log(f"encoded corpus: reused {cache}")
+                return stored
         start = time.perf_counter()
+        tensors = encode()
+        n = sum(map(len, texts.values()))
+        seconds = time.perf_counter() - start
+        self.log(f"encoded {n} texts ({kind.replace('_', ' ')}) in {seconds:.1f}s ({n / max(seconds, 1e-9):.0f}/s)")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".partial")  # a run killed while writing leaves no half file under the name
+        save_file({**tensors, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(partial))
+        partial.replace(cache)
+        return tensors
+
+    def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the train and validation texts, encoded once and cached (see _cached_encoding)."""
         encoder = self.components.encoder
-        train, val = encoder.token_states(self.train_texts), encoder.token_states(self.val_texts)
-        self.log(f"encoded {len(train) + len(val)} texts' token states in {time.perf_counter() - start:.1f}s")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        empty = torch.empty(0, encoder.latent_dim)
-        save_file({"train": torch.cat(train) if train else empty, "val": torch.cat(val) if val else empty,
-                   "train_lengths": torch.tensor([len(s) for s in train], dtype=torch.long),
-                   "val_lengths": torch.tensor([len(s) for s in val], dtype=torch.long),
-                   "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}, str(cache))
-        return train, val
+
+        def encode() -> dict[str, torch.Tensor]:
+            bar = "encoding" if self.progress else None
+            return {"train": encoder.encode(self.train_texts, progress=bar).cpu(),
+                    "val": encoder.encode(self.val_texts).cpu() if self.val_texts
+                    else torch.empty(0, encoder.latent_dim)}
+
+        stored = self._cached_encoding("latents", encode)
+        return stored["train"], stored["val"]
+
+    def _token_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The frozen encoder's token states of the train and validation texts (what the resampler reads), encoded
+        once and cached as one flat (tokens, D) tensor and the texts' lengths."""
+        encoder = self.components.encoder
+
+        def encode() -> dict[str, torch.Tensor]:
+            train = encoder.token_states(self.train_texts, progress="encoding" if self.progress else None)
+            val = encoder.token_states(self.val_texts)
+            empty = torch.empty(0, encoder.latent_dim)
+            return {"train": torch.cat(train) if train else empty, "val": torch.cat(val) if val else empty,
+                    "train_lengths": torch.tensor([len(s) for s in train], dtype=torch.long),
+                    "val_lengths": torch.tensor([len(s) for s in val], dtype=torch.long)}
+
+        stored = self._cached_encoding("token_states", encode)
+        return (list(stored["train"].split(stored["train_lengths"].tolist())),
+                list(stored["val"].split(stored["val_lengths"].tolist())))
+
+    def _source_states(self, sources: list[str]) -> list[torch.Tensor]:
+        """The token states (L_i, D) of each distinct source of a text-conditional model, encoded once."""
+        encoder = self.components.encoder
+
+        def encode() -> dict[str, torch.Tensor]:
+            states = encoder.token_states(sources, progress="encoding sources" if self.progress else None)
+            return {"states": torch.cat(states), "lengths": torch.tensor([len(s) for s in states], dtype=torch.long)}
+
+        stored = self._cached_encoding("source_states", encode, {"sources": sources})
+        return list(stored["states"].split(stored["lengths"].tolist()))
 
     def _resample(self, states: list[torch.Tensor]) -> torch.Tensor:
         """Token states [(L_i, D)] -> latent tokens (N, K, D) on the training device, through the resampler (with
@@ -442,6 +480,7 @@ class Trainer:
         (self.state_dir / "state.json").write_text(json.dumps(self.state, indent=2))
 
     def _write_log(self, record: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         with (self.state_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -603,12 +642,14 @@ def check_conditions(config: ModelConfig, texts: list[str], conditions: list[str
 
 
 def train(texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig | None = None,
-          *, conditions: list[str] | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
+          *, conditions: list[str] | None = None, resume: bool = False, progress: bool = True, log=print,
+          encoding_cache: str | Path | None = None) -> dict:
     """Train both stages; returns a summary per stage. `out` becomes a checkpoint directory. A conditional
     model (model_config.condition) takes `conditions`, one source text or label per text; a label model
-    without a label set gets the data's distinct labels, sorted."""
+    without a label set gets the data's distinct labels, sorted. `encoding_cache`: a folder where encoded
+    corpora are kept by what decides them, so that other runs on the same texts reuse them."""
     if model_config.condition == "label" and model_config.labels is None and conditions is not None:
         model_config = dataclasses.replace(model_config, labels=sorted(set(conditions)))
     trainer = Trainer(texts, out, model_config, train_config or TrainConfig(), conditions=conditions, resume=resume,
-                      progress=progress, log=log)
+                      progress=progress, log=log, encoding_cache=encoding_cache)
     return trainer.run()

@@ -1,17 +1,13 @@
 """What each training example is generated from, for a conditional model's diffusion stage (ldlm.guidance).
 
 Labels are ids into the model's label set. Source texts are encoded once by the frozen encoder into their token
-states: each distinct source once (E2E's 7,600 lines have about 1,000 meaning representations), cached under
-training/ with a fingerprint of the data, so a resumed run reads them back.
+states: each distinct source once (E2E's 7,600 lines have about 1,000 meaning representations), by the trainer,
+which caches them with its other encodings, so a resumed run reads them back.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from .encoder import pad_states
 from .reverse import Condition, ReverseTransformer
@@ -20,7 +16,9 @@ from .reverse import Condition, ReverseTransformer
 class TrainingConditions:
     """The conditions of the train and validation examples, ready to batch."""
 
-    def __init__(self, config, conditions: dict[str, list[str]], encoder, cache: Path, fingerprint: str, log=print):
+    def __init__(self, config, conditions: dict[str, list[str]], source_states):
+        """`source_states(sources)`: the frozen encoder's token states [(L_i, D)] of distinct source texts (the
+        trainer's, cached)."""
         self.kind = config.condition
         if self.kind == "label":
             index = {name: i for i, name in enumerate(config.labels)}
@@ -34,22 +32,7 @@ class TrainingConditions:
         position = {source: i for i, source in enumerate(distinct)}
         self.ids = {split: torch.tensor([position[c] for c in values], dtype=torch.long)
                     for split, values in conditions.items()}
-        self.states = self._source_states(distinct, encoder, cache, fingerprint, log)
-
-    @staticmethod
-    def _source_states(sources: list[str], encoder, cache: Path, fingerprint: str, log) -> list[torch.Tensor]:
-        """The token states (L_i, D) of each distinct source, encoded once and cached."""
-        if cache.is_file():
-            stored = load_file(str(cache))
-            if bytes(stored["fingerprint"].tolist()).decode() == fingerprint:
-                return list(stored["states"].split(stored["lengths"].tolist()))
-        start = time.perf_counter()
-        states = encoder.token_states(sources)
-        log(f"encoded {len(sources)} distinct sources in {time.perf_counter() - start:.1f}s")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"states": torch.cat(states), "lengths": torch.tensor([len(s) for s in states], dtype=torch.long),
-                   "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}, str(cache))
-        return states
+        self.states = source_states(distinct)
 
     def batch(self, model: ReverseTransformer, split: str, idx: torch.Tensor | list[int],
               device: torch.device) -> Condition:

@@ -19,6 +19,7 @@ def test_bench_a_preset_on_two_backends(tmp_path, capsys):
         (b, n, s) for b in ("reference", "onnx") for n in (1, 3) for s in STAGES if s not in CONDITIONAL_STAGES}
     for r in rows:
         assert 0 < r["median_s"] <= r["p90_s"] <= r["p99_s"] and r["iters"] == 3
+        assert r["first_call_s"] > 0  # the one warm-up run, timed alone (compiles, captures, allocations)
         assert abs(r["samples_per_s"] - r["batch"] / r["median_s"]) < 1e-6 * r["samples_per_s"]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| onnx | 3 | end_to_end |" in capsys.readouterr().out
@@ -36,3 +37,4 @@ def test_bench_of_a_checkpoint_runs_its_own_sampler_and_says_so(tiny_checkpoint,
                  "--max-new-tokens", "2", "--no-progress", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["sampler"], r["steps"]) for r in rows} == {tiny_pipeline.sampling(None, None)}
+    assert all(r["first_call_s"] is None for r in rows)  # --warmup 0: no first call timed apart

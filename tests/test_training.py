@@ -128,3 +128,33 @@ def test_the_bar_shows_the_time_left_by_the_first_limit():
     assert _time_left(10, 5.0, 0.5, max_steps=None, max_seconds=35.0) == "0m30s"  # the time budget
     assert _time_left(10, 5.0, 0.5, max_steps=20, max_seconds=600.0) == "0m05s"  # whichever comes first
     assert _time_left(10, 50.0, 0.5, max_steps=None, max_seconds=35.0) == "0m00s"
+
+
+def _logged_training(texts, out, config, **kwargs) -> list[str]:
+    lines: list[str] = []
+    train(texts, out, config, tiny_train_config(decoder_steps=2, diffusion_steps=2, **kwargs), progress=False,
+          log=lines.append, encoding_cache=out.parent / "encoded")
+    return lines
+
+
+def test_the_encoded_corpus_is_reused_exactly_when_nothing_that_decides_it_changed(tmp_path):
+    tiny = ModelConfig.from_preset("tiny")
+    assert not any("reused" in line for line in _logged_training(TINY_TEXTS, tmp_path / "a", tiny))
+    # other steps or seeds of the optimizer leave the encoding as it was
+    assert any("encoded corpus: reused" in line for line in _logged_training(TINY_TEXTS, tmp_path / "b", tiny,
+                                                                               warmup_steps=3))
+    # what changes the encoding: the texts, the encoder's token limit, its weights (another seed's tiny encoder)
+    changed = [(TINY_TEXTS[:-1] + ["A different last sentence for the corpus."], tiny),
+               (TINY_TEXTS, dataclasses.replace(tiny, encoder_max_tokens=8))]
+    for i, (texts, config) in enumerate(changed):
+        assert not any("reused" in line for line in _logged_training(texts, tmp_path / f"c{i}", config))
+    assert not any("reused" in line for line in _logged_training(TINY_TEXTS, tmp_path / "d", tiny, seed=1))
+    stored = load_file(str(next((tmp_path / "encoded").glob("latents-*.safetensors"))))
+    assert set(stored) == {"train", "val", "key"}
+
+
+def test_loading_a_checkpoint_prints_no_third_party_bar(tiny_checkpoint, capfd):
+    capfd.readouterr()
+    ldlm.load(tiny_checkpoint)
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
