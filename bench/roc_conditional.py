@@ -4,7 +4,7 @@ the same-size GPT-2 trained to continue the same first sentence (issue 18).
     python bench/roc_conditional.py split --data ../shared/data/roc --workdir runs/roc-cond
     cd runs/roc-cond
     ldlm train --data train.jsonl --source-field source --out cond --preset small --max-text-tokens 80 --latent-tokens 1 \\
-        --time-budget 0 --decoder-steps 1000 --diffusion-steps 1500 --decoding nucleus --top-p 0.95
+        --time-budget 0 --decoder-steps 1000 --diffusion-steps 1000 --decoding nucleus --top-p 0.95
     ldlm baseline train --data train.jsonl --source-field source --out lm --preset small --max-text-tokens 112 \\
         --time-budget 0 --steps 1300
     python bench/roc_conditional.py eval --workdir . --model cond --baseline lm --guidance 1 2 3 --seeds 0 1

@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where the trained demo model is kept (default ~/.cache/ldlm)")
     # the defaults are ldlm.demo's DEMO_*_STEPS, written out so that --help imports no torch (a test checks them)
     p.add_argument("--decoder-steps", type=int, default=400,
-                   help="decoder training steps (default 400: about 7 minutes all told on an idle 2-core CPU)")
+                   help="decoder training steps (default 400: about 8 minutes all told on an idle 2-core CPU)")
     p.add_argument("--diffusion-steps", type=int, default=300, help="reverse transformer training steps (default 300)")
     p.add_argument("-n", "--num-samples", type=int, default=5, help="unconditional samples to print (default 5)")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")

@@ -36,7 +36,7 @@ def _training_done(directory: Path) -> bool:
 
 
 # fixed step counts, not a time budget, so that every machine trains the same model (a slower or busier one
-# takes longer): sized to about 7 minutes all told on an idle 2-core CPU (bench/RESULTS.md, "the demo at fixed
+# takes longer): about 8 minutes all told on an idle 2-core CPU (bench/RESULTS.md, "the demo at fixed
 # step counts"). The decoder gets most of it: reconstruction quality bounds everything the demo prints, and the
 # reverse transformer's held-out loss flattens within a few hundred steps.
 DEMO_DECODER_STEPS = 400
@@ -65,8 +65,10 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
         print(f"model: cached at {directory}")
     else:
         resume = (directory / "training" / "state.json").is_file()
+        usual = " (about 8 min on an idle 2-core CPU)" if (preset, decoder_steps, diffusion_steps) == (
+            "small", DEMO_DECODER_STEPS, DEMO_DIFFUSION_STEPS) else ""
         print(f"model: {'resuming' if resume else 'training'} preset {preset!r}, {decoder_steps} decoder and "
-              f"{diffusion_steps} diffusion steps (about 7 min on an idle 2-core CPU) -> {directory}")
+              f"{diffusion_steps} diffusion steps{usual} -> {directory}")
         # the encoded corpus is kept beside the demo models, keyed by the encoder and the texts, so a demo
         # with other step counts (or a new ldlm version) encodes nothing again
         train(texts, directory, config, train_config, resume=resume, progress=progress,
@@ -85,7 +87,7 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
 
     _, held_out = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
     start = time.perf_counter()
-    check = check_model(pipe, held_out[:SELF_CHECK_TEXTS], drawn)
+    check = check_model(pipe, held_out[:SELF_CHECK_TEXTS], drawn, progress=progress)
     timings[f"self-check ({check.reconstructed} reconstructions)"] = time.perf_counter() - start
 
     examples = held_out[:3]

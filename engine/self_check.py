@@ -89,9 +89,9 @@ class SelfCheck:
                 "what a trained ldlm model writes.")
 
 
-def check_model(pipe, held_out: list[str], samples: list[str]) -> SelfCheck:
+def check_model(pipe, held_out: list[str], samples: list[str], progress: bool = False) -> SelfCheck:
     """Reconstruct the held-out texts and look for broken samples."""
-    reconstructions = pipe.reconstruct(held_out, progress=False) if held_out else []
+    reconstructions = pipe.reconstruct(held_out, progress=progress) if held_out else []
     overlaps = [word_overlap(r, t) for r, t in zip(reconstructions, held_out)]
     broken = [(s, why) for s in samples if (why := sample_defect(s)) is not None]
     return SelfCheck(reconstruction_overlap=sum(overlaps) / len(overlaps) if overlaps else 0.0,
