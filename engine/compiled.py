@@ -1,7 +1,7 @@
 """The `compiled` backend: the reference modules through `torch.compile` (Inductor; CPU or CUDA).
 
 - The reverse transformer runs the reference samplers' steps, compiled once per shape bucket: rows padded to
-  the next power of two (ldlm.pipeline.batch_bucket), a condition's tokens to the next power of two with the
+  the next power of two (ldlm.buckets), a condition's tokens to the next power of two with the
   padding masked, so a sampling loop of any length compiles at most once per bucket and never recompiles
   inside the loop. The padding is added inside the denoiser, so the sampler draws exactly the reference's
   noise.
@@ -10,31 +10,27 @@
   buffer it reads).
 
 Compiled code is cached on disk by Inductor (its FX graph cache, under TORCHINDUCTOR_CACHE_DIR), so a second
-process with the same model and shapes loads kernels instead of generating them; `compile_seconds` records what
-the first call of each shape cost in this process.
+process with the same model and shapes loads kernels instead of generating them; `Pipeline.compile_times`
+records what the first call of each shape cost in this process.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
 
 import torch
 
+from .buckets import next_power_of_two
 from .reverse import Condition, ReverseTransformer
 
 
 def compiler_missing() -> str | None:
     """Why Inductor cannot compile for the CPU here (no C++ compiler), or None."""
-    import os
-
     names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
     return None if any(n and shutil.which(n) for n in names) else "no C++ compiler (g++, clang++) on PATH"
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 class CompileTimes:
@@ -63,7 +59,6 @@ class CompiledReverse:
     `torch.compile(dynamic=False)` on bucketed shapes. `config` and `null` are the module's."""
 
     def __init__(self, reverse: ReverseTransformer, times: CompileTimes, mode: str | None = None):
-        self.module = reverse
         self.config = reverse.config
         self.null = reverse.null
         self.times = times
@@ -72,7 +67,7 @@ class CompiledReverse:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
                  condition: Condition | None = None) -> torch.Tensor:
         n = x_t.shape[0]
-        rows = _bucket(n)
+        rows = next_power_of_two(n)
 
         def pad(z: torch.Tensor) -> torch.Tensor:  # rows n -> rows, copies of row 0 (finite, dropped below)
             return z if rows == n else torch.cat([z, z[:1].expand(rows - n, *z.shape[1:])])
@@ -83,7 +78,7 @@ class CompiledReverse:
         kwargs = {}
         key = f"reverse rows={rows}"
         if condition is not None:
-            length = _bucket(condition.tokens.shape[1])
+            length = next_power_of_two(condition.tokens.shape[1])
             c = condition.padded(length)
             kwargs["condition"] = Condition(pad(c.tokens), pad(c.mask))
             key += f" condition={length}"
@@ -93,9 +88,9 @@ class CompiledReverse:
 def compile_beam_step(search, times: CompileTimes, mode: str | None = None) -> None:
     """Replace a StaticBeamSearch's token step by its compiled version (in place)."""
     compiled = torch.compile(search.decode_step, dynamic=False, fullgraph=True, mode=mode)
-    key = f"beam step rows={search.B * search.K}"
+    keys = [f"beam step rows={search.B * search.K} cache={parity}" for parity in (0, 1)]  # per KV buffer read
 
     def step(state) -> None:
-        times.timed(f"{key} cache={search.model.current}", lambda: compiled(state))
+        times.timed(keys[search.model.current], lambda: compiled(state))
 
     search.decode_step = step

@@ -29,6 +29,7 @@ from itertools import groupby
 
 import torch
 
+from .buckets import next_power_of_two
 from .folded_reverse import ConditionStates, FoldedReverse
 from .reverse import Condition
 from .samplers import ItemNoise
@@ -57,11 +58,6 @@ class _Buffers:
     guidance: torch.Tensor | None = None  # (1,) the guidance weight w of a guided run
     graphs: dict = field(default_factory=dict)  # (draws_noise, from_table, steps) -> CUDAGraph of that many steps
     pool: tuple | None = None  # the memory pool the graphs above share
-
-
-def condition_bucket(length: int) -> int:
-    """The static condition length a condition of `length` tokens runs at: the next power of two."""
-    return 1 << max(0, length - 1).bit_length()
 
 
 def loop_plan(draws: list[bool], chunk: int) -> list[tuple[bool, int]]:
@@ -162,7 +158,7 @@ class FusedSampler:
             condition = self.denoiser.null(B)
         elif guided:  # each item's conditional rows, then its null rows
             condition = Condition.cat([condition, self.denoiser.null(B)])
-        length = condition_bucket(condition.tokens.shape[1])
+        length = next_power_of_two(condition.tokens.shape[1])
         buf = self._buffers_for(x_start.shape, guided, length)
         states = self.denoiser.condition_states(condition.padded(length))
         for (k_buf, v_buf), (k, v) in zip(buf.condition.keys_values, states.keys_values):

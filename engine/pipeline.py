@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .backends import ENGINE_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
+from .buckets import batch_bucket
 from .checkpoint import Components, load_checkpoint, load_config, save_checkpoint
 from .config import ModelConfig
 from .nucleus import nucleus_decode
@@ -36,11 +37,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype}; choose one of {list(DTYPES)}")
     return dtype
-
-
-def batch_bucket(n: int, limit: int) -> int:
-    """The static batch size a batch of n runs at on the engine: the next power of two, at most `limit`."""
-    return min(limit, 1 << max(0, n - 1).bit_length())
 
 
 class Pipeline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -223,6 +224,7 @@ class Trainer:
                                                                           ("diffusion", train_config.reverse_from)) if p}}
         c = self.components
         self.config = c.config
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # the log and resume state; encodings may live elsewhere
         for module in (c.encoder, c.decoder, c.reverse, self.ema):  # the latents and their statistics stay on the CPU
             if module is not None:
                 module.to(self.device)
@@ -262,11 +264,16 @@ class Trainer:
             load_model(components.reverse, str(raw))
         return components, state
 
+    @functools.cached_property
+    def _encoder_identity(self) -> str:
+        """The frozen encoder's digest (its weights hashed once a run: they never change)."""
+        return self.components.encoder.frozen_identity()
+
     def _encoding_key(self, kind: str, texts: dict[str, list[str]]) -> str:
         """What decides an encoded corpus: the frozen encoder (weights, tokenizer, token limit), what is kept
         (pooled latents or token states) and the texts of each split, in order. Not the steps, the seed's
         other uses or the package version, so a run that changes only those reuses the encoding."""
-        digest = hashlib.sha256(f"{kind}\0{self.components.encoder.frozen_identity()}\0".encode())
+        digest = hashlib.sha256(f"{kind}\0{self._encoder_identity}\0".encode())
         for split, values in texts.items():
             digest.update(f"\0{split}:{len(values)}\0".encode())
             for text in values:
@@ -480,7 +487,6 @@ class Trainer:
         (self.state_dir / "state.json").write_text(json.dumps(self.state, indent=2))
 
     def _write_log(self, record: dict) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         with (self.state_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 

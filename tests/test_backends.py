@@ -8,7 +8,7 @@ import torch
 
 import ldlm
 from ldlm.backends import BackendUnavailable, resolve_backend
-from ldlm.pipeline import batch_bucket
+from ldlm.buckets import batch_bucket
 
 from .conftest import assert_threads_get_their_own_results
 

@@ -11,7 +11,8 @@ import torch
 import ldlm
 from ldlm.config import ModelConfig
 from ldlm.folded_reverse import FoldedReverse
-from ldlm.fused_sampler import FusedSampler, condition_bucket
+from ldlm.buckets import next_power_of_two
+from ldlm.fused_sampler import FusedSampler
 from ldlm.guidance import guided_denoiser
 from ldlm.reverse import ReverseTransformer
 from ldlm.samplers import SAMPLERS
@@ -79,7 +80,7 @@ def test_no_condition_is_the_null_condition():
 
 def test_one_buffer_serves_every_condition_length_of_its_bucket():
     model = conditional_model("text")
-    assert [condition_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert [next_power_of_two(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     with torch.no_grad():
         short, long = some_condition(model, 2, length=5), some_condition(model, 2, length=7)
     expected, got, engine = reference_and_engine(model, short, 2.0, "ddim", 6)
