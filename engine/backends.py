@@ -8,8 +8,10 @@
                 samplers with a compiled reverse transformer, the static-KV beam search with a compiled step
     onnx        the networks exported by `ldlm export`, run by ONNX Runtime from the export directory alone
                 (ldlm.onnx_runtime); the sampling and beam-search arithmetic is the reference's
-    auto        onnx for an export directory; for a checkpoint, cuda-graph where CUDA and Triton are
-                available, else reference
+    aoti        the same graphs compiled ahead of time by `ldlm export --format aoti` (AOTInductor packages,
+                ldlm.aoti_runtime), run like onnx's; nothing compiles at load
+    auto        the export's own backend for an export directory; for a checkpoint, cuda-graph where CUDA and
+                Triton are available, else reference
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a backend is resolved, so that the CLI's parser needs none
     import torch
 
-BACKENDS = ("auto", "reference", "fused", "cuda-graph", "compiled", "onnx")
+BACKENDS = ("auto", "reference", "fused", "cuda-graph", "compiled", "onnx", "aoti")
+EXPORT_BACKENDS = ("onnx", "aoti")  # run an export directory's graphs (the manifest's format says which)
 ENGINE_BACKENDS = ("fused", "cuda-graph")  # the Triton/CUDA-graph engine (ldlm.fused_sampler, static beam search)
 STATIC_DECODE_BACKENDS = (*ENGINE_BACKENDS, "compiled")  # decode with the static-KV beam search
+
+
+# Measured on the 2-core CPU with every path side by side (bench/cpu_paths.py; bench/RESULTS.md, "every CPU
+# path"): of the backends that run a checkpoint, the eager reference is the fastest end to end (the compiled
+# backend's first call compiles for tens of seconds, and its static-KV decode is slower from batch 8; fused runs
+# Triton's interpreter); an export is faster still, so auto names it.
+CPU_AUTO_REASON = ("auto: on the CPU the reference is the fastest backend for a checkpoint (CUDA graphs need a "
+                   "CUDA device); an ONNX export runs faster: `ldlm export CKPT OUT` and load OUT (its int8 reverse "
+                   "transformer with --int8)")
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,20 +46,23 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(name: str, device: torch.device, export: bool = False) -> tuple[str, str]:
-    """(backend, why) for a requested name on a device, for a checkpoint or (export=True) an ONNX export
-    directory; raises with what to do when it cannot run."""
+def resolve_backend(name: str, device: torch.device, export: str | None = None) -> tuple[str, str]:
+    """(backend, why) for a requested name on a device, for a checkpoint or an export directory whose graphs
+    are in format `export` ("onnx" or "aoti"); raises with what to do when it cannot run."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
     if export:
-        if name not in ("auto", "onnx"):
-            raise BackendUnavailable(f"this is an ONNX export directory, which only backend 'onnx' runs; load the "
-                                     f"checkpoint it was exported from for backend {name!r}")
-        return "onnx", "requested" if name == "onnx" else "auto: an ONNX export directory"
-    if name == "onnx":
-        raise BackendUnavailable("backend 'onnx' runs an export directory: write one with "
-                                 "`ldlm export CHECKPOINT OUTDIR` and load that")
+        if name not in ("auto", export):
+            raise BackendUnavailable(f"this is an export directory of {export} graphs, which only backend {export!r} "
+                                     f"runs; load the checkpoint it was exported from for backend {name!r}")
+        return export, "requested" if name == export else f"auto: an export directory of {export} graphs"
+    if name in EXPORT_BACKENDS:
+        flag = " --format aoti" if name == "aoti" else ""
+        raise BackendUnavailable(f"backend {name!r} runs an export directory: write one with "
+                                 f"`ldlm export CHECKPOINT OUTDIR{flag}` and load that")
     if name == "auto":
+        if device.type == "cpu":
+            return "reference", CPU_AUTO_REASON
         if device.type != "cuda":
             return "reference", f"auto: device is {device.type}, CUDA graphs need a CUDA device"
         if not triton_available():

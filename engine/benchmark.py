@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .decoder import LatentDecoder, train_bpe_tokenizer
 from .encoder import LatentEncoder, build_tiny_encoder
 from .inputs import check_positive_int
+from .resampler import LatentResampler
 from .reverse import ReverseTransformer
 
 STAGES = ("encode", "loop", "loop_conditional", "loop_guided", "decode", "end_to_end")
@@ -32,6 +33,20 @@ GUIDED = 2.0  # the guidance weight the guided loop is timed at (any w other tha
 # BERT sizes standing in for each preset's pretrained encoder (bert-base-uncased, all-MiniLM-L6-v2)
 ENCODER_SIZES = {"base": {"num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
                  "small": {"num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}}
+
+
+def export_for_bench(source, backend: str, dtype: str, out: str, int8: bool = False):
+    """A checkpoint (directory or Components) exported to `out` for backend "onnx" (float32 graphs, `dtype`'s too,
+    the int8 reverse transformer if asked) or "aoti" (float32 packages), quietly; returns `out`."""
+    quiet = {"log": lambda *_: None}
+    if backend == "aoti":
+        from ldlm.export.aoti_export import export_aoti
+
+        return export_aoti(source, out, **quiet)
+    from ldlm.export.onnx_export import export_checkpoint
+
+    variants = ("float32",) if dtype == "float32" else ("float32", dtype)
+    return export_checkpoint(source, out, variants=variants, int8=int8, **quiet)
 
 
 def bench_components(preset: str, vocab_size: int | None = None, seed: int = 0) -> Components:
@@ -48,6 +63,8 @@ def bench_components(preset: str, vocab_size: int | None = None, seed: int = 0) 
             encoder = LatentEncoder(bert, tiny.tokenizer)
         else:
             encoder = tiny
+        if config.latent_tokens > 1:  # K latent tokens: the resampler is part of encoding, as in a trained model
+            encoder.resampler = LatentResampler(config).eval()
         tokenizer = train_bpe_tokenizer(["a small corpus for the benchmark's tokenizer"], 300)
         gpt2 = GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab_size or config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
@@ -55,7 +72,7 @@ def bench_components(preset: str, vocab_size: int | None = None, seed: int = 0) 
             bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         decoder = LatentDecoder(config, gpt2, tokenizer).eval()
         reverse = ReverseTransformer(config).eval()
-    zeros = torch.zeros(config.latent_dim)
+    zeros = torch.zeros(config.latent_shape)  # identity statistics, one per latent entry
     return Components(config, encoder, decoder, reverse, zeros, zeros + 1, True)
 
 

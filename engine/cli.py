@@ -25,8 +25,8 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=4, help="beams in the decoder's beam search (default 4)")
     p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="implementation: auto picks onnx for an export directory, cuda-graph on CUDA with triton, "
-                        "else reference")
+                   help="implementation: auto picks an export directory's own (onnx or aoti), cuda-graph on CUDA "
+                        "with triton, else reference")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="engine compute dtype (default float32, the parity mode; the reference is float32 only; "
                         "onnx runs float32 or float16 graphs)")
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps of ddim or dpm++2m (default 50 and 20)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="engine dtype (default float32); the reference runs float32 regardless")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch and ONNX Runtime alike (default 0: each library's default)")
+    p.add_argument("--int8", action="store_true", help="with onnx: also time its int8 reverse transformer")
     p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
@@ -254,12 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw latency against batch size per backend into FILE (png)")
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs and a manifest (for backend onnx)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs (backend onnx) or AOTInductor packages "
+                                      "(backend aoti) and a manifest")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("outdir", help="new directory for the graphs, tokenizers and manifest.json")
-    p.add_argument("--no-fp16", action="store_true", help="skip the float16 graphs")
-    p.add_argument("--no-int8", action="store_true", help="skip the int8-quantized reverse transformer")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--format", choices=("onnx", "aoti"), default="onnx",
+                   help="onnx: ONNX graphs for ONNX Runtime (default); aoti: AOTInductor packages compiled for "
+                        "this CPU (float32; minutes to compile, nothing compiles at load)")
+    p.add_argument("--no-fp16", action="store_true", help="onnx: skip the float16 graphs")
+    p.add_argument("--no-int8", action="store_true", help="onnx: skip the int8-quantized reverse transformer")
+    p.add_argument("--opset", type=int, default=18, help="onnx: ONNX opset (default 18)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUTDIR (never anything else)")
 
     p = sub.add_parser("info", help="describe a checkpoint or an ONNX export")
@@ -523,16 +530,18 @@ def cmd_baseline(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    import dataclasses
     import importlib.util
     import tempfile
 
     import torch
 
-    from .backends import resolve_backend
-    from .benchmark import BenchSettings, bench_components, bench_pipeline, format_table, plot
+    from .backends import EXPORT_BACKENDS, resolve_backend
+    from .benchmark import BenchSettings, bench_components, bench_pipeline, export_for_bench, format_table, plot
     from .checkpoint import load_checkpoint
     from .export.manifest import is_export
     from .inputs import resolve_device
+    from .onnx_runtime import OnnxOptions
     from .pipeline import Pipeline, load
 
     if (args.checkpoint is None) == (args.preset is None):
@@ -545,29 +554,39 @@ def cmd_bench(args) -> None:
                              max_new_tokens=args.max_new_tokens)
     device = resolve_device(args.device)
     for backend in args.backends:  # fail before any work when a backend cannot run here
-        if backend != "onnx" and not (args.checkpoint and is_export(args.checkpoint)):
+        if backend not in EXPORT_BACKENDS and not (args.checkpoint and is_export(args.checkpoint)):
             resolve_backend(backend, device)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 0 (the libraries' defaults) or more, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     components = None
     rows = []
+
+    def run(pipe, name: str) -> None:
+        print(f"benchmarking {name} ({pipe.backend_reason})", file=sys.stderr)
+        rows.extend(bench_pipeline(pipe, name, settings, progress=not args.no_progress))
+
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
-            dtype = "float32" if backend in ("reference", "compiled") else args.dtype
+            dtype = "float32" if backend in ("reference", "compiled", "aoti") else args.dtype
+            options = OnnxOptions(intra_op_threads=args.threads)
             if args.checkpoint and is_export(args.checkpoint):
-                pipe = load(args.checkpoint, device=args.device, backend=backend, dtype=dtype)
-            elif backend == "onnx":
-                from .export.onnx_export import export_checkpoint
-
+                path = args.checkpoint
+            elif backend in EXPORT_BACKENDS:  # exported here first, untimed
                 source = args.checkpoint or components or bench_components(args.preset)
-                variants = ("float32",) if dtype == "float32" else ("float32", dtype)
-                export = export_checkpoint(source, f"{tmp}/export", variants=variants, int8=False, log=lambda *_: None)
-                pipe = load(export, device=args.device, dtype=dtype)
+                path = export_for_bench(source, backend, dtype, f"{tmp}/{backend}", int8=args.int8)
             else:
                 if components is None:
                     components = load_checkpoint(args.checkpoint) if args.checkpoint else bench_components(args.preset)
                 pipe = Pipeline(components, args.device, backend, dtype)
-            name = pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}"
-            print(f"benchmarking {name} ({pipe.backend_reason})", file=sys.stderr)
-            rows += bench_pipeline(pipe, name, settings, progress=not args.no_progress)
+                run(pipe, pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}")
+                continue
+            pipe = load(path, device=args.device, backend=backend, dtype=dtype, onnx_options=options)
+            run(pipe, pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}")
+            if args.int8 and pipe.backend == "onnx":
+                int8 = dataclasses.replace(options, int8_reverse=True)
+                run(load(path, device=args.device, dtype=dtype, onnx_options=int8), "onnx int8" if dtype == "float32" else f"onnx int8 {dtype}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str))
@@ -578,6 +597,11 @@ def cmd_bench(args) -> None:
 def cmd_export(args) -> None:
     from ldlm.export.onnx_export import export_checkpoint
 
+    if args.format == "aoti":
+        from ldlm.export.aoti_export import export_aoti
+
+        export_aoti(args.checkpoint, args.outdir, overwrite=args.overwrite)
+        return
     variants = ("float32",) if args.no_fp16 else ("float32", "float16")
     export_checkpoint(args.checkpoint, args.outdir, variants=variants, int8=not args.no_int8, opset=args.opset,
                       overwrite=args.overwrite)
@@ -587,12 +611,13 @@ def cmd_info(args) -> None:
     from .checkpoint import load_checkpoint
     from .export.manifest import is_export, read_manifest
 
-    if is_export(args.checkpoint):  # an ONNX export: its manifest, checked, without the bulky parts
+    if is_export(args.checkpoint):  # an export (ONNX or AOTI): its manifest, checked, without the bulky parts
         manifest = read_manifest(args.checkpoint)
         graphs = {variant: {name: {"file": g["file"], "inputs": [i["name"] for i in g["inputs"]],
                                    "outputs": [o["name"] for o in g["outputs"]]} for name, g in specs.items()}
                   for variant, specs in manifest["graphs"].items()}
-        print(json.dumps({"export": str(args.checkpoint), "opset": manifest["opset"], "exporter": manifest["exporter"],
+        print(json.dumps({"export": str(args.checkpoint), "format": manifest["format"], "opset": manifest.get("opset"),
+                          "exporter": manifest["exporter"], "target": manifest.get("target"),
                           "versions": manifest["versions"], "model": manifest["model"], "graphs": graphs,
                           "files": len(manifest["files"]), "hashes": "verified"}, indent=2))
         return

@@ -4,7 +4,8 @@ No PyTorch module or weight is loaded. torch stays in the loop for what must be 
 path: the noise generator, the schedule's tables and the samplers' arithmetic, and the beam-search bookkeeping
 (ldlm.samplers and ldlm.beam_search run unchanged on these parts). Inputs and outputs are bound to torch
 tensors' memory with IOBinding, so nothing is copied between the two, on the CPU or, with `onnxruntime-gpu`,
-on the GPU.
+on the GPU. The loader (load_export_components) also serves the `aoti` backend: its graphs are AOTInductor
+packages (ldlm.aoti_runtime) behind the same interface, driven by the same code.
 """
 
 from __future__ import annotations
@@ -69,7 +70,23 @@ def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, s
     return "cpu", f"CPUExecutionProvider ({why})"
 
 
-class Graph:
+class GraphShapes:
+    """What the loader checks of any exported graph: `path`, and `shapes`, each input's and output's shape as the
+    graph itself states it (fixed sizes as ints, dynamic axes as names)."""
+
+    path: Path
+    shapes: dict[str, list]
+
+    def expect_shape(self, name: str, shape: list, source: str) -> None:
+        """Refuse a manifest whose sizes (`source`) disagree with the graph's own: the loader allocates the
+        outputs from the manifest's numbers, so a hostile one could ask for any amount of memory."""
+        actual = self.shapes[name]
+        if len(actual) != len(shape) or any(isinstance(a, int) and a != e for a, e in zip(actual, shape)):
+            raise ValueError(f"{self.path} gives {name} the shape {actual}, but manifest.json's {source} implies "
+                             f"{shape}: the manifest does not belong to this graph; re-run `ldlm export`")
+
+
+class Graph(GraphShapes):
     """One ONNX Runtime session whose inputs and outputs are torch tensors bound by pointer (IOBinding)."""
 
     def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, *, spin: bool = False,
@@ -119,14 +136,6 @@ class Graph:
                              f"manifest lists {expected}; re-run `ldlm export` (a graph was replaced)")
         # each input's and output's shape, fixed sizes as ints and dynamic axes as names
         self.shapes = {v.name: list(v.shape) for v in (*self.session.get_inputs(), *self.session.get_outputs())}
-
-    def expect_shape(self, name: str, shape: list, source: str) -> None:
-        """Refuse a manifest whose sizes (`source`) disagree with the graph's own: the loader allocates the
-        outputs from the manifest's numbers, so a hostile one could ask for any amount of memory."""
-        actual = self.shapes[name]
-        if len(actual) != len(shape) or any(isinstance(a, int) and a != e for a, e in zip(actual, shape)):
-            raise ValueError(f"{self.path} gives {name} the shape {actual}, but manifest.json's {source} implies "
-                             f"{shape}: the manifest does not belong to this graph; re-run `ldlm export`")
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run with `inputs`, writing into the preallocated `outputs` (shapes known to the caller)."""
@@ -358,18 +367,28 @@ def _condition_parts(directory: Path, manifest: dict, specs: dict, config: Model
     return graph("condition"), null.to(device)
 
 
-def load_onnx_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
-                         options: OnnxOptions | None = None) -> tuple[Components, str]:
-    """The pipeline's parts from an export directory, and which provider runs them and why.
+def load_export_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                           options: OnnxOptions | None = None) -> tuple[Components, str, str]:
+    """The pipeline's parts from an export directory, the backend that runs them ("onnx" for ONNX graphs,
+    "aoti" for AOTInductor packages), and which provider runs them and why.
 
-    Checks everything before any work: the manifest and every file's hash, the provider, and that each graph
-    loads and has the inputs and outputs the manifest lists."""
-    from ldlm.export.manifest import ExportError, read_manifest
+    Checks everything before any work: the manifest and every file's hash, the provider (or the AOTInductor
+    target), and that each graph loads and has the inputs and outputs the manifest lists."""
+    from ldlm.export.manifest import ExportError, graph_format, read_manifest
 
     options = options or OnnxOptions()
     directory = Path(directory)
-    provider, why = resolve_provider(options, device)
     manifest = read_manifest(directory)
+    backend = graph_format(manifest)
+    if backend == "aoti":
+        from .aoti_runtime import AotiGraph, check_target
+
+        if options.int8_reverse:
+            raise ExportError(f"{directory} holds AOTInductor packages, which have no int8 reverse transformer: "
+                              "drop int8, or load an ONNX export (`ldlm export`) for it")
+        why = check_target(manifest, directory, device)
+    else:
+        provider, why = resolve_provider(options, device)
     variant = {torch.float32: "float32", torch.float16: "float16"}.get(dtype)
     if variant is None or variant not in manifest["graphs"]:
         raise ExportError(f"{directory} has no {dtype} graphs (it has {sorted(manifest['graphs'])}): export them "
@@ -381,6 +400,8 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
         specs["reverse"] = manifest["graphs"]["int8"]["reverse"]
 
     def graph(name: str) -> Graph:
+        if backend == "aoti":
+            return AotiGraph(directory / specs[name]["file"], specs[name])
         return Graph(directory / specs[name]["file"], specs[name], provider, options, spin=name == "reverse",
                      device_id=device.index or 0)
 
@@ -408,8 +429,11 @@ def load_onnx_components(directory: str | Path, device: torch.device, dtype: tor
     if tuple(mean.shape) != config.latent_shape or tuple(std.shape) != config.latent_shape:
         raise ExportError(f"{directory / 'manifest.json'}: latent_stats must have the latent's shape "
                           f"{config.latent_shape}, not {tuple(mean.shape)}: re-run `ldlm export`")
-    threads = options.intra_op_threads or os.cpu_count()
     detail = f"{why}; {variant}{' + int8 reverse' if options.int8_reverse else ''} graphs"
-    if provider == "cpu":
+    if not options.int8_reverse and "reverse" in manifest["graphs"].get("int8", {}):
+        # fp32 stays the default: it is the reference's parity mode; int8 is chosen, not imposed
+        detail += " (an int8 reverse transformer is here too: about 2x faster sampling on the CPU, --int8)"
+    if backend == "onnx" and provider == "cpu":
+        threads = options.intra_op_threads or os.cpu_count()
         detail += f", {threads} intra-op threads, optimization {options.optimization_level}"
-    return Components(config, encoder, decoder, reverse, mean, std, encoder_bundled=False), detail
+    return Components(config, encoder, decoder, reverse, mean, std, encoder_bundled=False), backend, detail

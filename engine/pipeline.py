@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends import ENGINE_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
+from .backends import ENGINE_BACKENDS, EXPORT_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
 from .buckets import batch_bucket
 from .checkpoint import Components, load_checkpoint, load_config, save_checkpoint
@@ -56,8 +56,8 @@ class Pipeline:
         self.latent_mean = components.latent_mean.to(self.device)
         self.latent_std = components.latent_std.to(self.device)
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
-        if backend == "onnx":  # parts already running in ONNX Runtime (Pipeline.load of an export directory)
-            self.backend, self.backend_reason = "onnx", backend_reason or "onnx"
+        if backend in EXPORT_BACKENDS:  # an export directory's graphs, already loaded (Pipeline.load)
+            self.backend, self.backend_reason = backend, backend_reason or backend
             self.encoder, self.decoder, self.reverse = components.encoder, components.decoder, components.reverse
             return
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
@@ -85,21 +85,22 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
              dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
-        from ldlm.export.manifest import is_export
+        from ldlm.export.manifest import export_format
 
         device = resolve_device(device)
-        if not is_export(path):
+        graphs = export_format(path)
+        if graphs is None:
             resolve_backend(backend, device)  # fail before loading weights
             return cls(load_checkpoint(path), device, backend, dtype)
-        from .onnx_runtime import load_onnx_components
+        from .onnx_runtime import load_export_components
 
-        resolve_backend(backend, device, export=True)
-        components, why = load_onnx_components(path, device, resolve_dtype(dtype), onnx_options)
-        return cls(components, device, "onnx", dtype, backend_reason=why)
+        resolve_backend(backend, device, export=graphs)
+        components, backend, why = load_export_components(path, device, resolve_dtype(dtype), onnx_options)
+        return cls(components, device, backend, dtype, backend_reason=why)
 
     def save(self, path: str | Path) -> Path:
-        if self.backend == "onnx":
-            raise ValueError("an ONNX export holds no PyTorch weights to save; save from the checkpoint instead")
+        if self.backend in EXPORT_BACKENDS:
+            raise ValueError("an export holds no PyTorch weights to save; save from the checkpoint instead")
         return save_checkpoint(self.components, path)
 
     # --- latents ---------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class Pipeline:
             if top_p is not None:
                 token_ids = nucleus_decode(self.decoder, batch, top_p=top_p, max_new_tokens=search.max_new_tokens,
                                            generator=generator)
-            elif self.backend not in STATIC_DECODE_BACKENDS:  # reference, or onnx (the reference search on ORT graphs)
+            elif self.backend not in STATIC_DECODE_BACKENDS:  # reference, or an export (the reference search on its graphs)
                 token_ids = beam_search(self.decoder, batch, search)
             else:
                 with self._engine_lock:

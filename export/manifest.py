@@ -14,7 +14,7 @@ from pathlib import Path
 from ldlm.model_files import ModelFileError, folder_files, inside
 
 MANIFEST = "manifest.json"
-FORMAT = "ldlm-onnx"
+FORMATS = {"ldlm-onnx": "onnx", "ldlm-aoti": "aoti"}  # the manifest's "format" -> the graphs' format
 FORMAT_VERSION = 1
 GRAPHS = ("encoder", "reverse", "decoder_prefill", "decoder_step")
 
@@ -36,8 +36,9 @@ def hash_files(directory: Path) -> dict[str, str]:
     return {name: sha256(directory / name) for name in folder_files(directory) if name != MANIFEST}
 
 
-def write_manifest(directory: Path, manifest: dict) -> Path:
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": hash_files(directory)}
+def write_manifest(directory: Path, manifest: dict, graph_format: str = "onnx") -> Path:
+    kind = {v: k for k, v in FORMATS.items()}[graph_format]
+    manifest = {"format": kind, "format_version": FORMAT_VERSION, **manifest, "files": hash_files(directory)}
     path = directory / MANIFEST
     path.write_text(json.dumps(manifest, indent=2))
     return path
@@ -45,6 +46,23 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 def is_export(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
+
+
+def graph_format(manifest: dict) -> str:
+    """"onnx" or "aoti": which runtime an export's graphs are for (read_manifest checked the format)."""
+    return FORMATS[manifest["format"]]
+
+
+def export_format(directory: str | Path) -> str | None:
+    """The graph format of an export directory ("onnx", "aoti"), or None for anything else (a checkpoint). It
+    reads only the manifest's format; loading checks the rest."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return FORMATS.get(json.loads(path.read_text()).get("format"), "onnx")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return "onnx"  # not readable: the loader says what is wrong with it
 
 
 def _opened_files(directory: Path, manifest: dict) -> list[str]:
@@ -84,8 +102,8 @@ def read_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path} is not valid JSON ({e}): re-run `ldlm export`") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an ldlm ONNX manifest (no \"format\": \"{FORMAT}\")")
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
+        raise ExportError(f"{path} is not an ldlm export manifest (its \"format\" is none of {sorted(FORMATS)})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path} has format_version {manifest.get('format_version')!r}; this ldlm reads "
                           f"{FORMAT_VERSION}: re-export with this version (`ldlm export`)")

@@ -110,7 +110,9 @@ def _reverse_dynamic(c: Components):
 
 
 def _encoder_dynamic(c: Components):
-    batch, length, _ = _dims()
+    batch = _dims()[0]
+    # at most the position table's size, at least [CLS] [SEP]: the bounds torch.export derives from BERT's code
+    length = torch.export.Dim("length", min=2, max=c.encoder.model.config.max_position_embeddings)
     return {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
 
 
@@ -164,7 +166,7 @@ def _io(model_path: Path) -> dict[str, list[dict]]:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """Silence the exporter's notes that are not about our graphs: warnings on renamed axes and deprecated
     pytree classes, and the op registry's line for each torchvision op it skips when torchvision is absent
     (32 lines per graph; ldlm uses none of them)."""
@@ -182,10 +184,18 @@ def _quiet_exporter():
         registry.removeFilter(keep)
 
 
-def export_graph(components: Components, name: str, path: Path, opset: int = OPSET) -> dict:
-    """Trace graph `name` of `components`, save it to `path`, validate it with the ONNX checker."""
-    import onnx
+@dataclass(frozen=True)
+class Traceable:
+    """What torch.export takes for one graph: the module, example inputs by name, and their dynamic axes in
+    torch.export's nesting (a forward's *args as one tuple)."""
 
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: tuple[str, ...]
+    dynamic_shapes: tuple
+
+
+def traceable(components: Components, name: str) -> Traceable:
     spec = SPECS[name]
     module = spec.build(components).eval()
     inputs = spec.inputs(components)
@@ -194,9 +204,17 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
     fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) and len(dynamic) > fixed:
         dynamic = [*dynamic[:fixed], tuple(dynamic[fixed:])]  # torch.export nests *args in one tuple
-    with _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
-                          output_names=list(spec.outputs(components)), dynamic_shapes=tuple(dynamic),
+    return Traceable(module, inputs, spec.outputs(components), tuple(dynamic))
+
+
+def export_graph(components: Components, name: str, path: Path, opset: int = OPSET) -> dict:
+    """Trace graph `name` of `components`, save it to `path`, validate it with the ONNX checker."""
+    import onnx
+
+    t = traceable(components, name)
+    with quiet_exporter(), torch.no_grad():
+        torch.onnx.export(t.module, tuple(t.inputs.values()), str(path), input_names=list(t.inputs),
+                          output_names=list(t.outputs), dynamic_shapes=t.dynamic_shapes,
                           opset_version=opset, dynamo=True, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     data = path.with_name(path.name + ".data")  # the exporter moves large weights into an external data file
@@ -204,35 +222,48 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
 
 
 def quantize_reverse(source: Path, target: Path) -> dict:
-    """Dynamic int8 quantization of the reverse transformer's MatMul weights (activations quantized per call)."""
+    """int8 reverse transformer: ONNX Runtime's dynamic quantization (weights int8 per output channel,
+    activations quantized per call), of every weight MatMul but the first and the last, the input projection
+    (noisy latent and time embedding in) and the output projection (x0 out), which stay fp32.
+
+    Why these choices (bench/RESULTS.md, "int8 that keeps fp32's text"): on the E2E model the one-step x0 error
+    against fp32 was 2.2 / 2.5 / 4.4% (t = 50 / 700 / 950) with every MatMul quantized per tensor, 1.9 / 2.2 /
+    3.1% per channel, and 1.3 / 1.1 / 1.1% per channel with the two projections in fp32, at the same speed (they
+    hold 2% of the weights). Weight-only int8 (MatMulNBits, fp32 compute) was as accurate but 7x slower than fp32
+    at batch 1, its blockwise int8-compute mode 2x slower than this at batch 1 and 3x at batch 8."""
     import tempfile
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:  # shape inference first, as ONNX Runtime's quantizer asks
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
-        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
+        weighted = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=[weighted[0], weighted[-1]])
     return {"file": target.name, **_io(target)}
 
 
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxscript
+def versions() -> dict[str, str]:
+    """The versions an export was written with (the ONNX packages where installed)."""
+    import importlib
     import transformers
 
-    versions = {"ldlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "python": platform.python_version()}
-    try:
-        import onnxruntime
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return versions
+    found = {"ldlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version()}
+    for package in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            found[package] = importlib.import_module(package).__version__
+        except ImportError:
+            pass
+    return found
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
     """ldlm export writes a new folder, or replaces an earlier export when told to; anything else is refused
     before any work (a checkpoint given as its own target would be overwritten)."""
     if out.exists() and not out.is_dir():
@@ -253,30 +284,42 @@ def export_checkpoint(checkpoint: str | Path | Components, out: str | Path, *, v
     """Write the graphs of `checkpoint` (a directory or loaded Components) and their manifest into `out`: a new
     or empty directory, or (overwrite=True) an earlier export, replaced only once the new one is complete."""
     out = Path(out)
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "float32" not in variants:
         raise ValueError(f"variants must include float32 and come from {list(VARIANTS)}, got {list(variants)}")
     components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
+    write_atomically(out, lambda staging: _write_export(components, staging, variants=variants, int8=int8,
+                                                        opset=opset, log=log))
+    log(f"wrote {out / 'manifest.json'}")
+    return out
+
+
+def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """write(staging) into a folder beside `out`, which then replaces `out` (empty, or an earlier export checked
+    by check_target) in one rename: an interrupted export leaves no half-written folder behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # beside it, so the last step is a rename
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)  # left by an export of this process id that was killed
     staging.mkdir()
     try:
-        _write_export(components, staging, variants=variants, int8=int8, opset=opset, log=log)
-        if out.is_dir():  # empty, or an earlier export (checked above)
+        write(staging)
+        if out.is_dir():
             shutil.rmtree(out)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"wrote {out / 'manifest.json'}")
-    return out
+
+
+def save_tokenizers(components: Components, out: Path) -> None:
+    """The tokenizer folders model_fields' "tokenizers" names."""
+    components.encoder.tokenizer.save_pretrained(out / "encoder_tokenizer")
+    components.decoder.tokenizer.save_pretrained(out / "decoder_tokenizer")
 
 
 def _write_export(components: Components, out: Path, *, variants, int8: bool, opset: int, log) -> None:
-    components.encoder.tokenizer.save_pretrained(out / "encoder_tokenizer")
-    components.decoder.tokenizer.save_pretrained(out / "decoder_tokenizer")
+    save_tokenizers(components, out)
 
     graphs: dict[str, dict] = {}
     for variant in variants:
@@ -291,11 +334,20 @@ def _write_export(components: Components, out: Path, *, variants, int8: bool, op
         graphs["int8"] = {"reverse": quantize_reverse(out / "reverse.onnx", out / "reverse.int8.onnx")}
         log("quantized reverse (int8) -> reverse.int8.onnx")
 
-    gpt2 = components.decoder.gpt2.config
     write_manifest(out, {
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True)",
-        "versions": _versions(),
+        "versions": versions(),
+        **model_fields(components),
+        "graphs": graphs,
+    })
+
+
+def model_fields(components: Components) -> dict:
+    """What a runtime needs besides the graphs, for any graph format: the model config, latent statistics,
+    tokenizer folders, encoder and decoder sizes, a conditional model's null condition."""
+    gpt2 = components.decoder.gpt2.config
+    return {
         "model": components.config.to_dict(),
         "latent_stats": {"mean": components.latent_mean.tolist(), "std": components.latent_std.tolist()},
         "tokenizers": {"encoder": "encoder_tokenizer", "decoder": "decoder_tokenizer"},
@@ -303,7 +355,6 @@ def _write_export(components: Components, out: Path, *, variants, int8: bool, op
         "decoder": {"eos_token_id": components.decoder.eos_token_id, "pad_token_id": components.decoder.pad_token_id,
                     "n_layer": gpt2.n_layer, "n_head": gpt2.n_head, "head_dim": gpt2.n_embd // gpt2.n_head,
                     "vocab_size": gpt2.vocab_size, "n_positions": gpt2.n_positions},
-        "graphs": graphs,
         **({"null_condition": components.reverse.null_condition.detach().float().tolist()}
            if components.config.condition is not None else {}),
-    })
+    }

@@ -23,7 +23,7 @@ def pipelines(tiny_checkpoint):
 
 def test_auto_on_cpu_is_reference_and_says_why():
     backend, why = resolve_backend("auto", torch.device("cpu"))
-    assert backend == "reference" and "CUDA" in why
+    assert backend == "reference" and "CUDA" in why and "ldlm export CKPT OUT" in why
 
 
 def test_cuda_graph_without_cuda_is_a_clear_error():

@@ -26,7 +26,7 @@ from ldlm.config import ModelConfig
 from ldlm.decoder import LatentDecoder
 from ldlm.export.manifest import ExportError, hash_files
 from ldlm.export.onnx_export import export_checkpoint, export_graph
-from ldlm.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_onnx_components
+from ldlm.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_export_components
 from ldlm.reverse import ReverseTransformer
 
 from .conftest import TINY_TEXTS, assert_threads_get_their_own_results
@@ -52,7 +52,7 @@ def reference(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def onnx_parts(exported):
-    return {dtype: load_onnx_components(exported, CPU, dtype)[0] for dtype in (torch.float32, torch.float16)}
+    return {dtype: load_export_components(exported, CPU, dtype)[0] for dtype in (torch.float32, torch.float16)}
 
 
 def test_manifest_lists_graphs_versions_and_hashes(exported):
@@ -164,6 +164,13 @@ def test_onnx_pipeline_matches_the_reference_end_to_end(tiny_checkpoint, exporte
 
 
 def test_int8_reverse_is_close_to_fp32(exported):
+    import onnx
+
+    graph = onnx.load(str(exported / "reverse.int8.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    fp32_matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+    assert len(fp32_matmuls) == 2  # the input and output projections, kept in fp32 (quantize_reverse says why)
+    assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node) >= 4  # the blocks'
     fp32 = ldlm.load(exported)
     int8 = ldlm.load(exported, onnx_options=OnnxOptions(int8_reverse=True))
     assert "int8" in int8.backend_reason

@@ -1,0 +1,83 @@
+"""The `aoti` backend's graphs: AOTInductor packages written by `ldlm export --format aoti`, run in this process
+with nothing compiled at load (the kernels are a shared library inside each package).
+
+An AotiGraph has the interface of ldlm.onnx_runtime.Graph (run(inputs, outputs) on torch tensors, the shapes
+the loader checks), so the onnx backend's encoder, reverse transformer, decoder and beam search drive it
+unchanged (ldlm.onnx_runtime.load_export_components).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .backends import BackendUnavailable
+from .onnx_runtime import GraphShapes
+
+IO_METADATA = "ldlm_io"  # written by ldlm.export.aoti_export: the package's inputs and outputs
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+_ISA_LEVEL = {"DEFAULT": 0, "NO AVX": 0, "ZVECTOR": 0, "VSX": 0, "SVE256": 0, "AVX2": 1, "AVX512": 2}
+
+
+def check_target(manifest: dict, directory: Path, device: torch.device) -> str:
+    """Refuse, before opening a package, an export this process cannot run: another torch (AOTInductor's
+    runtime ABI), another device, or a CPU without the instruction set its kernels were built for. Returns a
+    line for the backend's reason."""
+    from ldlm.export.manifest import ExportError
+
+    built_with = manifest.get("versions", {}).get("torch")
+    if built_with != torch.__version__:
+        raise ExportError(f"{directory} was compiled by torch {built_with}; this is torch {torch.__version__}, whose "
+                          "AOTInductor runtime may not load it: export the checkpoint again here with "
+                          "`ldlm export CKPT OUT --format aoti`")
+    target = manifest.get("target")
+    if not isinstance(target, dict) or target.get("device") != "cpu":
+        raise ExportError(f"{directory / 'manifest.json'} names no CPU target (\"target\": {target!r}): re-run "
+                          "`ldlm export --format aoti`")
+    if device.type != "cpu":
+        raise BackendUnavailable(f"{directory} holds AOTInductor packages compiled for the CPU: load it with "
+                                 f"device='cpu', not {device}, or export the checkpoint in another format")
+    built, here = target.get("cpu_isa"), torch.backends.cpu.get_cpu_capability()
+    if _ISA_LEVEL.get(built, 3) > _ISA_LEVEL.get(here, 0):
+        raise BackendUnavailable(f"{directory}'s kernels were compiled for {built} instructions, which this CPU "
+                                 f"lacks (it has {here}): export the checkpoint again on this machine with "
+                                 "`ldlm export CKPT OUT --format aoti`")
+    return f"AOTInductor packages (compiled ahead of time for {built}; nothing compiles at load)"
+
+
+class AotiGraph(GraphShapes):
+    """One AOTInductor package; `spec` is its manifest entry, checked against the package's own metadata."""
+
+    def __init__(self, path: Path, spec: dict):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export --format aoti`")
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+            io = json.loads(self.runner.get_metadata()[IO_METADATA])
+        except Exception as e:  # the loader raises RuntimeError, zipfile's errors, KeyError for foreign packages
+            raise ValueError(f"{path} could not be loaded as an ldlm AOTInductor package ({type(e).__name__}: {e}): "
+                             "it is corrupt or not written by `ldlm export --format aoti`; re-run it") from e
+        self.path = path
+        self.input_names = [i["name"] for i in io["inputs"]]
+        self.output_names = [o["name"] for o in io["outputs"]]
+        expected = ([i["name"] for i in spec["inputs"]], [o["name"] for o in spec["outputs"]])
+        if expected != (self.input_names, self.output_names):
+            raise ValueError(f"{path} does not match manifest.json: the package has inputs/outputs "
+                             f"{(self.input_names, self.output_names)}, the manifest lists {expected}; re-run "
+                             "`ldlm export --format aoti` (a package was replaced)")
+        self.input_dtypes = {i["name"]: _DTYPES[i["dtype"]] for i in io["inputs"]}
+        self.shapes = {v["name"]: v["shape"] for v in (*io["inputs"], *io["outputs"])}
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Run with `inputs`, writing the outputs named in `outputs` into those tensors (the package returns its
+        own; one copy each, no broadcasting)."""
+        with torch.no_grad():
+            results = self.runner(*(inputs[name].contiguous() for name in self.input_names))
+        results = dict(zip(self.output_names, results if isinstance(results, (tuple, list)) else [results]))
+        for name, target in outputs.items():
+            if results[name].shape != target.shape:
+                raise ValueError(f"{self.path.name} returned {name} of shape {tuple(results[name].shape)}, the "
+                                 f"caller expected {tuple(target.shape)}")
+            target.copy_(results[name])
