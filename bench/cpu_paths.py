@@ -2,6 +2,7 @@
 backend (torch.compile of the reference modules), ONNX Runtime fp32 and int8, and AOTInductor packages.
 
     python bench/cpu_paths.py --workdir runs/cpu-paths [--threads 1 2] [--json table.json]
+    python bench/cpu_paths.py --workdir . --model CKPT --onnx CKPT_ONNX --aoti CKPT_AOTI   # a trained model's generate(1)
 
 The preset's random weights are saved once as a checkpoint and exported once to ONNX and AOTI (export and
 compile seconds reported), then `ldlm bench` runs in a fresh process per thread count and format, so thread
@@ -57,9 +58,52 @@ def bench(workdir: Path, target: str, backends: list[str], threads: int, setting
     return [{**row, "threads": threads, "setting": setting} for row in json.loads(out.read_text())["rows"]]
 
 
+def trained_latency(model: Path, onnx: Path, aoti: Path, threads: int, runs: int) -> dict[str, dict]:
+    """generate(1) (generate_from one source for a conditional model) of a trained checkpoint on each path, in a
+    fresh process per thread count: median and p90 of `runs` calls after two warm-up calls (seeds differ per
+    call; a trained decoder stops at EOS, so the decode is as long as the text)."""
+    script = f"""
+import json, statistics, time, torch
+import ldlm
+from ldlm.onnx_runtime import OnnxOptions
+torch.set_num_threads({threads})
+ort = OnnxOptions(intra_op_threads={threads})
+paths = {{"reference": lambda: ldlm.load({str(model)!r}, backend="reference"),
+         "compiled": lambda: ldlm.load({str(model)!r}, backend="compiled"),
+         "onnx fp32": lambda: ldlm.load({str(onnx)!r}, onnx_options=ort),
+         "onnx int8": lambda: ldlm.load({str(onnx)!r}, onnx_options=OnnxOptions(intra_op_threads={threads},
+                                        int8_reverse=True, int8_decoder=True)),
+         "aoti": lambda: ldlm.load({str(aoti)!r})}}
+out = {{}}
+for name, load in paths.items():
+    pipe = load()
+    def call(seed):
+        if pipe.config.condition == "text":
+            return pipe.generate_from(["name : The Eagle | Type : coffee shop | food : English | area : city centre"],
+                                      seed=seed, progress=False)
+        return pipe.generate(1, seed=seed, progress=False)
+    start = time.perf_counter(); call(0); first = time.perf_counter() - start
+    call(1)
+    times = []
+    for seed in range({runs}):
+        start = time.perf_counter(); call(seed + 2); times.append(time.perf_counter() - start)
+    times.sort()
+    out[name] = {{"median_s": statistics.median(times), "p90_s": times[int(0.9 * len(times))], "first_call_s": first}}
+    print(name, out[name], flush=True)
+print(json.dumps(out))
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def threads_label(threads: int) -> str:
+    return f"{threads} thread" + ("s" if threads > 1 else "")
+
+
 def table(rows: list[dict], threads: list[int]) -> str:
     paths = list(dict.fromkeys(r["backend"] for r in rows))
-    head = " | ".join(f"{t} thread{'s' * (t > 1)} median / p90" for t in threads)
+    head = " | ".join(f"{threads_label(t)} median / p90" for t in threads)
     lines = [f"| setting | batch | stage | path | {head} | first call ({threads[-1]}t) |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in threads) + " | --- |"]
     keyed = {(r["setting"], r["batch"], r["stage"], r["backend"], r["threads"]): r for r in rows}
@@ -84,8 +128,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--model", type=Path, help="a trained checkpoint: time its generate(1) on every path too")
+    parser.add_argument("--onnx", type=Path, help="--model's ONNX export (`ldlm export`)")
+    parser.add_argument("--aoti", type=Path, help="--model's AOTI export (`ldlm export --format aoti`)")
+    parser.add_argument("--runs", type=int, default=10, help="timed generate(1) calls of --model per path")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.model:
+        trained = {t: trained_latency(args.model, args.onnx, args.aoti, t, args.runs) for t in args.threads}
+        print(f"| path | {' | '.join(f'{threads_label(t)} median / p90' for t in args.threads)} | first call |")
+        print("| --- | " + " | ".join("---" for _ in args.threads) + " | --- |")
+        for path in trained[args.threads[0]]:
+            cells = [f"{trained[t][path]['median_s'] * 1e3:.0f} / {trained[t][path]['p90_s'] * 1e3:.0f} ms"
+                     for t in args.threads]
+            print(f"| {path} | {' | '.join(cells)} | {trained[args.threads[-1]][path]['first_call_s']:.2f} s |")
+        if args.json:
+            args.json.write_text(json.dumps(trained, indent=2))
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     export_seconds = prepare(args.workdir)
     print(f"export seconds: {export_seconds}", flush=True)

@@ -3,8 +3,9 @@
     python bench/int8_quality.py --workdir runs/e2e-cond --export cross_onnx [--compare OLD_EXPORT ...] \\
         --seeds 5 --output int8.json
 
-Every held-out MR (bench/e2e_conditional.py's split) is generated from once per seed by the export's fp32 graphs
-and by its int8 reverse transformer (and by each --compare export's int8, an older quantization recipe), with
+Every held-out MR (bench/e2e_conditional.py's split) is generated from once per seed by the export's fp32 graphs,
+with its int8 reverse transformer, its int8 decoder step, and both (and with each --compare export's int8
+reverse transformer, an older quantization recipe), with
 the checkpoint's sampler, guidance and beam decode. Per variant: MAUVE of all its outputs against the held-out
 descriptions (MiniLM sentence features, MAUVE's k-means seeded by each sampling seed in turn, mean and range),
 BLEU and slot error rate averaged over seeds, how many outputs are word for word fp32's, and the seconds per
@@ -52,10 +53,14 @@ def main() -> None:
     flat_refs = [r for rs in refs for r in rs]
     encoder = LatentEncoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
     ref_features = features(encoder, flat_refs)
-    variants = {"fp32": ldlm.load(args.workdir / args.export),
-                "int8": ldlm.load(args.workdir / args.export, onnx_options=OnnxOptions(int8_reverse=True))}
+    export = args.workdir / args.export
+    variants = {"fp32": ldlm.load(export),
+                "int8 reverse": ldlm.load(export, onnx_options=OnnxOptions(int8_reverse=True)),
+                "int8 decoder step": ldlm.load(export, onnx_options=OnnxOptions(int8_decoder=True)),
+                "int8 both": ldlm.load(export, onnx_options=OnnxOptions(int8_reverse=True, int8_decoder=True))}
     for other in args.compare:
-        variants[f"int8 ({other.name})"] = ldlm.load(args.workdir / other, onnx_options=OnnxOptions(int8_reverse=True))
+        variants[f"int8 reverse ({other.name})"] = ldlm.load(args.workdir / other,
+                                                              onnx_options=OnnxOptions(int8_reverse=True))
     outputs, rows = {}, {}
     for name, pipe in variants.items():
         by_seed, seconds = run(pipe, mrs, args.seeds)

@@ -35,7 +35,9 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-threads", type=int, default=0, help="onnx backend: intra-op threads (default 0: all cores)")
     p.add_argument("--onnx-opt-level", choices=["disable", "basic", "extended", "all"], default="all",
                    help="onnx backend: graph optimization level (default all)")
-    p.add_argument("--int8", action="store_true", help="onnx backend: run the int8-quantized reverse transformer")
+    p.add_argument("--int8", action="store_true",
+                   help="onnx backend: run the int8 graphs (reverse transformer and decoder step; about 2x faster on "
+                        "the CPU, E2E quality unchanged, most texts as fp32's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine dtype (default float32); the reference runs float32 regardless")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and ONNX Runtime alike (default 0: each library's default)")
-    p.add_argument("--int8", action="store_true", help="with onnx: also time its int8 reverse transformer")
+    p.add_argument("--int8", action="store_true", help="with onnx: also time its int8 graphs")
     p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: ONNX graphs for ONNX Runtime (default); aoti: AOTInductor packages compiled for "
                         "this CPU (float32; minutes to compile, nothing compiles at load)")
     p.add_argument("--no-fp16", action="store_true", help="onnx: skip the float16 graphs")
-    p.add_argument("--no-int8", action="store_true", help="onnx: skip the int8-quantized reverse transformer")
+    p.add_argument("--no-int8", action="store_true", help="onnx: skip the int8 reverse transformer and decoder step")
     p.add_argument("--opset", type=int, default=18, help="onnx: ONNX opset (default 18)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUTDIR (never anything else)")
 
@@ -337,7 +339,8 @@ def _onnx_options(args):
     from .onnx_runtime import OnnxOptions
 
     return OnnxOptions(provider=args.onnx_provider, intra_op_threads=args.onnx_threads,
-                       optimization_level=args.onnx_opt_level, int8_reverse=args.int8)
+                       optimization_level=args.onnx_opt_level, int8_reverse=args.int8,
+                       int8_decoder=args.int8)
 
 
 def _load(args):
@@ -585,7 +588,7 @@ def cmd_bench(args) -> None:
             pipe = load(path, device=args.device, backend=backend, dtype=dtype, onnx_options=options)
             run(pipe, pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}")
             if args.int8 and pipe.backend == "onnx":
-                int8 = dataclasses.replace(options, int8_reverse=True)
+                int8 = dataclasses.replace(options, int8_reverse=True, int8_decoder=True)
                 run(load(path, device=args.device, dtype=dtype, onnx_options=int8), "onnx int8" if dtype == "float32" else f"onnx int8 {dtype}")
     print(format_table(rows))
     if args.json:

@@ -35,6 +35,7 @@ class OnnxOptions:
     inter_op_threads: int = 0  # threads across independent operators; 0: default
     optimization_level: str = "all"  # graph optimizations: disable | basic | extended | all
     int8_reverse: bool = False  # run the dynamically quantized (int8) reverse transformer
+    int8_decoder: bool = False  # run the int8 decoder step (its LM head stays fp32)
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", *PROVIDERS):
@@ -383,9 +384,9 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
     if backend == "aoti":
         from .aoti_runtime import AotiGraph, check_target
 
-        if options.int8_reverse:
-            raise ExportError(f"{directory} holds AOTInductor packages, which have no int8 reverse transformer: "
-                              "drop int8, or load an ONNX export (`ldlm export`) for it")
+        if options.int8_reverse or options.int8_decoder:
+            raise ExportError(f"{directory} holds AOTInductor packages, which have no int8 graphs: drop int8, or "
+                              "load an ONNX export (`ldlm export`) for it")
         why = check_target(manifest, directory, device)
     else:
         provider, why = resolve_provider(options, device)
@@ -394,10 +395,12 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
         raise ExportError(f"{directory} has no {dtype} graphs (it has {sorted(manifest['graphs'])}): export them "
                           "with `ldlm export`, or pick another dtype")
     specs = dict(manifest["graphs"][variant])
-    if options.int8_reverse:
-        if "reverse" not in manifest["graphs"].get("int8", {}):
-            raise ExportError(f"{directory} has no int8 reverse transformer: export without --no-int8")
-        specs["reverse"] = manifest["graphs"]["int8"]["reverse"]
+    int8 = [name for name, wanted in (("reverse", options.int8_reverse), ("decoder_step", options.int8_decoder))
+            if wanted]
+    for name in int8:
+        if name not in manifest["graphs"].get("int8", {}):
+            raise ExportError(f"{directory} has no int8 {name} graph: export again with this ldlm, without --no-int8")
+        specs[name] = manifest["graphs"]["int8"][name]
 
     def graph(name: str) -> Graph:
         if backend == "aoti":
@@ -429,10 +432,10 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
     if tuple(mean.shape) != config.latent_shape or tuple(std.shape) != config.latent_shape:
         raise ExportError(f"{directory / 'manifest.json'}: latent_stats must have the latent's shape "
                           f"{config.latent_shape}, not {tuple(mean.shape)}: re-run `ldlm export`")
-    detail = f"{why}; {variant}{' + int8 reverse' if options.int8_reverse else ''} graphs"
-    if not options.int8_reverse and "reverse" in manifest["graphs"].get("int8", {}):
+    detail = f"{why}; {variant}{''.join(f' + int8 {name}' for name in int8)} graphs"
+    if not int8 and manifest["graphs"].get("int8"):
         # fp32 stays the default: it is the reference's parity mode; int8 is chosen, not imposed
-        detail += " (an int8 reverse transformer is here too: about 2x faster sampling on the CPU, --int8)"
+        detail += " (int8 graphs are here too, about 2x faster sampling on the CPU: --int8)"
     if backend == "onnx" and provider == "cpu":
         threads = options.intra_op_threads or os.cpu_count()
         detail += f", {threads} intra-op threads, optimization {options.optimization_level}"

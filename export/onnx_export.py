@@ -1,4 +1,5 @@
-"""`ldlm export`: a checkpoint -> its ONNX graphs (fp32, fp16 and an int8 reverse transformer) + a manifest.
+"""`ldlm export`: a checkpoint -> its ONNX graphs (fp32, fp16; int8 reverse transformer and decoder step) + a
+manifest.
 
 The graphs: encoder, reverse transformer, decoder prefill and step; a conditional model adds its condition
 embedding ("condition"), its reverse graph takes the condition's tokens and mask, a text-conditioned model's
@@ -221,16 +222,35 @@ def export_graph(components: Components, name: str, path: Path, opset: int = OPS
     return {"file": path.name, **({"external_data": data.name} if data.is_file() else {}), **_io(path)}
 
 
-def quantize_reverse(source: Path, target: Path) -> dict:
-    """int8 reverse transformer: ONNX Runtime's dynamic quantization (weights int8 per output channel,
-    activations quantized per call), of every weight MatMul but the first and the last, the input projection
-    (noisy latent and time embedding in) and the output projection (x0 out), which stay fp32.
+def _matmul_before(graph, output: str) -> str:
+    """The MatMul or Gemm that produces graph output `output`, through any elementwise nodes after it."""
+    producers = {name: node for node in graph.node for name in node.output}
+    node = producers[output]
+    while node.op_type not in ("MatMul", "Gemm"):
+        node = next(producers[name] for name in node.input if name in producers)
+    return node.name
 
-    Why these choices (bench/RESULTS.md, "int8 that keeps fp32's text"): on the E2E model the one-step x0 error
-    against fp32 was 2.2 / 2.5 / 4.4% (t = 50 / 700 / 950) with every MatMul quantized per tensor, 1.9 / 2.2 /
-    3.1% per channel, and 1.3 / 1.1 / 1.1% per channel with the two projections in fp32, at the same speed (they
-    hold 2% of the weights). Weight-only int8 (MatMulNBits, fp32 compute) was as accurate but 7x slower than fp32
-    at batch 1, its blockwise int8-compute mode 2x slower than this at batch 1 and 3x at batch 8."""
+
+# graph -> the MatMuls that stay fp32 when the rest are quantized to int8, from the graph and its weight MatMuls
+# in graph order
+INT8_FP32_MATMULS: dict[str, Callable[[object, list[str]], list[str]]] = {
+    # the input projection (noisy latent and time embedding in: the forward's first MatMul) and the output one
+    "reverse": lambda graph, matmuls: [matmuls[0], _matmul_before(graph, "x0_hat")],
+    "decoder_step": lambda graph, matmuls: [_matmul_before(graph, "logits")],  # the LM head, which picks tokens
+}
+
+
+def quantize_int8(name: str, source: Path, target: Path) -> dict:
+    """int8 graph `name` (INT8_FP32_MATMULS): ONNX Runtime's dynamic quantization, weights int8 per output
+    channel, activations quantized per call, of every weight MatMul but those that stay fp32.
+
+    Why (bench/RESULTS.md, "int8 that keeps fp32's text"). The reverse transformer on the E2E model, one-step x0
+    error against fp32 at t = 50 / 700 / 950: 2.2 / 2.5 / 4.4% with every MatMul quantized per tensor, 1.9 / 2.2
+    / 3.1% per channel, 1.3 / 1.1 / 1.1% per channel with its two projections in fp32 (2% of its weights), at
+    the same speed. Weight-only int8 (MatMulNBits, fp32 compute) was as accurate but 7x slower than fp32 at
+    batch 1; its blockwise int8-compute mode 2x slower than this at batch 1 and 3x at batch 8. The decoder step:
+    1.3x (4 rows) to 1.9x (32 rows) faster than fp32 with logits within 0.9%; its LM head, which picks the
+    tokens, stays fp32 for about 5% of that speed."""
     import tempfile
 
     import onnx
@@ -242,9 +262,12 @@ def quantize_reverse(source: Path, target: Path) -> dict:
         quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
         graph = onnx.load(str(prepared), load_external_data=False).graph
         weights = {i.name for i in graph.initializer}
-        weighted = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+        matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+        keep = INT8_FP32_MATMULS[name](graph, matmuls)
+        # the quantizer first rewrites each Gemm as a MatMul named <name>_MatMul (plus an Add), then excludes
+        keep += [f"{node}_MatMul" for node in keep]
         quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=[weighted[0], weighted[-1]])
+                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
     return {"file": target.name, **_io(target)}
 
 
@@ -331,8 +354,10 @@ def _write_export(components: Components, out: Path, *, variants, int8: bool, op
             size = sum(p.stat().st_size for p in out.glob(f"{path.name}*"))
             log(f"exported {name} ({variant}) -> {path.name} ({size / 2**20:.1f} MiB)")
     if int8:
-        graphs["int8"] = {"reverse": quantize_reverse(out / "reverse.onnx", out / "reverse.int8.onnx")}
-        log("quantized reverse (int8) -> reverse.int8.onnx")
+        graphs["int8"] = {}
+        for name in INT8_FP32_MATMULS:
+            graphs["int8"][name] = quantize_int8(name, out / f"{name}.onnx", out / f"{name}.int8.onnx")
+            log(f"quantized {name} (int8) -> {name}.int8.onnx")
 
     write_manifest(out, {
         "opset": opset,

@@ -118,7 +118,7 @@ def test_backend_errors(tiny_checkpoint, packaged):
         ldlm.load(tiny_checkpoint, backend="aoti")
     with pytest.raises(BackendUnavailable, match="only backend 'aoti' runs"):
         ldlm.load(packaged, backend="onnx")
-    with pytest.raises(ExportError, match="no int8 reverse transformer"):
+    with pytest.raises(ExportError, match="no int8 graphs"):
         ldlm.load(packaged, onnx_options=OnnxOptions(int8_reverse=True))
     with pytest.raises(ExportError, match="no torch.float16 graphs"):
         ldlm.load(packaged, dtype="float16")

@@ -59,6 +59,7 @@ def test_manifest_lists_graphs_versions_and_hashes(exported):
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["opset"] == 18 and manifest["versions"]["torch"] == torch.__version__
     assert set(manifest["graphs"]) == {"float32", "float16", "int8"}
+    assert set(manifest["graphs"]["int8"]) == {"reverse", "decoder_step"}
     step = manifest["graphs"]["float32"]["decoder_step"]
     layers = manifest["decoder"]["n_layer"]
     assert [i["name"] for i in step["inputs"]] == ["input_ids", "position_ids", "past_mask", *(
@@ -163,20 +164,37 @@ def test_onnx_pipeline_matches_the_reference_end_to_end(tiny_checkpoint, exporte
                                                                               progress=False)
 
 
-def test_int8_reverse_is_close_to_fp32(exported):
+def _int8_matmuls(path) -> tuple[int, str]:
+    """(how many MatMuls of a graph file are int8, the kind of the last matrix product before its output)."""
     import onnx
 
-    graph = onnx.load(str(exported / "reverse.int8.onnx")).graph
-    weights = {i.name for i in graph.initializer}
-    fp32_matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
-    assert len(fp32_matmuls) == 2  # the input and output projections, kept in fp32 (quantize_reverse says why)
-    assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node) >= 4  # the blocks'
+    graph = onnx.load(str(path)).graph
+    producers = {name: node for node in graph.node for name in node.output}
+    node = producers[graph.output[0].name]
+    while "MatMul" not in node.op_type and node.op_type != "Gemm":
+        node = next(producers[name] for name in node.input if name in producers)
+    return sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node), node.op_type
+
+
+def test_int8_graphs_are_close_to_fp32(exported):
+    # the blocks' MatMuls are int8, the last product before the output (the reverse transformer's output
+    # projection, the decoder's LM head) stays fp32 (ldlm.export.onnx_export.quantize_int8 says why)
+    config = ModelConfig.from_dict(json.loads((exported / "manifest.json").read_text())["model"])
+    for name, layers in (("reverse", config.n_layers), ("decoder_step", config.n_layer)):
+        quantized, last = _int8_matmuls(exported / f"{name}.int8.onnx")
+        assert quantized >= 2 * layers and last in ("MatMul", "Gemm"), (name, quantized, last)
     fp32 = ldlm.load(exported)
-    int8 = ldlm.load(exported, onnx_options=OnnxOptions(int8_reverse=True))
-    assert "int8" in int8.backend_reason
+    int8 = ldlm.load(exported, onnx_options=OnnxOptions(int8_reverse=True, int8_decoder=True))
+    assert "int8 reverse + int8 decoder_step graphs" in int8.backend_reason
+    assert "int8 graphs are here too" in fp32.backend_reason  # the faster option is named, not imposed
     x, t = torch.randn(6, 32), torch.full((6,), 300.0)
-    err = rel_err(int8.reverse(x, t), fp32.reverse(x, t))
-    assert 0 < err < 0.1  # quantized: not equal, but near
+    assert 0 < rel_err(int8.reverse(x, t), fp32.reverse(x, t)) < 0.1  # quantized: not equal, but near
+    latents = torch.randn(3, 32)
+    logits = []
+    for pipe in (fp32, int8):
+        _, cache = pipe.decoder.prefill(latents)  # the prefill graph is fp32 in both
+        logits.append(pipe.decoder.step(torch.tensor([[5], [6], [7]]), cache)[0])
+    assert 0 < rel_err(logits[1], logits[0]) < 0.1
 
 
 def _copy(exported, tmp_path):
