@@ -27,7 +27,8 @@ def check_target(manifest: dict, directory: Path, device: torch.device) -> str:
     line for the backend's reason."""
     from ldlm.export.manifest import ExportError
 
-    built_with = manifest.get("versions", {}).get("torch")
+    versions = manifest.get("versions")
+    built_with = versions.get("torch") if isinstance(versions, dict) else None
     if built_with != torch.__version__:
         raise ExportError(f"{directory} was compiled by torch {built_with}; this is torch {torch.__version__}, whose "
                           "AOTInductor runtime may not load it: export the checkpoint again here with "

@@ -30,12 +30,14 @@ STATIC_DECODE_BACKENDS = (*ENGINE_BACKENDS, "compiled")  # decode with the stati
 
 
 # Measured on the 2-core CPU with every path side by side (bench/cpu_paths.py; bench/RESULTS.md, "every CPU
-# path"): of the backends that run a checkpoint, the eager reference is the fastest end to end (the compiled
-# backend's first call compiles for tens of seconds, and its static-KV decode is slower from batch 8; fused runs
-# Triton's interpreter); an export is faster still, so auto names it.
-CPU_AUTO_REASON = ("auto: on the CPU the reference is the fastest backend for a checkpoint (CUDA graphs need a "
-                   "CUDA device); an ONNX export runs faster: `ldlm export CKPT OUT` and load OUT (its int8 reverse "
-                   "transformer with --int8)")
+# path"), end to end at 2 threads, batch 1 / 8 / 64: reference 648 / 1,105 / 7,488 ms, compiled 508 / 1,800 /
+# 19,474 ms (and 26-41 s to compile its decode), aoti 309 / 872 / 4,697 ms, onnx --int8 286 / 817 / 5,106 ms.
+# Of the backends that run a checkpoint the reference is the one that never loses much and compiles nothing;
+# the exports are faster at every batch, so auto names them.
+CPU_AUTO_REASON = ("auto: on the CPU the reference is the steadiest backend for a checkpoint (compiled is 1.3x "
+                   "faster at batch 1 but slower from batch 8, after tens of seconds compiling; CUDA graphs need a "
+                   "CUDA device); an export is faster at every batch: `ldlm export CKPT OUT --format aoti` "
+                   "(fp32, 1.3-2.1x end to end), or the ONNX export with --int8 (int8, 1.35-2.3x)")
 
 
 class BackendUnavailable(RuntimeError):

@@ -48,8 +48,10 @@ def compile_graph(components: Components, name: str, path: Path) -> dict:
     with quiet_exporter(), torch.no_grad():
         program = torch.export.export(t.module, tuple(t.inputs.values()), dynamic_shapes=t.dynamic_shapes)
         io = program_io(program, list(t.inputs), list(t.outputs))
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": {IO_METADATA: json.dumps(io)}})
+        # dynamic threads: the kernels' OpenMP loops take the running process's thread count (torch.set_num_threads,
+        # OMP_NUM_THREADS), not the count of the process that compiled them (Inductor's default)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
+            "aot_inductor.metadata": {IO_METADATA: json.dumps(io)}, "cpp.dynamic_threads": True})
     return {"file": path.name, **io}
 
 
