@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -58,41 +59,54 @@ def bench(workdir: Path, target: str, backends: list[str], threads: int, setting
     return [{**row, "threads": threads, "setting": setting} for row in json.loads(out.read_text())["rows"]]
 
 
+SOURCE = "name : The Eagle | Type : coffee shop | food : English | area : city centre"  # a conditional model's
+
+
+def time_trained(model: Path, onnx: Path, aoti: Path, threads: int, runs: int) -> dict[str, dict]:
+    """In this process: generate(1) (generate_from SOURCE for a text-conditioned model) on each path, median and
+    p90 of `runs` calls after two warm-up calls, the first of them timed alone."""
+    import torch
+
+    import ldlm
+    from ldlm.onnx_runtime import OnnxOptions
+
+    torch.set_num_threads(threads)
+    loads = {"reference": lambda: ldlm.load(model, backend="reference"),
+             "compiled": lambda: ldlm.load(model, backend="compiled"),
+             "onnx fp32": lambda: ldlm.load(onnx, onnx_options=OnnxOptions(intra_op_threads=threads)),
+             "onnx int8": lambda: ldlm.load(onnx, onnx_options=OnnxOptions(intra_op_threads=threads, int8_reverse=True,
+                                                                           int8_decoder=True)),
+             "aoti": lambda: ldlm.load(aoti)}
+    out = {}
+    for name, load in loads.items():
+        pipe = load()
+
+        def call(seed: int, pipe=pipe) -> None:
+            if pipe.config.condition == "text":
+                pipe.generate_from([SOURCE], seed=seed, progress=False)
+            else:
+                pipe.generate(1, seed=seed, progress=False)
+
+        start = time.perf_counter()
+        call(0)
+        first = time.perf_counter() - start
+        call(1)
+        times = []
+        for seed in range(runs):
+            start = time.perf_counter()
+            call(seed + 2)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        out[name] = {"median_s": statistics.median(times), "p90_s": times[int(0.9 * len(times))], "first_call_s": first}
+    return out
+
+
 def trained_latency(model: Path, onnx: Path, aoti: Path, threads: int, runs: int) -> dict[str, dict]:
-    """generate(1) (generate_from one source for a conditional model) of a trained checkpoint on each path, in a
-    fresh process per thread count: median and p90 of `runs` calls after two warm-up calls (seeds differ per
-    call; a trained decoder stops at EOS, so the decode is as long as the text)."""
-    script = f"""
-import json, statistics, time, torch
-import ldlm
-from ldlm.onnx_runtime import OnnxOptions
-torch.set_num_threads({threads})
-ort = OnnxOptions(intra_op_threads={threads})
-paths = {{"reference": lambda: ldlm.load({str(model)!r}, backend="reference"),
-         "compiled": lambda: ldlm.load({str(model)!r}, backend="compiled"),
-         "onnx fp32": lambda: ldlm.load({str(onnx)!r}, onnx_options=ort),
-         "onnx int8": lambda: ldlm.load({str(onnx)!r}, onnx_options=OnnxOptions(intra_op_threads={threads},
-                                        int8_reverse=True, int8_decoder=True)),
-         "aoti": lambda: ldlm.load({str(aoti)!r})}}
-out = {{}}
-for name, load in paths.items():
-    pipe = load()
-    def call(seed):
-        if pipe.config.condition == "text":
-            return pipe.generate_from(["name : The Eagle | Type : coffee shop | food : English | area : city centre"],
-                                      seed=seed, progress=False)
-        return pipe.generate(1, seed=seed, progress=False)
-    start = time.perf_counter(); call(0); first = time.perf_counter() - start
-    call(1)
-    times = []
-    for seed in range({runs}):
-        start = time.perf_counter(); call(seed + 2); times.append(time.perf_counter() - start)
-    times.sort()
-    out[name] = {{"median_s": statistics.median(times), "p90_s": times[int(0.9 * len(times))], "first_call_s": first}}
-    print(name, out[name], flush=True)
-print(json.dumps(out))
-"""
-    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+    """time_trained in a fresh process with `threads` threads (a trained decoder stops at EOS, so the decode is
+    as long as the text)."""
+    command = [sys.executable, __file__, "--workdir", ".", "--model", str(model), "--onnx", str(onnx), "--aoti",
+               str(aoti), "--runs", str(runs), "--worker-threads", str(threads)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -132,8 +146,12 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, help="--model's ONNX export (`ldlm export`)")
     parser.add_argument("--aoti", type=Path, help="--model's AOTI export (`ldlm export --format aoti`)")
     parser.add_argument("--runs", type=int, default=10, help="timed generate(1) calls of --model per path")
+    parser.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)  # trained_latency's worker process
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.worker_threads:
+        print(json.dumps(time_trained(args.model, args.onnx, args.aoti, args.worker_threads, args.runs)))
+        return
     if args.model:
         trained = {t: trained_latency(args.model, args.onnx, args.aoti, t, args.runs) for t in args.threads}
         print(f"| path | {' | '.join(f'{threads_label(t)} median / p90' for t in args.threads)} | first call |")

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from .backends import BackendUnavailable
-from .onnx_runtime import GraphShapes
+from .onnx_runtime import ELEMENT_TYPES, GraphShapes
 
 IO_METADATA = "ldlm_io"  # written by ldlm.export.aoti_export: the package's inputs and outputs
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+_DTYPES = {name: dtype for dtype, name in ELEMENT_TYPES.items()}
 _ISA_LEVEL = {"DEFAULT": 0, "NO AVX": 0, "ZVECTOR": 0, "VSX": 0, "SVE256": 0, "AVX2": 1, "AVX512": 2}
 
 

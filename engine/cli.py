@@ -566,7 +566,8 @@ def cmd_bench(args) -> None:
     components = None
     rows = []
 
-    def run(pipe, name: str) -> None:
+    def run(pipe, name: str, dtype: str) -> None:
+        name = name if dtype == "float32" else f"{name} {dtype}"
         print(f"benchmarking {name} ({pipe.backend_reason})", file=sys.stderr)
         rows.extend(bench_pipeline(pipe, name, settings, progress=not args.no_progress))
 
@@ -583,13 +584,13 @@ def cmd_bench(args) -> None:
                 if components is None:
                     components = load_checkpoint(args.checkpoint) if args.checkpoint else bench_components(args.preset)
                 pipe = Pipeline(components, args.device, backend, dtype)
-                run(pipe, pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}")
+                run(pipe, pipe.backend, dtype)
                 continue
             pipe = load(path, device=args.device, backend=backend, dtype=dtype, onnx_options=options)
-            run(pipe, pipe.backend if dtype == "float32" else f"{pipe.backend} {dtype}")
+            run(pipe, pipe.backend, dtype)
             if args.int8 and pipe.backend == "onnx":
                 int8 = dataclasses.replace(options, int8_reverse=True, int8_decoder=True)
-                run(load(path, device=args.device, dtype=dtype, onnx_options=int8), "onnx int8" if dtype == "float32" else f"onnx int8 {dtype}")
+                run(load(path, device=args.device, dtype=dtype, onnx_options=int8), "onnx int8", dtype)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import BackendUnavailable
+from .backends import BackendUnavailable, resolve_backend
 from .checkpoint import Components
 from .config import ModelConfig
 from .decoder import load_tokenizer
@@ -25,7 +25,7 @@ from .reverse import Condition
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-_ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}  # torch -> graph
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Graph(GraphShapes):
                 "above says why (no GPU, or CUDA/cuDNN libraries that do not match onnxruntime-gpu's build): "
                 "install the libraries it names, or use provider='cpu' with device='cpu'")
         self.path, self.device_type = path, provider
-        named = {name: dtype for dtype, name in _ELEMENT_TYPES.items()}
+        named = {name: dtype for dtype, name in ELEMENT_TYPES.items()}
         unknown = [i["dtype"] for i in spec["inputs"] if i["dtype"] not in named]
         if unknown:
             raise ValueError(f"manifest.json gives {path.name} inputs of types {unknown}, which ldlm never exports: "
@@ -147,7 +147,7 @@ class Graph(GraphShapes):
         inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}  # kept alive until the run ends
         for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
             for name, tensor in tensors.items():
-                bind(name, self.device_type, tensor.device.index or 0, _ELEMENT_TYPES[tensor.dtype],
+                bind(name, self.device_type, tensor.device.index or 0, ELEMENT_TYPES[tensor.dtype],
                      tuple(tensor.shape), tensor.data_ptr())
         if self.device_type == "cuda":
             # ONNX Runtime's CUDA provider runs on a stream of its own and does not wait for torch's (onnxruntime
@@ -369,18 +369,19 @@ def _condition_parts(directory: Path, manifest: dict, specs: dict, config: Model
 
 
 def load_export_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
-                           options: OnnxOptions | None = None) -> tuple[Components, str, str]:
+                           options: OnnxOptions | None = None, backend: str = "auto") -> tuple[Components, str, str]:
     """The pipeline's parts from an export directory, the backend that runs them ("onnx" for ONNX graphs,
-    "aoti" for AOTInductor packages), and which provider runs them and why.
+    "aoti" for AOTInductor packages; `backend` is the one asked for, refused if it is neither "auto" nor the
+    export's), and which provider runs them and why.
 
-    Checks everything before any work: the manifest and every file's hash, the provider (or the AOTInductor
-    target), and that each graph loads and has the inputs and outputs the manifest lists."""
+    Checks everything before any work: the manifest and every file's hash, the backend and the provider (or the
+    AOTInductor target), and that each graph loads and has the inputs and outputs the manifest lists."""
     from ldlm.export.manifest import ExportError, graph_format, read_manifest
 
     options = options or OnnxOptions()
     directory = Path(directory)
     manifest = read_manifest(directory)
-    backend = graph_format(manifest)
+    backend, _ = resolve_backend(backend, device, export=graph_format(manifest))
     if backend == "aoti":
         from .aoti_runtime import AotiGraph, check_target
 

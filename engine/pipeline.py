@@ -85,17 +85,15 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
              dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
-        from ldlm.export.manifest import export_format
+        from ldlm.export.manifest import is_export
 
         device = resolve_device(device)
-        graphs = export_format(path)
-        if graphs is None:
+        if not is_export(path):
             resolve_backend(backend, device)  # fail before loading weights
             return cls(load_checkpoint(path), device, backend, dtype)
         from .onnx_runtime import load_export_components
 
-        resolve_backend(backend, device, export=graphs)
-        components, backend, why = load_export_components(path, device, resolve_dtype(dtype), onnx_options)
+        components, backend, why = load_export_components(path, device, resolve_dtype(dtype), onnx_options, backend)
         return cls(components, device, backend, dtype, backend_reason=why)
 
     def save(self, path: str | Path) -> Path:

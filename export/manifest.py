@@ -53,18 +53,6 @@ def graph_format(manifest: dict) -> str:
     return FORMATS[manifest["format"]]
 
 
-def export_format(directory: str | Path) -> str | None:
-    """The graph format of an export directory ("onnx", "aoti"), or None for anything else (a checkpoint). It
-    reads only the manifest's format; loading checks the rest."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return FORMATS.get(json.loads(path.read_text()).get("format"), "onnx")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return "onnx"  # not readable: the loader says what is wrong with it
-
-
 def _opened_files(directory: Path, manifest: dict) -> list[str]:
     """The files the loader opens besides the manifest, relative to the export folder: every graph and its
     external data, and everything in the tokenizer folders; each name checked to stay inside the folder."""
