@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,13 +13,10 @@ from . import __version__
 from .config import ModelConfig
 from .data import python_docs_corpus, read_corpus, split_holdout
 from .inputs import check_positive_int
+from .paths import default_cache_dir
 from .pipeline import load
 from .self_check import check_model
 from .train import TrainConfig, train
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LDLM_CACHE", Path.home() / ".cache" / "ldlm"))
 
 
 def _run_key(texts: list[str], config: ModelConfig, train_config: TrainConfig) -> str:

@@ -1,8 +1,10 @@
 """The `onnx` backend: the pipeline's three networks run by ONNX Runtime from an export directory alone.
 
 No PyTorch module or weight is loaded. torch stays in the loop for what must be bit-identical to the reference
-path: the noise generator, the schedule's tables and the samplers' arithmetic, and the beam-search bookkeeping
-(ldlm.samplers and ldlm.beam_search run unchanged on these parts). Inputs and outputs are bound to torch
+path: the noise generator, the schedule's tables and the samplers' arithmetic (ldlm.samplers runs unchanged on
+these parts). The beam search is the reference's algorithm: on the CPU its per-token bookkeeping and the KV
+cache's beam reorder run as ldlm's C kernel (ldlm.native_beam_search, the same tokens), else as
+ldlm.beam_search's torch operations. Inputs and outputs are bound to torch
 tensors' memory with IOBinding, so nothing is copied between the two, on the CPU or, with `onnxruntime-gpu`,
 on the GPU. The loader (load_export_components) also serves the `aoti` backend: its graphs are AOTInductor
 packages (ldlm.aoti_runtime) behind the same interface, driven by the same code.
@@ -16,11 +18,15 @@ from pathlib import Path
 
 import torch
 
+from ldlm.kernels.native import MAX_BEAMS, RowGather, unavailable_reason
+
 from .backends import BackendUnavailable, resolve_backend
+from .beam_search import BeamSearchConfig, beam_search
 from .checkpoint import Components
 from .config import ModelConfig
 from .decoder import load_tokenizer
 from .encoder import collect_token_states, encode_texts
+from .native_beam_search import native_beam_search
 from .reverse import Condition
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -36,6 +42,8 @@ class OnnxOptions:
     optimization_level: str = "all"  # graph optimizations: disable | basic | extended | all
     int8_reverse: bool = False  # run the dynamically quantized (int8) reverse transformer
     int8_decoder: bool = False  # run the int8 decoder step (its LM head stays fp32)
+    native_beam_update: bool = True  # on the CPU, the beam search's bookkeeping in ldlm's C kernel (built with the
+    # system C compiler on first use, ldlm.kernels.native); False, or no compiler: torch operations, the same tokens
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", *PROVIDERS):
@@ -244,8 +252,10 @@ class OnnxCache:
 
     GROW = 16
 
-    def __init__(self, present: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, present: torch.Tensor, dtype: torch.dtype, gather=None):
+        """gather: a ldlm.kernels.native.RowGather to reorder the beams in one C call (CPU), None for torch."""
         L, _, R, H, S, hd = present.shape  # the prefill's (L, 2, R, H, S, hd)
+        self.gather = gather
         self.length = S
         self.keys = [torch.zeros(R, H, hd, S + self.GROW, dtype=dtype, device=present.device) for _ in range(L)]
         self.values = [torch.zeros(R, H, S + self.GROW, hd, dtype=dtype, device=present.device) for _ in range(L)]
@@ -285,6 +295,9 @@ class OnnxCache:
 
     def reorder_cache(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.mask.device)
+        if self.gather is not None:  # in place; rows that keep their place are not copied
+            self.gather([*self.keys, *self.values, self.mask], rows)
+            return
         if torch.equal(rows, torch.arange(len(rows), device=rows.device)):  # beams kept their places: no copy
             return
         self.keys = [k.index_select(0, rows) for k in self.keys]
@@ -295,11 +308,19 @@ class OnnxCache:
 class OnnxDecoder:
     """The decoder graphs behind the interface the reference beam search uses (prefill, step, token ids)."""
 
-    def __init__(self, prefill: Graph, step: Graph, tokenizer, spec: dict, config: ModelConfig, device: torch.device):
+    def __init__(self, prefill: Graph, step: Graph, tokenizer, spec: dict, config: ModelConfig, device: torch.device,
+                 native: bool = False):
+        """native: the beam search's bookkeeping and cache reorder in ldlm's C kernel (CPU only)."""
         self.prefill_graph, self.step_graph, self.tokenizer, self.spec = prefill, step, tokenizer, spec
-        self.config, self.device = config, device
+        self.config, self.device, self.native = config, device, native
         self.eos_token_id, self.pad_token_id = spec["eos_token_id"], spec["pad_token_id"]
         self.cache_dtype = step.input_dtypes["past_key_0"]  # the step graph's compute dtype
+
+    def beam_search(self, latents: torch.Tensor, config: BeamSearchConfig) -> list[list[int]]:
+        """The reference beam search on these graphs (ldlm.beam_search); its bookkeeping native where chosen."""
+        if self.native and config.num_beams <= MAX_BEAMS:
+            return native_beam_search(self, latents, config)
+        return beam_search(self, latents, config)
 
     def prefill(self, latents: torch.Tensor) -> tuple[torch.Tensor, OnnxCache]:
         """latents (B, *latent_shape) -> next-token logits (B, V) and the prefix's cache."""
@@ -307,7 +328,7 @@ class OnnxDecoder:
         logits = torch.empty(B, s["vocab_size"], device=self.device)
         present = torch.empty(s["n_layer"], 2, B, s["n_head"], self.config.n_prefix, s["head_dim"], device=self.device)
         self.prefill_graph.run({"latent": latents.float()}, {"logits": logits, "present": present})
-        return logits, OnnxCache(present, self.cache_dtype)
+        return logits, OnnxCache(present, self.cache_dtype, gather=RowGather() if self.native else None)
 
     def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
         """input_ids (R, 1), the token after the cache's S positions -> logits (R, V); the cache grows in place."""
@@ -321,6 +342,18 @@ class OnnxDecoder:
                              **cache.inputs()}, {"logits": logits, "new_kv": new_kv})
         cache.append(new_kv)
         return logits, cache
+
+
+def native_decode(options: OnnxOptions, device: torch.device) -> tuple[bool, str]:
+    """Whether the beam search's bookkeeping runs in ldlm's C kernel, and the reason said at load."""
+    if device.type != "cpu":
+        return False, "beam bookkeeping in torch (on the device)"
+    if not options.native_beam_update:
+        return False, "beam bookkeeping in torch (native_beam_update off)"
+    reason = unavailable_reason()  # builds the kernel on first use: a second or less, then cached
+    if reason is not None:
+        return False, f"beam bookkeeping in torch ({reason})"
+    return True, "beam bookkeeping in ldlm's C kernel"
 
 
 def _check_sizes(encoder: OnnxEncoder, reverse: OnnxReverse, decoder: OnnxDecoder, config: ModelConfig) -> None:
@@ -418,9 +451,10 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
                           "cache every token: export the checkpoint again with `ldlm export`")
     encoder = OnnxEncoder(graph("encoder"), load_tokenizer(directory / manifest["tokenizers"]["encoder"]),
                           manifest["encoder"]["max_tokens"], config.latent_shape, device)
+    native, native_why = native_decode(options, device)
     decoder = OnnxDecoder(graph("decoder_prefill"), graph("decoder_step"),
                           load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
-                          device)
+                          device, native=native)
     reverse = OnnxReverse(graph("reverse"), config, *_condition_parts(directory, manifest, specs, config, graph,
                                                                     device))
     _check_sizes(encoder, reverse, decoder, config)
@@ -440,4 +474,5 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
     if backend == "onnx" and provider == "cpu":
         threads = options.intra_op_threads or os.cpu_count()
         detail += f", {threads} intra-op threads, optimization {options.optimization_level}"
+    detail += f"; {native_why}"
     return Components(config, encoder, decoder, reverse, mean, std, encoder_bundled=False), backend, detail

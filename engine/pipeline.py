@@ -249,7 +249,9 @@ class Pipeline:
             if top_p is not None:
                 token_ids = nucleus_decode(self.decoder, batch, top_p=top_p, max_new_tokens=search.max_new_tokens,
                                            generator=generator)
-            elif self.backend not in STATIC_DECODE_BACKENDS:  # reference, or an export (the reference search on its graphs)
+            elif self.backend in EXPORT_BACKENDS:  # the reference search on the export's graphs
+                token_ids = self.decoder.beam_search(batch, search)
+            elif self.backend not in STATIC_DECODE_BACKENDS:
                 token_ids = beam_search(self.decoder, batch, search)
             else:
                 with self._engine_lock:

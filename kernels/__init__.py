@@ -1,6 +1,8 @@
-"""Triton kernels for the engine's hot loops: the fused per-step update (`fused_update`), a residual add with
+"""Kernels for the engine's hot loops. Triton: the fused per-step update (`fused_update`), a residual add with
 the layer norm after it (`add_layer_norm`) and the beam decode's one-query attention read through a table of
-source rows (`beam_attention`); `aot` compiles them ahead of time for a GPU architecture."""
+source rows (`beam_attention`); `aot` compiles them ahead of time for a GPU architecture. C, for the CPU: the
+beam search's per-token bookkeeping and the KV cache's row gather (`beam_update.c`, built and loaded by
+`native`)."""
 
 from __future__ import annotations
 

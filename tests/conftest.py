@@ -40,6 +40,25 @@ def tiny_checkpoint(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def varied_decoder():
+    """A random tiny decoder whose EOS logit is raised, so beam hypotheses end at varied lengths."""
+    from ldlm.decoder import LatentDecoder
+
+    torch.manual_seed(0)
+    decoder = LatentDecoder.build(ModelConfig.from_preset("tiny"), TINY_TEXTS).eval()
+    for p in decoder.parameters():
+        p.data.normal_(0, 0.5)
+
+    def raise_eos(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., decoder.eos_token_id] += 6.0
+        return logits
+
+    decoder.gpt2.lm_head.register_forward_hook(raise_eos)
+    return decoder
+
+
 @pytest.fixture()
 def tiny_pipeline(tiny_checkpoint):
     torch.manual_seed(0)

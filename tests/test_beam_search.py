@@ -6,27 +6,12 @@ import pytest
 import torch
 
 from ldlm.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
-from ldlm.config import ModelConfig
-from ldlm.decoder import LatentDecoder
 
-from .conftest import TINY_TEXTS
 
 
 @pytest.fixture(scope="module")
-def decoder():
-    """A random tiny decoder whose EOS logit is raised, so hypotheses end at varied lengths."""
-    torch.manual_seed(0)
-    decoder = LatentDecoder.build(ModelConfig.from_preset("tiny"), TINY_TEXTS).eval()
-    for p in decoder.parameters():
-        p.data.normal_(0, 0.5)
-
-    def raise_eos(module, inputs, logits):
-        logits = logits.clone()
-        logits[..., decoder.eos_token_id] += 6.0
-        return logits
-
-    decoder.gpt2.lm_head.register_forward_hook(raise_eos)
-    return decoder
+def decoder(varied_decoder):
+    return varied_decoder
 
 
 def hf_beam_search(decoder, latents, cfg: BeamSearchConfig) -> list[list[int]]:

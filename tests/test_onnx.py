@@ -127,10 +127,12 @@ def test_beam_search_on_the_graphs_gives_the_reference_tokens(tmp_path):
             "n_positions": gpt2.n_positions}
     graphs = [Graph(tmp_path / specs[n]["file"], specs[n], "cpu", OnnxOptions()) for n in specs]
     onnx_decoder = OnnxDecoder(*graphs, decoder.tokenizer, spec, config, CPU)
+    native_decoder = OnnxDecoder(*graphs, decoder.tokenizer, spec, config, CPU, native=True)  # the C bookkeeping
     latents = torch.randn(5, 32)
     for search in (BeamSearchConfig(num_beams=3, max_new_tokens=12), BeamSearchConfig(num_beams=1, max_new_tokens=9)):
         expected = beam_search(decoder, latents, search)
         assert any(expected) and beam_search(onnx_decoder, latents, search) == expected
+        assert native_decoder.beam_search(latents, search) == expected
 
 
 def test_self_conditioned_reverse_graph_takes_the_previous_estimate(tmp_path, caplog):
@@ -153,6 +155,7 @@ def test_self_conditioned_reverse_graph_takes_the_previous_estimate(tmp_path, ca
 def test_onnx_pipeline_matches_the_reference_end_to_end(tiny_checkpoint, exported, sampler, steps):
     ref, onnx = ldlm.load(tiny_checkpoint), ldlm.load(exported)
     assert onnx.backend == "onnx" and "CPUExecutionProvider" in onnx.backend_reason
+    assert "beam bookkeeping in ldlm's C kernel" in onnx.backend_reason  # CI has a C compiler
     kwargs = {"sampler": sampler, "steps": steps, "seed": 3, "progress": False}
     expected, got = ref.sample_latents(4, **kwargs), onnx.sample_latents(4, **kwargs)
     assert rel_err(got, expected) < 1e-5

@@ -1,0 +1,34 @@
+"""The reference beam search (ldlm.beam_search) with its per-token bookkeeping in one C call
+(ldlm.kernels.native.BeamUpdate): the same algorithm, arithmetic and tokens, for decoders that run on the CPU
+outside torch (the onnx and aoti backends' graphs), where the torch bookkeeping around each decoder step costs
+as much as the step itself."""
+
+from __future__ import annotations
+
+import torch
+
+from .beam_search import BeamSearchConfig
+
+
+@torch.no_grad()
+def native_beam_search(decoder, latents: torch.Tensor, config: BeamSearchConfig) -> list[list[int]]:
+    """latents (B, *latent_shape) -> for each item, the best hypothesis' token ids (EOS removed).
+
+    decoder: prefill(latents) -> (logits (R, V), cache) and step(input_ids (R, 1), cache) -> (logits, cache), as
+    ldlm.beam_search's; the cache reorders by cache.reorder_cache(rows)."""
+    from ldlm.kernels.native import BeamUpdate
+
+    B, K, T = latents.shape[0], config.num_beams, config.max_new_tokens
+    logits, cache = decoder.prefill(latents.repeat_interleave(K, dim=0))  # every beam starts from the prefix
+    update = BeamUpdate(B, K, T, logits.shape[-1], eos=decoder.eos_token_id, pad=decoder.pad_token_id,
+                        no_repeat_ngram_size=config.no_repeat_ngram_size, length_penalty=config.length_penalty,
+                        early_stopping=config.early_stopping)
+    inputs = update.next_tokens.view(B * K, 1)  # the kernel writes each row's chosen token here
+    for cur in range(T):
+        if cur > 0:
+            logits, cache = decoder.step(inputs, cache)
+        stop = update(logits, cur)
+        cache.reorder_cache(update.source_rows)
+        if stop:
+            break
+    return update.best()
