@@ -54,6 +54,14 @@ def ban_repeated_ngrams(log_probs: torch.Tensor, tokens: torch.Tensor, n: int) -
     return banned
 
 
+def best_hypotheses(finished: torch.Tensor, eos: int) -> list[list[int]]:
+    """finished (B, K, T) hypotheses, best first -> each item's best token ids, EOS and what follows removed."""
+    results = []
+    for tokens in finished[:, 0, :].tolist():
+        results.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+    return results
+
+
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """tensor (B, N, ...) indexed along dim 1 by indices (B, M) -> (B, M, ...)."""
     idx = indices.view(*indices.shape, *([1] * (tensor.dim() - 2))).expand(*indices.shape, *tensor.shape[2:])
@@ -123,7 +131,4 @@ def beam_search(decoder: LatentDecoder, latents: torch.Tensor, config: BeamSearc
         if not bool(improvable.any()) or all_full or bool(ended.all()):
             break
 
-    results = []
-    for tokens in finished[:, 0, :].tolist():  # the best hypothesis of each item
-        results.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
-    return results
+    return best_hypotheses(finished, eos)

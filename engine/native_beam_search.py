@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .beam_search import BeamSearchConfig
+from .beam_search import BeamSearchConfig, best_hypotheses
 
 
 @torch.no_grad()
@@ -31,4 +31,4 @@ def native_beam_search(decoder, latents: torch.Tensor, config: BeamSearchConfig)
         cache.reorder_cache(update.source_rows)
         if stop:
             break
-    return update.best()
+    return best_hypotheses(update.finished, decoder.eos_token_id)

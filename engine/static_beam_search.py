@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .beam_search import NEG_INF, BeamSearchConfig, _gather_beams
+from .beam_search import NEG_INF, BeamSearchConfig, _gather_beams, best_hypotheses
 from .decoder import LatentDecoder
 from .static_gpt2 import StaticKVGPT2
 
@@ -197,7 +197,4 @@ class StaticBeamSearch:
                 self._graphs[step % 2].replay()
             else:
                 self.decode_step(s)
-        results = []
-        for tokens in s.finished[:b, 0, :].tolist():
-            results.append(tokens[: tokens.index(self.eos)] if self.eos in tokens else tokens)
-        return results
+        return best_hypotheses(s.finished[:b], self.eos)

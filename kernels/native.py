@@ -134,7 +134,6 @@ class BeamUpdate:
         if not 1 <= K <= MAX_BEAMS:
             raise ValueError(f"the native beam update takes 1 to {MAX_BEAMS} beams, got {K}")
         self.lib, self.B, self.K, self.T, self.V = library(), B, K, T, V
-        self.eos = eos
         self.running = torch.full((B, K, T), pad, dtype=torch.long)  # live beams' tokens
         self.running_scores = torch.zeros(B, K)
         self.running_scores[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
@@ -162,13 +161,6 @@ class BeamUpdate:
             raise FloatingPointError(f"beam search: the decoder's logits hold NaN or inf at token {cur} of item "
                                      f"{row // self.K} (beam {row % self.K}); check the latent it decodes")
         return bool(code)
-
-    def best(self) -> list[list[int]]:
-        """Each item's best finished hypothesis' token ids, EOS and what follows removed."""
-        results = []
-        for tokens in self.finished[:, 0, :].tolist():
-            results.append(tokens[: tokens.index(self.eos)] if self.eos in tokens else tokens)
-        return results
 
 
 class RowGather:
