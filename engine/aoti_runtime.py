@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -70,6 +71,11 @@ class AotiGraph(GraphShapes):
                              "`ldlm export --format aoti` (a package was replaced)")
         self.input_dtypes = {i["name"]: _DTYPES[i["dtype"]] for i in io["inputs"]}
         self.shapes = {v["name"]: v["shape"] for v in (*io["inputs"], *io["outputs"])}
+
+    def bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """As Graph.bind: a run with these tensors, each call reading what they hold then (a package takes its
+        inputs per call, so nothing is bound ahead)."""
+        return lambda: self.run(inputs, outputs)
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run with `inputs`, writing the outputs named in `outputs` into those tensors (the package returns its

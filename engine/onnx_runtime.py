@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -148,21 +149,33 @@ class Graph(GraphShapes):
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run with `inputs`, writing into the preallocated `outputs` (shapes known to the caller)."""
+        self.bind(inputs, outputs)()
+
+    def bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """A run bound once to these tensors (IOBinding) and kept alive with them: each call reads what the
+        inputs hold then and rewrites the outputs, so a loop that updates its inputs in place binds once (at a
+        few rows, binding a dozen tensors costs a sixth of the decoder step itself)."""
         bad = [name for name, tensor in outputs.items() if not tensor.is_contiguous()]
         if bad:  # ONNX Runtime writes through the pointer: a copy would leave the caller's tensor unwritten
             raise ValueError(f"outputs {bad} must be contiguous tensors")
         binding = self.session.io_binding()
-        inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}  # kept alive until the run ends
+        inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}
         for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
             for name, tensor in tensors.items():
                 bind(name, self.device_type, tensor.device.index or 0, ELEMENT_TYPES[tensor.dtype],
                      tuple(tensor.shape), tensor.data_ptr())
-        if self.device_type == "cuda":
-            # ONNX Runtime's CUDA provider runs on a stream of its own and does not wait for torch's (onnxruntime
-            # issue 26609): what torch wrote into the inputs must be complete first. Its run syncs its own stream
-            # before returning, so the outputs are ready for torch after it.
-            torch.cuda.synchronize(next(iter(inputs.values())).device)
-        self.session.run_with_iobinding(binding)
+        device = next(iter(inputs.values())).device
+
+        def run() -> None:
+            if self.device_type == "cuda":
+                # ONNX Runtime's CUDA provider runs on a stream of its own and does not wait for torch's
+                # (onnxruntime issue 26609): what torch wrote into the inputs must be complete first. Its run
+                # syncs its own stream before returning, so the outputs are ready for torch after it.
+                torch.cuda.synchronize(device)
+            self.session.run_with_iobinding(binding)
+
+        run.tensors = (inputs, outputs)  # the binding holds raw pointers: their memory lives as long as the run
+        return run
 
 
 class OnnxEncoder:
@@ -245,10 +258,11 @@ class OnnxReverse:
 
 
 class OnnxCache:
-    """The decoder's static KV cache for the step graph: per layer keys (R, H, hd, C), stored transposed so the
-    graph's q @ k reads them in place, and values (R, H, C, hd); `mask` (R, C) marks the S filled slots of the
-    capacity C. Steps write one slot; capacity grows by GROW slots when full (a copy every GROW tokens);
-    beams are reordered like Hugging Face's caches."""
+    """The decoder's static KV cache for the step graph: keys (L, R, H, hd, C), stored transposed so the graph's
+    q @ k reads them in place, and values (L, R, H, C, hd), one tensor each so that a step's slot write is two
+    copies, the graph reading layer l's as views; `mask` (R, C) marks the S filled slots of the capacity C.
+    Steps write one slot; capacity grows by GROW slots when full (a copy every GROW tokens); beams are reordered
+    like Hugging Face's caches."""
 
     GROW = 16
 
@@ -257,13 +271,19 @@ class OnnxCache:
         L, _, R, H, S, hd = present.shape  # the prefill's (L, 2, R, H, S, hd)
         self.gather = gather
         self.length = S
-        self.keys = [torch.zeros(R, H, hd, S + self.GROW, dtype=dtype, device=present.device) for _ in range(L)]
-        self.values = [torch.zeros(R, H, S + self.GROW, hd, dtype=dtype, device=present.device) for _ in range(L)]
-        for layer in range(L):  # zeros beyond S: masked, and finite, so 0 * value stays 0 in the graph
-            self.keys[layer][..., :S] = present[layer, 0].transpose(-1, -2)
-            self.values[layer][:, :, :S] = present[layer, 1]
+        # zeros beyond S: masked, and finite, so 0 * value stays 0 in the graph
+        self.keys = torch.zeros(L, R, H, hd, S + self.GROW, dtype=dtype, device=present.device)
+        self.values = torch.zeros(L, R, H, S + self.GROW, hd, dtype=dtype, device=present.device)
+        self.keys[..., :S] = present[:, 0].transpose(-1, -2)
+        self.values[..., :S, :] = present[:, 1]
         self.mask = torch.zeros(R, S + self.GROW, dtype=torch.long, device=present.device)
         self.mask[:, :S] = 1
+        self._replaced()
+
+    def _replaced(self) -> None:
+        """The tensors are new: what was bound to the old ones is dropped."""
+        self.bound_step: StepRun | None = None  # the step graph bound to these tensors (OnnxDecoder.step)
+        self._bound_gather = None
 
     @property
     def capacity(self) -> int:
@@ -280,29 +300,31 @@ class OnnxCache:
         if self.length < self.capacity:
             return
         grow = self.GROW
-        self.keys = [torch.nn.functional.pad(k, (0, grow)) for k in self.keys]  # (R, H, hd, C + grow)
-        self.values = [torch.nn.functional.pad(v, (0, 0, 0, grow)) for v in self.values]  # (R, H, C + grow, hd)
+        self.keys = torch.nn.functional.pad(self.keys, (0, grow))  # (L, R, H, hd, C + grow)
+        self.values = torch.nn.functional.pad(self.values, (0, 0, 0, grow))  # (L, R, H, C + grow, hd)
         self.mask = torch.nn.functional.pad(self.mask, (0, grow))
+        self._replaced()
 
     def append(self, new_kv: torch.Tensor) -> None:
         """Write the step's new_kv (L, 2, R, H, hd) into slot S."""
         S = self.length
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            k[..., S] = new_kv[layer, 0]
-            v[:, :, S] = new_kv[layer, 1]
+        self.keys[..., S] = new_kv[:, 0]
+        self.values[..., S, :] = new_kv[:, 1]
         self.mask[:, S] = 1
         self.length = S + 1
 
     def reorder_cache(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.mask.device)
         if self.gather is not None:  # in place; rows that keep their place are not copied
-            self.gather([*self.keys, *self.values, self.mask], rows)
+            if self._bound_gather is None:
+                self._bound_gather = self.gather.bind([*self.keys, *self.values, self.mask])
+            self._bound_gather(rows)
             return
         if torch.equal(rows, torch.arange(len(rows), device=rows.device)):  # beams kept their places: no copy
             return
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
         self.mask = self.mask.index_select(0, rows)
+        self._replaced()
 
 
 class OnnxDecoder:
@@ -331,17 +353,42 @@ class OnnxDecoder:
         return logits, OnnxCache(present, self.cache_dtype, gather=RowGather() if self.native else None)
 
     def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
-        """input_ids (R, 1), the token after the cache's S positions -> logits (R, V); the cache grows in place."""
+        """input_ids (R, 1), the token after the cache's S positions -> logits (R, V), a tensor the next step on
+        this cache rewrites; the cache grows in place."""
         R, S, s = input_ids.shape[0], cache.length, self.spec
         if S >= s["n_positions"]:
             raise ValueError(f"the decoder's context of {s['n_positions']} positions is full; lower max_new_tokens")
         cache.make_room()
-        logits = torch.empty(R, s["vocab_size"], device=self.device)
-        new_kv = torch.empty(s["n_layer"], 2, R, s["n_head"], s["head_dim"], dtype=self.cache_dtype, device=self.device)
-        self.step_graph.run({"input_ids": input_ids.long(), "position_ids": torch.full((R, 1), S, device=self.device),
-                             **cache.inputs()}, {"logits": logits, "new_kv": new_kv})
-        cache.append(new_kv)
-        return logits, cache
+        input_ids, step = input_ids.long(), cache.bound_step
+        if step is None or step.input_ids is not input_ids:  # the native search writes its tokens in place
+            step = cache.bound_step = StepRun.bind(self.step_graph, input_ids, cache, self.spec, self.cache_dtype)
+        step.position_ids.fill_(S)
+        step.run()
+        cache.append(step.new_kv)
+        return step.logits, cache
+
+
+@dataclass
+class StepRun:
+    """The step graph bound to one cache's tensors and one input_ids tensor, with its outputs; the logits
+    tensor is rewritten by each step."""
+
+    input_ids: torch.Tensor | None  # (R, 1) int64, the tensor bound by pointer; None: a copy was bound
+    position_ids: torch.Tensor  # (R, 1) int64, the step's position, written before each run
+    logits: torch.Tensor  # (R, V) float32
+    new_kv: torch.Tensor  # (L, 2, R, H, hd) in the cache dtype
+    run: Callable[[], None]
+
+    @classmethod
+    def bind(cls, graph, input_ids: torch.Tensor, cache: OnnxCache, spec: dict, cache_dtype: torch.dtype) -> StepRun:
+        R, device = input_ids.shape[0], input_ids.device
+        position_ids = torch.empty(R, 1, dtype=torch.long, device=device)
+        logits = torch.empty(R, spec["vocab_size"], device=device)
+        new_kv = torch.empty(spec["n_layer"], 2, R, spec["n_head"], spec["head_dim"], dtype=cache_dtype, device=device)
+        run = graph.bind({"input_ids": input_ids, "position_ids": position_ids, **cache.inputs()},
+                         {"logits": logits, "new_kv": new_kv})
+        # a strided input is bound as a contiguous copy, which later writes into it would not reach: never reused
+        return cls(input_ids if input_ids.is_contiguous() else None, position_ids, logits, new_kv, run)
 
 
 def native_decode(options: OnnxOptions, device: torch.device) -> tuple[bool, str]:

@@ -138,21 +138,32 @@ class DecoderStepGraph(_GPT2Graph):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One query a row, so the hidden states stay 2-D, (R, E), and every projection is one Gemm on GPT-2's
+        # Conv1D weights (in, out), with reshapes to constant shapes only: Conv1D's own flatten-and-restore and
+        # the (R, 1, E) form exported 195 ONNX nodes a step against 133 here, and the step is bound by node count
+        # at a few rows (bench/RESULTS.md, "the decoder step as a leaner graph").
         t = self.gpt2.transformer
-        h = t.wte(input_ids) + t.wpe(position_ids)  # (R, 1, E)
-        scale = self.head_dim ** -0.5
-        hidden_mask = (1 - past_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min  # (R, 1, 1, C)
+        H, hd = self.n_head, self.head_dim
+        E = H * hd
+        h = t.wte(input_ids.reshape(-1)) + t.wpe(position_ids.reshape(-1))  # (R, E)
+        hidden_mask = ((1 - past_mask.to(h.dtype)) * torch.finfo(h.dtype).min)[:, None, None, :]  # (R, 1, 1, C)
         new_kv = []
         for layer, block in enumerate(t.h):
             past_key, past_value = past[2 * layer], past[2 * layer + 1]  # (R, H, hd, C), (R, H, C, hd)
-            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
-            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
-            scores = torch.cat([q @ past_key * scale + hidden_mask,  # (R, H, 1, C)
-                                (q * k).sum(-1, keepdim=True) * scale], dim=-1)  # (R, H, 1, C + 1)
+            qkv = _conv1d(block.attn.c_attn, block.ln_1(h))  # (R, 3E)
+            q, k, v = qkv.split(E, dim=1)
+            q = (q * hd ** -0.5).reshape(-1, H, 1, hd)  # scaled once, before both score terms
+            k, v = k.reshape(-1, H, 1, hd), v.reshape(-1, H, 1, hd)
+            scores = torch.cat([q @ past_key + hidden_mask,  # (R, H, 1, C)
+                                (q * k).sum(-1, keepdim=True)], dim=-1)  # (R, H, 1, C + 1)
             probs = torch.softmax(scores.float(), dim=-1).to(h.dtype)
             attn = probs[..., :-1] @ past_value + probs[..., -1:] * v  # (R, H, 1, hd)
-            R, H, _, hd = attn.shape
-            h = h + block.attn.c_proj(attn.transpose(1, 2).reshape(R, 1, H * hd))
-            h = h + block.mlp(block.ln_2(h))
-            new_kv.append(torch.stack([k[:, :, 0], v[:, :, 0]]))  # (2, R, H, hd)
-        return self._logits(h[:, -1, :]), torch.stack(new_kv)
+            h = h + _conv1d(block.attn.c_proj, attn.reshape(-1, E))
+            h = h + _conv1d(block.mlp.c_proj, block.mlp.act(_conv1d(block.mlp.c_fc, block.ln_2(h))))
+            new_kv += [k.reshape(-1, H, hd), v.reshape(-1, H, hd)]
+        return self._logits(h), torch.stack(new_kv).reshape(len(t.h), 2, -1, H, hd)  # (R, V), (L, 2, R, H, hd)
+
+
+def _conv1d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D (weight (in, out)) on 2-D x (R, in) as one Gemm."""
+    return torch.addmm(layer.bias, x, layer.weight)

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -172,17 +173,34 @@ class RowGather:
         self.scratch = torch.empty(0, dtype=torch.uint8)
 
     def __call__(self, tensors: list[torch.Tensor], rows: torch.Tensor) -> None:
-        R = rows.shape[0]
-        for t in tensors:
-            if t.device.type != "cpu" or not t.is_contiguous() or t.shape[0] != R:
-                raise ValueError(f"RowGather takes contiguous CPU tensors of {R} rows, got {tuple(t.shape)} on "
-                                 f"{t.device}")
-        rows = rows.to("cpu", torch.long).contiguous()
-        need = 7 * 8 * R + 2 * max(t[0].numel() * t.element_size() for t in tensors)  # the copy plan, spare rows
+        self.bind(tensors)(rows)
+
+    def bind(self, tensors: list[torch.Tensor]) -> Callable[[torch.Tensor], None]:
+        """The gather for these tensors, checked and laid out once: call it with each step's rows (a beam search
+        reorders the same cache every token; the checks and pointer tables cost as much as a small copy)."""
+        R = tensors[0].shape[0]
+        for i, t in enumerate(tensors):
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"RowGather takes contiguous CPU tensors; tensor {i}, {tuple(t.shape)} on "
+                                 f"{t.device}, is not (pass .contiguous() on the CPU)")
+        if any(t.shape[0] != R for t in tensors):
+            raise ValueError(f"RowGather's tensors must have the same rows (first dimension), got shapes "
+                             f"{[tuple(t.shape) for t in tensors]}")
+        row_bytes = [t[0].numel() * t.element_size() for t in tensors]
+        need = 7 * 8 * R + 2 * max(row_bytes)  # the copy plan, spare rows
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need, dtype=torch.uint8)
         pointers = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-        row_bytes = (ctypes.c_int64 * len(tensors))(*[t[0].numel() * t.element_size() for t in tensors])
-        if self.lib.ldlm_gather_rows(pointers, row_bytes, len(tensors), R, rows.data_ptr(), self.scratch.data_ptr(),
-                                 torch.get_num_threads()):
-            raise IndexError(f"rows must lie in [0, {R}), got {rows.tolist()}")
+        sizes = (ctypes.c_int64 * len(tensors))(*row_bytes)
+        lib, scratch, count = self.lib, self.scratch, len(tensors)
+
+        def gather(rows: torch.Tensor) -> None:
+            if rows.shape != (R,):
+                raise ValueError(f"rows must be ({R},), got {tuple(rows.shape)}")
+            rows = rows.to("cpu", torch.long).contiguous()
+            if lib.ldlm_gather_rows(pointers, sizes, count, R, rows.data_ptr(), scratch.data_ptr(),
+                                    torch.get_num_threads()):
+                raise IndexError(f"rows must lie in [0, {R}), got {rows.tolist()}")
+
+        gather.tensors = tensors  # the pointer table holds raw pointers: their memory lives as long as the gather
+        return gather

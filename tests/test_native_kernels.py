@@ -92,8 +92,10 @@ def test_row_gather_refuses_bad_rows_and_tensors():
     with pytest.raises(IndexError, match=r"rows must lie in \[0, 4\)"):
         gather([t], torch.tensor([0, 1, 4, 2]))
     assert torch.equal(t, torch.arange(12.0).view(4, 3))  # nothing copied
-    with pytest.raises(ValueError, match="contiguous CPU tensors of 4 rows"):
-        gather([t.t()], torch.arange(4))
+    with pytest.raises(ValueError, match="tensor 0, .3, 4. on cpu, is not"):
+        gather([t.t()], torch.arange(3))
+    with pytest.raises(ValueError, match="same rows"):
+        gather([t, t[:3]], torch.arange(4))
 
 
 def test_library_is_built_once_and_cached(tmp_path, monkeypatch):
@@ -119,3 +121,16 @@ def test_without_a_compiler_the_search_keeps_its_torch_path(tmp_path, monkeypatc
     native_on, why = native_decode(OnnxOptions(), CPU)
     assert not native_on and "beam bookkeeping in torch" in why and "no-such-cc" in why
     assert native_decode(OnnxOptions(native_beam_update=False), CPU)[1].endswith("(native_beam_update off)")
+
+
+def test_bound_row_gather_reorders_the_same_tensors_each_call():
+    gather, generator = native.RowGather(), torch.Generator().manual_seed(2)
+    tensors = [torch.randn(6, 4, 9, generator=generator), torch.randint(0, 9, (6, 5), generator=generator)]
+    bound = gather.bind(tensors)
+    for _ in range(20):  # as a beam search reorders its cache each token
+        rows = torch.randint(0, 6, (6,), generator=generator)
+        expected = [t.index_select(0, rows) for t in tensors]
+        bound(rows)
+        assert all(torch.equal(t, e) for t, e in zip(tensors, expected)), rows.tolist()
+    with pytest.raises(ValueError, match=r"rows must be \(6,\)"):
+        bound(torch.arange(5))

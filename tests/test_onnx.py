@@ -112,6 +112,35 @@ def test_decoder_graphs_match_the_module(reference, onnx_parts, dtype, tol):
             assert rel_err(onnx_cache.values[layer][:, :, :S], hf.values) < tol
 
 
+def test_step_graph_is_bound_once_per_cache_capacity(reference, onnx_parts, monkeypatch):
+    """Tokens written in place into one input tensor (as the native search does) reuse the step's binding until
+    the cache grows; a new tensor each step, or a strided one (bound as a copy), rebinds; the results are the
+    module's in every case."""
+    from ldlm import onnx_runtime
+
+    binds = []
+    monkeypatch.setattr(onnx_runtime.StepRun, "bind", lambda *a, bind=onnx_runtime.StepRun.bind: binds.append(1) or
+                        bind(*a))
+    decoder, onnx_decoder = reference.decoder, onnx_parts[torch.float32].decoder
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 32, generator=g)
+    for inputs, expected_binds in (("in place", 2), ("new tensors", 20), ("strided, in place", 20)):
+        binds.clear()
+        with torch.no_grad():
+            _, cache = decoder.prefill(latents)
+        _, onnx_cache = onnx_decoder.prefill(latents)
+        contiguous, strided = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)[:, 1:2]
+        for _ in range(20):  # the cache grows once, at 18 slots
+            new = torch.randint(0, 200, (2, 1), generator=g)
+            ids = {"in place": lambda: contiguous.copy_(new), "new tensors": lambda: new,
+                   "strided, in place": lambda: strided.copy_(new)}[inputs]()  # copy_ returns the same tensor
+            with torch.no_grad():
+                logits, cache = decoder.step(ids, cache)
+            onnx_logits, onnx_cache = onnx_decoder.step(ids, onnx_cache)
+            assert rel_err(onnx_logits, logits) < 1e-5, inputs
+        assert len(binds) == expected_binds, inputs
+
+
 def test_beam_search_on_the_graphs_gives_the_reference_tokens(tmp_path):
     """A random decoder (varied, non-empty hypotheses): the same tokens through ONNX Runtime."""
     torch.manual_seed(0)
@@ -190,14 +219,20 @@ def test_int8_graphs_are_close_to_fp32(exported):
     int8 = ldlm.load(exported, onnx_options=OnnxOptions(int8_reverse=True, int8_decoder=True))
     assert "int8 reverse + int8 decoder_step graphs" in int8.backend_reason
     assert "int8 graphs are here too" in fp32.backend_reason  # the faster option is named, not imposed
-    x, t = torch.randn(6, 32), torch.full((6,), 300.0)
-    assert 0 < rel_err(int8.reverse(x, t), fp32.reverse(x, t)) < 0.1  # quantized: not equal, but near
-    latents = torch.randn(3, 32)
-    logits = []
-    for pipe in (fp32, int8):
+    # quantized: not equal, but near, next to how far apart two inputs' outputs lie (a 64-wide tiny model
+    # quantizes coarsely: its reverse transformer's int8 error is 0.12-0.2 relative, its decoder step's 0.04)
+    g = torch.Generator().manual_seed(0)
+    x, other, t = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g), torch.full((6,), 300.0)
+    expected = fp32.reverse(x, t)
+    assert 0 < rel_err(int8.reverse(x, t), expected) < 0.3 * rel_err(fp32.reverse(other, t), expected)
+    latents, other = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g)
+
+    def step_logits(pipe, latents):
         _, cache = pipe.decoder.prefill(latents)  # the prefill graph is fp32 in both
-        logits.append(pipe.decoder.step(torch.tensor([[5], [6], [7]]), cache)[0])
-    assert 0 < rel_err(logits[1], logits[0]) < 0.1
+        return pipe.decoder.step(torch.tensor([[5], [6], [7]]), cache)[0]
+
+    expected = step_logits(fp32, latents)
+    assert 0 < rel_err(step_logits(int8, latents), expected) < 0.3 * rel_err(step_logits(fp32, other), expected)
 
 
 def _copy(exported, tmp_path):
