@@ -82,10 +82,15 @@ class LatentDecoder(nn.Module):
         """latents (B, D), or (B, K, D) latent tokens -> prefix embeddings (B, n_prefix, n_embd)."""
         return self.prefix_proj(latents).reshape(latents.shape[0], self.config.n_prefix, -1)
 
-    def prefill(self, latents: torch.Tensor):
-        """Run the prefix of each latent (B, *latent_shape): next-token logits (B, V) and the KV cache of the prefix."""
+    def prefill(self, latents: torch.Tensor, repeats: int = 1):
+        """Run the prefix of each latent (B, *latent_shape): next-token logits (B * repeats, V) and the KV cache of
+        the prefix, item b's in rows b * repeats ... b * repeats + repeats - 1 (its beams: computed once, copied)."""
         out = self.gpt2(inputs_embeds=self.prefix(latents), use_cache=True)
-        return out.logits[:, -1, :], getattr(out, _CACHE_ARG)
+        logits, cache = out.logits[:, -1, :], getattr(out, _CACHE_ARG)
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            logits = logits.repeat_interleave(repeats, dim=0)
+        return logits, cache
 
     def step(self, input_ids: torch.Tensor, cache):
         """One token per row (R, 1) on top of `cache`: next-token logits (R, V) and the grown cache."""

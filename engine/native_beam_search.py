@@ -14,12 +14,15 @@ from .beam_search import BeamSearchConfig, best_hypotheses
 def native_beam_search(decoder, latents: torch.Tensor, config: BeamSearchConfig) -> list[list[int]]:
     """latents (B, *latent_shape) -> for each item, the best hypothesis' token ids (EOS removed).
 
-    decoder: prefill(latents) -> (logits (R, V), cache) and step(input_ids (R, 1), cache) -> (logits, cache), as
-    ldlm.beam_search's; the cache reorders by cache.reorder_cache(rows)."""
+    decoder: prefill(latents, repeats) -> (logits (R, V), cache), each item's prefix run once and copied to its
+    `repeats` rows, and step(input_ids (R, 1), cache) -> (logits, cache), as ldlm.beam_search's; the cache
+    reorders by cache.reorder_cache(rows)."""
     from ldlm.kernels.native import BeamUpdate
 
     B, K, T = latents.shape[0], config.num_beams, config.max_new_tokens
-    logits, cache = decoder.prefill(latents.repeat_interleave(K, dim=0))  # every beam starts from the prefix
+    # every beam starts from its item's prefix, run once per item (at batch 1 the prefill of K identical rows
+    # cost a sixth of the decode)
+    logits, cache = decoder.prefill(latents, repeats=K)
     update = BeamUpdate(B, K, T, logits.shape[-1], eos=decoder.eos_token_id, pad=decoder.pad_token_id,
                         no_repeat_ngram_size=config.no_repeat_ngram_size, length_penalty=config.length_penalty,
                         early_stopping=config.early_stopping)

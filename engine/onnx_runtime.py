@@ -266,17 +266,20 @@ class OnnxCache:
 
     GROW = 16
 
-    def __init__(self, present: torch.Tensor, dtype: torch.dtype, gather=None):
-        """gather: a ldlm.kernels.native.RowGather to reorder the beams in one C call (CPU), None for torch."""
-        L, _, R, H, S, hd = present.shape  # the prefill's (L, 2, R, H, S, hd)
+    def __init__(self, present: torch.Tensor, dtype: torch.dtype, gather=None, repeats: int = 1):
+        """present: the prefill's (L, 2, B, H, S, hd), each of its B rows copied to `repeats` cache rows (an
+        item's beams); gather: a ldlm.kernels.native.RowGather to reorder the beams in one C call (CPU), None
+        for torch."""
+        L, _, B, H, S, hd = present.shape
+        R, C = B * repeats, S + self.GROW
         self.gather = gather
         self.length = S
         # zeros beyond S: masked, and finite, so 0 * value stays 0 in the graph
-        self.keys = torch.zeros(L, R, H, hd, S + self.GROW, dtype=dtype, device=present.device)
-        self.values = torch.zeros(L, R, H, S + self.GROW, hd, dtype=dtype, device=present.device)
-        self.keys[..., :S] = present[:, 0].transpose(-1, -2)
-        self.values[..., :S, :] = present[:, 1]
-        self.mask = torch.zeros(R, S + self.GROW, dtype=torch.long, device=present.device)
+        self.keys = torch.zeros(L, R, H, hd, C, dtype=dtype, device=present.device)
+        self.values = torch.zeros(L, R, H, C, hd, dtype=dtype, device=present.device)
+        self.keys.view(L, B, repeats, H, hd, C)[..., :S] = present[:, 0].transpose(-1, -2).unsqueeze(2)
+        self.values.view(L, B, repeats, H, C, hd)[..., :S, :] = present[:, 1].unsqueeze(2)
+        self.mask = torch.zeros(R, C, dtype=torch.long, device=present.device)
         self.mask[:, :S] = 1
         self._replaced()
 
@@ -344,13 +347,15 @@ class OnnxDecoder:
             return native_beam_search(self, latents, config)
         return beam_search(self, latents, config)
 
-    def prefill(self, latents: torch.Tensor) -> tuple[torch.Tensor, OnnxCache]:
-        """latents (B, *latent_shape) -> next-token logits (B, V) and the prefix's cache."""
+    def prefill(self, latents: torch.Tensor, repeats: int = 1) -> tuple[torch.Tensor, OnnxCache]:
+        """latents (B, *latent_shape) -> next-token logits (B * repeats, V) and the prefix's cache, item b's in
+        rows b * repeats ... b * repeats + repeats - 1 (its beams: the graph runs once per item)."""
         B, s = latents.shape[0], self.spec
         logits = torch.empty(B, s["vocab_size"], device=self.device)
         present = torch.empty(s["n_layer"], 2, B, s["n_head"], self.config.n_prefix, s["head_dim"], device=self.device)
         self.prefill_graph.run({"latent": latents.float()}, {"logits": logits, "present": present})
-        return logits, OnnxCache(present, self.cache_dtype, gather=RowGather() if self.native else None)
+        cache = OnnxCache(present, self.cache_dtype, gather=RowGather() if self.native else None, repeats=repeats)
+        return logits.repeat_interleave(repeats, dim=0), cache
 
     def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
         """input_ids (R, 1), the token after the cache's S positions -> logits (R, V), a tensor the next step on

@@ -112,6 +112,21 @@ def test_decoder_graphs_match_the_module(reference, onnx_parts, dtype, tol):
             assert rel_err(onnx_cache.values[layer][:, :, :S], hf.values) < tol
 
 
+def test_prefill_once_per_item_gives_the_repeated_rows_prefill(reference, onnx_parts):
+    """prefill(latents, repeats=K), which the native beam search uses (the prefix run once per item, copied to
+    its K beams), against the prefill of the K-times repeated rows: the same logits and cache, and the next
+    step's logits, for the module and the graphs."""
+    g = torch.Generator().manual_seed(5)
+    latents, ids = torch.randn(3, 32, generator=g), torch.randint(0, 200, (12, 1), generator=g)
+    for decoder in (reference.decoder, onnx_parts[torch.float32].decoder):
+        with torch.no_grad():
+            once, once_cache = decoder.prefill(latents, repeats=4)
+            rows, rows_cache = decoder.prefill(latents.repeat_interleave(4, dim=0))
+            assert once.shape == rows.shape == (12, rows.shape[1])
+            assert rel_err(once, rows) < 1e-6, type(decoder).__name__
+            assert rel_err(decoder.step(ids, once_cache)[0], decoder.step(ids, rows_cache)[0]) < 1e-6
+
+
 def test_step_graph_is_bound_once_per_cache_capacity(reference, onnx_parts, monkeypatch):
     """Tokens written in place into one input tensor (as the native search does) reuse the step's binding until
     the cache grows; a new tensor each step, or a strided one (bound as a copy), rebinds; the results are the
