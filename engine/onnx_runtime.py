@@ -360,13 +360,13 @@ class OnnxDecoder:
     def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
         """input_ids (R, 1), the token after the cache's S positions -> logits (R, V), a tensor the next step on
         this cache rewrites; the cache grows in place."""
-        R, S, s = input_ids.shape[0], cache.length, self.spec
+        S, s = cache.length, self.spec
         if S >= s["n_positions"]:
             raise ValueError(f"the decoder's context of {s['n_positions']} positions is full; lower max_new_tokens")
         cache.make_room()
         input_ids, step = input_ids.long(), cache.bound_step
         if step is None or step.input_ids is not input_ids:  # the native search writes its tokens in place
-            step = cache.bound_step = StepRun.bind(self.step_graph, input_ids, cache, self.spec, self.cache_dtype)
+            step = cache.bound_step = StepRun.bind(self.step_graph, input_ids, cache, self.spec)
         step.position_ids.fill_(S)
         step.run()
         cache.append(step.new_kv)
@@ -385,11 +385,12 @@ class StepRun:
     run: Callable[[], None]
 
     @classmethod
-    def bind(cls, graph, input_ids: torch.Tensor, cache: OnnxCache, spec: dict, cache_dtype: torch.dtype) -> StepRun:
+    def bind(cls, graph, input_ids: torch.Tensor, cache: OnnxCache, spec: dict) -> StepRun:
         R, device = input_ids.shape[0], input_ids.device
         position_ids = torch.empty(R, 1, dtype=torch.long, device=device)
         logits = torch.empty(R, spec["vocab_size"], device=device)
-        new_kv = torch.empty(spec["n_layer"], 2, R, spec["n_head"], spec["head_dim"], dtype=cache_dtype, device=device)
+        new_kv = torch.empty(spec["n_layer"], 2, R, spec["n_head"], spec["head_dim"], dtype=cache.keys.dtype,
+                             device=device)
         run = graph.bind({"input_ids": input_ids, "position_ids": position_ids, **cache.inputs()},
                          {"logits": logits, "new_kv": new_kv})
         # a strided input is bound as a contiguous copy, which later writes into it would not reach: never reused
