@@ -6,7 +6,8 @@
 # ./gpu_results), as at most eight files, since that is all the device tool brings back: table.md, tests.log
 # (the GPU tests, then training's), the five JSON results and logs.tgz (every log, the GPU and the versions),
 # re-packed after each stage so a time limit keeps what ran. STAGES="tests profile" runs only those stages
-# (after the install), for a second call that re-checks what a first one found; LATENCY_BATCHES="1 64" narrows
+# (after the install), for a second call that re-checks what a first one found; STAGES=blocks and
+# STAGES=blocks_autotune run issue 21's stages, each a call of its own (they are not in the default run); LATENCY_BATCHES="1 64" narrows
 # the latency stage.
 # Each stage has a time limit, in order of what the issue needs most; every stage at its limit adds up to under
 # nine minutes (the device tool allows ten a command; tests/test_gpu_bench_scripts.py keeps them under 560 s),
@@ -18,7 +19,11 @@ mkdir -p "$out"
 logs="$(mktemp -d)"
 unset TRITON_INTERPRET
 
-wanted() { [[ -z "${STAGES:-}" || "$1" == install* || " $STAGES " == *" $1 "* ]]; }  # the install always runs
+# stages that fill most of a device call alone run only when STAGES names them (STAGES=blocks ...)
+OPT_IN=" blocks blocks_autotune "
+wanted() {  # the install always runs; without STAGES, every stage but the opt-in ones
+  [[ "$1" == install* || " ${STAGES:-} " == *" $1 "* ]] || [[ -z "${STAGES:-}" && "$OPT_IN" != *" $1 "* ]]
+}
 pack() { tar czf "$out/logs.tgz" -C "$logs" . ; }
 # stage NAME SECONDS COMMAND...: run with a time limit, its output in NAME.log; on failure show its tail
 stage() {
@@ -43,7 +48,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 
 stage tests 100 python -m pytest -q --durations=15 tests/test_gpu.py tests/test_fused_update.py tests/test_add_layer_norm.py \
   tests/test_folded_reverse.py tests/test_fused_sampler.py tests/test_static_beam_search.py tests/test_backends.py \
-  tests/test_beam_attention.py tests/test_conditional_engine.py
+  tests/test_beam_attention.py tests/test_conditional_engine.py tests/test_fused_linear.py
 code=$?
 if wanted tests; then
   echo "tests exit $code" >> "$logs/tests.log"
@@ -61,6 +66,13 @@ stage latency_bf16 50 python bench/latency.py --preset base --batch-sizes 64 --r
 # where the time goes: per-kernel device time of a step and a decoded token (each attention), fp32 and bf16;
 # cuBLAS's rates on the step's shapes
 stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
+
+# issue 21 (opt-in): the loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear) against the
+# engine and torch.compile of the reference, same run; max-autotune compiles for minutes, so a call of its own
+stage blocks 420 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 \
+  --compile-modes reduce-overhead --compile-batches 64 --json "$out/blocks.json"
+stage blocks_autotune 480 python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
+  --compile-modes max-autotune --no-engine --json "$out/blocks_autotune.json"
 
 # not issue 3's: training on the GPU (same draws as the CPU, resume to the same weights, bf16 autocast)
 stage training 40 python -m pytest -q -k cuda tests/test_training.py

@@ -12,6 +12,30 @@ def summary(log: list[str]) -> str:
     return next((line for line in reversed(log) if "passed" in line or "failed" in line), log[-1] if log else "missing")
 
 
+# issue 21's targets for the sampling loop (base, 1000 DDPM steps), by (dtype, batch)
+LOOP_TARGETS_MS = {("bfloat16", 64): 25.0, ("float32", 64): 250.0, ("bfloat16", 1): 15.0}
+
+
+def fused_block_lines(out: Path) -> list[str]:
+    """bench/fused_blocks.py's rows (blocks.json, and blocks_autotune.json for the max-autotune peer): each path's
+    sampling loop beside issue 21's target, and the engine's speed-up over the best torch.compile mode."""
+    rows = [r for name in ("blocks.json", "blocks_autotune.json") if (out / name).exists()
+            for r in json.loads((out / name).read_text())["rows"]]
+    lines = []
+    for r in rows:
+        target = LOOP_TARGETS_MS.get((r["dtype"], r["batch"])) if r["path"].startswith("engine") else None
+        peers = [p["median_ms"] for p in rows if p["path"].startswith("torch.compile")
+                 and (p["dtype"], p["batch"]) == (r["dtype"], r["batch"])]
+        vs = f", {min(peers) / r['median_ms']:.1f}x the best torch.compile" if peers and target else ""
+        extra = (f", {r['kernels_per_step']} kernels a step, weights read at {r['weights_gbs']:.0f} GB/s"
+                 if "weights_gbs" in r else f", first call {r['first_call_s']:.0f} s" if r.get("first_call_s") else "")
+        want = f"<= {target:g} ms" + (" and >= 2x torch.compile" if r["batch"] == 64 and r["dtype"] == "bfloat16"
+                                      else "") if target else ""
+        lines.append(f"| sampling loop, {r['path']}, {r['dtype']}, batch {r['batch']} | {r['median_ms']:.1f} ms{vs}, "
+                     f"latents within {r['max_rel_err']:.1e}{extra} | {want} |")
+    return lines
+
+
 def main(out: Path) -> None:
     lines = ["| check | measured | target |", "| --- | --- | --- |"]
     log = (out / "tests.log").read_text().strip().splitlines() if (out / "tests.log").exists() else []
@@ -80,6 +104,7 @@ def main(out: Path) -> None:
             lines.append(f"| profile, batch {row['batch']} {what} | {row['total_us']:.0f} us of "
                          f"kernels, {row['kernels']:.0f} launches, matmuls {row['matmul_us']:.0f} us; top "
                          f"{top['us']:.0f} us {top['name'][:48]} | |")
+    lines += fused_block_lines(out)
     if log[split + 1:]:
         lines.append(f"| training on CUDA (tests/test_training.py) | {summary(log[split + 1:])} | all pass |")
     print("\n".join(lines))

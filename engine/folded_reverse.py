@@ -10,6 +10,10 @@ Rewrites of ldlm.reverse.ReverseTransformer, exact but for float rounding, for t
   into one linear map, W_o (W_v y + b_v) + b_o = (W_o W_v) y + (W_o b_v + b_o), folded once, in float64.
 - Optionally (fused_norms, the engine's choice), each residual add and the layer norm that follows it as one
   Triton kernel (ldlm.kernels.add_layer_norm).
+- Or (fused_blocks) every matmul of a block as one Triton kernel with its neighbours (ldlm.kernels.fused_linear):
+  the layer norm before it, the bias, GELU and residual add after it. A one-token block is then three launches
+  (LN1 -> folded value/output -> + residual, LN2 -> up -> GELU, down -> + residual), the final norm and
+  projection one more.
 - A condition read by cross-attention (config.condition_attention "cross") does not change over a sampling
   run, so its keys and values are projected once per run (condition_states) instead of at every step.
 
@@ -43,13 +47,20 @@ class FoldedReverse(nn.Module):
     """x0_hat = model(x_t, timesteps[step]) for a step index held on the device (a sampler's step counter)."""
 
     @torch.no_grad()
-    def __init__(self, model: ReverseTransformer, timesteps: torch.Tensor, *, fused_norms: bool = False):
+    def __init__(self, model: ReverseTransformer, timesteps: torch.Tensor, *, fused_norms: bool = False,
+                 fused_blocks: bool = False):
         """model: a ReverseTransformer in eval mode (any dtype, any device); timesteps: (S,) the continuous t of
         each sampler step, in order; fused_norms: each residual add and the layer norm after it as one Triton
-        kernel (ldlm.kernels.add_layer_norm; needs triton, on CPU through TRITON_INTERPRET=1)."""
+        kernel (ldlm.kernels.add_layer_norm); fused_blocks: each matmul with its layer norm, bias, GELU and
+        residual as one (ldlm.kernels.fused_linear; the norms are then inside it, fused_norms unused). Triton
+        kernels run on CPU through TRITON_INTERPRET=1."""
         super().__init__()
         cfg = model.config
-        self.fused_norms = fused_norms
+        self.fused_norms, self.fused_blocks = fused_norms, fused_blocks
+        if fused_blocks:  # the kernel, imported only when used (it imports Triton)
+            from .kernels.fused_linear import fused_linear
+
+            self.linear = fused_linear  # (x, linear, *, norm, gelu, residual) -> act(norm(x) W^T + b) + residual
         self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
         self.config, self.blocks, self.ln_f, self.out_proj = cfg, model.blocks, model.ln_f, model.out_proj
         if cfg.condition is not None and cfg.condition_attention != "cross":
@@ -108,6 +119,8 @@ class FoldedReverse(nn.Module):
             h = F.linear(x_t, self.in_weight, bias)  # (B, d): one matmul with its bias
         else:
             h = F.linear(x_t, self.in_weight) + self.step_bias.index_select(0, step)  # (B, K, d)
+        if self.fused_blocks:
+            return self._fused_blocks(h, condition)
         x = self.blocks[0].ln_1(h)  # h: the residual stream; x: its normalized value, each block's input
         for i, (block, attention, next_norm) in enumerate(zip(self.blocks, self.attentions, self.following_norms)):
             if condition is None:
@@ -117,3 +130,20 @@ class FoldedReverse(nn.Module):
                 h, x = self.add_norm(h, block.cross.attend(x, *condition.keys_values[i], condition.mask), block.ln_2)
             h, x = self.add_norm(h, block.mlp(x), next_norm)
         return self.out_proj(x)  # (B, [K,] D)
+
+    def _fused_blocks(self, h: torch.Tensor, condition: ConditionStates | None) -> torch.Tensor:
+        """The blocks and the output on the residual stream h (B, [K,] d), every matmul one fused_linear launch."""
+        fused_linear = self.linear
+        for i, block in enumerate(self.blocks):
+            if self.config.latent_tokens == 1:  # attention over one token: its folded value/output projection
+                h = fused_linear(h, self.value_out[i], norm=block.ln_1, residual=h)
+            else:
+                qkv = fused_linear(h, block.attn.qkv, norm=block.ln_1)  # (B, K, 3d)
+                h = fused_linear(block.attn.mix(qkv), block.attn.proj, residual=h)
+            if condition is not None:
+                q = fused_linear(h, block.cross.q, norm=block.ln_cross)
+                y = block.cross.mix(q, *condition.keys_values[i], condition.mask)
+                h = fused_linear(y, block.cross.proj, residual=h)
+            up = fused_linear(h, block.mlp[0], norm=block.ln_2, gelu=True)  # mlp: Linear, GELU, Linear, Dropout
+            h = fused_linear(up, block.mlp[2], residual=h)
+        return fused_linear(h, self.out_proj, norm=self.ln_f)  # (B, [K,] D)

@@ -78,10 +78,12 @@ class FusedSampler:
 
     def __init__(self, reverse: torch.nn.Module, tables: StepTables, *, device: torch.device | str,
                  dtype: torch.dtype = torch.float32, graphs: bool | None = None, chunk: int = 1,
-                 clamp: float | None = None, fused_norms: bool | None = None):
+                 clamp: float | None = None, fused_norms: bool | None = None, fused_blocks: bool = False):
         """graphs: capture the steps as CUDA graphs (default: on CUDA); chunk: steps per graph; clamp: clamp
         x0_hat to [-clamp, clamp] (as the model was trained); fused_norms: each residual add and the layer norm
-        after it as one Triton kernel (default: on CUDA; Triton's CPU interpreter runs it far slower than torch)."""
+        after it as one Triton kernel (default: on CUDA; Triton's CPU interpreter runs it far slower than torch);
+        fused_blocks: each matmul of the model with its layer norm, bias, GELU and residual as one Triton kernel
+        (ldlm.kernels.fused_linear; off until a GPU run measures it: bench/fused_blocks.py)."""
         self.device, self.dtype, self.clamp = torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
@@ -93,7 +95,8 @@ class FusedSampler:
         # counter), one-token attention's two projections into one, residual adds fused with the norms after
         # them (on CUDA)
         fused_norms = self.device.type == "cuda" if fused_norms is None else fused_norms
-        self.denoiser = FoldedReverse(reverse, self.tables.timesteps, fused_norms=fused_norms)
+        self.denoiser = FoldedReverse(reverse, self.tables.timesteps, fused_norms=fused_norms,
+                                      fused_blocks=fused_blocks)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")

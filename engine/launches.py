@@ -17,7 +17,7 @@ from .beam_search import BeamSearchConfig
 from .config import ModelConfig
 from .decoder import LatentDecoder
 from .fused_sampler import FusedSampler
-from .kernels import add_then_norm
+from .kernels import add_then_norm, modules_linear
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule
 from .static_beam_search import StaticBeamSearch
@@ -43,21 +43,24 @@ class CountOps(TorchDispatchMode):
 
 def _counted(counter: CountOps, name: str, torch_equivalent):
     """A Triton kernel as one counted kernel, `name`; its torch equivalent runs uncounted."""
-    def kernel(*args):
+    def kernel(*args, **kwargs):
         counter.ops[f"{name} (Triton)"] += 1
         with _disable_current_modes():
-            return torch_equivalent(*args)
+            return torch_equivalent(*args, **kwargs)
     return kernel
 
 
-def step_kernels(preset: str, batch: int) -> Counter:
-    """Ops of one sampling step of the engine's loop (DDPM, a noise draw)."""
+def step_kernels(preset: str, batch: int, *, fused_blocks: bool = False) -> Counter:
+    """Ops of one sampling step of the engine's loop (DDPM, a noise draw); fused_blocks: every matmul of the
+    model with its neighbours as one kernel (ldlm.kernels.fused_linear)."""
     config = ModelConfig.from_preset(preset)
     sampler = FusedSampler(ReverseTransformer(config).eval(), ddpm_tables(NoiseSchedule.from_config(config)),
-                           device="cpu", graphs=False, fused_norms=True)  # as on a GPU
+                           device="cpu", graphs=False, fused_norms=True, fused_blocks=fused_blocks)  # as on a GPU
     counter = CountOps()
     sampler.fused_update = lambda *args, **kwargs: None  # counted as one kernel below
     sampler.denoiser.add_norm = _counted(counter, "add_layer_norm", add_then_norm)
+    if fused_blocks:
+        sampler.denoiser.linear = _counted(counter, "fused_linear", modules_linear)
     buf = sampler._buffers_for((batch, *config.latent_shape))
     with torch.no_grad(), counter:
         sampler._one_step(buf, torch.Generator().manual_seed(0), draw=True, from_table=False)

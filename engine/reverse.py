@@ -71,17 +71,23 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C); mask (B, N) bool marks the keys to attend to (None: all)."""
-        B, K, C = x.shape  # K latent tokens (and, with joint conditioning, the condition's tokens)
+        _, K, C = x.shape  # K latent tokens (and, with joint conditioning, the condition's tokens)
         if K == 1 and not (self.training and self.dropout > 0):
             # One token attends only to itself: the softmax over a single key is exactly 1, so attention returns
             # its value. Skipping the query and key projections and the attention kernels is exact, and saves a
             # sixth of each block's weights and FLOPs (the design's one mean-pooled latent).
             return self.proj(F.linear(x, self.qkv.weight[2 * C :], self.qkv.bias[2 * C :]))  # (B, 1, C)
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, K, C)
+        return self.proj(self.mix(self.qkv(x), mask))
+
+    def mix(self, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The query, key and value projections qkv (B, K, 3C) -> the heads' attention (B, K, C), before the output
+        projection (the engine's fused blocks make the projections themselves)."""
+        B, K, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, K, C)
         q, k, v = (z.view(B, K, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, K, C/H)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask),
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, K, C))
+        return y.transpose(1, 2).reshape(B, K, C)
 
 
 class CrossAttention(nn.Module):
@@ -104,11 +110,16 @@ class CrossAttention(nn.Module):
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, [K,] C) against keys and values (B, H, L, C/H) with key mask (B, L) -> x's shape."""
-        B, C, H = x.shape[0], x.shape[-1], self.n_heads
-        q = self.q(x).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask),
+        return self.proj(self.mix(self.q(x), k, v, mask))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The query projection q (B, [K,] C) against keys and values (B, H, L, C/H) -> the heads' attention, q's
+        shape, before the output projection."""
+        B, C, H = q.shape[0], q.shape[-1], self.n_heads
+        heads = q.view(B, -1, H, C // H).transpose(1, 2)  # (B, H, K, C/H)
+        y = F.scaled_dot_product_attention(heads, k, v, attn_mask=_key_mask(mask),
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(x.shape))
+        return y.transpose(1, 2).reshape(q.shape)
 
     def forward(self, x: torch.Tensor, condition: Condition) -> torch.Tensor:
         """x (B, K, C), condition tokens (B, L, C) -> (B, K, C)."""

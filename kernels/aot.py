@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch name: Triton type
-ACCESS = re.compile(r"\b(ld\.global|st\.global|atom\.global)((?:\.\w+)*)")
+ACCESS = re.compile(r"\b(ld\.global|st\.global|atom\.global|cp\.async\.c[ag]\.shared\.global)((?:\.\w+)*)")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,23 @@ class KernelSpec:
     flags: tuple[str, ...] = ()  # boolean constexprs, compiled both ways
     constants: dict[str, int] = field(default_factory=dict)  # other constexprs, as the engine launches it on a GPU
     block_size: int = 1024  # BLOCK_SIZE as the engine launches it (base preset); 0: the kernel has none
+
+
+def _fused_linear_spec(split_k: int) -> KernelSpec:
+    out = "*{dtype}" if split_k == 1 else "*fp32"  # split-K adds its partial sums into an fp32 output
+    return KernelSpec(
+        "fused_linear", "_fused_linear_kernel",
+        {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "ln_w_ptr": "*{dtype}", "ln_b_ptr": "*{dtype}",
+         "res_ptr": "*{dtype}", "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "eps": "fp32", "stride_xm": "i32",
+         "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32", "LN": "constexpr", "GELU": "constexpr",
+         "RESIDUAL": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+         "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"},
+        divisible=("N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_om"),
+        flags=("LN", "GELU", "RESIDUAL") if split_k == 1 else ("LN", "RESIDUAL"),
+        constants={"SPLIT_K": split_k, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "DOT_FP32": False, "GELU": False}
+        if split_k > 1 else {"SPLIT_K": 1, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "DOT_FP32": False},
+        block_size=0,
+    )
 
 
 KERNELS = {
@@ -71,6 +88,10 @@ KERNELS = {
         divisible=("stride_qr", "stride_qh", "stride_or", "stride_oh"),
         constants={"N_HEADS": 12, "MAX_LEN": 72, "HEAD_DIM": 64, "BLOCK_P": 32}, block_size=0,
     ),
+    # the engine's fused block matmuls (base: d_model 768, FFN 3072) as a GPU launches them: 16 rows x 64 columns
+    # a program, K in steps of 64; unsplit, and split over K (partial sums added atomically in fp32)
+    "fused_linear": _fused_linear_spec(split_k=1),
+    "fused_linear_split": _fused_linear_spec(split_k=4),
 }
 
 
@@ -115,9 +136,13 @@ def compile_variant(variant: Variant, arch: int):
 
 
 def memory_accesses(ptx: str) -> dict[str, int]:
-    """Global memory instructions in PTX by kind: 'load', 'load.v4', 'store', 'store.v4', 'atomic'."""
+    """Global memory instructions in PTX by kind: 'load', 'load.v4', 'store', 'store.v4', 'atomic', and the
+    asynchronous copies to shared memory that feed a tl.dot: 'async.v4' (cp.async.cg: 16 bytes) and 'async'."""
     counts: collections.Counter[str] = collections.Counter()
     for op, modifiers in ACCESS.findall(ptx):
+        if op.startswith("cp.async"):
+            counts["async.v4" if op.startswith("cp.async.cg") else "async"] += 1
+            continue
         kind = {"ld.global": "load", "st.global": "store", "atom.global": "atomic"}[op]
         counts[kind + (".v4" if ".v4" in modifiers and kind != "atomic" else "")] += 1
     return dict(counts)

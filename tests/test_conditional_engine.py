@@ -92,9 +92,10 @@ def test_one_buffer_serves_every_condition_length_of_its_bucket():
     assert len(engine._buffers) == 1  # lengths 5 and 7 share the bucket of 8 (2 items, guided)
 
 
-def test_the_precomputed_keys_and_values_are_the_models_cross_attention():
+@pytest.mark.parametrize("fused_blocks", [False, True])  # True: every matmul one Triton kernel (interpreter on CPU)
+def test_the_precomputed_keys_and_values_are_the_models_cross_attention(fused_blocks):
     model = conditional_model("text")
-    folded = FoldedReverse(model, torch.tensor([999.0, 500.0, 20.0], device=DEVICE))
+    folded = FoldedReverse(model, torch.tensor([999.0, 500.0, 20.0], device=DEVICE), fused_blocks=fused_blocks)
     x = torch.randn(2, 32, device=DEVICE)
     with torch.no_grad():
         condition = some_condition(model, 2)

@@ -1,6 +1,7 @@
 """The engine's rearranged reverse transformer (ldlm.folded_reverse) against the model it was built from: the same
 function of (x_t, the step's t), to float rounding, for one and several latent tokens, with and without
-self-conditioning, with torch's norms or the fused Triton ones (interpreter on CPU). (tests/test_fused_sampler.py
+self-conditioning, with torch's norms, the fused Triton ones, or every matmul fused with its neighbours
+(ldlm.kernels.fused_linear; interpreter on CPU). (tests/test_fused_sampler.py
 runs it through whole sampling loops against the reference.)"""
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ def _model(seed: int, **overrides) -> ReverseTransformer:
     return model.to(DEVICE)
 
 
-@pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms in one Triton kernel each
+# torch's modules; residual adds + norms in one Triton kernel each; every matmul with its norm, bias, GELU and
+# residual in one Triton kernel
+KERNELS = {"torch": {}, "fused norms": {"fused_norms": True}, "fused blocks": {"fused_blocks": True}}
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
 @pytest.mark.parametrize("overrides", [{}, {"self_condition": True}, {"latent_tokens": 2},
                                        {"latent_tokens": 2, "self_condition": True}])
-def test_matches_the_model_at_every_step(overrides, fused_norms):
+def test_matches_the_model_at_every_step(overrides, kernels):
     model = _model(0, **overrides)
-    folded = FoldedReverse(model, TIMESTEPS, fused_norms=fused_norms)
+    folded = FoldedReverse(model, TIMESTEPS, **KERNELS[kernels])
     shape = (4, *model.config.latent_shape)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -72,18 +72,20 @@ def test_dpmpp_2m_matches_reference(reverse, schedule, steps, chunk, start_t, gr
     assert (ddim - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kernels", ["fused_norms", "fused_blocks"])
 @pytest.mark.parametrize("latent_tokens", [1, 2])
-def test_fused_norms_over_a_whole_loop(schedule, latent_tokens):
+def test_fused_kernels_over_a_whole_loop(schedule, latent_tokens, kernels):
     """The residual adds and layer norms as Triton kernels (the default on CUDA, where every test above runs
-    them; on CPU, where the interpreter makes them slow, tried here once per model shape)."""
+    them; on CPU, where the interpreter makes them slow, tried here once per model shape), or every matmul with
+    its norm, bias, GELU and residual as one (ldlm.kernels.fused_linear)."""
     torch.manual_seed(1)
     model = ReverseTransformer(ModelConfig.from_preset("tiny", latent_tokens=latent_tokens)).to(DEVICE).eval()
     shape = (3, *model.config.latent_shape)
     g_ref = torch.Generator(device=DEVICE).manual_seed(2)
     x = torch.randn(shape, generator=g_ref, device=DEVICE)
     expected = sample_ddim(model, x, schedule, steps=20, eta=1.0, generator=g_ref, disable=True)
-    sampler = FusedSampler(model, ddim_tables(schedule.to("cpu"), 20, 1.0), device=DEVICE, fused_norms=True)
-    assert sampler.denoiser.fused_norms
+    sampler = FusedSampler(model, ddim_tables(schedule.to("cpu"), 20, 1.0), device=DEVICE, **{kernels: True})
+    assert getattr(sampler.denoiser, kernels)
     g = torch.Generator(device=DEVICE).manual_seed(2)
     x = torch.randn(shape, generator=g, device=DEVICE)
     torch.testing.assert_close(sampler(x, g), expected, rtol=1e-5, atol=1e-5)

@@ -48,6 +48,26 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
             table.split(line)[1].splitlines()[0]
 
 
+def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
+    """bench/fused_blocks.py (issue 21's stage) small on the CPU: the engine, the engine with fused blocks and
+    torch.compile of the reference, each with its latents against the reference's; the table shows each."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "fused_blocks.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "3",
+         "--dtypes", "float32", "--sampler", "ddim", "--steps", "3", "--compile-modes", "default", "--repeats", "1",
+         "--json", str(tmp_path / "blocks.json")], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "blocks.json").read_text())
+    assert [r["path"] for r in report["rows"]] == ["engine", "engine + fused blocks", "torch.compile default"]
+    for row in report["rows"]:
+        assert row["batch"] == 3 and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
+    kernels = report["kernels_per_step"]
+    assert kernels["engine + fused blocks"] < kernels["engine"] == sum(step_kernels("tiny", 1).values())
+    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True,
+                           text=True, check=True).stdout
+    assert table.count("| sampling loop, ") == 3 and "torch.compile default" in table
+
+
 def test_profile_runs_every_attention_and_the_table_shows_them(tmp_path):
     """bench/gpu_profile.py on the CPU (ops stand in for kernels): a step and a decoded token with each attention."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -135,6 +155,18 @@ def test_an_engine_step_launches_only_the_model_and_one_update():
     assert sum(ops.values()) == (2 + 3 * L) + (2 * L + 1) + L + 4, ops  # matmuls, norms, GELUs, 4 more
 
 
+def test_fused_blocks_make_a_step_one_kernel_per_matmul():
+    """With ldlm.kernels.fused_linear each matmul carries its layer norm, bias, GELU and residual: a one-token
+    step is three launches a block and one for the final norm and projection, beside the input projection, the
+    step bias's gather, the noise draw, the step counter and the update."""
+    L = ModelConfig.from_preset("tiny").n_layers
+    ops = step_kernels("tiny", 8, fused_blocks=True)
+    assert ops["fused_linear (Triton)"] == 3 * L + 1 and ops["addmm"] == 1, ops
+    assert not {"gelu", "native_layer_norm", "add_layer_norm (Triton)"} & set(ops), ops
+    assert sum(ops.values()) == (3 * L + 1) + 5, ops
+    assert sum(ops.values()) < sum(step_kernels("tiny", 8).values())
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])
 def test_a_decode_token_launches_per_layer_only_the_model(attention):
     """bench/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
@@ -167,5 +199,8 @@ def test_gpu_check_stage_limits_fit_one_device_call():
     time left for the start-up and the table."""
     script = (BENCH / "gpu_check.sh").read_text()
     limits = {name: int(seconds) for name, seconds in re.findall(r"^stage (\w+) (\d+) ", script, re.M)}
-    assert {"install", "tests", "kernel", "latency", "training"} <= set(limits), limits
-    assert sum(limits.values()) <= 560, limits
+    assert {"install", "tests", "kernel", "latency", "training", "blocks", "blocks_autotune"} <= set(limits), limits
+    opt_in = re.search(r'^OPT_IN=" (.*) "$', script, re.M).group(1).split()
+    assert opt_in == ["blocks", "blocks_autotune"]  # each run alone: STAGES=blocks
+    assert sum(v for k, v in limits.items() if k not in opt_in) <= 560, limits
+    assert all(limits["install"] + limits[k] <= 560 for k in opt_in), limits

@@ -27,6 +27,8 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
     assert [r["kernel"] for r in rows].count("fused_update") == 24  # 3 dtypes x clamp x tracking x history
     assert [r["kernel"] for r in rows].count("add_layer_norm") == 3
     assert [r["kernel"] for r in rows].count("beam_attention") == 3
+    assert [r["kernel"] for r in rows].count("fused_linear") == 24  # 3 dtypes x norm x GELU x residual
+    assert [r["kernel"] for r in rows].count("fused_linear_split") == 12  # GELU runs unsplit
     for row in rows:
         assert row["cubin_bytes"] > 0, row
         bytes_per_element = 4 if row["dtype"] == "float32" else 2
@@ -40,6 +42,15 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
                 "store.v4": (2 if history else 1) * vectors,  # x_next (and x0_hat into the history)
                 **({"atomic": 1} if row["flags"]["TRACK_NONFINITE"] else {}),  # the first-bad-step flag
             }
+        elif row["kernel"].startswith("fused_linear"):
+            # the tiles of x and W reach the tensor cores (or FMAs, fp32) through 16-byte asynchronous copies; the
+            # output is stored in 128-bit vectors, or added in fp32 atomically when split over K
+            a = row["accesses"]
+            assert a.get("async.v4", 0) >= 2, row
+            split = row["kernel"] == "fused_linear_split"
+            assert (a.get("atomic", 0) > 0, a.get("store.v4", 0) > 0) == (split, not split), row
+            assert (a.get("load.v4", 0) > 0) == (row["flags"]["LN"] or row["flags"]["RESIDUAL"]), row
+            continue
         elif row["kernel"] == "add_layer_norm":
             expected = {"load.v4": 4 * vectors, "store.v4": 2 * vectors}  # h, y, weight, bias; h and the norm
         else:  # beam_attention: a block of 32 positions x 64 dims of keys and of values a loop, the query once

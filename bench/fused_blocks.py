@@ -1,0 +1,129 @@
+"""The engine's sampling loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear) against the
+engine as it is, and against torch.compile of the reference model driving the same sampler, in one run (issue 21).
+
+    python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes float32 bfloat16 \
+        --compile-modes reduce-overhead --compile-batches 64 --json blocks.json
+    python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
+        --compile-modes max-autotune --compile-batches 64 --no-engine --json autotune.json
+    TRITON_INTERPRET=1 python bench/fused_blocks.py --preset tiny --device cpu --batch-sizes 2 --sampler ddim \
+        --steps 3 --compile-modes default --repeats 1      # smoke (Triton's interpreter; figures meaningless)
+
+Paths, same seed and noise: `engine` (ldlm.fused_sampler as the cuda-graph backend runs it: folded model, fused
+norms, CUDA graphs on a GPU), `engine + fused blocks` (the same with fused_blocks=True), and `torch.compile
+MODE` (the reference ReverseTransformer through torch.compile(mode=MODE, fullgraph=True, dynamic=False), called
+by the reference sampler; compiled once per batch and dtype, its first call reported apart). Each path's
+latents against the fp32 reference's (relative max error) and, per engine path, kernels a step
+(ldlm.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ldlm.benchmark import bench_components, timed
+from ldlm.fused_sampler import FusedSampler
+from ldlm.launches import step_kernels
+from ldlm.samplers import SAMPLERS
+from ldlm.schedule import NoiseSchedule
+from ldlm.step_tables import sampler_tables
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import reverse_step_cost  # noqa: E402  (a sibling script: the step's bytes, counted once)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS))
+    parser.add_argument("--steps", type=int, default=None, help="steps of ddim or dpm++2m (ddpm runs 1000)")
+    parser.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"],
+                        help="torch.compile modes to time (none: no compiled peer)")
+    parser.add_argument("--compile-batches", type=int, nargs="*", default=None,
+                        help="batch sizes of the compiled peers (default: every batch size)")
+    parser.add_argument("--no-engine", action="store_true", help="only the compiled peers (and the reference)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the rows here (after every row: a time limit keeps what ran)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model = bench_components(args.preset).reverse.eval().to(device)
+    config = model.config
+    schedule = NoiseSchedule.from_config(config).to(device)
+    tables = sampler_tables(args.sampler, schedule.to("cpu"), steps=args.steps)
+    sample = SAMPLERS[args.sampler]
+    steps = {} if args.sampler == "ddpm" else {"steps": args.steps}
+    compile_batches = args.batch_sizes if args.compile_batches is None else args.compile_batches
+    kernels = {blocks: sum(step_kernels(args.preset, 1, fused_blocks=blocks).values()) for blocks in (False, True)}
+    result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "sampler": args.sampler, "num_steps": tables.num_steps,
+              "kernels_per_step": {"engine": kernels[False], "engine + fused blocks": kernels[True]}, "rows": []}
+
+    def noise(batch: int, seed: int = 0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn(batch, *config.latent_shape, generator=g, device=device), g
+
+    def record(row: dict) -> None:
+        result["rows"].append(row)
+        print(f"{row['dtype']:>9} batch {row['batch']:4d}  {row['path']:<28} {row['median_ms']:9.2f} ms "
+              f"(p90 {row['p90_ms']:.2f})  latents within {row['max_rel_err']:.1e}"
+              + (f"  {row['weights_gbs']:.0f} GB/s" if "weights_gbs" in row else "")
+              + (f"  first call {row['first_call_s']:.1f} s" if row.get("first_call_s") else ""), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+    with torch.no_grad():
+        for batch in args.batch_sizes:
+            x, g = noise(batch)
+            expected = sample(model, x, schedule, generator=g, disable=True, **steps)  # fp32, the parity target
+            for dtype_name in args.dtypes:
+                dtype = DTYPES[dtype_name]
+                reverse = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+                base = {"dtype": dtype_name, "batch": batch}
+                for path, blocks in (() if args.no_engine else (("engine", False), ("engine + fused blocks", True))):
+                    engine = FusedSampler(reverse, tables, device=device, dtype=dtype, fused_blocks=blocks)
+                    x, g = noise(batch)
+                    got = engine(x, g)
+                    t = timed(lambda: engine(*noise(batch)), device, args.warmup, args.repeats)
+                    step_s = t["median_s"] / tables.num_steps
+                    _, bytes_moved = reverse_step_cost(engine.denoiser, batch, dtype.itemsize, tables.multistep)
+                    record({**base, "path": path, "median_ms": t["median_s"] * 1e3, "p90_ms": t["p90_s"] * 1e3,
+                            "max_rel_err": rel_err(got, expected), "kernels_per_step": kernels[blocks],
+                            "step_us": step_s * 1e6, "weights_gbs": bytes_moved / step_s / 1e9})
+                if batch not in compile_batches:
+                    continue
+                for mode in args.compile_modes:
+                    compiled = torch.compile(reverse, mode=None if mode == "default" else mode, fullgraph=True,
+                                             dynamic=False)
+
+                    def denoise(x_t, t_batch, compiled=compiled, dtype=dtype):
+                        return compiled(x_t.to(dtype), t_batch).float()  # the sampler's arithmetic in fp32
+
+                    def run(denoise=denoise):
+                        x, g = noise(batch)
+                        return sample(denoise, x, schedule, generator=g, disable=True, **steps)
+
+                    t = timed(run, device, args.warmup, args.repeats)  # the first call compiles
+                    got = run()
+                    record({**base, "path": f"torch.compile {mode}", "median_ms": t["median_s"] * 1e3,
+                            "p90_ms": t["p90_s"] * 1e3, "max_rel_err": rel_err(got, expected),
+                            "first_call_s": t["first_call_s"]})
+
+
+if __name__ == "__main__":
+    main()

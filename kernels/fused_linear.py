@@ -1,0 +1,160 @@
+"""A linear layer with its neighbours fused in, one Triton kernel: out = act(norm(x) @ W^T + b) + residual.
+
+A pre-norm transformer block is LayerNorm -> matmul -> (GELU) -> matmul -> residual add, twice. At the engine's
+sampling shapes (1-256 rows, d_model 768, FFN 3072) every one of those is a launch of its own, and the matmuls
+are too small to fill the GPU. Here the layer norm is the matmul's prologue (each program takes its rows'
+mean and variance in a first pass over x, then normalizes each tile of x as it loads it: x is rows x K, small
+beside W), and the bias, the exact (erf) GELU and the residual add are its epilogue, so a block is three
+launches: [LN1 -> attention's folded value/output matmul -> + residual], [LN2 -> up-projection -> GELU],
+[down-projection -> + residual]. With few rows the grid over (rows, columns) leaves most multiprocessors idle:
+SPLIT_K > 1 adds a third grid axis over K, each program adding its partial sum into an fp32 output with an
+atomic add (bias and residual added once, by the first split); a GELU, being nonlinear, needs the whole sum, so
+it runs unsplit.
+
+Accumulation is fp32 whatever the storage dtype, fp32 inputs multiply in IEEE fp32 (no TF32: fp32 is the
+parity mode). Set TRITON_INTERPRET=1 before triton is imported to run it on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, res_ptr, out_ptr,  # x (M, K); w (N, K), nn.Linear's; b (N,); ln_* (K,)
+    M, N, K, eps,  # res, out: (M, N); every row contiguous, rows `stride_*` elements apart
+    stride_xm, stride_wn, stride_rm, stride_om,
+    LN: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # widen both operands to fp32 before the product (the CPU interpreter: see launch)
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    x_rows = x_ptr + rows[:, None] * stride_xm  # (BLOCK_M, 1)
+    if LN:  # the rows' statistics over all of K, in fp32, as torch's LayerNorm
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] & (k0 + ks < K)[None, :]
+            total += tl.sum(tl.load(x_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
+        mean = total / K
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] & (k0 + ks < K)[None, :]
+            x = tl.load(x_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            centered = tl.where(mask, x - mean[:, None], 0.0)
+            squares += tl.sum(centered * centered, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    # this program's share of K: all of it, or one of SPLIT_K slices of whole BLOCK_K tiles
+    k_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_len
+    k_end = tl.minimum(k_begin + k_len, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < k_end
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
+        if LN:  # normalized as torch stores it: in the storage dtype, then multiplied
+            g = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            beta = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+            x = tl.where(x_mask, normed, 0.0).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)  # (BLOCK_K, BLOCK_N): W^T's tile
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w, input_precision="ieee")
+    first = pid_k == 0  # the split that adds the bias and the residual
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc += tl.where(first, bias, 0.0)[None, :]
+    if GELU:  # exact GELU, as nn.GELU(): x / 2 (1 + erf(x / sqrt 2)); only unsplit (launch checks)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0)
+        acc += tl.where(first, res.to(tl.float32), 0.0)
+    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out, acc, mask=out_mask)  # fp32 output, zeroed by the launch
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A launch's tiling: rows and columns a program, K a loop step, K slices (split-K)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+
+
+def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool) -> Tiles:
+    """Tiles for an (M, K) x (K, N) product. On a GPU: 16-64 rows a program (tl.dot's minimum is 16), 64
+    columns, and split-K when the (rows, columns) grid would leave most of 132 multiprocessors idle (H200):
+    not yet tuned on the GPU (bench/gpu_check.sh's `blocks` stage measures it). In Triton's CPU interpreter,
+    which runs programs one after another as whole-array operations: as few programs as possible."""
+    if device.type != "cuda":
+        return Tiles(max(16, triton.next_power_of_2(min(M, 64))), min(128, triton.next_power_of_2(N)), 64)
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
+    split = 1 if gelu else max(1, min(8, 132 // tiles, K // 256))
+    return Tiles(block_m, 64, 64, split)
+
+
+def fused_linear(x: torch.Tensor, linear: torch.nn.Linear, *, norm: torch.nn.LayerNorm | None = None,
+                 gelu: bool = False, residual: torch.Tensor | None = None, tiles: Tiles | None = None) -> torch.Tensor:
+    """act(norm(x) @ linear.weight^T + linear.bias) + residual, one launch.
+
+    x: (..., K); norm: an affine LayerNorm over K, applied first (None: none); gelu: the exact GELU after the
+    bias; residual: (..., N) added last (None: none). Tensors on one device in one dtype, rows contiguous.
+    Returns (..., N) in x's dtype."""
+    weight, bias = linear.weight, linear.bias
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last dimension is {x.shape[-1]}, the linear layer takes {K}")
+    if bias is None:
+        raise ValueError("fused_linear needs a linear layer with a bias")
+    if norm is not None and (tuple(norm.normalized_shape) != (K,) or norm.weight is None or norm.bias is None):
+        raise ValueError(f"norm must be an affine LayerNorm over the last dimension ({K}), got {norm}")
+    lead = x.shape[:-1]
+    if residual is not None and residual.shape != (*lead, N):
+        raise ValueError(f"residual must be {(*lead, N)}, got {tuple(residual.shape)}")
+    tensors = [x, weight, bias, *([] if norm is None else [norm.weight, norm.bias]),
+               *([] if residual is None else [residual])]
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        raise ValueError(f"x, the weights and the residual must share a dtype and device, got "
+                         f"{sorted({(str(t.dtype), str(t.device)) for t in tensors})}")
+    x2 = x.reshape(-1, K)
+    res2 = None if residual is None else residual.reshape(-1, N)
+    if x2.stride(-1) != 1 or weight.stride(-1) != 1 or (res2 is not None and res2.stride(-1) != 1):
+        raise ValueError("x, the weight and the residual need contiguous rows (call .contiguous())")
+    M = x2.shape[0]
+    tiles = tiles or default_tiles(M, N, K, device=x.device, gelu=gelu)
+    if gelu and tiles.split_k > 1:
+        raise ValueError("a GELU needs the whole sum: split_k must be 1 with gelu=True")
+    split = tiles.split_k > 1
+    out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if split else torch.empty(M, N, dtype=x.dtype,
+                                                                                             device=x.device)
+    grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), tiles.split_k)
+    _fused_linear_kernel[grid](
+        x2, weight, bias, norm.weight if norm is not None else bias, norm.bias if norm is not None else bias,
+        res2 if res2 is not None else out, out, M, N, K, norm.eps if norm is not None else 0.0,
+        x2.stride(0), weight.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
+        LN=norm is not None, GELU=gelu, RESIDUAL=residual is not None, SPLIT_K=tiles.split_k,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        # Triton 3.9's interpreter multiplies bf16 tiles as raw bits; widened, their products are exact in fp32
+        # and summed in fp32, as a GPU's bf16 MMA does (up to the order of the sum)
+        DOT_FP32=not x.is_cuda,
+    )
+    return out.to(x.dtype).view(*lead, N)

@@ -1,0 +1,104 @@
+"""The fused linear kernel (layer norm prologue; bias, GELU and residual epilogue; split over K) against torch's
+modules one after another, on irregular shapes (Triton interpreter on CPU, compiled on a GPU).
+
+Tolerances: fp32 1e-5 relative to the output's largest value (IEEE fp32 products, summed in another order);
+bf16 and fp16 against torch's same modules in that dtype: the kernel normalizes and sums in fp32 and rounds
+once, torch rounds after each module, so they sit a few roundings apart: bf16 3e-2, fp16 4e-3 of the largest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldlm.kernels.fused_linear import Tiles, default_tiles, fused_linear  # conftest: TRITON_INTERPRET=1 on CPU
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 40, 50), (3, 100, 77), (37, 64, 130), (2, 768, 96)]  # rows, K, N: none a multiple of the tiles
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def modules(K: int, N: int, seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    linear, norm = torch.nn.Linear(K, N), torch.nn.LayerNorm(K)
+    with torch.no_grad():
+        for p in (*linear.parameters(), *norm.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * (K**-0.5 if p is linear.weight else 1.0))
+    return linear.to(DEVICE, dtype), norm.to(DEVICE, dtype), g
+
+
+def expected(x, linear, norm, gelu, residual):
+    y = linear(norm(x) if norm is not None else x)
+    y = F.gelu(y) if gelu else y
+    return y + residual if residual is not None else y
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+# every shape in fp32; the half types on the two smaller (the interpreter's bf16 and fp16 are slow)
+CASES = [(torch.float32, s) for s in SHAPES] + [(d, s) for d in (torch.bfloat16, torch.float16) for s in SHAPES[:2]]
+
+
+@pytest.mark.parametrize(("dtype", "shape"), CASES)
+def test_matches_torch_modules(shape, dtype):
+    M, K, N = shape
+    linear, norm, g = modules(K, N, sum(shape), dtype)
+    x = (2 * torch.randn(M, K, generator=g) + 0.5).to(DEVICE, dtype)
+    residual = torch.randn(M, N, generator=g).to(DEVICE, dtype)
+    cases = 0
+    with torch.no_grad():
+        for use_norm in (False, True):
+            for gelu in (False, True):
+                for res in (None, residual):
+                    for tiles in (None, Tiles(16, 32, 32), Tiles(16, 32, 32, split_k=3)):
+                        if gelu and tiles is not None and tiles.split_k > 1:
+                            continue
+                        n = norm if use_norm else None
+                        got = fused_linear(x, linear, norm=n, gelu=gelu, residual=res, tiles=tiles)
+                        assert got.shape == (M, N) and got.dtype == dtype
+                        err = rel_err(got, expected(x, linear, n, gelu, res))
+                        assert err < TOLERANCE[dtype], (use_norm, gelu, res is not None, tiles, err)
+                        cases += 1
+    assert cases == 20
+
+
+def test_leading_dimensions_and_strided_rows():
+    """(B, K, C) inputs, as the reverse transformer's latent tokens, and rows of a wider tensor (a view)."""
+    linear, norm, g = modules(48, 24, 0, torch.float32)
+    wide = torch.randn(2, 3, 80, generator=g).to(DEVICE)
+    x = wide[..., :48]  # rows 80 apart
+    residual = torch.randn(2, 3, 24, generator=g).to(DEVICE)
+    with torch.no_grad():
+        got = fused_linear(x.reshape(6, 48), linear, norm=norm, residual=residual.reshape(6, 24))
+        assert rel_err(got, expected(x.reshape(6, 48), linear, norm, False, residual.reshape(6, 24))) < 1e-5
+        got = fused_linear(x.contiguous(), linear, norm=norm, gelu=True)
+        assert got.shape == (2, 3, 24) and rel_err(got, expected(x, linear, norm, True, None)) < 1e-5
+
+
+def test_default_tiles_split_small_grids_and_never_a_gelu():
+    cuda = torch.device("cuda")
+    assert default_tiles(64, 768, 768, device=cuda, gelu=False).split_k > 1  # 12 programs on 132 multiprocessors
+    assert default_tiles(64, 3072, 768, device=cuda, gelu=True).split_k == 1
+    assert default_tiles(4096, 3072, 768, device=cuda, gelu=False).split_k == 1  # the grid fills the GPU
+    cpu = default_tiles(3, 100, 40, device=torch.device("cpu"), gelu=False)
+    assert (cpu.block_m, cpu.split_k) == (16, 1)
+
+
+def test_errors_say_what_to_fix():
+    linear, norm, _ = modules(8, 4, 0, torch.float32)
+    x = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="last dimension is 7, the linear layer takes 8"):
+        fused_linear(torch.zeros(2, 7, device=DEVICE), linear)
+    with pytest.raises(ValueError, match="affine LayerNorm over the last dimension"):
+        fused_linear(x, linear, norm=torch.nn.LayerNorm(4).to(DEVICE))
+    with pytest.raises(ValueError, match=r"residual must be \(2, 4\)"):
+        fused_linear(x, linear, residual=torch.zeros(2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="share a dtype and device"):
+        fused_linear(x.double(), linear)
+    with pytest.raises(ValueError, match="split_k must be 1 with gelu"):
+        fused_linear(x, linear, gelu=True, tiles=Tiles(16, 16, 16, split_k=2))
+    with pytest.raises(ValueError, match="needs a linear layer with a bias"):
+        fused_linear(x, torch.nn.Linear(8, 4, bias=False).to(DEVICE))
