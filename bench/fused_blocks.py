@@ -5,6 +5,7 @@ engine as it is, and against torch.compile of the reference model driving the sa
         --compile-modes reduce-overhead --compile-batches 64 --json blocks.json
     python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
         --compile-modes max-autotune --compile-batches 64 --no-engine --json autotune.json
+    python bench/fused_blocks.py --preset base --decode-only --batch-sizes 1 64 --json decode.json
     TRITON_INTERPRET=1 python bench/fused_blocks.py --preset tiny --device cpu --batch-sizes 2 --sampler ddim \
         --steps 3 --compile-modes default --repeats 1      # smoke (Triton's interpreter; figures meaningless)
 
@@ -14,6 +15,8 @@ MODE` (the reference ReverseTransformer through torch.compile(mode=MODE, fullgra
 by the reference sampler; compiled once per batch and dtype, its first call reported apart). Each path's
 latents against the fp32 reference's (relative max error) and, per engine path, kernels a step
 (ldlm.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
+With --decode (or --decode-only), also the engine's static-KV beam decode (4 beams, 64 tokens: random weights
+never emit EOS) with and without fused blocks (ldlm.static_gpt2), tokens against the fp32 reference beam search.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from ldlm.beam_search import BeamSearchConfig, beam_search
 from ldlm.benchmark import bench_components, timed
 from ldlm.fused_sampler import FusedSampler
-from ldlm.launches import step_kernels
+from ldlm.launches import decode_kernels, step_kernels
+from ldlm.static_beam_search import StaticBeamSearch
 from ldlm.samplers import SAMPLERS
 from ldlm.schedule import NoiseSchedule
 from ldlm.step_tables import sampler_tables
@@ -56,13 +61,17 @@ def main() -> None:
     parser.add_argument("--compile-batches", type=int, nargs="*", default=None,
                         help="batch sizes of the compiled peers (default: every batch size)")
     parser.add_argument("--no-engine", action="store_true", help="only the compiled peers (and the reference)")
+    parser.add_argument("--decode", action="store_true", help="also time the beam decode with and without")
+    parser.add_argument("--decode-only", action="store_true", help="only the beam decode")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the rows here (after every row: a time limit keeps what ran)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model = bench_components(args.preset).reverse.eval().to(device)
+    components = bench_components(args.preset)
+    model = components.reverse.eval().to(device)
     config = model.config
     schedule = NoiseSchedule.from_config(config).to(device)
     tables = sampler_tables(args.sampler, schedule.to("cpu"), steps=args.steps)
@@ -80,15 +89,19 @@ def main() -> None:
 
     def record(row: dict) -> None:
         result["rows"].append(row)
+        parity = (f"latents within {row['max_rel_err']:.1e}" if "max_rel_err" in row
+                  else f"tokens {'identical' if row['tokens_identical'] else 'DIFFER'}")
         print(f"{row['dtype']:>9} batch {row['batch']:4d}  {row['path']:<28} {row['median_ms']:9.2f} ms "
-              f"(p90 {row['p90_ms']:.2f})  latents within {row['max_rel_err']:.1e}"
+              f"(p90 {row['p90_ms']:.2f})  {parity}"
               + (f"  {row['weights_gbs']:.0f} GB/s" if "weights_gbs" in row else "")
               + (f"  first call {row['first_call_s']:.1f} s" if row.get("first_call_s") else ""), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
     with torch.no_grad():
-        for batch in args.batch_sizes:
+        if args.decode or args.decode_only:
+            decode_rows(args, components.decoder.eval().to(device), device, record)
+        for batch in ([] if args.decode_only else args.batch_sizes):
             x, g = noise(batch)
             expected = sample(model, x, schedule, generator=g, disable=True, **steps)  # fp32, the parity target
             for dtype_name in args.dtypes:
@@ -123,6 +136,29 @@ def main() -> None:
                     record({**base, "path": f"torch.compile {mode}", "median_ms": t["median_s"] * 1e3,
                             "p90_ms": t["p90_s"] * 1e3, "max_rel_err": rel_err(got, expected),
                             "first_call_s": t["first_call_s"]})
+
+
+def decode_rows(args, decoder, device: torch.device, record) -> None:
+    """The engine's beam decode with and without fused blocks, per batch and dtype, beside the fp32 reference."""
+    config = BeamSearchConfig(num_beams=4, max_new_tokens=args.max_new_tokens)
+    kernels = {blocks: sum(decode_kernels(decoder.cpu(), 1, fused_blocks=blocks).values()) for blocks in (False, True)}
+    decoder.to(device)
+    for batch in args.batch_sizes:
+        latents = torch.randn(batch, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        expected = beam_search(decoder, latents, config)
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            model = decoder if dtype == torch.float32 else copy.deepcopy(decoder).to(dtype)
+            for path, blocks in (("decode engine", False), ("decode engine + fused blocks", True)):
+                search = StaticBeamSearch(model, batch_size=batch, config=config, graphs=device.type == "cuda",
+                                          fused_blocks=blocks)
+                x = latents.to(dtype)
+                got = search(x)
+                t = timed(lambda: search(x), device, args.warmup, args.repeats)
+                record({"dtype": dtype_name, "batch": batch, "path": path, "median_ms": t["median_s"] * 1e3,
+                        "p90_ms": t["p90_s"] * 1e3, "tokens_identical": got == expected,
+                        "kernels_per_token": kernels[blocks],
+                        "token_us": t["median_s"] / args.max_new_tokens * 1e6})
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --
 # issue 21 (opt-in): the loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear) against the
 # engine and torch.compile of the reference, same run; max-autotune compiles for minutes, so a call of its own
 stage blocks 420 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 \
-  --compile-modes reduce-overhead --compile-batches 64 --json "$out/blocks.json"
+  --compile-modes reduce-overhead --compile-batches 64 --decode --json "$out/blocks.json"
 stage blocks_autotune 480 python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
   --compile-modes max-autotune --no-engine --json "$out/blocks_autotune.json"
 

@@ -23,6 +23,11 @@ def fused_block_lines(out: Path) -> list[str]:
             for r in json.loads((out / name).read_text())["rows"]]
     lines = []
     for r in rows:
+        if r["path"].startswith("decode"):  # issue 22's: the beam decode with and without fused blocks
+            lines.append(f"| {r['path']}, {r['dtype']}, batch {r['batch']} | {r['median_ms']:.1f} ms "
+                         f"({r['token_us']:.0f} us a token, {r['kernels_per_token']} kernels), tokens "
+                         f"{'identical' if r['tokens_identical'] else 'DIFFER'} | fp32: identical |")
+            continue
         target = LOOP_TARGETS_MS.get((r["dtype"], r["batch"])) if r["path"].startswith("engine") else None
         peers = [p["median_ms"] for p in rows if p["path"].startswith("torch.compile")
                  and (p["dtype"], p["batch"]) == (r["dtype"], r["batch"])]

@@ -68,21 +68,27 @@ def step_kernels(preset: str, batch: int, *, fused_blocks: bool = False) -> Coun
     return counter.ops
 
 
-def token_searcher(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa"
-                   ) -> StaticBeamSearch:
-    """The engine's static-KV beam search as on a GPU (fused norms), for timing or counting its tokens: up to 64
-    new tokens, fewer where the decoder's positions end (the cache's length changes no kernel count)."""
+def token_searcher(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa", *,
+                   fused_blocks: bool = False) -> StaticBeamSearch:
+    """The engine's static-KV beam search as on a GPU (fused norms, or fused blocks), for timing or counting its
+    tokens: up to 64 new tokens, fewer where the decoder's positions end (the cache's length changes no kernel
+    count)."""
     tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)
     config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
-    return StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True, attention=attention)
+    return StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True, attention=attention,
+                            fused_blocks=fused_blocks)
 
 
-def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa") -> Counter:
+def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa", *,
+                   fused_blocks: bool = False) -> Counter:
     """Ops of one token of the engine's static-KV beam decode (GPT-2 step, beam selection, cache reorder), for
-    a decoder on the CPU; attention as ldlm.static_gpt2's."""
-    search = token_searcher(decoder, batch, num_beams, attention)
+    a decoder on the CPU; attention as ldlm.static_gpt2's; fused_blocks: each layer's matmuls with their norms,
+    biases, GELU and residuals as ldlm.kernels.fused_linear launches."""
+    search = token_searcher(decoder, batch, num_beams, attention, fused_blocks=fused_blocks)
     counter = CountOps()
     search.model.add_norm = _counted(counter, "add_layer_norm", add_then_norm)
+    if fused_blocks:
+        search.model.linear = _counted(counter, "fused_linear", modules_linear)
     if attention == "indirect":
         from .kernels.beam_attention import beam_attention_reference  # (its module imports Triton)
 

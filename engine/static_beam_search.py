@@ -60,18 +60,20 @@ class StaticBeamSearch:
     """Beam search for up to `batch_size` latents with a static KV cache; reuse it across calls."""
 
     def __init__(self, decoder: LatentDecoder, batch_size: int, config: BeamSearchConfig, check_every: int = 8,
-                 graphs: bool = False, fused_norms: bool | None = None, attention: str | None = None):
+                 graphs: bool = False, fused_norms: bool | None = None, attention: str | None = None,
+                 fused_blocks: bool = False):
         """check_every: tokens between the host's checks for all-finished; graphs: capture the decode step as
         CUDA graphs; fused_norms: residual adds fused with the layer norms after them in Triton kernels
         (default: on CUDA; Triton's CPU interpreter runs them far slower than torch); attention: a step's one-query
-        attention, "sdpa" (the default) or "matmul" (ldlm.static_gpt2)."""
+        attention, "sdpa" (the default), "matmul" or "indirect" (ldlm.static_gpt2); fused_blocks: a step's every
+        matmul one Triton kernel with its layer norm, bias, GELU and residual (off until a GPU run times it)."""
         self.decoder, self.config, self.check_every, self.graphs = decoder, config, check_every, graphs
         self.B, self.K, self.T = batch_size, config.num_beams, config.max_new_tokens
         self.P = decoder.config.n_prefix
         if fused_norms is None:
             fused_norms = next(decoder.parameters()).is_cuda
         self.model = StaticKVGPT2(decoder.gpt2, rows=self.B * self.K, max_len=self.P + self.T, fused_norms=fused_norms,
-                                  attention=attention)
+                                  attention=attention, fused_blocks=fused_blocks)
         self.device = self.model.k_cache.device
         self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
         self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K

@@ -47,12 +47,14 @@ class StaticKVGPT2:
     """Prefill and one-token steps of a GPT2LMHeadModel with a static KV cache."""
 
     def __init__(self, gpt2: GPT2LMHeadModel, rows: int, max_len: int, *, fused_norms: bool = False,
-                 attention: str | None = None):
+                 attention: str | None = None, fused_blocks: bool = False):
         """rows: batch x beams; max_len: prefix + new tokens; fused_norms: each residual add and the layer norm
         after it as one Triton kernel (ldlm.kernels.add_layer_norm; on CPU only through TRITON_INTERPRET=1);
         attention: a step's one-query attention as "sdpa" (torch's scaled_dot_product_attention, the default),
         "matmul" (two batched matmuls around a softmax) or "indirect" (the Triton kernel reading the cache
-        through a table of source rows, which reorders replace; on CPU only through TRITON_INTERPRET=1)."""
+        through a table of source rows, which reorders replace; on CPU only through TRITON_INTERPRET=1);
+        fused_blocks: a step's every matmul one Triton kernel with the layer norm before it and the bias, GELU and
+        residual after it (ldlm.kernels.fused_linear; the norms are inside it, fused_norms unused)."""
         check_supported(gpt2)
         param = next(gpt2.parameters())
         attention = attention or "sdpa"
@@ -66,6 +68,13 @@ class StaticKVGPT2:
         # one (transformers' gelu_pytorch_tanh), equal but for rounding
         self.act = functools.partial(F.gelu, approximate="tanh") if isinstance(act, NewGELUActivation) else act
         self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
+        self.fused_blocks = fused_blocks
+        if fused_blocks:
+            if not isinstance(act, NewGELUActivation):
+                raise NotImplementedError(f"fused_blocks implements GPT-2's gelu_new, not {type(act).__name__}")
+            from .kernels.fused_linear import fused_linear
+
+            self.linear = fused_linear  # (x, linear, *, norm, gelu, residual) -> act(norm(x) W^T + b) + residual
         t = gpt2.transformer
         self.following_norms = (*(block.ln_1 for block in t.h[1:]), t.ln_f)  # the norm after each block
         if max_len > cfg.n_positions:
@@ -167,6 +176,8 @@ class StaticKVGPT2:
         index = position.view(1)
         if self._sources is not None:  # this step's key and value go to each row's own slot
             self._sources[self.current].index_copy_(1, index, self.row_ids)
+        if self.fused_blocks:
+            return self._fused_step(h, bias, index)
         x = t.h[0].ln_1(h)
         for layer, (block, next_norm) in enumerate(zip(t.h, self.following_norms)):
             q, k, v = block.attn.c_attn(x).split(h.shape[-1], dim=2)
@@ -177,6 +188,25 @@ class StaticKVGPT2:
             h, x = self.add_norm(h, self._attention_out(block, attn), block.ln_2)
             h, x = self.add_norm(h, self._mlp(block, x), next_norm)
         return self.gpt2.lm_head(x[:, 0, :])  # x: ln_f(h)
+
+    def _fused_step(self, h: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """step()'s layers and LM head on h (R, 1, E), every layer's matmul one fused_linear launch: per layer
+        LN1 -> QKV, the cache write and attention, output projection -> + residual, LN2 -> up -> GELU, down ->
+        + residual; then LN_f and the LM head. Returns logits (R, V). The layers' own forward hooks do not run."""
+        t, linear = self.gpt2.transformer, self.linear
+        for layer, block in enumerate(t.h):
+            q, k, v = linear(h, block.attn.c_attn, norm=block.ln_1).split(h.shape[-1], dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, H, 1, hd)
+            self.k_cache[layer].index_copy_(2, index, k)
+            self.v_cache[layer].index_copy_(2, index, v)
+            attn = self._attend_one_query(q, self.k_cache[layer], self.v_cache[layer], bias, index)
+            R, H, S, hd = attn.shape
+            h = linear(attn.transpose(1, 2).reshape(R, S, H * hd), block.attn.c_proj, residual=h)
+            up = linear(h, block.mlp.c_fc, norm=block.ln_2, gelu="tanh")
+            h = linear(up, block.mlp.c_proj, residual=h)
+        # the LM head as its module: it is what ldlm.beam_search and Hugging Face call (hooks included), and a
+        # fused beam step would take it whole (LM head, log-softmax, top-k) rather than as one more linear
+        return self.gpt2.lm_head(t.ln_f(h[:, 0, :]))
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row r of the cache becomes old row rows[r] (beam reordering), on the device: all layers' keys and

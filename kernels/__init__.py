@@ -30,5 +30,5 @@ def residual_norm(fused: bool):
 def modules_linear(x, linear, *, norm=None, gelu=False, residual=None):
     """ldlm.kernels.fused_linear's function as torch's modules, a kernel each: act(norm(x) @ W^T + b) + residual."""
     y = linear(norm(x) if norm is not None else x)
-    y = torch.nn.functional.gelu(y) if gelu else y
+    y = torch.nn.functional.gelu(y, approximate="tanh" if gelu == "tanh" else "none") if gelu else y
     return y + residual if residual is not None else y

@@ -43,19 +43,23 @@ class KernelSpec:
     block_size: int = 1024  # BLOCK_SIZE as the engine launches it (base preset); 0: the kernel has none
 
 
-def _fused_linear_spec(split_k: int) -> KernelSpec:
+def _fused_linear_spec(split_k: int = 1, conv1d: bool = False) -> KernelSpec:
+    """ldlm.kernels.fused_linear as the engine launches it: nn.Linear's weight layout (K contiguous) and the exact
+    GELU, or (conv1d) GPT-2's Conv1D layout (N contiguous) and its tanh GELU; split over K or not. Triton
+    specializes a stride of 1 as a constant, so the contiguous weight stride is one here."""
     out = "*{dtype}" if split_k == 1 else "*fp32"  # split-K adds its partial sums into an fp32 output
+    unit, strided = ("stride_wn", "stride_wk") if conv1d else ("stride_wk", "stride_wn")
     return KernelSpec(
         "fused_linear", "_fused_linear_kernel",
         {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "ln_w_ptr": "*{dtype}", "ln_b_ptr": "*{dtype}",
          "res_ptr": "*{dtype}", "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "eps": "fp32", "stride_xm": "i32",
-         "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32", "LN": "constexpr", "GELU": "constexpr",
-         "RESIDUAL": "constexpr", "SPLIT_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-         "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"},
-        divisible=("N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_om"),
+         **{name: "constexpr" if name == unit else "i32" for name in ("stride_wn", "stride_wk")}, "stride_rm": "i32", "stride_om": "i32", "LN": "constexpr",
+         "GELU": "constexpr", "TANH": "constexpr", "RESIDUAL": "constexpr", "SPLIT_K": "constexpr",
+         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"},
+        divisible=("N", "K", "stride_xm", strided, "stride_rm", "stride_om"),
         flags=("LN", "GELU", "RESIDUAL") if split_k == 1 else ("LN", "RESIDUAL"),
-        constants={"SPLIT_K": split_k, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "DOT_FP32": False, "GELU": False}
-        if split_k > 1 else {"SPLIT_K": 1, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "DOT_FP32": False},
+        constants={"SPLIT_K": split_k, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "DOT_FP32": False,
+                   "TANH": conv1d, unit: 1, **({"GELU": False} if split_k > 1 else {})},
         block_size=0,
     )
 
@@ -92,6 +96,7 @@ KERNELS = {
     # a program, K in steps of 64; unsplit, and split over K (partial sums added atomically in fp32)
     "fused_linear": _fused_linear_spec(split_k=1),
     "fused_linear_split": _fused_linear_spec(split_k=4),
+    "fused_linear_gpt2": _fused_linear_spec(conv1d=True),  # the decode step's layers (GPT-2's Conv1D, gelu_new)
 }
 
 

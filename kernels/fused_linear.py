@@ -4,7 +4,7 @@ A pre-norm transformer block is LayerNorm -> matmul -> (GELU) -> matmul -> resid
 sampling shapes (1-256 rows, d_model 768, FFN 3072) every one of those is a launch of its own, and the matmuls
 are too small to fill the GPU. Here the layer norm is the matmul's prologue (each program takes its rows'
 mean and variance in a first pass over x, then normalizes each tile of x as it loads it: x is rows x K, small
-beside W), and the bias, the exact (erf) GELU and the residual add are its epilogue, so a block is three
+beside W), and the bias, the GELU (exact, or GPT-2's tanh form) and the residual add are its epilogue, so a block is three
 launches: [LN1 -> attention's folded value/output matmul -> + residual], [LN2 -> up-projection -> GELU],
 [down-projection -> + residual]. With few rows the grid over (rows, columns) leaves most multiprocessors idle:
 SPLIT_K > 1 adds a third grid axis over K, each program adding its partial sum into an fp32 output with an
@@ -26,10 +26,10 @@ import triton.language as tl
 
 @triton.jit
 def _fused_linear_kernel(
-    x_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, res_ptr, out_ptr,  # x (M, K); w (N, K), nn.Linear's; b (N,); ln_* (K,)
-    M, N, K, eps,  # res, out: (M, N); every row contiguous, rows `stride_*` elements apart
-    stride_xm, stride_wn, stride_rm, stride_om,
-    LN: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, res_ptr, out_ptr,  # x (M, K); w: (N, K) or (K, N); b (N,); ln_* (K,)
+    M, N, K, eps,  # res, out: (M, N); rows of x, res, out contiguous, `stride_*m` elements apart
+    stride_xm, stride_wn, stride_wk, stride_rm, stride_om,  # w[n, k] at n * stride_wn + k * stride_wk
+    LN: tl.constexpr, GELU: tl.constexpr, TANH: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,  # widen both operands to fp32 before the product (the CPU interpreter: see launch)
 ):
@@ -67,8 +67,8 @@ def _fused_linear_kernel(
             beta = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
             x = tl.where(x_mask, normed, 0.0).to(x_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=k_ok[:, None] & col_ok[None, :],
-                    other=0.0)  # (BLOCK_K, BLOCK_N): W^T's tile
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N): W^T's tile
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -76,8 +76,12 @@ def _fused_linear_kernel(
     first = pid_k == 0  # the split that adds the bias and the residual
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc += tl.where(first, bias, 0.0)[None, :]
-    if GELU:  # exact GELU, as nn.GELU(): x / 2 (1 + erf(x / sqrt 2)); only unsplit (launch checks)
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if GELU:  # only unsplit (the launch checks)
+        if TANH:  # GPT-2's gelu_new: x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh(u) = 1 - 2 / (e^2u + 1)
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        else:  # exact GELU, as nn.GELU(): x / 2 (1 + erf(x / sqrt 2))
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     out_mask = row_ok[:, None] & col_ok[None, :]
     if RESIDUAL:
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0)
@@ -112,19 +116,36 @@ def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool) -
     return Tiles(block_m, 64, 64, split)
 
 
-def fused_linear(x: torch.Tensor, linear: torch.nn.Linear, *, norm: torch.nn.LayerNorm | None = None,
-                 gelu: bool = False, residual: torch.Tensor | None = None, tiles: Tiles | None = None) -> torch.Tensor:
-    """act(norm(x) @ linear.weight^T + linear.bias) + residual, one launch.
+GELUS = (False, True, "tanh")  # none, the exact (erf) GELU, the tanh approximation (GPT-2's gelu_new)
 
-    x: (..., K); norm: an affine LayerNorm over K, applied first (None: none); gelu: the exact GELU after the
-    bias; residual: (..., N) added last (None: none). Tensors on one device in one dtype, rows contiguous.
-    Returns (..., N) in x's dtype."""
-    weight, bias = linear.weight, linear.bias
-    N, K = weight.shape
+
+def _weight(linear: torch.nn.Module) -> tuple[torch.Tensor, int, int, int, int]:
+    """(weight, N, K, stride_n, stride_k) of an nn.Linear (weight (N, K)) or a GPT-2 Conv1D (weight (K, N))."""
+    weight = linear.weight
+    if isinstance(linear, torch.nn.Linear):
+        return weight, weight.shape[0], weight.shape[1], weight.stride(0), weight.stride(1)
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(linear, Conv1D):
+        return weight, weight.shape[1], weight.shape[0], weight.stride(1), weight.stride(0)
+    raise TypeError(f"fused_linear takes an nn.Linear or a GPT-2 Conv1D, got {type(linear).__name__}")
+
+
+def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.LayerNorm | None = None,
+                 gelu: bool | str = False, residual: torch.Tensor | None = None,
+                 tiles: Tiles | None = None) -> torch.Tensor:
+    """act(norm(x) @ W^T + b) + residual, one launch.
+
+    x: (..., K); linear: an nn.Linear, or a GPT-2 Conv1D (its weight stored (K, N)), without a bias adding
+    none; norm: an affine LayerNorm over K, applied first (None: none); gelu: False, True (the exact GELU) or
+    "tanh" (its tanh approximation), after the bias; residual: (..., N) added last (None: none). Tensors on one
+    device in one dtype, rows contiguous. Returns (..., N) in x's dtype."""
+    if gelu not in GELUS:
+        raise ValueError(f"gelu must be one of {GELUS}, got {gelu!r}")
+    weight, N, K, stride_n, stride_k = _weight(linear)
+    bias = linear.bias if linear.bias is not None else torch.zeros(N, dtype=weight.dtype, device=weight.device)
     if x.shape[-1] != K:
         raise ValueError(f"x's last dimension is {x.shape[-1]}, the linear layer takes {K}")
-    if bias is None:
-        raise ValueError("fused_linear needs a linear layer with a bias")
     if norm is not None and (tuple(norm.normalized_shape) != (K,) or norm.weight is None or norm.bias is None):
         raise ValueError(f"norm must be an affine LayerNorm over the last dimension ({K}), got {norm}")
     lead = x.shape[:-1]
@@ -137,7 +158,7 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Linear, *, norm: torch.nn.Lay
                          f"{sorted({(str(t.dtype), str(t.device)) for t in tensors})}")
     x2 = x.reshape(-1, K)
     res2 = None if residual is None else residual.reshape(-1, N)
-    if x2.stride(-1) != 1 or weight.stride(-1) != 1 or (res2 is not None and res2.stride(-1) != 1):
+    if x2.stride(-1) != 1 or 1 not in (stride_n, stride_k) or (res2 is not None and res2.stride(-1) != 1):
         raise ValueError("x, the weight and the residual need contiguous rows (call .contiguous())")
     M = x2.shape[0]
     tiles = tiles or default_tiles(M, N, K, device=x.device, gelu=gelu)
@@ -150,8 +171,8 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Linear, *, norm: torch.nn.Lay
     _fused_linear_kernel[grid](
         x2, weight, bias, norm.weight if norm is not None else bias, norm.bias if norm is not None else bias,
         res2 if res2 is not None else out, out, M, N, K, norm.eps if norm is not None else 0.0,
-        x2.stride(0), weight.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
-        LN=norm is not None, GELU=gelu, RESIDUAL=residual is not None, SPLIT_K=tiles.split_k,
+        x2.stride(0), stride_n, stride_k, res2.stride(0) if res2 is not None else 0, out.stride(0),
+        LN=norm is not None, GELU=bool(gelu), TANH=gelu == "tanh", RESIDUAL=residual is not None, SPLIT_K=tiles.split_k,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         # Triton 3.9's interpreter multiplies bf16 tiles as raw bits; widened, their products are exact in fp32
         # and summed in fp32, as a GPU's bf16 MMA does (up to the order of the sum)

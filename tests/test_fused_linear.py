@@ -30,7 +30,7 @@ def modules(K: int, N: int, seed: int, dtype: torch.dtype):
 
 def expected(x, linear, norm, gelu, residual):
     y = linear(norm(x) if norm is not None else x)
-    y = F.gelu(y) if gelu else y
+    y = F.gelu(y, approximate="tanh" if gelu == "tanh" else "none") if gelu else y
     return y + residual if residual is not None else y
 
 
@@ -51,7 +51,7 @@ def test_matches_torch_modules(shape, dtype):
     cases = 0
     with torch.no_grad():
         for use_norm in (False, True):
-            for gelu in (False, True):
+            for gelu in (False, True, "tanh"):
                 for res in (None, residual):
                     for tiles in (None, Tiles(16, 32, 32), Tiles(16, 32, 32, split_k=3)):
                         if gelu and tiles is not None and tiles.split_k > 1:
@@ -62,7 +62,7 @@ def test_matches_torch_modules(shape, dtype):
                         err = rel_err(got, expected(x, linear, n, gelu, res))
                         assert err < TOLERANCE[dtype], (use_norm, gelu, res is not None, tiles, err)
                         cases += 1
-    assert cases == 20
+    assert cases == 28  # norm x residual x (3 tilings without a GELU, 2 unsplit with each GELU)
 
 
 def test_leading_dimensions_and_strided_rows():
@@ -76,6 +76,25 @@ def test_leading_dimensions_and_strided_rows():
         assert rel_err(got, expected(x.reshape(6, 48), linear, norm, False, residual.reshape(6, 24))) < 1e-5
         got = fused_linear(x.contiguous(), linear, norm=norm, gelu=True)
         assert got.shape == (2, 3, 24) and rel_err(got, expected(x, linear, norm, True, None)) < 1e-5
+
+
+def test_gpt2_conv1d_layout_and_a_linear_without_bias():
+    """GPT-2's Conv1D stores its weight (K, N), the transpose of nn.Linear's; a tied LM head has no bias."""
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(3)
+    conv = Conv1D(70, 48)  # nf = N = 70 outputs, nx = K = 48 inputs
+    head = torch.nn.Linear(48, 90, bias=False)
+    norm = torch.nn.LayerNorm(48)
+    with torch.no_grad():
+        for p in (*conv.parameters(), *head.parameters(), *norm.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    conv, head, norm = conv.to(DEVICE), head.to(DEVICE), norm.to(DEVICE)
+    x = torch.randn(5, 1, 48, generator=g).to(DEVICE)  # GPT-2's one-token step: (rows, 1, E)
+    with torch.no_grad():
+        for module in (conv, head):
+            got = fused_linear(x, module, norm=norm, gelu="tanh")
+            assert rel_err(got, F.gelu(module(norm(x)), approximate="tanh")) < 1e-5, type(module).__name__
 
 
 def test_default_tiles_split_small_grids_and_never_a_gelu():
@@ -100,5 +119,7 @@ def test_errors_say_what_to_fix():
         fused_linear(x.double(), linear)
     with pytest.raises(ValueError, match="split_k must be 1 with gelu"):
         fused_linear(x, linear, gelu=True, tiles=Tiles(16, 16, 16, split_k=2))
-    with pytest.raises(ValueError, match="needs a linear layer with a bias"):
-        fused_linear(x, torch.nn.Linear(8, 4, bias=False).to(DEVICE))
+    with pytest.raises(ValueError, match="gelu must be one of"):
+        fused_linear(x, linear, gelu="exact")
+    with pytest.raises(TypeError, match="an nn.Linear or a GPT-2 Conv1D"):
+        fused_linear(x, torch.nn.Embedding(8, 4))

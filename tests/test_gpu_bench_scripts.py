@@ -55,17 +55,21 @@ def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH / "fused_blocks.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "3",
          "--dtypes", "float32", "--sampler", "ddim", "--steps", "3", "--compile-modes", "default", "--repeats", "1",
-         "--json", str(tmp_path / "blocks.json")], capture_output=True, text=True, timeout=600, env=env)
+         "--decode", "--max-new-tokens", "6", "--json", str(tmp_path / "blocks.json")],
+        capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "blocks.json").read_text())
-    assert [r["path"] for r in report["rows"]] == ["engine", "engine + fused blocks", "torch.compile default"]
+    assert [r["path"] for r in report["rows"]] == ["decode engine", "decode engine + fused blocks", "engine",
+                                                  "engine + fused blocks", "torch.compile default"]
     for row in report["rows"]:
-        assert row["batch"] == 3 and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
+        assert row["batch"] == 3 and row["median_ms"] > 0, row
+        assert row["tokens_identical"] if "decode" in row["path"] else row["max_rel_err"] < 1e-5, row
     kernels = report["kernels_per_step"]
     assert kernels["engine + fused blocks"] < kernels["engine"] == sum(step_kernels("tiny", 1).values())
     table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True,
                            text=True, check=True).stdout
     assert table.count("| sampling loop, ") == 3 and "torch.compile default" in table
+    assert table.count("| decode engine") == 2 and "tokens identical" in table
 
 
 def test_profile_runs_every_attention_and_the_table_shows_them(tmp_path):
@@ -165,6 +169,16 @@ def test_fused_blocks_make_a_step_one_kernel_per_matmul():
     assert not {"gelu", "native_layer_norm", "add_layer_norm (Triton)"} & set(ops), ops
     assert sum(ops.values()) == (3 * L + 1) + 5, ops
     assert sum(ops.values()) < sum(step_kernels("tiny", 8).values())
+
+
+def test_fused_blocks_make_a_decode_token_four_matmul_kernels_a_layer():
+    """With ldlm.kernels.fused_linear a GPT-2 layer's step is its four matmuls (each with its norm, bias, GELU or
+    residual) beside the cache writes and attention: three kernels a layer fewer than the fused norms' seven."""
+    decoder = bench_components("tiny").decoder.eval()
+    L = decoder.gpt2.config.n_layer
+    fused, plain = decode_kernels(decoder, 1, fused_blocks=True), decode_kernels(decoder, 1)
+    assert fused["fused_linear (Triton)"] == 4 * L and not {"addmm", "gelu", "add_layer_norm (Triton)"} & set(fused)
+    assert sum(fused.values()) == sum(plain.values()) - 3 * L, (fused, plain)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])

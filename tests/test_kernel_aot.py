@@ -29,6 +29,7 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
     assert [r["kernel"] for r in rows].count("beam_attention") == 3
     assert [r["kernel"] for r in rows].count("fused_linear") == 24  # 3 dtypes x norm x GELU x residual
     assert [r["kernel"] for r in rows].count("fused_linear_split") == 12  # GELU runs unsplit
+    assert [r["kernel"] for r in rows].count("fused_linear_gpt2") == 24  # GPT-2's Conv1D layout, tanh GELU
     for row in rows:
         assert row["cubin_bytes"] > 0, row
         bytes_per_element = 4 if row["dtype"] == "float32" else 2

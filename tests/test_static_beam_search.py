@@ -25,11 +25,16 @@ def kernel_decoder(decoder):  # noqa: F811
     return copy.deepcopy(decoder).to(KERNEL_DEVICE)
 
 
+# torch's modules; residual adds + norms as Triton kernels; every matmul with its norm, bias, GELU and residual
+# as one Triton kernel (ldlm.kernels.fused_linear). Triton: compiled on a GPU, else the interpreter
+KERNELS = {"torch": {}, "fused norms": {"fused_norms": True}, "fused blocks": {"fused_blocks": True}}
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])
-@pytest.mark.parametrize("fused_norms", [False, True])  # True: residual adds + norms as Triton kernels (interpreter)
-def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, fused_norms, attention):
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, kernels, attention):
     """Prefill and steps against Hugging Face's forward over the whole sequence; GPT-2's gelu_new runs as
-    torch's one-kernel tanh GELU (the same function, rounded differently)."""
+    torch's one-kernel tanh GELU, or inside the fused kernel (the same function, rounded differently)."""
     dec = kernel_decoder
     assert dec.gpt2.config.activation_function == "gelu_new"
     latents = torch.randn(3, dec.config.latent_dim, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
@@ -37,8 +42,7 @@ def test_static_gpt2_matches_hugging_face_forward(kernel_decoder, fused_norms, a
     prefix = dec.prefix(latents)
     with torch.no_grad():
         full = dec.gpt2(inputs_embeds=torch.cat([prefix, dec.gpt2.transformer.wte(ids)], 1)).logits
-    model = StaticKVGPT2(dec.gpt2, rows=3, max_len=dec.config.n_prefix + 8, fused_norms=fused_norms,
-                         attention=attention)
+    model = StaticKVGPT2(dec.gpt2, rows=3, max_len=dec.config.n_prefix + 8, attention=attention, **KERNELS[kernels])
     assert model.act.func is torch.nn.functional.gelu and model.act.keywords == {"approximate": "tanh"}
     logits = [model.prefill(prefix, repeats=1)]
     P = prefix.shape[1]
@@ -90,6 +94,20 @@ def test_same_tokens_with_fused_norms(kernel_decoder, attention):
 
     assert search.model.add_norm is add_layer_norm
     assert search(latents) == beam_search(dec, latents, cfg)
+
+
+def test_same_tokens_with_fused_blocks(kernel_decoder):
+    """The decode step with every matmul one Triton kernel (ldlm.kernels.fused_linear), batched and one item
+    at a time: the reference beam search's tokens (each attention against Hugging Face's forward above)."""
+    dec = kernel_decoder
+    latents = torch.randn(4, dec.config.latent_dim, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE)
+    cfg = BeamSearchConfig(num_beams=4, max_new_tokens=10)
+    search = StaticBeamSearch(dec, batch_size=4, config=cfg, fused_blocks=True)
+    assert search.model.fused_blocks
+    expected = beam_search(dec, latents, cfg)
+    assert search(latents) == expected
+    single = StaticBeamSearch(dec, batch_size=1, config=cfg, fused_blocks=True)
+    assert [single(latents[i : i + 1])[0] for i in range(2)] == expected[:2]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "indirect"])  # indirect: a searcher reused keeps no stale table
