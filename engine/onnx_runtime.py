@@ -355,7 +355,7 @@ class OnnxDecoder:
         present = torch.empty(s["n_layer"], 2, B, s["n_head"], self.config.n_prefix, s["head_dim"], device=self.device)
         self.prefill_graph.run({"latent": latents.float()}, {"logits": logits, "present": present})
         cache = OnnxCache(present, self.cache_dtype, gather=RowGather() if self.native else None, repeats=repeats)
-        return logits.repeat_interleave(repeats, dim=0), cache
+        return (logits.repeat_interleave(repeats, dim=0) if repeats > 1 else logits), cache
 
     def step(self, input_ids: torch.Tensor, cache: OnnxCache) -> tuple[torch.Tensor, OnnxCache]:
         """input_ids (R, 1), the token after the cache's S positions -> logits (R, V), a tensor the next step on

@@ -117,9 +117,13 @@ class StaticKVGPT2:
     def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
         return block.mlp.c_proj(self.act(block.mlp.c_fc(x)))  # (eval: no dropout)
 
-    def _attention_out(self, block, attn: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _merge_heads(attn: torch.Tensor) -> torch.Tensor:
         R, H, S, hd = attn.shape
-        return block.attn.c_proj(attn.transpose(1, 2).reshape(R, S, H * hd))  # (R, S, E)
+        return attn.transpose(1, 2).reshape(R, S, H * hd)  # (R, S, E)
+
+    def _attention_out(self, block, attn: torch.Tensor) -> torch.Tensor:
+        return block.attn.c_proj(self._merge_heads(attn))  # (R, S, E)
 
     def _block_tail(self, block, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         h = h + self._attention_out(block, attn)
@@ -200,8 +204,7 @@ class StaticKVGPT2:
             self.k_cache[layer].index_copy_(2, index, k)
             self.v_cache[layer].index_copy_(2, index, v)
             attn = self._attend_one_query(q, self.k_cache[layer], self.v_cache[layer], bias, index)
-            R, H, S, hd = attn.shape
-            h = linear(attn.transpose(1, 2).reshape(R, S, H * hd), block.attn.c_proj, residual=h)
+            h = linear(self._merge_heads(attn), block.attn.c_proj, residual=h)
             up = linear(h, block.mlp.c_fc, norm=block.ln_2, gelu="tanh")
             h = linear(up, block.mlp.c_proj, residual=h)
         # the LM head as its module: it is what ldlm.beam_search and Hugging Face call (hooks included), and a

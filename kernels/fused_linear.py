@@ -17,6 +17,7 @@ parity mode). Set TRITON_INTERPRET=1 before triton is imported to run it on CPU.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -103,16 +104,24 @@ class Tiles:
     split_k: int = 1
 
 
-def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool) -> Tiles:
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool,
+                  multiprocessors: int | None = None) -> Tiles:
     """Tiles for an (M, K) x (K, N) product. On a GPU: 16-64 rows a program (tl.dot's minimum is 16), 64
-    columns, and split-K when the (rows, columns) grid would leave most of 132 multiprocessors idle (H200):
-    not yet tuned on the GPU (bench/gpu_check.sh's `blocks` stage measures it). In Triton's CPU interpreter,
-    which runs programs one after another as whole-array operations: as few programs as possible."""
+    columns, and split-K when the (rows, columns) grid would leave most of the GPU's multiprocessors idle
+    (`multiprocessors`, default the device's: 132 on an H200): not yet tuned on the GPU (bench/gpu_check.sh's
+    `blocks` stage measures it). In Triton's CPU interpreter, which runs programs one after another as
+    whole-array operations: as few programs as possible."""
     if device.type != "cuda":
         return Tiles(max(16, triton.next_power_of_2(min(M, 64))), min(128, triton.next_power_of_2(N)), 64)
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
-    split = 1 if gelu else max(1, min(8, 132 // tiles, K // 256))
+    multiprocessors = multiprocessors or _multiprocessors(device)
+    split = 1 if gelu else max(1, min(8, multiprocessors // tiles, K // 256))
     return Tiles(block_m, 64, 64, split)
 
 

@@ -98,10 +98,10 @@ def test_gpt2_conv1d_layout_and_a_linear_without_bias():
 
 
 def test_default_tiles_split_small_grids_and_never_a_gelu():
-    cuda = torch.device("cuda")
-    assert default_tiles(64, 768, 768, device=cuda, gelu=False).split_k > 1  # 12 programs on 132 multiprocessors
-    assert default_tiles(64, 3072, 768, device=cuda, gelu=True).split_k == 1
-    assert default_tiles(4096, 3072, 768, device=cuda, gelu=False).split_k == 1  # the grid fills the GPU
+    cuda, h200 = torch.device("cuda"), {"multiprocessors": 132}
+    assert default_tiles(64, 768, 768, device=cuda, gelu=False, **h200).split_k > 1  # 12 programs on 132
+    assert default_tiles(64, 3072, 768, device=cuda, gelu=True, **h200).split_k == 1
+    assert default_tiles(4096, 3072, 768, device=cuda, gelu=False, **h200).split_k == 1  # the grid fills the GPU
     cpu = default_tiles(3, 100, 40, device=torch.device("cpu"), gelu=False)
     assert (cpu.block_m, cpu.split_k) == (16, 1)
 
