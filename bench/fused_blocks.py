@@ -1,7 +1,7 @@
 """The engine's sampling loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear) against the
 engine as it is, and against torch.compile of the reference model driving the same sampler, in one run (issue 21).
 
-    python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes float32 bfloat16 \
+    python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes float32 bfloat16 --fp8 \
         --compile-modes reduce-overhead --compile-batches 64 --json blocks.json
     python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
         --compile-modes max-autotune --compile-batches 64 --no-engine --json autotune.json
@@ -10,13 +10,16 @@ engine as it is, and against torch.compile of the reference model driving the sa
         --steps 3 --compile-modes default --repeats 1      # smoke (Triton's interpreter; figures meaningless)
 
 Paths, same seed and noise: `engine` (ldlm.fused_sampler as the cuda-graph backend runs it: folded model, fused
-norms, CUDA graphs on a GPU), `engine + fused blocks` (the same with fused_blocks=True), and `torch.compile
+norms, CUDA graphs on a GPU), `engine + fused blocks` (the same with fused_blocks=True), with --fp8 `engine +
+fused blocks + fp8` (the blocks' weights as float8 e4m3 codes, fp8_weights=True: not exact; its latents' error
+is the codes' rounding, which bench/fp8_weights.py measures in text on a trained model), and `torch.compile
 MODE` (the reference ReverseTransformer through torch.compile(mode=MODE, fullgraph=True, dynamic=False), called
 by the reference sampler; compiled once per batch and dtype, its first call reported apart). Each path's
 latents against the fp32 reference's (relative max error) and, per engine path, kernels a step
 (ldlm.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
 With --decode (or --decode-only), also the engine's static-KV beam decode (4 beams, 64 tokens: random weights
-never emit EOS) with and without fused blocks (ldlm.static_gpt2), tokens against the fp32 reference beam search.
+never emit EOS) with and without fused blocks (ldlm.static_gpt2) and with the fused beam step
+(ldlm.kernels.beam_head), tokens against the fp32 reference beam search.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--compile-batches", type=int, nargs="*", default=None,
                         help="batch sizes of the compiled peers (default: every batch size)")
     parser.add_argument("--no-engine", action="store_true", help="only the compiled peers (and the reference)")
+    parser.add_argument("--fp8", action="store_true", help="also the fused blocks with float8 e4m3 weights")
     parser.add_argument("--decode", action="store_true", help="also time the beam decode with and without")
     parser.add_argument("--decode-only", action="store_true", help="only the beam decode")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -78,10 +82,14 @@ def main() -> None:
     sample = SAMPLERS[args.sampler]
     steps = {} if args.sampler == "ddpm" else {"steps": args.steps}
     compile_batches = args.batch_sizes if args.compile_batches is None else args.compile_batches
-    kernels = {blocks: sum(step_kernels(args.preset, 1, fused_blocks=blocks).values()) for blocks in (False, True)}
+    paths = {} if args.no_engine else {  # path: FusedSampler's options
+        "engine": {}, "engine + fused blocks": {"fused_blocks": True},
+        **({"engine + fused blocks + fp8": {"fused_blocks": True, "fp8_weights": True}} if args.fp8 else {})}
+    kernels = {path: sum(step_kernels(args.preset, 1, fused_blocks=options.get("fused_blocks", False)).values())
+               for path, options in paths.items()}  # float8 weights change no launch
     result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "sampler": args.sampler, "num_steps": tables.num_steps,
-              "kernels_per_step": {"engine": kernels[False], "engine + fused blocks": kernels[True]}, "rows": []}
+              "kernels_per_step": kernels, "rows": []}
 
     def noise(batch: int, seed: int = 0):
         g = torch.Generator(device=device).manual_seed(seed)
@@ -108,15 +116,16 @@ def main() -> None:
                 dtype = DTYPES[dtype_name]
                 reverse = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
                 base = {"dtype": dtype_name, "batch": batch}
-                for path, blocks in (() if args.no_engine else (("engine", False), ("engine + fused blocks", True))):
-                    engine = FusedSampler(reverse, tables, device=device, dtype=dtype, fused_blocks=blocks)
+                for path, options in paths.items():
+                    engine = FusedSampler(reverse, tables, device=device, dtype=dtype, **options)
                     x, g = noise(batch)
                     got = engine(x, g)
                     t = timed(lambda: engine(*noise(batch)), device, args.warmup, args.repeats)
                     step_s = t["median_s"] / tables.num_steps
                     _, bytes_moved = reverse_step_cost(engine.denoiser, batch, dtype.itemsize, tables.multistep)
+                    bytes_moved -= fp8_bytes_saved(engine.denoiser, dtype.itemsize)
                     record({**base, "path": path, "median_ms": t["median_s"] * 1e3, "p90_ms": t["p90_s"] * 1e3,
-                            "max_rel_err": rel_err(got, expected), "kernels_per_step": kernels[blocks],
+                            "max_rel_err": rel_err(got, expected), "kernels_per_step": kernels[path],
                             "step_us": step_s * 1e6, "weights_gbs": bytes_moved / step_s / 1e9})
                 if batch not in compile_batches:
                     continue
@@ -138,10 +147,25 @@ def main() -> None:
                             "first_call_s": t["first_call_s"]})
 
 
+def fp8_bytes_saved(denoiser, itemsize: int) -> int:
+    """Bytes a step reads less with float8 block weights: a byte a weight instead of `itemsize`, plus the
+    scales (fp32, one per output channel)."""
+    from ldlm.kernels.fused_linear import Fp8Linear
+
+    layers = [m for m in denoiser.modules() if isinstance(m, Fp8Linear)]
+    return sum(m.weight.numel() * (itemsize - 1) - m.scale.numel() * 4 for m in layers)
+
+
+DECODE_PATHS = {  # path: StaticBeamSearch's options
+    "decode engine": {}, "decode engine + fused blocks": {"fused_blocks": True},
+    "decode engine + fused blocks + fused beam step": {"fused_blocks": True, "fused_beam_step": True}}
+
+
 def decode_rows(args, decoder, device: torch.device, record) -> None:
-    """The engine's beam decode with and without fused blocks, per batch and dtype, beside the fp32 reference."""
+    """The engine's beam decode with and without fused blocks and the fused beam step, per batch and dtype,
+    beside the fp32 reference."""
     config = BeamSearchConfig(num_beams=4, max_new_tokens=args.max_new_tokens)
-    kernels = {blocks: sum(decode_kernels(decoder.cpu(), 1, fused_blocks=blocks).values()) for blocks in (False, True)}
+    kernels = {path: sum(decode_kernels(decoder.cpu(), 1, **options).values()) for path, options in DECODE_PATHS.items()}
     decoder.to(device)
     for batch in args.batch_sizes:
         latents = torch.randn(batch, decoder.config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
@@ -149,15 +173,15 @@ def decode_rows(args, decoder, device: torch.device, record) -> None:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             model = decoder if dtype == torch.float32 else copy.deepcopy(decoder).to(dtype)
-            for path, blocks in (("decode engine", False), ("decode engine + fused blocks", True)):
+            for path, options in DECODE_PATHS.items():
                 search = StaticBeamSearch(model, batch_size=batch, config=config, graphs=device.type == "cuda",
-                                          fused_blocks=blocks)
+                                          **options)
                 x = latents.to(dtype)
                 got = search(x)
                 t = timed(lambda: search(x), device, args.warmup, args.repeats)
                 record({"dtype": dtype_name, "batch": batch, "path": path, "median_ms": t["median_s"] * 1e3,
                         "p90_ms": t["p90_s"] * 1e3, "tokens_identical": got == expected,
-                        "kernels_per_token": kernels[blocks],
+                        "kernels_per_token": kernels[path],
                         "token_us": t["median_s"] / args.max_new_tokens * 1e6})
 
 

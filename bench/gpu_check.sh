@@ -6,9 +6,9 @@
 # ./gpu_results), as at most eight files, since that is all the device tool brings back: table.md, tests.log
 # (the GPU tests, then training's), the five JSON results and logs.tgz (every log, the GPU and the versions),
 # re-packed after each stage so a time limit keeps what ran. STAGES="tests profile" runs only those stages
-# (after the install), for a second call that re-checks what a first one found; STAGES=blocks and
-# STAGES=blocks_autotune run issue 21's stages, each a call of its own (they are not in the default run); LATENCY_BATCHES="1 64" narrows
-# the latency stage.
+# (after the install), for a second call that re-checks what a first one found; STAGES=blocks, blocks_autotune and
+# blocks_fp8 run issue 21's stages, each a call of its own (they are not in the default run); LATENCY_BATCHES="1 64"
+# narrows the latency stage.
 # Each stage has a time limit, in order of what the issue needs most; every stage at its limit adds up to under
 # nine minutes (the device tool allows ten a command; tests/test_gpu_bench_scripts.py keeps them under 560 s),
 # a normal run to far less.
@@ -20,7 +20,7 @@ logs="$(mktemp -d)"
 unset TRITON_INTERPRET
 
 # stages that fill most of a device call alone run only when STAGES names them (STAGES=blocks ...)
-OPT_IN=" blocks blocks_autotune "
+OPT_IN=" blocks blocks_autotune blocks_fp8 "
 wanted() {  # the install always runs; without STAGES, every stage but the opt-in ones
   [[ "$1" == install* || " ${STAGES:-} " == *" $1 "* ]] || [[ -z "${STAGES:-}" && "$OPT_IN" != *" $1 "* ]]
 }
@@ -48,7 +48,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 
 stage tests 100 python -m pytest -q --durations=15 tests/test_gpu.py tests/test_fused_update.py tests/test_add_layer_norm.py \
   tests/test_folded_reverse.py tests/test_fused_sampler.py tests/test_static_beam_search.py tests/test_backends.py \
-  tests/test_beam_attention.py tests/test_conditional_engine.py tests/test_fused_linear.py
+  tests/test_beam_attention.py tests/test_conditional_engine.py tests/test_fused_linear.py tests/test_beam_head.py
 code=$?
 if wanted tests; then
   echo "tests exit $code" >> "$logs/tests.log"
@@ -73,6 +73,9 @@ stage blocks 420 python bench/fused_blocks.py --preset base --batch-sizes 1 64 -
   --compile-modes reduce-overhead --compile-batches 64 --decode --json "$out/blocks.json"
 stage blocks_autotune 480 python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
   --compile-modes max-autotune --no-engine --json "$out/blocks_autotune.json"
+# the fused blocks with float8 e4m3 weights beside the same blocks in the activations' dtype, same run
+stage blocks_fp8 300 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
+  --compile-modes --json "$out/blocks_fp8.json"
 
 # not issue 3's: training on the GPU (same draws as the CPU, resume to the same weights, bf16 autocast)
 stage training 40 python -m pytest -q -k cuda tests/test_training.py

@@ -17,10 +17,16 @@ LOOP_TARGETS_MS = {("bfloat16", 64): 25.0, ("float32", 64): 250.0, ("bfloat16", 
 
 
 def fused_block_lines(out: Path) -> list[str]:
-    """bench/fused_blocks.py's rows (blocks.json, and blocks_autotune.json for the max-autotune peer): each path's
-    sampling loop beside issue 21's target, and the engine's speed-up over the best torch.compile mode."""
+    """bench/fused_blocks.py's rows (blocks.json, blocks_autotune.json for the max-autotune peer, blocks_fp8.json's
+    float8 rows): each path's sampling loop beside issue 21's target, the engine's speed-up over the best
+    torch.compile mode, float8 weights' time against the fused blocks' in the same run."""
     rows = [r for name in ("blocks.json", "blocks_autotune.json") if (out / name).exists()
             for r in json.loads((out / name).read_text())["rows"]]
+    fp8_run = json.loads((out / "blocks_fp8.json").read_text())["rows"] if (out / "blocks_fp8.json").exists() else []
+    # blocks_fp8's run: all its rows, or beside blocks.json's its float8 rows alone
+    rows += [r for r in fp8_run if not (out / "blocks.json").exists() or r["path"].endswith("fp8")]
+    same_run = {(r["dtype"], r["batch"]): r["median_ms"] for r in (fp8_run or rows)
+                if r["path"] == "engine + fused blocks"}
     lines = []
     for r in rows:
         if r["path"].startswith("decode"):  # issue 22's: the beam decode with and without fused blocks
@@ -32,6 +38,8 @@ def fused_block_lines(out: Path) -> list[str]:
         peers = [p["median_ms"] for p in rows if p["path"].startswith("torch.compile")
                  and (p["dtype"], p["batch"]) == (r["dtype"], r["batch"])]
         vs = f", {min(peers) / r['median_ms']:.1f}x the best torch.compile" if peers and target else ""
+        if r["path"].endswith("fp8") and (r["dtype"], r["batch"]) in same_run:
+            vs += f", {same_run[r['dtype'], r['batch']] / r['median_ms']:.2f}x the fused blocks' time"
         extra = (f", {r['kernels_per_step']} kernels a step, weights read at {r['weights_gbs']:.0f} GB/s"
                  if "weights_gbs" in r else f", first call {r['first_call_s']:.0f} s" if r.get("first_call_s") else "")
         want = f"<= {target:g} ms" + (" and >= 2x torch.compile" if r["batch"] == 64 and r["dtype"] == "bfloat16"

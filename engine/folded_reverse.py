@@ -13,7 +13,10 @@ Rewrites of ldlm.reverse.ReverseTransformer, exact but for float rounding, for t
 - Or (fused_blocks) every matmul of a block as one Triton kernel with its neighbours (ldlm.kernels.fused_linear):
   the layer norm before it, the bias, GELU and residual add after it. A one-token block is then three launches
   (LN1 -> folded value/output -> + residual, LN2 -> up -> GELU, down -> + residual), the final norm and
-  projection one more.
+  projection one more. With fp8_weights the blocks' matrices are read as float8 e4m3 codes with a scale per
+  output channel (ldlm.kernels.fused_linear.Fp8Linear): half of bf16's bytes; the input and output projections
+  keep the model's dtype, as the int8 export keeps them fp32. Not exact: the codes round each weight to 3
+  mantissa bits (bench/fp8_weights.py says what that costs in latents and text).
 - A condition read by cross-attention (config.condition_attention "cross") does not change over a sampling
   run, so its keys and values are projected once per run (condition_states) instead of at every step.
 
@@ -48,19 +51,29 @@ class FoldedReverse(nn.Module):
 
     @torch.no_grad()
     def __init__(self, model: ReverseTransformer, timesteps: torch.Tensor, *, fused_norms: bool = False,
-                 fused_blocks: bool = False):
+                 fused_blocks: bool = False, fp8_weights: bool = False):
         """model: a ReverseTransformer in eval mode (any dtype, any device); timesteps: (S,) the continuous t of
         each sampler step, in order; fused_norms: each residual add and the layer norm after it as one Triton
         kernel (ldlm.kernels.add_layer_norm); fused_blocks: each matmul with its layer norm, bias, GELU and
-        residual as one (ldlm.kernels.fused_linear; the norms are then inside it, fused_norms unused). Triton
-        kernels run on CPU through TRITON_INTERPRET=1."""
+        residual as one (ldlm.kernels.fused_linear; the norms are then inside it, fused_norms unused);
+        fp8_weights: with fused_blocks, the blocks' weights as float8 e4m3 with per-channel scales (on CUDA,
+        compute capability 8.9 or later). Triton kernels run on CPU through TRITON_INTERPRET=1."""
         super().__init__()
         cfg = model.config
         self.fused_norms, self.fused_blocks = fused_norms, fused_blocks
+        if fp8_weights and not fused_blocks:
+            raise ValueError("fp8_weights needs fused_blocks=True: the float8 weights are read by "
+                             "ldlm.kernels.fused_linear")
+        device = model.in_proj.weight.device
+        if fp8_weights and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"fp8_weights needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(device)} is "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: leave it off")
         if fused_blocks:  # the kernel, imported only when used (it imports Triton)
-            from .kernels.fused_linear import fused_linear
+            from .kernels.fused_linear import Fp8Linear, fused_linear
 
             self.linear = fused_linear  # (x, linear, *, norm, gelu, residual) -> act(norm(x) W^T + b) + residual
+            self._weights = Fp8Linear if fp8_weights else (lambda linear: linear)  # a block matrix as launched
         self.add_norm = residual_norm(fused_norms)  # (h, y, norm) -> (h + y, norm(h + y))
         self.config, self.blocks, self.ln_f, self.out_proj = cfg, model.blocks, model.ln_f, model.out_proj
         if cfg.condition is not None and cfg.condition_attention != "cross":
@@ -69,7 +82,7 @@ class FoldedReverse(nn.Module):
         self.conditional = cfg.condition is not None
         self.null = model.null if self.conditional else None  # (batch) -> the null Condition
         weight, bias = model.in_proj.weight, model.in_proj.bias  # (d, n_in + E), (d,)
-        dtype, device = weight.dtype, weight.device
+        dtype = weight.dtype
         n_in = cfg.latent_dim * (2 if cfg.self_condition else 1)  # x_t, and x0_prev when self-conditioned
         self.register_buffer("in_weight", weight[:, :n_in].contiguous(), persistent=False)  # (d, n_in)
         emb = timestep_embedding(timesteps.to(device, torch.float32), cfg.time_embed_dim)  # (S, E)
@@ -90,6 +103,17 @@ class FoldedReverse(nn.Module):
         # per block: its attention (over one token, its value projected: the folded matrix) and the norm after it
         self.attentions = tuple(self.value_out) if cfg.latent_tokens == 1 else tuple(b.attn for b in model.blocks)
         self.following_norms = (*(block.ln_1 for block in model.blocks[1:]), model.ln_f)
+        if fused_blocks:  # per block, the matrices its fused launches read (float8 copies, or the modules)
+            self.block_linears = nn.ModuleList(nn.ModuleDict({
+                name: self._weights(linear) for name, linear in self._block_matrices(i, block).items()})
+                for i, block in enumerate(model.blocks))
+
+    def _block_matrices(self, i: int, block: nn.Module) -> dict[str, nn.Module]:
+        """Block i's linear layers as _fused_blocks launches them, by role."""
+        attention = ({"value_out": self.value_out[i]} if self.config.latent_tokens == 1
+                     else {"qkv": block.attn.qkv, "proj": block.attn.proj})
+        cross = {"cross_q": block.cross.q, "cross_proj": block.cross.proj} if self.conditional else {}
+        return {**attention, **cross, "up": block.mlp[0], "down": block.mlp[2]}  # mlp: Linear, GELU, Linear, Dropout
 
     @torch.no_grad()
     def condition_states(self, condition: Condition) -> ConditionStates:
@@ -134,16 +158,16 @@ class FoldedReverse(nn.Module):
     def _fused_blocks(self, h: torch.Tensor, condition: ConditionStates | None) -> torch.Tensor:
         """The blocks and the output on the residual stream h (B, [K,] d), every matmul one fused_linear launch."""
         fused_linear = self.linear
-        for i, block in enumerate(self.blocks):
+        for i, (block, w) in enumerate(zip(self.blocks, self.block_linears)):
             if self.config.latent_tokens == 1:  # attention over one token: its folded value/output projection
-                h = fused_linear(h, self.value_out[i], norm=block.ln_1, residual=h)
+                h = fused_linear(h, w["value_out"], norm=block.ln_1, residual=h)
             else:
-                qkv = fused_linear(h, block.attn.qkv, norm=block.ln_1)  # (B, K, 3d)
-                h = fused_linear(block.attn.mix(qkv), block.attn.proj, residual=h)
+                qkv = fused_linear(h, w["qkv"], norm=block.ln_1)  # (B, K, 3d)
+                h = fused_linear(block.attn.mix(qkv), w["proj"], residual=h)
             if condition is not None:
-                q = fused_linear(h, block.cross.q, norm=block.ln_cross)
+                q = fused_linear(h, w["cross_q"], norm=block.ln_cross)
                 y = block.cross.mix(q, *condition.keys_values[i], condition.mask)
-                h = fused_linear(y, block.cross.proj, residual=h)
-            up = fused_linear(h, block.mlp[0], norm=block.ln_2, gelu=True)  # mlp: Linear, GELU, Linear, Dropout
-            h = fused_linear(up, block.mlp[2], residual=h)
+                h = fused_linear(y, w["cross_proj"], residual=h)
+            up = fused_linear(h, w["up"], norm=block.ln_2, gelu=True)
+            h = fused_linear(up, w["down"], residual=h)
         return fused_linear(h, self.out_proj, norm=self.ln_f)  # (B, [K,] D)

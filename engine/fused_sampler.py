@@ -78,12 +78,15 @@ class FusedSampler:
 
     def __init__(self, reverse: torch.nn.Module, tables: StepTables, *, device: torch.device | str,
                  dtype: torch.dtype = torch.float32, graphs: bool | None = None, chunk: int = 1,
-                 clamp: float | None = None, fused_norms: bool | None = None, fused_blocks: bool = False):
+                 clamp: float | None = None, fused_norms: bool | None = None, fused_blocks: bool = False,
+                 fp8_weights: bool = False):
         """graphs: capture the steps as CUDA graphs (default: on CUDA); chunk: steps per graph; clamp: clamp
         x0_hat to [-clamp, clamp] (as the model was trained); fused_norms: each residual add and the layer norm
         after it as one Triton kernel (default: on CUDA; Triton's CPU interpreter runs it far slower than torch);
         fused_blocks: each matmul of the model with its layer norm, bias, GELU and residual as one Triton kernel
-        (ldlm.kernels.fused_linear; off until a GPU run measures it: bench/fused_blocks.py)."""
+        (ldlm.kernels.fused_linear; off until a GPU run measures it: bench/fused_blocks.py); fp8_weights: with
+        fused_blocks, the blocks' weights read as float8 e4m3 with per-channel scales (not exact:
+        bench/fp8_weights.py measures its latents and text against the model's own weights)."""
         self.device, self.dtype, self.clamp = torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)
@@ -96,7 +99,7 @@ class FusedSampler:
         # them (on CUDA)
         fused_norms = self.device.type == "cuda" if fused_norms is None else fused_norms
         self.denoiser = FoldedReverse(reverse, self.tables.timesteps, fused_norms=fused_norms,
-                                      fused_blocks=fused_blocks)
+                                      fused_blocks=fused_blocks, fp8_weights=fp8_weights)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; pass graphs=False to run eagerly")

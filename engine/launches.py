@@ -17,7 +17,7 @@ from .beam_search import BeamSearchConfig
 from .config import ModelConfig
 from .decoder import LatentDecoder
 from .fused_sampler import FusedSampler
-from .kernels import add_then_norm, modules_linear
+from .kernels import add_then_norm, beam_head_reference, modules_linear
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule
 from .static_beam_search import StaticBeamSearch
@@ -41,10 +41,10 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _counted(counter: CountOps, name: str, torch_equivalent):
-    """A Triton kernel as one counted kernel, `name`; its torch equivalent runs uncounted."""
+def _counted(counter: CountOps, name: str, torch_equivalent, kernels: int = 1):
+    """A Triton function of `kernels` kernels, counted under `name`; its torch equivalent runs uncounted."""
     def kernel(*args, **kwargs):
-        counter.ops[f"{name} (Triton)"] += 1
+        counter.ops[f"{name} (Triton)"] += kernels
         with _disable_current_modes():
             return torch_equivalent(*args, **kwargs)
     return kernel
@@ -69,26 +69,30 @@ def step_kernels(preset: str, batch: int, *, fused_blocks: bool = False) -> Coun
 
 
 def token_searcher(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa", *,
-                   fused_blocks: bool = False) -> StaticBeamSearch:
-    """The engine's static-KV beam search as on a GPU (fused norms, or fused blocks), for timing or counting its
-    tokens: up to 64 new tokens, fewer where the decoder's positions end (the cache's length changes no kernel
-    count)."""
+                   fused_blocks: bool = False, fused_beam_step: bool = False) -> StaticBeamSearch:
+    """The engine's static-KV beam search as on a GPU (fused norms, or fused blocks; the fused beam step), for
+    timing or counting its tokens: up to 64 new tokens, fewer where the decoder's positions end (the cache's
+    length changes no kernel count)."""
     tokens = min(64, decoder.gpt2.config.n_positions - decoder.config.n_prefix)
     config = BeamSearchConfig(num_beams=num_beams, max_new_tokens=tokens)
     return StaticBeamSearch(decoder, batch_size=batch, config=config, fused_norms=True, attention=attention,
-                            fused_blocks=fused_blocks)
+                            fused_blocks=fused_blocks, fused_beam_step=fused_beam_step)
 
 
 def decode_kernels(decoder: LatentDecoder, batch: int, num_beams: int = 4, attention: str = "sdpa", *,
-                   fused_blocks: bool = False) -> Counter:
+                   fused_blocks: bool = False, fused_beam_step: bool = False) -> Counter:
     """Ops of one token of the engine's static-KV beam decode (GPT-2 step, beam selection, cache reorder), for
     a decoder on the CPU; attention as ldlm.static_gpt2's; fused_blocks: each layer's matmuls with their norms,
-    biases, GELU and residuals as ldlm.kernels.fused_linear launches."""
-    search = token_searcher(decoder, batch, num_beams, attention, fused_blocks=fused_blocks)
+    biases, GELU and residuals as ldlm.kernels.fused_linear launches; fused_beam_step: the LM head to the
+    top-2K as ldlm.kernels.beam_head's two kernels."""
+    search = token_searcher(decoder, batch, num_beams, attention, fused_blocks=fused_blocks,
+                            fused_beam_step=fused_beam_step)
     counter = CountOps()
     search.model.add_norm = _counted(counter, "add_layer_norm", add_then_norm)
     if fused_blocks:
         search.model.linear = _counted(counter, "fused_linear", modules_linear)
+    if fused_beam_step:
+        search._beam_head = _counted(counter, "beam_head", beam_head_reference, kernels=2)
     if attention == "indirect":
         from .kernels.beam_attention import beam_attention_reference  # (its module imports Triton)
 

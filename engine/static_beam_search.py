@@ -4,7 +4,9 @@ Same algorithm and tokens as the reference (ldlm.beam_search), restructured for 
 - the latent prefix is prefilled once per item and copied into its K beam rows;
 - every per-token tensor has a fixed shape and the step counter lives on the device, so `decode_step`
   can be captured as a CUDA graph and replayed;
-- n-gram bans are computed with a scatter over all windows (no data-dependent shapes);
+- n-gram bans are computed over all windows (no data-dependent shapes);
+- optionally (fused_beam_step) the LM head, log-softmax, ban, beam scores and top-2K are two Triton kernels
+  (ldlm.kernels.beam_head) that never write the (rows, vocabulary) logits;
 - the stop test is computed on the device every step; once an item batch would have stopped in the
   reference, the state is frozen with `torch.where`, and the host reads the flag only every
   `check_every` steps to leave the loop early;
@@ -24,11 +26,13 @@ from .decoder import LatentDecoder
 from .static_gpt2 import StaticKVGPT2
 
 
-def ban_repeated_ngrams_static(log_probs: torch.Tensor, tokens: torch.Tensor, cur: torch.Tensor, n: int) -> torch.Tensor:
-    """Static-shape n-gram ban. tokens: (R, T) buffer whose first `cur` (0-d device tensor) entries are real."""
+def _ngram_windows(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(matches, next_tokens), each (R, T - n + 1): whether each window's first n-1 tokens are the last n-1
+    generated, and the token that completed it; None without a ban. tokens: (R, T) buffer whose first `cur` (0-d
+    device tensor) entries are real. Static shapes: every window is compared, those not yet complete never match."""
     R, T = tokens.shape
     if n <= 0 or T < n:
-        return log_probs
+        return None
     windows = tokens.unfold(1, n, 1)  # (R, T-n+1, n)
     starts = torch.arange(T - n + 1, device=tokens.device)
     complete = starts + n <= cur  # (T-n+1,) windows fully inside the generated tokens
@@ -38,8 +42,27 @@ def ban_repeated_ngrams_static(log_probs: torch.Tensor, tokens: torch.Tensor, cu
         last = (cur - (n - 1) + torch.arange(n - 1, device=tokens.device)).clamp(min=0)  # (n-1,) positions
         prefix = tokens[:, last]  # (R, n-1) the last n-1 generated tokens
         matches = (windows[:, :, :-1] == prefix[:, None, :]).all(dim=-1) & complete[None, :]  # (R, T-n+1)
-    counts = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.to(log_probs.dtype))
+    return matches, windows[:, :, -1]
+
+
+def ban_repeated_ngrams_static(log_probs: torch.Tensor, tokens: torch.Tensor, cur: torch.Tensor, n: int) -> torch.Tensor:
+    """Static-shape n-gram ban: log_probs (R, V) with every token that would repeat an n-gram at -inf."""
+    found = _ngram_windows(tokens, cur, n)
+    if found is None:
+        return log_probs
+    matches, next_tokens = found
+    counts = torch.zeros_like(log_probs).scatter_add_(1, next_tokens, matches.to(log_probs.dtype))
     return log_probs.masked_fill(counts > 0, float("-inf"))
+
+
+def banned_tokens_static(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> torch.Tensor:
+    """The same ban as token ids, no (R, V) tensor: (R, W) ids each row may not choose next, -1 for none (W = T - n
+    + 1 windows; 0 without a ban), as ldlm.kernels.beam_head takes them."""
+    found = _ngram_windows(tokens, cur, n)
+    if found is None:
+        return tokens.new_empty(tokens.shape[0], 0)
+    matches, next_tokens = found
+    return torch.where(matches, next_tokens, -1)
 
 
 @dataclass
@@ -61,12 +84,15 @@ class StaticBeamSearch:
 
     def __init__(self, decoder: LatentDecoder, batch_size: int, config: BeamSearchConfig, check_every: int = 8,
                  graphs: bool = False, fused_norms: bool | None = None, attention: str | None = None,
-                 fused_blocks: bool = False):
+                 fused_blocks: bool = False, fused_beam_step: bool = False):
         """check_every: tokens between the host's checks for all-finished; graphs: capture the decode step as
         CUDA graphs; fused_norms: residual adds fused with the layer norms after them in Triton kernels
         (default: on CUDA; Triton's CPU interpreter runs them far slower than torch); attention: a step's one-query
         attention, "sdpa" (the default), "matmul" or "indirect" (ldlm.static_gpt2); fused_blocks: a step's every
-        matmul one Triton kernel with its layer norm, bias, GELU and residual (off until a GPU run times it)."""
+        matmul one Triton kernel with its layer norm, bias, GELU and residual (off until a GPU run times it);
+        fused_beam_step: a decode step's LM head, log-softmax, n-gram ban, beam scores and top-2K as two Triton
+        kernels (ldlm.kernels.beam_head; the LM head module's forward hooks do not run; off until a GPU run
+        times it). The prefill's selection, once per call, stays torch's."""
         self.decoder, self.config, self.check_every, self.graphs = decoder, config, check_every, graphs
         self.B, self.K, self.T = batch_size, config.num_beams, config.max_new_tokens
         self.P = decoder.config.n_prefix
@@ -75,6 +101,15 @@ class StaticBeamSearch:
         self.model = StaticKVGPT2(decoder.gpt2, rows=self.B * self.K, max_len=self.P + self.T, fused_norms=fused_norms,
                                   attention=attention, fused_blocks=fused_blocks)
         self.device = self.model.k_cache.device
+        if fused_beam_step:
+            head = decoder.gpt2.lm_head
+            if head._forward_hooks or head._forward_pre_hooks:
+                raise ValueError("fused_beam_step reads the LM head's weight, so the forward hooks on it would not "
+                                 "run: remove them, or leave fused_beam_step off")
+            from .kernels.beam_head import beam_head_topk
+
+            self._beam_head = beam_head_topk  # (h, norm, head, running, banned, *, candidates) -> top-2K
+        self.fused_beam_step = fused_beam_step
         self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
         self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K
         self.batch_offset = torch.arange(self.B, device=self.device)[:, None] * self.K
@@ -102,14 +137,29 @@ class StaticBeamSearch:
         s.cur.zero_()
         return s
 
-    def _select(self, s: BeamState, logits: torch.Tensor) -> None:
-        """One beam update from next-token logits (B*K, V), in place on `s`; the cache is reordered to match."""
-        B, K, T, cfg = self.B, self.K, self.T, self.config
+    def _candidates(self, s: BeamState, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each item's 2K best (beam, token) continuations from next-token logits (B*K, V): scores (B, 2K) and
+        flat indices beam * V + token (B, 2K)."""
+        B, K, T = self.B, self.K, self.T
         V = logits.shape[-1]
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        log_probs = ban_repeated_ngrams_static(log_probs, s.running.view(B * K, T), s.cur, cfg.no_repeat_ngram_size)
+        log_probs = ban_repeated_ngrams_static(log_probs, s.running.view(B * K, T), s.cur,
+                                               self.config.no_repeat_ngram_size)
         scores = (log_probs.view(B, K, V) + s.running_scores[:, :, None]).view(B, K * V)
-        cand_scores, cand_index = scores.topk(2 * K, dim=1)  # (B, 2K)
+        return scores.topk(2 * K, dim=1)  # (B, 2K)
+
+    def _fused_candidates(self, s: BeamState, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """_candidates from the last layer's output (B*K, E), before ln_f: ldlm.kernels.beam_head's two kernels."""
+        banned = banned_tokens_static(s.running.view(self.B * self.K, self.T), s.cur, self.config.no_repeat_ngram_size)
+        gpt2 = self.model.gpt2
+        return self._beam_head(hidden, gpt2.transformer.ln_f, gpt2.lm_head, s.running_scores, banned,
+                               candidates=2 * self.K)
+
+    def _select(self, s: BeamState, cand_scores: torch.Tensor, cand_index: torch.Tensor) -> None:
+        """One beam update from the items' 2K best continuations (scores and beam * V + token, each (B, 2K)), in
+        place on `s`; the cache is reordered to match."""
+        B, K, T, cfg = self.B, self.K, self.T, self.config
+        V = self.model.gpt2.lm_head.out_features
         cand_beam, cand_token = cand_index // V, cand_index % V
         candidates = _gather_beams(s.running, cand_beam)  # (B, 2K, T)
         candidates.scatter_(2, s.cur.view(1, 1, 1).expand(B, 2 * K, 1), cand_token[:, :, None])
@@ -154,13 +204,16 @@ class StaticBeamSearch:
     def decode_step(self, s: BeamState) -> None:
         """Feed the tokens chosen last step, then select: static shapes, device counter (graph-capturable)."""
         last = s.running.view(self.B * self.K, self.T).gather(1, (s.cur - 1).view(1, 1).expand(self.B * self.K, 1))
-        logits = self.model.step(last.view(-1), self.P + s.cur - 1)
-        self._select(s, logits)
+        if self.fused_beam_step:
+            hidden = self.model.step(last.view(-1), self.P + s.cur - 1, head=False)  # (B*K, E) before ln_f
+            self._select(s, *self._fused_candidates(s, hidden))
+        else:
+            self._select(s, *self._candidates(s, self.model.step(last.view(-1), self.P + s.cur - 1)))
 
     def _prefill(self) -> BeamState:
         s = self._reset()
         logits = self.model.prefill(self.decoder.prefix(self.latents), repeats=self.K)  # (B, V) once per item
-        self._select(s, logits.repeat_interleave(self.K, dim=0))
+        self._select(s, *self._candidates(s, logits.repeat_interleave(self.K, dim=0)))
         return s
 
     def _capture(self) -> None:

@@ -169,8 +169,10 @@ class StaticKVGPT2:
         return self._logits(h[:, -1, :])
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """input_ids (R,) at `position` (a 0-d device tensor) -> logits (R, V); writes keys/values at position."""
+    def step(self, input_ids: torch.Tensor, position: torch.Tensor, *, head: bool = True) -> torch.Tensor:
+        """input_ids (R,) at `position` (a 0-d device tensor) -> logits (R, V); writes keys/values at position.
+        head=False: the last layer's output (R, E) instead, before ln_f (for ldlm.kernels.beam_head, which
+        applies ln_f and the LM head itself)."""
         t = self.gpt2.transformer
         h = (t.wte(input_ids) + t.wpe(position))[:, None, :]  # (R, 1, E)
         # the mask as the additive bias SDPA would make of a boolean one, once for all layers instead of per layer
@@ -181,7 +183,7 @@ class StaticKVGPT2:
         if self._sources is not None:  # this step's key and value go to each row's own slot
             self._sources[self.current].index_copy_(1, index, self.row_ids)
         if self.fused_blocks:
-            return self._fused_step(h, bias, index)
+            return self._fused_step(h, bias, index, head)
         x = t.h[0].ln_1(h)
         for layer, (block, next_norm) in enumerate(zip(t.h, self.following_norms)):
             q, k, v = block.attn.c_attn(x).split(h.shape[-1], dim=2)
@@ -191,12 +193,14 @@ class StaticKVGPT2:
             attn = self._attend_one_query(q, self.k_cache[layer], self.v_cache[layer], bias, index)
             h, x = self.add_norm(h, self._attention_out(block, attn), block.ln_2)
             h, x = self.add_norm(h, self._mlp(block, x), next_norm)
-        return self.gpt2.lm_head(x[:, 0, :])  # x: ln_f(h)
+        return self.gpt2.lm_head(x[:, 0, :]) if head else h[:, 0, :]  # x: ln_f(h)
 
-    def _fused_step(self, h: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    def _fused_step(self, h: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
+                    head: bool) -> torch.Tensor:
         """step()'s layers and LM head on h (R, 1, E), every layer's matmul one fused_linear launch: per layer
         LN1 -> QKV, the cache write and attention, output projection -> + residual, LN2 -> up -> GELU, down ->
-        + residual; then LN_f and the LM head. Returns logits (R, V). The layers' own forward hooks do not run."""
+        + residual; then LN_f and the LM head. Returns logits (R, V), or with head=False the last layer's output
+        (R, E). The layers' own forward hooks do not run."""
         t, linear = self.gpt2.transformer, self.linear
         for layer, block in enumerate(t.h):
             q, k, v = linear(h, block.attn.c_attn, norm=block.ln_1).split(h.shape[-1], dim=2)
@@ -207,9 +211,9 @@ class StaticKVGPT2:
             h = linear(self._merge_heads(attn), block.attn.c_proj, residual=h)
             up = linear(h, block.mlp.c_fc, norm=block.ln_2, gelu="tanh")
             h = linear(up, block.mlp.c_proj, residual=h)
-        # the LM head as its module: it is what ldlm.beam_search and Hugging Face call (hooks included), and a
-        # fused beam step would take it whole (LM head, log-softmax, top-k) rather than as one more linear
-        return self.gpt2.lm_head(t.ln_f(h[:, 0, :]))
+        # the LM head as its module: it is what ldlm.beam_search and Hugging Face call (hooks included); the
+        # fused beam step (head=False) takes it whole (LM head, log-softmax, top-k), not as one more linear
+        return self.gpt2.lm_head(t.ln_f(h[:, 0, :])) if head else h[:, 0, :]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row r of the cache becomes old row rows[r] (beam reordering), on the device: all layers' keys and

@@ -41,26 +41,29 @@ class KernelSpec:
     flags: tuple[str, ...] = ()  # boolean constexprs, compiled both ways
     constants: dict[str, int] = field(default_factory=dict)  # other constexprs, as the engine launches it on a GPU
     block_size: int = 1024  # BLOCK_SIZE as the engine launches it (base preset); 0: the kernel has none
+    dtypes: tuple[str, ...] = tuple(DTYPES)  # the storage dtypes it is compiled for
+    min_arch: int = 0  # the oldest compute capability it runs on (float8 e4m3 needs Ada/Hopper: 89)
 
 
-def _fused_linear_spec(split_k: int = 1, conv1d: bool = False) -> KernelSpec:
+def _fused_linear_spec(split_k: int = 1, conv1d: bool = False, fp8: bool = False) -> KernelSpec:
     """ldlm.kernels.fused_linear as the engine launches it: nn.Linear's weight layout (K contiguous) and the exact
-    GELU, or (conv1d) GPT-2's Conv1D layout (N contiguous) and its tanh GELU; split over K or not. Triton
-    specializes a stride of 1 as a constant, so the contiguous weight stride is one here."""
+    GELU, or (conv1d) GPT-2's Conv1D layout (N contiguous) and its tanh GELU; split over K or not; the weight in
+    the activations' dtype, or (fp8) float8 e4m3 codes with a scale per column (bf16 and fp32 activations, for
+    sm_89 and later). Triton specializes a stride of 1 as a constant, so the contiguous weight stride is one here."""
     out = "*{dtype}" if split_k == 1 else "*fp32"  # split-K adds its partial sums into an fp32 output
     unit, strided = ("stride_wn", "stride_wk") if conv1d else ("stride_wk", "stride_wn")
     return KernelSpec(
         "fused_linear", "_fused_linear_kernel",
-        {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "ln_w_ptr": "*{dtype}", "ln_b_ptr": "*{dtype}",
+        {"x_ptr": "*{dtype}", "w_ptr": "*fp8e4nv" if fp8 else "*{dtype}", "w_scale_ptr": "*fp32", "b_ptr": "*{dtype}", "ln_w_ptr": "*{dtype}", "ln_b_ptr": "*{dtype}",
          "res_ptr": "*{dtype}", "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "eps": "fp32", "stride_xm": "i32",
          **{name: "constexpr" if name == unit else "i32" for name in ("stride_wn", "stride_wk")},
          "stride_rm": "i32", "stride_om": "i32", "LN": "constexpr", "GELU": "constexpr", "TANH": "constexpr", "RESIDUAL": "constexpr", "SPLIT_K": "constexpr",
-         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"},
+         "W_SCALE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "DOT_FP32": "constexpr"},
         divisible=("N", "K", "stride_xm", strided, "stride_rm", "stride_om"),
         flags=("LN", "GELU", "RESIDUAL") if split_k == 1 else ("LN", "RESIDUAL"),
         constants={"SPLIT_K": split_k, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "DOT_FP32": False,
-                   "TANH": conv1d, unit: 1, **({"GELU": False} if split_k > 1 else {})},
-        block_size=0,
+                   "TANH": conv1d, "W_SCALE": fp8, unit: 1, **({"GELU": False} if split_k > 1 else {})},
+        block_size=0, **({"dtypes": ("bfloat16", "float32"), "min_arch": 89} if fp8 else {}),
     )
 
 
@@ -97,6 +100,27 @@ KERNELS = {
     "fused_linear": _fused_linear_spec(split_k=1),
     "fused_linear_split": _fused_linear_spec(split_k=4),
     "fused_linear_gpt2": _fused_linear_spec(conv1d=True),  # the decode step's layers (GPT-2's Conv1D, gelu_new)
+    "fused_linear_fp8": _fused_linear_spec(fp8=True),  # float8 e4m3 weights (ldlm.kernels.fused_linear.Fp8Linear)
+    # the fused beam step (ldlm.kernels.beam_head) at the base preset's decode: 4 beams (8 candidates), GPT-2's
+    # vocabulary (50,257: not a multiple of anything) in tiles of 128 tokens, 64 rows x 768 a program
+    "beam_head_tiles": KernelSpec(
+        "beam_head", "_head_tiles_kernel",
+        {"h_ptr": "*{dtype}", "ln_w_ptr": "*{dtype}", "ln_b_ptr": "*{dtype}", "w_ptr": "*{dtype}", "banned_ptr": "*i32",
+         "tile_max_ptr": "*fp32", "tile_sum_ptr": "*fp32", "cand_logit_ptr": "*fp32", "cand_token_ptr": "*i32",
+         "R": "i32", "V": "i32", "E": "i32", "W": "i32", "n_tiles": "i32", "eps": "fp32", "stride_hr": "i32",
+         "stride_wv": "i32", "C": "constexpr", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "BLOCK_E": "constexpr",
+         "DOT_FP32": "constexpr"},
+        divisible=("E", "stride_hr", "stride_wv"),
+        constants={"C": 8, "BLOCK_R": 64, "BLOCK_V": 128, "BLOCK_E": 64, "DOT_FP32": False}, block_size=0,
+    ),
+    "beam_topk": KernelSpec(  # fp32 scores whatever the model's dtype: one variant
+        "beam_head", "_beam_topk_kernel",
+        {"tile_max_ptr": "*fp32", "tile_sum_ptr": "*fp32", "cand_logit_ptr": "*fp32", "cand_token_ptr": "*i32",
+         "running_ptr": "*fp32", "out_score_ptr": "*fp32", "out_index_ptr": "*i64", "V": "i32", "n_tiles": "i32",
+         "K": "constexpr", "C": "constexpr", "BLOCK_K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
+        divisible=(), constants={"K": 4, "C": 8, "BLOCK_K": 4, "BLOCK_T": 128, "BLOCK_N": 256}, block_size=0,
+        dtypes=("float32",),
+    ),
 }
 
 
@@ -107,9 +131,10 @@ class Variant:
     flags: dict[str, bool] = field(default_factory=dict)  # the kernel's boolean constexprs
 
 
-def all_variants() -> list[Variant]:
+def all_variants(arch: int) -> list[Variant]:
+    """Every variant of every kernel that runs on compute capability `arch`."""
     return [Variant(name, dtype, dict(zip(spec.flags, values)))
-            for name, spec in KERNELS.items() for dtype in DTYPES
+            for name, spec in KERNELS.items() if arch >= spec.min_arch for dtype in spec.dtypes
             for values in itertools.product((False, True), repeat=len(spec.flags))]
 
 
@@ -155,7 +180,7 @@ def memory_accesses(ptx: str) -> dict[str, int]:
 
 def report(arch: int, ptx_dir: Path | None = None) -> list[dict]:
     rows = []
-    for variant in all_variants():
+    for variant in all_variants(arch):
         compiled = compile_variant(variant, arch)
         ptx = compiled.asm["ptx"]
         if ptx_dir is not None:

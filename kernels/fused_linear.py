@@ -12,7 +12,10 @@ atomic add (bias and residual added once, by the first split); a GELU, being non
 it runs unsplit.
 
 Accumulation is fp32 whatever the storage dtype, fp32 inputs multiply in IEEE fp32 (no TF32: fp32 is the
-parity mode). Set TRITON_INTERPRET=1 before triton is imported to run it on CPU.
+parity mode). With an Fp8Linear the weight is read as float8 e4m3 (a byte an element: half of bf16's traffic,
+which is what bounds these small-row products), widened to the activations' dtype in registers (exact: e4m3's
+values are all bf16, fp16 and fp32 values), and each output column's sum multiplied by its scale before the bias.
+Set TRITON_INTERPRET=1 before triton is imported to run it on CPU.
 """
 
 from __future__ import annotations
@@ -21,16 +24,47 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def row_norm_stats(x_rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, 1 / std) over K of each row at x_rows (BLOCK_M, 1) pointers, in fp32, as torch's LayerNorm: two
+    passes over the rows (x is rows x K, small beside a weight)."""
+    ks = tl.arange(0, BLOCK_K)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & (k0 + ks < K)[None, :]
+        total += tl.sum(tl.load(x_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
+    mean = total / K
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & (k0 + ks < K)[None, :]
+        x = tl.load(x_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        centered = tl.where(mask, x - mean[:, None], 0.0)
+        squares += tl.sum(centered * centered, axis=1)
+    return mean, 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
+def normed_tile(x, x_mask, k, k_ok, mean, rstd, ln_w_ptr, ln_b_ptr):
+    """A tile x (BLOCK_M, BLOCK_K) of the rows at columns k, layer-normed and stored as torch stores a norm's
+    output: in the storage dtype (masked entries zero)."""
+    g = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+    return tl.where(x_mask, normed, 0.0).to(x.dtype)
+
+
+@triton.jit
 def _fused_linear_kernel(
-    x_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, res_ptr, out_ptr,  # x (M, K); w: (N, K) or (K, N); b (N,); ln_* (K,)
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, ln_w_ptr, ln_b_ptr, res_ptr, out_ptr,  # x (M, K); w (N, K) or (K, N); b (N,)
     M, N, K, eps,  # res, out: (M, N); rows of x, res, out contiguous, `stride_*m` elements apart
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om,  # w[n, k] at n * stride_wn + k * stride_wk
     LN: tl.constexpr, GELU: tl.constexpr, TANH: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_SCALE: tl.constexpr,  # w is float8 with an fp32 scale per output column at w_scale_ptr (N,); ln_* (K,)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,  # widen both operands to fp32 before the product (the CPU interpreter: see launch)
 ):
@@ -40,19 +74,8 @@ def _fused_linear_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < M, cols < N
     x_rows = x_ptr + rows[:, None] * stride_xm  # (BLOCK_M, 1)
-    if LN:  # the rows' statistics over all of K, in fp32, as torch's LayerNorm
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = row_ok[:, None] & (k0 + ks < K)[None, :]
-            total += tl.sum(tl.load(x_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
-        mean = total / K
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = row_ok[:, None] & (k0 + ks < K)[None, :]
-            x = tl.load(x_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            centered = tl.where(mask, x - mean[:, None], 0.0)
-            squares += tl.sum(centered * centered, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    if LN:
+        mean, rstd = row_norm_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
     # this program's share of K: all of it, or one of SPLIT_K slices of whole BLOCK_K tiles
     k_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_k * k_len
@@ -63,17 +86,18 @@ def _fused_linear_kernel(
         k_ok = k < k_end
         x_mask = row_ok[:, None] & k_ok[None, :]
         x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
-        if LN:  # normalized as torch stores it: in the storage dtype, then multiplied
-            g = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            beta = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-            x = tl.where(x_mask, normed, 0.0).to(x_ptr.dtype.element_ty)
+        if LN:
+            x = normed_tile(x, x_mask, k, k_ok, mean, rstd, ln_w_ptr, ln_b_ptr)
         w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N): W^T's tile
+        if W_SCALE:  # float8 codes, widened exactly; the scale comes after the sum
+            w = w.to(x_ptr.dtype.element_ty)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, w, input_precision="ieee")
+    if W_SCALE:  # each split scales its own partial sum: the scale distributes over the sum
+        acc *= tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     first = pid_k == 0  # the split that adds the bias and the residual
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc += tl.where(first, bias, 0.0)[None, :]
@@ -128,16 +152,48 @@ def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool,
 GELUS = (False, True, "tanh")  # none, the exact (erf) GELU, the tanh approximation (GPT-2's gelu_new)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+class Fp8Linear(torch.nn.Module):
+    """A linear layer whose weight is stored in float8 e4m3 with an fp32 scale per output channel:
+    W[n, k] ~ scale[n] * code[n, k], scale[n] = max_k |W[n, k]| / 448 (e4m3's largest value), so each row uses the
+    format's whole range. The bias stays in the layer's dtype. fused_linear reads the codes; forward() is the same
+    function in torch (the dequantized weight, one matmul), the reference the kernel is tested against."""
+
+    @torch.no_grad()
+    def __init__(self, linear: torch.nn.Module):
+        """linear: an nn.Linear or a GPT-2 Conv1D (stored here in nn.Linear's (N, K) layout either way)."""
+        super().__init__()
+        weight, N, K, _, _ = _weight(linear)
+        rows = (weight if isinstance(linear, torch.nn.Linear) else weight.T).float()  # (N, K)
+        scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX  # (N,)
+        self.in_features, self.out_features, self.dtype = K, N, weight.dtype
+        self.register_buffer("weight", (rows / scale[:, None]).to(FP8).contiguous())  # (N, K) codes
+        self.register_buffer("scale", scale)  # (N,) fp32
+        bias = linear.bias if linear.bias is not None else torch.zeros(N, dtype=weight.dtype, device=weight.device)
+        self.register_buffer("bias", bias.detach().clone())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(N, K) the weight the codes stand for, in the layer's dtype."""
+        return (self.weight.float() * self.scale[:, None]).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+
 def _weight(linear: torch.nn.Module) -> tuple[torch.Tensor, int, int, int, int]:
-    """(weight, N, K, stride_n, stride_k) of an nn.Linear (weight (N, K)) or a GPT-2 Conv1D (weight (K, N))."""
+    """(weight, N, K, stride_n, stride_k) of an nn.Linear or Fp8Linear (weight (N, K)) or a GPT-2 Conv1D
+    (weight (K, N))."""
     weight = linear.weight
-    if isinstance(linear, torch.nn.Linear):
+    if isinstance(linear, (torch.nn.Linear, Fp8Linear)):
         return weight, weight.shape[0], weight.shape[1], weight.stride(0), weight.stride(1)
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(linear, Conv1D):
         return weight, weight.shape[1], weight.shape[0], weight.stride(1), weight.stride(0)
-    raise TypeError(f"fused_linear takes an nn.Linear or a GPT-2 Conv1D, got {type(linear).__name__}")
+    raise TypeError(f"fused_linear takes an nn.Linear, an Fp8Linear or a GPT-2 Conv1D, got {type(linear).__name__}")
 
 
 def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.LayerNorm | None = None,
@@ -145,8 +201,8 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.Lay
                  tiles: Tiles | None = None) -> torch.Tensor:
     """act(norm(x) @ W^T + b) + residual, one launch.
 
-    x: (..., K); linear: an nn.Linear, or a GPT-2 Conv1D (its weight stored (K, N)), without a bias adding
-    none; norm: an affine LayerNorm over K, applied first (None: none); gelu: False, True (the exact GELU) or
+    x: (..., K); linear: an nn.Linear, a GPT-2 Conv1D (its weight stored (K, N)) or an Fp8Linear (float8
+    codes and their scales; x in its bias's dtype), without a bias adding none; norm: an affine LayerNorm over K, applied first (None: none); gelu: False, True (the exact GELU) or
     "tanh" (its tanh approximation), after the bias; residual: (..., N) added last (None: none). Tensors on one
     device in one dtype, rows contiguous. Returns (..., N) in x's dtype."""
     if gelu not in GELUS:
@@ -160,7 +216,8 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.Lay
     lead = x.shape[:-1]
     if residual is not None and residual.shape != (*lead, N):
         raise ValueError(f"residual must be {(*lead, N)}, got {tuple(residual.shape)}")
-    tensors = [x, weight, bias, *([] if norm is None else [norm.weight, norm.bias]),
+    fp8 = isinstance(linear, Fp8Linear)
+    tensors = [x, bias if fp8 else weight, bias, *([] if norm is None else [norm.weight, norm.bias]),
                *([] if residual is None else [residual])]
     if len({(t.dtype, t.device) for t in tensors}) != 1:
         raise ValueError(f"x, the weights and the residual must share a dtype and device, got "
@@ -178,10 +235,12 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.Lay
                                                                                              device=x.device)
     grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), tiles.split_k)
     _fused_linear_kernel[grid](
-        x2, weight, bias, norm.weight if norm is not None else bias, norm.bias if norm is not None else bias,
+        x2, weight, linear.scale if fp8 else bias, bias,
+        norm.weight if norm is not None else bias, norm.bias if norm is not None else bias,
         res2 if res2 is not None else out, out, M, N, K, norm.eps if norm is not None else 0.0,
         x2.stride(0), stride_n, stride_k, res2.stride(0) if res2 is not None else 0, out.stride(0),
         LN=norm is not None, GELU=bool(gelu), TANH=gelu == "tanh", RESIDUAL=residual is not None, SPLIT_K=tiles.split_k,
+        W_SCALE=fp8,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         # Triton 3.9's interpreter multiplies bf16 tiles as raw bits; widened, their products are exact in fp32
         # and summed in fp32, as a GPU's bf16 MMA does (up to the order of the sum)

@@ -81,3 +81,40 @@ def test_lower_precision_model():
         expected = model(x, torch.full((5,), float(TIMESTEPS[2]), device=DEVICE))
     assert got.dtype == torch.bfloat16 and folded.step_bias.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"latent_tokens": 2}])
+def test_fp8_weights_match_their_torch_function_and_stay_near_the_model(overrides):
+    """fp8_weights: the blocks' matrices (the folded value/output or q/k/v and output projections, the MLP) as
+    float8 codes, read by the fused kernel; the same codes through torch's modules give the same function
+    (1e-5), a few per cent from the model's own weights; the model's modules and its input/output projections
+    are left as they were."""
+    from ldlm.kernels import modules_linear
+    from ldlm.kernels.fused_linear import Fp8Linear
+
+    model = _model(5, **overrides)
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    folded = FoldedReverse(model, TIMESTEPS, fused_blocks=True, fp8_weights=True)
+    in_torch = FoldedReverse(model, TIMESTEPS, fused_blocks=True, fp8_weights=True)
+    in_torch.linear = modules_linear
+    roles = {"value_out", "up", "down"} if model.config.latent_tokens == 1 else {"qkv", "proj", "up", "down"}
+    assert all(set(layers) == roles for layers in folded.block_linears)
+    assert all(isinstance(m, Fp8Linear) for layers in folded.block_linears for m in layers.values())
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert isinstance(folded.out_proj, torch.nn.Linear) and folded.out_proj is model.out_proj
+    shape = (6, *model.config.latent_shape)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            x = torch.randn(shape, generator=g).to(DEVICE)
+            step_index = torch.tensor([step], device=DEVICE)
+            got = folded(x, step_index)
+            torch.testing.assert_close(got, in_torch(x, step_index), rtol=1e-5, atol=1e-6)
+            exact = model(x, torch.full((6,), float(t), device=DEVICE))
+            err = ((got - exact).norm() / exact.norm()).item()
+            assert 1e-4 < err < 0.1, (step, err)
+
+
+def test_fp8_weights_need_fused_blocks():
+    with pytest.raises(ValueError, match="fp8_weights needs fused_blocks=True"):
+        FoldedReverse(_model(6), TIMESTEPS, fp8_weights=True)

@@ -4,6 +4,8 @@ modules one after another, on irregular shapes (Triton interpreter on CPU, compi
 Tolerances: fp32 1e-5 relative to the output's largest value (IEEE fp32 products, summed in another order);
 bf16 and fp16 against torch's same modules in that dtype: the kernel normalizes and sums in fp32 and rounds
 once, torch rounds after each module, so they sit a few roundings apart: bf16 3e-2, fp16 4e-3 of the largest.
+float8 weights (Fp8Linear) against the same function in torch (its dequantized weight), at the same tolerances:
+the codes are exact in every activation dtype, only the place of the scale (after the sum) differs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldlm.kernels.fused_linear import Tiles, default_tiles, fused_linear  # conftest: TRITON_INTERPRET=1 on CPU
+from ldlm.kernels.fused_linear import (  # conftest: TRITON_INTERPRET=1 on CPU
+    Fp8Linear,
+    Tiles,
+    default_tiles,
+    fused_linear,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 40, 50), (3, 100, 77), (37, 64, 130), (2, 768, 96)]  # rows, K, N: none a multiple of the tiles
@@ -121,5 +128,51 @@ def test_errors_say_what_to_fix():
         fused_linear(x, linear, gelu=True, tiles=Tiles(16, 16, 16, split_k=2))
     with pytest.raises(ValueError, match="gelu must be one of"):
         fused_linear(x, linear, gelu="exact")
-    with pytest.raises(TypeError, match="an nn.Linear or a GPT-2 Conv1D"):
+    with pytest.raises(TypeError, match="an nn.Linear, an Fp8Linear or a GPT-2 Conv1D"):
         fused_linear(x, torch.nn.Embedding(8, 4))
+
+
+def test_fp8_codes_are_within_e4m3_rounding_of_the_weight():
+    """Per output channel: the largest |w| maps to 448, every other weight to the nearest e4m3 value: within
+    2^-4 relative (3 mantissa bits) for normal codes, within half the smallest subnormal step (2^-10) of the
+    channel's scale below them; a Conv1D's weight quantized per output column, the same as its Linear twin."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear, _, _ = modules(200, 33, 4, torch.float32)
+    with torch.no_grad():
+        linear.weight[3] *= 1e-3  # a channel of small weights keeps its relative precision
+        linear.weight[5].zero_()  # an all-zero channel: a finite scale, zero codes
+    fp8 = Fp8Linear(linear)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.shape == (33, 200) and fp8.scale.shape == (33,)
+    w, dq = linear.weight.float(), fp8.dequantized_weight().float()
+    assert torch.equal(fp8.weight.float().abs().amax(dim=1)[[0, 3]], torch.tensor([448.0, 448.0], device=DEVICE))
+    bound = 2**-4 * w.abs() + 2**-10 * fp8.scale[:, None]
+    assert ((dq - w).abs() <= bound).all()
+    assert (dq[5] == 0).all() and torch.isfinite(fp8.scale).all()
+    assert ((dq - w).abs().amax(dim=1) / w.abs().amax(dim=1).clamp_min(1e-30))[3] < 2**-4
+    conv = Conv1D(33, 200)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        conv.bias.copy_(linear.bias)
+    twin = Fp8Linear(conv.to(DEVICE))
+    assert torch.equal(twin.weight.float(), fp8.weight.float()) and torch.equal(twin.scale, fp8.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weights_match_their_dequantized_function(dtype):
+    """Layer norm, GELU, residual and split-K with float8 codes: as Fp8Linear's torch function."""
+    M, K, N = 37, 100, 77
+    linear, norm, g = modules(K, N, 7, dtype)
+    fp8 = Fp8Linear(linear)
+    x = (2 * torch.randn(M, K, generator=g) + 0.5).to(DEVICE, dtype)
+    residual = torch.randn(M, N, generator=g).to(DEVICE, dtype)
+    with torch.no_grad():
+        for n, gelu, res, tiles in [(None, False, None, None), (norm, True, None, None),
+                                    (norm, False, residual, Tiles(16, 32, 32, split_k=3)),
+                                    (None, "tanh", residual, Tiles(16, 32, 32))]:
+            got = fused_linear(x, fp8, norm=n, gelu=gelu, residual=res, tiles=tiles)
+            assert got.dtype == dtype
+            err = rel_err(got, expected(x, fp8, n, gelu, res))
+            assert err < TOLERANCE[dtype], (n is not None, gelu, tiles, err)
+        # and the float8 function is the layer's own up to the codes' rounding (a few per cent at most)
+        assert 1e-4 < rel_err(fp8(x), linear(x)) < 0.1

@@ -91,6 +91,23 @@ def test_fused_kernels_over_a_whole_loop(schedule, latent_tokens, kernels):
     torch.testing.assert_close(sampler(x, g), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fp8_weights_over_a_whole_loop(schedule):
+    """fused_blocks with float8 weights (not exact: bench/fp8_weights.py measures what they cost): the kernel's
+    loop as the same codes through torch's modules, and near the reference."""
+    from ldlm.kernels import modules_linear
+
+    torch.manual_seed(3)
+    model = ReverseTransformer(ModelConfig.from_preset("tiny")).to(DEVICE).eval()
+    tables = ddim_tables(schedule.to("cpu"), 12, 1.0)
+    samplers = [FusedSampler(model, tables, device=DEVICE, fused_blocks=True, fp8_weights=True) for _ in range(2)]
+    samplers[1].denoiser.linear = modules_linear
+    got, in_torch = (s(*_start(3, 32, 4)) for s in samplers)
+    torch.testing.assert_close(got, in_torch, rtol=1e-5, atol=1e-5)
+    x, g_ref = _start(3, 32, 4)
+    expected = sample_ddim(model, x, schedule, steps=12, eta=1.0, generator=g_ref, disable=True)
+    assert 1e-4 < ((got - expected).norm() / expected.norm()).item() < 0.1
+
+
 def test_loop_plan_splits_runs_into_chunks_and_remainders():
     ddpm = [True] * 999 + [False]
     assert loop_plan(ddpm, 1) == [(True, 1)] * 999 + [(False, 1)]

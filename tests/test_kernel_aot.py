@@ -1,6 +1,7 @@
 """The engine's Triton kernels (the fused update, the fused residual add + layer norm, the beam-indirect
-attention) compiled for real GPUs, without one: Triton's compiler and its bundled ptxas lower every variant to
-machine code for Ampere (sm_80) and Hopper (sm_90). The interpreter that runs the kernel tests on CPU never compiles, so this is where a
+attention, the fused linear layers) compiled for real GPUs, without one: Triton's compiler and its bundled
+ptxas lower every variant to machine code for Ampere (sm_80) and Hopper (sm_90; with it the float8-weight
+matmuls, which Ampere lacks). The interpreter that runs the kernel tests on CPU never compiles, so this is where a
 construct the GPU compiler rejects would show; and the PTX says whether each access to the element tensors is
 a 128-bit vector access, which a memory-bound kernel needs to approach copy bandwidth (the bandwidth itself is
 measured on the GPU by bench/kernel_bandwidth.py)."""
@@ -17,19 +18,37 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_variant_compiles_with_128_bit_accesses(arch):
+ARCHS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def compiled_rows():
+    """Each architecture's variants, compiled by two processes at once (each compiles on one core)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter cannot compile
-    run = subprocess.run([sys.executable, "-m", "ldlm.kernels.aot", "--arch", str(arch), "--json"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(run.stdout)
+    runs = {arch: subprocess.Popen([sys.executable, "-m", "ldlm.kernels.aot", "--arch", str(arch), "--json"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ARCHS}
+    results = {}
+    for arch, run in runs.items():
+        stdout, stderr = run.communicate(timeout=900)
+        results[arch] = (run.returncode, stdout, stderr)
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_variant_compiles_with_128_bit_accesses(compiled_rows, arch):
+    code, stdout, stderr = compiled_rows[arch]
+    assert code == 0, stderr[-3000:]
+    rows = json.loads(stdout)
     assert [r["kernel"] for r in rows].count("fused_update") == 24  # 3 dtypes x clamp x tracking x history
     assert [r["kernel"] for r in rows].count("add_layer_norm") == 3
     assert [r["kernel"] for r in rows].count("beam_attention") == 3
     assert [r["kernel"] for r in rows].count("fused_linear") == 24  # 3 dtypes x norm x GELU x residual
     assert [r["kernel"] for r in rows].count("fused_linear_split") == 12  # GELU runs unsplit
     assert [r["kernel"] for r in rows].count("fused_linear_gpt2") == 24  # GPT-2's Conv1D layout, tanh GELU
+    # float8 e4m3 weights (bf16 and fp32 activations x norm x GELU x residual): Ada and Hopper only
+    assert [r["kernel"] for r in rows].count("fused_linear_fp8") == (16 if arch >= 89 else 0)
+    assert [r["kernel"] for r in rows].count("beam_head_tiles") == 3  # the fused beam step's LM head tiles
+    assert [r["kernel"] for r in rows].count("beam_topk") == 1  # ...and its per-item top-2K, fp32 only
     for row in rows:
         assert row["cubin_bytes"] > 0, row
         bytes_per_element = 4 if row["dtype"] == "float32" else 2
@@ -51,6 +70,12 @@ def test_every_variant_compiles_with_128_bit_accesses(arch):
             split = row["kernel"] == "fused_linear_split"
             assert (a.get("atomic", 0) > 0, a.get("store.v4", 0) > 0) == (split, not split), row
             assert (a.get("load.v4", 0) > 0) == (row["flags"]["LN"] or row["flags"]["RESIDUAL"]), row
+            continue
+        elif row["kernel"].startswith("beam_"):
+            # the LM head's tiles of h and W reach the tensor cores through 16-byte asynchronous copies; the
+            # top-2K reads the candidates in 128-bit vectors
+            a = row["accesses"]
+            assert a.get("async.v4" if row["kernel"] == "beam_head_tiles" else "load.v4", 0) >= 2, row
             continue
         elif row["kernel"] == "add_layer_norm":
             expected = {"load.v4": 4 * vectors, "store.v4": 2 * vectors}  # h, y, weight, bias; h and the norm

@@ -170,3 +170,52 @@ def test_indirect_reorder_moves_the_table_not_the_cache(kernel_decoder):
     position = torch.tensor(P + 1, device=KERNEL_DEVICE)
     torch.testing.assert_close(indirect.step(ids, position), copying.step(ids, position), rtol=TOL, atol=TOL)
     assert torch.equal(indirect.k_cache[:, :, :, : P + 1], keys[:, :, :, : P + 1])  # nothing written moved
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_banned_token_ids_are_the_same_ban(n):
+    """banned_tokens_static (the ids the fused beam step takes) bans what ban_repeated_ngrams_static does."""
+    from ldlm.kernels import ban_tokens
+    from ldlm.static_beam_search import banned_tokens_static
+
+    g = torch.Generator().manual_seed(n + 10)
+    tokens = torch.randint(0, 4, (6, 12), generator=g)
+    log_probs = torch.randn(6, 8, generator=g)
+    for cur in range(0, 13):
+        ids = banned_tokens_static(tokens, torch.tensor(cur), n)
+        assert ids.shape == (6, 0 if n == 0 else 12 - n + 1)
+        expected = ban_repeated_ngrams_static(log_probs, tokens, torch.tensor(cur), n)
+        assert torch.equal(ban_tokens(log_probs, ids), expected), cur
+
+
+@pytest.fixture(scope="module")
+def eos_weighted_decoder(kernel_decoder):
+    """The shared decoder with its EOS raised in the weights rather than by a hook on the LM head (which the
+    fused beam step, reading the weight, would not run): EOS's row of the tied embedding along ln_f's bias, so
+    hypotheses end at varied lengths (2, 7 and 10 of 10 tokens on the latents below)."""
+    dec = copy.deepcopy(kernel_decoder)
+    head = dec.gpt2.lm_head
+    head._forward_hooks.clear()
+    with torch.no_grad():
+        head.weight[dec.eos_token_id] = 0.46 * dec.gpt2.transformer.ln_f.bias
+    return dec
+
+
+@pytest.mark.parametrize("kernels", [{}, {"fused_blocks": True}])
+def test_same_tokens_with_the_fused_beam_step(eos_weighted_decoder, kernels):
+    """The LM head, log-softmax, n-gram ban, beam scores and top-2K as ldlm.kernels.beam_head's two kernels
+    (alone, and with every matmul fused too), batched and one item at a time: the reference's tokens."""
+    dec = eos_weighted_decoder
+    latents = torch.randn(8, dec.config.latent_dim, generator=torch.Generator().manual_seed(6)).to(KERNEL_DEVICE)
+    cfg = BeamSearchConfig(num_beams=3, max_new_tokens=10)
+    search = StaticBeamSearch(dec, batch_size=8, config=cfg, fused_beam_step=True, **kernels)
+    expected = beam_search(dec, latents, cfg)
+    assert len({len(tokens) for tokens in expected}) > 1  # some end early: EOS, the finished set, the stop test
+    assert search(latents) == expected
+    single = StaticBeamSearch(dec, batch_size=1, config=cfg, fused_beam_step=True, **kernels)
+    assert [single(latents[i : i + 1])[0] for i in (2, 4)] == [expected[2], expected[4]]
+
+
+def test_the_fused_beam_step_refuses_a_hooked_lm_head(kernel_decoder):
+    with pytest.raises(ValueError, match="forward hooks on it would not run"):
+        StaticBeamSearch(kernel_decoder, batch_size=2, config=BeamSearchConfig(max_new_tokens=8), fused_beam_step=True)
