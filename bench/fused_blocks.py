@@ -19,7 +19,8 @@ latents against the fp32 reference's (relative max error) and, per engine path, 
 (ldlm.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
 With --decode (or --decode-only), also the engine's static-KV beam decode (4 beams, 64 tokens: random weights
 never emit EOS) with and without fused blocks (ldlm.static_gpt2) and with the fused beam step
-(ldlm.kernels.beam_head), tokens against the fp32 reference beam search.
+(ldlm.kernels.beam_head), tokens against the fp32 reference beam search; with --decode-peers, Hugging Face
+generate beside them (its dynamic cache, and its static cache), the same settings.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also the fused blocks with float8 e4m3 weights")
     parser.add_argument("--decode", action="store_true", help="also time the beam decode with and without")
     parser.add_argument("--decode-only", action="store_true", help="only the beam decode")
+    parser.add_argument("--decode-peers", action="store_true",
+                        help="with the decode: also Hugging Face generate, eager and with its static cache")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -107,8 +110,6 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
     with torch.no_grad():
-        if args.decode or args.decode_only:
-            decode_rows(args, components.decoder.eval().to(device), device, record)
         for batch in ([] if args.decode_only else args.batch_sizes):
             x, g = noise(batch)
             expected = sample(model, x, schedule, generator=g, disable=True, **steps)  # fp32, the parity target
@@ -145,6 +146,8 @@ def main() -> None:
                     record({**base, "path": f"torch.compile {mode}", "median_ms": t["median_s"] * 1e3,
                             "p90_ms": t["p90_s"] * 1e3, "max_rel_err": rel_err(got, expected),
                             "first_call_s": t["first_call_s"]})
+        if args.decode or args.decode_only:  # after the loops: a time limit keeps issue 21's rows first
+            decode_rows(args, components.decoder.eval().to(device), device, record)
 
 
 def fp8_bytes_saved(denoiser, itemsize: int) -> int:
@@ -183,6 +186,32 @@ def decode_rows(args, decoder, device: torch.device, record) -> None:
                         "p90_ms": t["p90_s"] * 1e3, "tokens_identical": got == expected,
                         "kernels_per_token": kernels[path],
                         "token_us": t["median_s"] / args.max_new_tokens * 1e6})
+            for path, cache in (() if not args.decode_peers else HF_PATHS.items()):
+                x = latents.to(dtype)
+                got = hf_generate(model, x, config, cache)
+                t = timed(lambda: hf_generate(model, x, config, cache), device, args.warmup, args.repeats)
+                record({"dtype": dtype_name, "batch": batch, "path": path, "median_ms": t["median_s"] * 1e3,
+                        "p90_ms": t["p90_s"] * 1e3, "tokens_identical": got == expected, "kernels_per_token": None,
+                        "token_us": t["median_s"] / args.max_new_tokens * 1e6, "first_call_s": t["first_call_s"]})
+
+
+# Hugging Face generate as a user runs it: its dynamic cache, or its static cache (with which transformers
+# compiles the decoding forward itself where it supports that: its first call shows it)
+HF_PATHS = {"decode HF generate": None, "decode HF generate, static cache": "static"}
+
+
+def hf_generate(decoder, latents: torch.Tensor, config: BeamSearchConfig, cache: str | None) -> list[list[int]]:
+    """GPT2LMHeadModel.generate on the decoder's prefix with the beam search's settings: token ids per item,
+    EOS and what follows removed (as ldlm.beam_search returns them)."""
+    prefix = decoder.prefix(latents)
+    out = decoder.gpt2.generate(
+        inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),
+        num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
+        no_repeat_ngram_size=config.no_repeat_ngram_size, early_stopping=config.early_stopping,
+        length_penalty=config.length_penalty, do_sample=False, eos_token_id=decoder.eos_token_id,
+        pad_token_id=decoder.pad_token_id, **({"cache_implementation": cache} if cache else {}))
+    eos = decoder.eos_token_id
+    return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
 # ./gpu_results), as at most eight files, since that is all the device tool brings back: table.md, tests.log
 # (the GPU tests, then training's), the five JSON results and logs.tgz (every log, the GPU and the versions),
 # re-packed after each stage so a time limit keeps what ran. STAGES="tests profile" runs only those stages
-# (after the install), for a second call that re-checks what a first one found; STAGES=blocks, blocks_autotune and
-# blocks_fp8 run issue 21's stages, each a call of its own (they are not in the default run); LATENCY_BATCHES="1 64"
-# narrows the latency stage.
+# (after the install), for a second call that re-checks what a first one found; STAGES=blocks, tune and
+# blocks_autotune run issues 21 and 22's stages, STAGES="ort_cuda ort_bench" issue 23's, each a call of its own
+# (they are not in the default run); LATENCY_BATCHES="1 64" narrows the latency stage.
 # Each stage has a time limit, in order of what the issue needs most; every stage at its limit adds up to under
 # nine minutes (the device tool allows ten a command; tests/test_gpu_bench_scripts.py keeps them under 560 s),
 # a normal run to far less.
@@ -20,7 +20,7 @@ logs="$(mktemp -d)"
 unset TRITON_INTERPRET
 
 # stages that fill most of a device call alone run only when STAGES names them (STAGES=blocks ...)
-OPT_IN=" blocks blocks_autotune blocks_fp8 "
+OPT_IN=" blocks tune blocks_autotune ort_cuda ort_bench "
 wanted() {  # the install always runs; without STAGES, every stage but the opt-in ones
   [[ "$1" == install* || " ${STAGES:-} " == *" $1 "* ]] || [[ -z "${STAGES:-}" && "$OPT_IN" != *" $1 "* ]]
 }
@@ -67,15 +67,28 @@ stage latency_bf16 50 python bench/latency.py --preset base --batch-sizes 64 --r
 # cuBLAS's rates on the step's shapes
 stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
 
-# issue 21 (opt-in): the loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear) against the
-# engine and torch.compile of the reference, same run; max-autotune compiles for minutes, so a call of its own
-stage blocks 420 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 \
-  --compile-modes reduce-overhead --compile-batches 64 --decode --json "$out/blocks.json"
+# issues 21 and 22 (opt-in): the loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear), also
+# with float8 weights, against the engine and torch.compile of the reference; then the beam decode with fused
+# blocks and the fused beam step against the engine and Hugging Face generate; same run. max-autotune compiles
+# for minutes, so a call of its own
+stage blocks 420 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
+  --compile-modes reduce-overhead --compile-batches 64 --decode --decode-peers --json "$out/blocks.json"
+# issue 21 (opt-in): fused_linear's tiles tuned per shape the engine launches, most important first, kept under
+# kernels/tiles.json once committed (bench/tune_tiles.py --merge): then no run tunes at start-up
+stage tune 420 python bench/tune_tiles.py --preset base --budget-s 330 --out "$out/tiles.json"
 stage blocks_autotune 480 python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
   --compile-modes max-autotune --no-engine --json "$out/blocks_autotune.json"
-# the fused blocks with float8 e4m3 weights beside the same blocks in the activations' dtype, same run
-stage blocks_fp8 300 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
-  --compile-modes --json "$out/blocks_fp8.json"
+
+# issue 23 (opt-in, one call: STAGES="ort_cuda ort_bench", after the calls that bring onnxruntime-gpu in parts:
+# `python bench/ort_gpu_wheel.py prepare` prints them): the wheel joined, checked and installed into a private
+# folder first on PYTHONPATH (the image's CPU build stays); ORT's CUDA parity tests, then `ldlm bench` of the
+# base preset: the onnx backend on CUDA with and without its CUDA graph beside the engine and the reference
+ort_site=/tmp/ort-gpu
+stage ort_cuda 170 bash -c "python bench/ort_gpu_wheel.py install --parts .ort-gpu --target $ort_site && \
+  PYTHONPATH=$ort_site python -m pytest -q tests/test_gpu.py -k onnx"
+if wanted ort_cuda; then cp "$logs/ort_cuda.log" "$out/ort_cuda.log"; fi
+stage ort_bench 330 env PYTHONPATH=$ort_site ldlm bench --preset base --device cuda --onnx-cuda-graph \
+  --backends reference cuda-graph onnx --batch-sizes 1 8 64 --iters 2 --no-progress --json "$out/ort_bench.json"
 
 # not issue 3's: training on the GPU (same draws as the CPU, resume to the same weights, bf16 autocast)
 stage training 40 python -m pytest -q -k cuda tests/test_training.py

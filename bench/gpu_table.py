@@ -14,25 +14,31 @@ def summary(log: list[str]) -> str:
 
 # issue 21's targets for the sampling loop (base, 1000 DDPM steps), by (dtype, batch)
 LOOP_TARGETS_MS = {("bfloat16", 64): 25.0, ("float32", 64): 250.0, ("bfloat16", 1): 15.0}
+# issue 22's for the beam decode (base, 4 beams, 64 new tokens)
+DECODE_TARGETS_MS = {("bfloat16", 64): 40.0, ("bfloat16", 1): 8.0}
 
 
 def fused_block_lines(out: Path) -> list[str]:
-    """bench/fused_blocks.py's rows (blocks.json, blocks_autotune.json for the max-autotune peer, blocks_fp8.json's
-    float8 rows): each path's sampling loop beside issue 21's target, the engine's speed-up over the best
-    torch.compile mode, float8 weights' time against the fused blocks' in the same run."""
+    """bench/fused_blocks.py's rows (blocks.json, and blocks_autotune.json for the max-autotune peer): each path's
+    sampling loop beside issue 21's target, the engine's speed-up over the best torch.compile mode, float8
+    weights' time against the fused blocks' in the same run; each decode path's time and tokens."""
     rows = [r for name in ("blocks.json", "blocks_autotune.json") if (out / name).exists()
             for r in json.loads((out / name).read_text())["rows"]]
-    fp8_run = json.loads((out / "blocks_fp8.json").read_text())["rows"] if (out / "blocks_fp8.json").exists() else []
-    # blocks_fp8's run: all its rows, or beside blocks.json's its float8 rows alone
-    rows += [r for r in fp8_run if not (out / "blocks.json").exists() or r["path"].endswith("fp8")]
-    same_run = {(r["dtype"], r["batch"]): r["median_ms"] for r in (fp8_run or rows)
-                if r["path"] == "engine + fused blocks"}
+    same_run = {(r["dtype"], r["batch"]): r["median_ms"] for r in rows if r["path"] == "engine + fused blocks"}
     lines = []
     for r in rows:
         if r["path"].startswith("decode"):  # issue 22's: the beam decode with and without fused blocks
+            kernels = f", {r['kernels_per_token']} kernels" if r.get("kernels_per_token") else ""
+            hf = [p["median_ms"] for p in rows if p["path"] == "decode HF generate"
+                  and (p["dtype"], p["batch"]) == (r["dtype"], r["batch"])]
+            engine = r["path"].startswith("decode engine")
+            vs = f", {hf[0] / r['median_ms']:.1f}x HF generate" if hf and engine else ""
+            target = DECODE_TARGETS_MS.get((r["dtype"], r["batch"])) if engine else None
+            want = (f"<= {target:g} ms" + (" and >= 10x HF generate" if r["batch"] == 64 else "") + "; "
+                    if target else "")
             lines.append(f"| {r['path']}, {r['dtype']}, batch {r['batch']} | {r['median_ms']:.1f} ms "
-                         f"({r['token_us']:.0f} us a token, {r['kernels_per_token']} kernels), tokens "
-                         f"{'identical' if r['tokens_identical'] else 'DIFFER'} | fp32: identical |")
+                         f"({r['token_us']:.0f} us a token{kernels}){vs}, tokens "
+                         f"{'identical' if r['tokens_identical'] else 'DIFFER'} | {want}fp32: identical |")
             continue
         target = LOOP_TARGETS_MS.get((r["dtype"], r["batch"])) if r["path"].startswith("engine") else None
         peers = [p["median_ms"] for p in rows if p["path"].startswith("torch.compile")
@@ -46,6 +52,53 @@ def fused_block_lines(out: Path) -> list[str]:
                                       else "") if target else ""
         lines.append(f"| sampling loop, {r['path']}, {r['dtype']}, batch {r['batch']} | {r['median_ms']:.1f} ms{vs}, "
                      f"latents within {r['max_rel_err']:.1e}{extra} | {want} |")
+    return lines
+
+
+def tile_lines(out: Path) -> list[str]:
+    """bench/tune_tiles.py's table (tiles.json): how many shapes it tuned, and the bf16 sampling step's at batch
+    64 (the headline's shapes) with the untuned rule's time beside the tuned one's."""
+    if not (out / "tiles.json").exists():
+        return []
+    lines = []
+    for gpu, kernels in json.loads((out / "tiles.json").read_text())["gpus"].items():
+        shapes = kernels.get("fused_linear", {})
+        gain = sum(e["default_us"] for e in shapes.values()) / max(1e-9, sum(e["us"] for e in shapes.values()))
+        lines.append(f"| fused_linear tiles tuned on {gpu} | {len(shapes)} shapes, {gain:.2f}x their untuned "
+                     f"time in all | commit into kernels/tiles.json |")
+        for key, e in shapes.items():
+            if key.startswith("bfloat16/same/") and "/m64/" in key and e["where"] == "step":
+                lines.append(f"| tiles {key} | {e['default_us']:.1f} -> {e['us']:.1f} us ({e['block_m']}x"
+                             f"{e['block_n']}x{e['block_k']}, split {e['split_k']}, {e['num_warps']} warps) | |")
+    return lines
+
+
+def ort_lines(out: Path) -> list[str]:
+    """`ldlm bench` on the GPU with ONNX Runtime's CUDA provider (ort_bench.json) and the ORT parity tests
+    (the ort_cuda stage's log): per batch, the ORT loop with and without its CUDA graph beside the engine's,
+    and its decode, against issue 23's targets (loop within 1.5x of the engine's and faster than without the
+    graph; decode within 2x)."""
+    lines = []
+    if (out / "ort_cuda.log").exists():
+        log = (out / "ort_cuda.log").read_text().strip().splitlines()
+        lines.append(f"| ONNX Runtime CUDA parity (tests/test_gpu.py -k onnx) | {summary(log)} | all pass |")
+    if not (out / "ort_bench.json").exists():
+        return lines
+    rows = json.loads((out / "ort_bench.json").read_text())["rows"]
+    ms = {(r["backend"], r["batch"], r["stage"]): r["median_s"] * 1e3 for r in rows}
+    engine = next((b for b in ("cuda-graph", "fused") if any(k[0] == b for k in ms)), None)
+    for batch in sorted({r["batch"] for r in rows}):
+        for stage, target in (("loop", 1.5), ("decode", 2.0), ("end_to_end", None)):
+            times = {b: ms[b, batch, stage] for b in ("onnx cuda-graph", "onnx", engine, "reference")
+                     if (b, batch, stage) in ms}
+            ort = times.get("onnx cuda-graph" if stage == "loop" else "onnx", times.get("onnx"))
+            if ort is None or engine not in times:
+                continue
+            measured = ", ".join(f"{b} {t:.1f} ms" for b, t in times.items())
+            ratio = f"; ORT {ort / times[engine]:.2f}x the engine's time"
+            want = f"<= {target:g}x the engine" + (" and < onnx without its graph" if stage == "loop" else "")
+            lines.append(f"| batch {batch}: {stage}, ONNX Runtime on CUDA | {measured}{ratio} | "
+                         f"{want if target else ''} |")
     return lines
 
 
@@ -118,6 +171,8 @@ def main(out: Path) -> None:
                          f"kernels, {row['kernels']:.0f} launches, matmuls {row['matmul_us']:.0f} us; top "
                          f"{top['us']:.0f} us {top['name'][:48]} | |")
     lines += fused_block_lines(out)
+    lines += tile_lines(out)
+    lines += ort_lines(out)
     if log[split + 1:]:
         lines.append(f"| training on CUDA (tests/test_training.py) | {summary(log[split + 1:])} | all pass |")
     print("\n".join(lines))

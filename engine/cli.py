@@ -38,6 +38,8 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="onnx backend: run the int8 graphs (reverse transformer and decoder step; about 2x faster on "
                         "the CPU, E2E quality unchanged, most texts as fp32's)")
+    p.add_argument("--onnx-cuda-graph", action="store_true",
+                   help="onnx backend on CUDA: replay the reverse graph as ONNX Runtime CUDA graphs in the sampling loop")
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
 
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and ONNX Runtime alike (default 0: each library's default)")
     p.add_argument("--int8", action="store_true", help="with onnx: also time its int8 graphs")
+    p.add_argument("--onnx-cuda-graph", action="store_true",
+                   help="with onnx on CUDA: also time it with the reverse graph as ONNX Runtime CUDA graphs")
     p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
@@ -340,7 +344,7 @@ def _onnx_options(args):
 
     return OnnxOptions(provider=args.onnx_provider, intra_op_threads=args.onnx_threads,
                        optimization_level=args.onnx_opt_level, int8_reverse=args.int8,
-                       int8_decoder=args.int8)
+                       int8_decoder=args.int8, cuda_graph=args.onnx_cuda_graph)
 
 
 def _load(args):
@@ -561,6 +565,9 @@ def cmd_bench(args) -> None:
             resolve_backend(backend, device)
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (the libraries' defaults) or more, got {args.threads}")
+    if args.onnx_cuda_graph and ("onnx" not in args.backends or device.type != "cuda"):
+        raise ValueError("--onnx-cuda-graph times the onnx backend's CUDA graphs: add onnx to --backends and run "
+                         "with --device cuda (onnxruntime-gpu)")
     if args.threads:
         torch.set_num_threads(args.threads)
     components = None
@@ -591,6 +598,9 @@ def cmd_bench(args) -> None:
             if args.int8 and pipe.backend == "onnx":
                 int8 = dataclasses.replace(options, int8_reverse=True, int8_decoder=True)
                 run(load(path, device=args.device, dtype=dtype, onnx_options=int8), "onnx int8", dtype)
+            if args.onnx_cuda_graph and pipe.backend == "onnx":
+                graphs = dataclasses.replace(options, cuda_graph=True)
+                run(load(path, device=args.device, dtype=dtype, onnx_options=graphs), "onnx cuda-graph", dtype)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str))

@@ -13,6 +13,8 @@ packages (ldlm.aoti_runtime) behind the same interface, driven by the same code.
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,10 +47,21 @@ class OnnxOptions:
     int8_decoder: bool = False  # run the int8 decoder step (its LM head stays fp32)
     native_beam_update: bool = True  # on the CPU, the beam search's bookkeeping in ldlm's C kernel (built with the
     # system C compiler on first use, ldlm.kernels.native); False, or no compiler: torch operations, the same tokens
+    cuda_graph: bool = False  # CUDA provider: the reverse graph's runs replayed as CUDA graphs (ORT's
+    # enable_cuda_graph), one a batch and condition length, its inputs copied into fixed buffers each step
+    cuda_provider_options: dict | None = None  # more CUDA provider options, by ONNX Runtime's names (e.g.
+    # {"arena_extend_strategy": "kSameAsRequested"}); ldlm sets device_id and use_tf32 = 0 (fp32 parity)
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", *PROVIDERS):
             raise ValueError(f"unknown provider {self.provider!r}; choose auto, cpu or cuda")
+        if self.cuda_graph and self.provider == "cpu":
+            raise ValueError("cuda_graph replays the reverse graph on the GPU: use provider 'cuda' (or 'auto' with "
+                             "device='cuda'), or leave cuda_graph off")
+        reserved = {"device_id", "use_tf32", "enable_cuda_graph"} & set(self.cuda_provider_options or {})
+        if reserved:
+            raise ValueError(f"cuda_provider_options may not set {sorted(reserved)}: ldlm sets them (the device "
+                             "from the tensors, TF32 off for fp32 parity, CUDA graphs by cuda_graph)")
         if self.optimization_level not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimization_level {self.optimization_level!r}; choose one of {OPTIMIZATION_LEVELS}")
 
@@ -62,6 +75,24 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+def gpu_install_hint() -> str:
+    """How to get the CUDA provider. The CPU and GPU builds are one `onnxruntime` package each: installed side by
+    side, whichever pip wrote last wins, so with both present the fix is to keep only the GPU one."""
+    from importlib import metadata
+
+    installed = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+            installed.add(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if installed == {"onnxruntime", "onnxruntime-gpu"}:
+        return ("both onnxruntime and onnxruntime-gpu are installed and the CPU build shadows the GPU one: "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or 'ldlm[onnx-gpu]')")
+    return "pip install 'ldlm[onnx-gpu]' (onnxruntime-gpu, instead of the CPU build's 'ldlm[onnx]')"
+
+
 def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, str]:
     """(provider, why). A provider that is asked for but not installed fails here, before any work."""
     ort = _import_onnxruntime()
@@ -69,12 +100,16 @@ def resolve_provider(options: OnnxOptions, device: torch.device) -> tuple[str, s
     if options.provider == "cuda" or (options.provider == "auto" and device.type == "cuda"):
         if PROVIDERS["cuda"] not in available:
             raise BackendUnavailable(f"ONNX Runtime has no CUDA provider here (available: {available}): "
-                                     "pip install onnxruntime-gpu, or use provider='cpu'")
+                                     f"{gpu_install_hint()}, or use provider='cpu'")
         if device.type != "cuda":
             raise BackendUnavailable("provider 'cuda' keeps tensors on the GPU: pass device='cuda'")
-        return "cuda", "CUDAExecutionProvider with IOBinding (tensors stay on the GPU)"
+        graphs = ", the reverse graph as CUDA graphs" if options.cuda_graph else ""
+        return "cuda", f"CUDAExecutionProvider with IOBinding (tensors stay on the GPU){graphs}"
     if device.type != "cpu":
         raise BackendUnavailable(f"provider 'cpu' runs on the CPU: pass device='cpu', not {device}")
+    if options.cuda_graph:
+        raise BackendUnavailable("cuda_graph replays the reverse graph on the GPU: pass device='cuda' (with "
+                                 "onnxruntime-gpu), or leave cuda_graph off on the CPU")
     why = "requested" if options.provider == "cpu" else (
         "auto: device is cpu" if PROVIDERS["cuda"] in available else "auto: onnxruntime has no CUDA provider")
     return "cpu", f"CPUExecutionProvider ({why})"
@@ -96,12 +131,39 @@ class GraphShapes:
                              f"{shape}: the manifest does not belong to this graph; re-run `ldlm export`")
 
 
+def cuda_provider_options(options: OnnxOptions, device_id: int, cuda_graph: bool) -> dict[str, str]:
+    """The CUDA provider's options for one session: the user's (OnnxOptions.cuda_provider_options), then the
+    GPU torch's tensors are on, no TF32 (ORT's CUDA default, which would break fp32 parity with torch), and
+    CUDA graphs where asked."""
+    return {**{k: str(v) for k, v in (options.cuda_provider_options or {}).items()}, "device_id": str(device_id),
+            "use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+
+
+_PRELOADED = []  # whether ONNX Runtime's preload_dlls ran in this process
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from the NVIDIA pip packages (as the GPU image ships them, beside its torch) before
+    the CUDA provider needs them: onnxruntime.preload_dlls, once (ONNX Runtime 1.21 and later)."""
+    if _PRELOADED or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED.append(True)
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # the libraries torch loaded may serve; if not, the provider check below says so
+        warnings.warn(f"onnxruntime.preload_dlls() failed ({e}); relying on the CUDA libraries already loaded")
+
+
 class Graph(GraphShapes):
     """One ONNX Runtime session whose inputs and outputs are torch tensors bound by pointer (IOBinding)."""
 
     def __init__(self, path: Path, spec: dict, provider: str, options: OnnxOptions, *, spin: bool = False,
-                 device_id: int = 0):
+                 device_id: int = 0, cuda_graph: bool = False):
+        """cuda_graph: with the CUDA provider, ORT captures each run's kernels as a CUDA graph (per graph id,
+        bind(graph_id=...)) and replays it: the bound tensors must then keep their addresses and shapes."""
         ort = _import_onnxruntime()
+        if provider == "cuda":
+            _preload_cuda_libraries(ort)
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -116,13 +178,17 @@ class Graph(GraphShapes):
         }[options.optimization_level]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export`")
+        provider_options = cuda_provider_options(options, device_id, cuda_graph) if provider == "cuda" else {}
         try:
-            # the GPU torch's tensors are on; no TF32 (ORT's CUDA default), which would break fp32 parity with torch
-            provider_options = {"device_id": device_id, "use_tf32": 0} if provider == "cuda" else {}
             self.session = ort.InferenceSession(str(path), so, providers=[(PROVIDERS[provider], provider_options)])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... classes
+            if cuda_graph:  # e.g. a node ORT places on the CPU (shape arithmetic), which a CUDA graph cannot hold
+                raise BackendUnavailable(
+                    f"ONNX Runtime could not prepare {path.name} for CUDA graphs ({type(e).__name__}: {e}): a CUDA "
+                    "graph needs every node on the CUDA provider; leave cuda_graph off") from e
             raise ValueError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}): the graph is "
                              "corrupt or from an incompatible exporter; re-run `ldlm export`") from e
+        self._run_options = ort.RunOptions
         running = self.session.get_providers()
         if running[:1] != [PROVIDERS[provider]]:
             # ONNX Runtime falls back to the CPU when a provider fails to start (onnxruntime-gpu without a GPU, or
@@ -151,10 +217,13 @@ class Graph(GraphShapes):
         """Run with `inputs`, writing into the preallocated `outputs` (shapes known to the caller)."""
         self.bind(inputs, outputs)()
 
-    def bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+             graph_id: int | None = None) -> Callable[[], None]:
         """A run bound once to these tensors (IOBinding) and kept alive with them: each call reads what the
         inputs hold then and rewrites the outputs, so a loop that updates its inputs in place binds once (at a
-        few rows, binding a dozen tensors costs a sixth of the decoder step itself)."""
+        few rows, binding a dozen tensors costs a sixth of the decoder step itself). graph_id: in a session
+        made with cuda_graph, the CUDA graph this run captures, then replays (ORT's gpu_graph_id: one per set
+        of shapes)."""
         bad = [name for name, tensor in outputs.items() if not tensor.is_contiguous()]
         if bad:  # ONNX Runtime writes through the pointer: a copy would leave the caller's tensor unwritten
             raise ValueError(f"outputs {bad} must be contiguous tensors")
@@ -165,14 +234,19 @@ class Graph(GraphShapes):
                 bind(name, self.device_type, tensor.device.index or 0, ELEMENT_TYPES[tensor.dtype],
                      tuple(tensor.shape), tensor.data_ptr())
         device = next(iter(inputs.values())).device
+        run_options = None
+        if graph_id is not None:
+            run_options = self._run_options()
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
         def run() -> None:
             if self.device_type == "cuda":
                 # ONNX Runtime's CUDA provider runs on a stream of its own and does not wait for torch's
                 # (onnxruntime issue 26609): what torch wrote into the inputs must be complete first. Its run
-                # syncs its own stream before returning, so the outputs are ready for torch after it.
+                # (a CUDA graph's replay too) syncs its own stream before returning, so the outputs are ready
+                # for torch after it.
                 torch.cuda.synchronize(device)
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, run_options)
 
         run.tensors = (inputs, outputs)  # the binding holds raw pointers: their memory lives as long as the run
         return run
@@ -222,9 +296,31 @@ class OnnxReverse:
     (the condition graph) and null (the manifest's learned null condition)."""
 
     def __init__(self, graph: Graph, config: ModelConfig, condition_graph: Graph | None = None,
-                 null_condition: torch.Tensor | None = None):
+                 null_condition: torch.Tensor | None = None, *, static_inputs: bool = False):
+        """static_inputs: bind each input shape's run once to buffers of its own and copy every call's inputs
+        into them (what ORT's CUDA graphs need: a graph replays the addresses it captured; one graph id a
+        shape). Calls then take turns on the buffers; without it each call binds its own tensors and calls
+        from several threads run at once."""
         self.graph, self.config = graph, config
         self.condition_graph, self.null_condition = condition_graph, null_condition  # (1, d_model) float32
+        self.static_inputs = static_inputs
+        self._static: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Callable[[], None]]] = {}
+        self._static_lock = threading.Lock()
+
+    def _run_static(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """inputs copied into this shape's bound buffers, one run (captured the first time in a CUDA-graph
+        session, replayed after), the output copied out (a multistep sampler keeps the previous x0_hat)."""
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
+        with self._static_lock:
+            if key not in self._static:
+                buffers = {name: torch.empty_like(t, memory_format=torch.contiguous_format) for name, t in inputs.items()}
+                out = torch.empty_like(buffers["x_t"])
+                self._static[key] = (buffers, out, self.graph.bind(buffers, {"x0_hat": out}, graph_id=len(self._static)))
+            buffers, out, run = self._static[key]
+            for name, tensor in inputs.items():
+                buffers[name].copy_(tensor)
+            run()
+            return out.clone()
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
                  condition: Condition | None = None) -> torch.Tensor:
@@ -237,6 +333,8 @@ class OnnxReverse:
             inputs["condition_mask"] = condition.mask.long()
         elif condition is not None:
             raise ValueError("this reverse transformer is unconditional: it takes no condition")
+        if self.static_inputs:
+            return self._run_static(inputs)
         out = torch.empty_like(inputs["x_t"])
         self.graph.run(inputs, {"x0_hat": out})
         return out
@@ -471,9 +569,9 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
     if backend == "aoti":
         from .aoti_runtime import AotiGraph, check_target
 
-        if options.int8_reverse or options.int8_decoder:
-            raise ExportError(f"{directory} holds AOTInductor packages, which have no int8 graphs: drop int8, or "
-                              "load an ONNX export (`ldlm export`) for it")
+        if options.int8_reverse or options.int8_decoder or options.cuda_graph:
+            raise ExportError(f"{directory} holds AOTInductor packages, which have no int8 graphs and no ONNX "
+                              "Runtime CUDA graphs: drop int8 and cuda_graph, or load an ONNX export (`ldlm export`)")
         why = check_target(manifest, directory, device)
     else:
         provider, why = resolve_provider(options, device)
@@ -489,11 +587,13 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
             raise ExportError(f"{directory} has no int8 {name} graph: export again with this ldlm, without --no-int8")
         specs[name] = manifest["graphs"]["int8"][name]
 
+    cuda_graph = backend == "onnx" and options.cuda_graph
+
     def graph(name: str) -> Graph:
         if backend == "aoti":
             return AotiGraph(directory / specs[name]["file"], specs[name])
         return Graph(directory / specs[name]["file"], specs[name], provider, options, spin=name == "reverse",
-                     device_id=device.index or 0)
+                     device_id=device.index or 0, cuda_graph=cuda_graph and name == "reverse")
 
     try:
         config = ModelConfig.from_dict(manifest["model"])
@@ -509,7 +609,7 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
                           load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
                           device, native=native)
     reverse = OnnxReverse(graph("reverse"), config, *_condition_parts(directory, manifest, specs, config, graph,
-                                                                    device))
+                                                                    device), static_inputs=cuda_graph)
     _check_sizes(encoder, reverse, decoder, config)
     stats = manifest["latent_stats"]
     try:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .tile_table import shape_key, tuned
+
 
 @triton.jit
 def row_norm_stats(x_rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -120,12 +122,15 @@ def _fused_linear_kernel(
 
 @dataclass(frozen=True)
 class Tiles:
-    """A launch's tiling: rows and columns a program, K a loop step, K slices (split-K)."""
+    """A launch's tiling: rows and columns a program, K a loop step, K slices (split-K); warps a program and
+    software-pipeline stages (Triton's num_warps and num_stages)."""
 
     block_m: int
     block_n: int
     block_k: int
     split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @functools.cache
@@ -133,15 +138,25 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool,
-                  multiprocessors: int | None = None) -> Tiles:
-    """Tiles for an (M, K) x (K, N) product. On a GPU: 16-64 rows a program (tl.dot's minimum is 16), 64
-    columns, and split-K when the (rows, columns) grid would leave most of the GPU's multiprocessors idle
-    (`multiprocessors`, default the device's: 132 on an H200): not yet tuned on the GPU (bench/gpu_check.sh's
-    `blocks` stage measures it). In Triton's CPU interpreter, which runs programs one after another as
-    whole-array operations: as few programs as possible."""
+@functools.cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool | str,
+                  multiprocessors: int | None = None, dtype: torch.dtype = torch.float32, fp8: bool = False,
+                  gpu: str | None = None) -> Tiles:
+    """Tiles for an (M, K) x (K, N) product. On a GPU: the tiling bench/tune_tiles.py stored for this GPU model
+    and shape (kernels/tiles.json, by `gpu`, default the device's name), else 16-64 rows a program (tl.dot's
+    minimum is 16), 64 columns, and split-K when the (rows, columns) grid would leave most of the GPU's
+    multiprocessors idle (`multiprocessors`, default the device's: 132 on an H200). In Triton's CPU
+    interpreter, which runs programs one after another as whole-array operations: as few programs as possible."""
     if device.type != "cuda":
         return Tiles(max(16, triton.next_power_of_2(min(M, 64))), min(128, triton.next_power_of_2(N)), 64)
+    key = shape_key(M, N, K, dtype=str(dtype).removeprefix("torch."), gelu=gelu, weights="fp8" if fp8 else "same")
+    stored = tuned("fused_linear", gpu or _gpu_name(device), key)
+    if stored is not None and not (gelu and stored["split_k"] > 1):
+        return Tiles(**{field: stored[field] for field in Tiles.__dataclass_fields__ if field in stored})
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
     multiprocessors = multiprocessors or _multiprocessors(device)
@@ -227,7 +242,7 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.Lay
     if x2.stride(-1) != 1 or 1 not in (stride_n, stride_k) or (res2 is not None and res2.stride(-1) != 1):
         raise ValueError("x, the weight and the residual need contiguous rows (call .contiguous())")
     M = x2.shape[0]
-    tiles = tiles or default_tiles(M, N, K, device=x.device, gelu=gelu)
+    tiles = tiles or default_tiles(M, N, K, device=x.device, gelu=gelu, dtype=x.dtype, fp8=fp8)
     if gelu and tiles.split_k > 1:
         raise ValueError("a GELU needs the whole sum: split_k must be 1 with gelu=True")
     split = tiles.split_k > 1
@@ -244,6 +259,6 @@ def fused_linear(x: torch.Tensor, linear: torch.nn.Module, *, norm: torch.nn.Lay
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         # Triton 3.9's interpreter multiplies bf16 tiles as raw bits; widened, their products are exact in fp32
         # and summed in fp32, as a GPU's bf16 MMA does (up to the order of the sum)
-        DOT_FP32=not x.is_cuda,
+        DOT_FP32=not x.is_cuda, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out.to(x.dtype).view(*lead, N)

@@ -105,7 +105,7 @@ def test_gpt2_conv1d_layout_and_a_linear_without_bias():
 
 
 def test_default_tiles_split_small_grids_and_never_a_gelu():
-    cuda, h200 = torch.device("cuda"), {"multiprocessors": 132}
+    cuda, h200 = torch.device("cuda"), {"multiprocessors": 132, "gpu": "(untuned)"}  # the rule, not a stored table
     assert default_tiles(64, 768, 768, device=cuda, gelu=False, **h200).split_k > 1  # 12 programs on 132
     assert default_tiles(64, 3072, 768, device=cuda, gelu=True, **h200).split_k == 1
     assert default_tiles(4096, 3072, 768, device=cuda, gelu=False, **h200).split_k == 1  # the grid fills the GPU

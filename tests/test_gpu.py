@@ -105,19 +105,33 @@ def _onnx_cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-@pytest.mark.skipif(not _onnx_cuda_available(), reason="needs onnxruntime-gpu (the CUDA execution provider)")
-def test_onnx_on_cuda_matches_reference(tiny_checkpoint, tmp_path):
-    """The onnx backend with the CUDA provider and IOBinding (tensors stay on the GPU) against the reference."""
+@pytest.fixture(scope="module")
+def cuda_export(tiny_checkpoint, tmp_path_factory):
     from ldlm.export.onnx_export import export_checkpoint
 
-    export_checkpoint(tiny_checkpoint, tmp_path / "onnx", log=lambda *_: None)
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny", log=lambda *_: None)
+
+
+@pytest.mark.skipif(not _onnx_cuda_available(), reason="needs onnxruntime-gpu (the CUDA execution provider)")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_onnx_on_cuda_matches_reference(tiny_checkpoint, cuda_export, cuda_graph):
+    """The onnx backend with the CUDA provider and IOBinding (tensors stay on the GPU) against the reference:
+    fp32 latents within 1e-5, the same text; with cuda_graph, the reverse graph replayed as ORT CUDA graphs (one
+    per batch: 4, then 1); the fp16 graphs' loop within 5e-2 of the fp32 reference's largest latent."""
+    from ldlm.onnx_runtime import OnnxOptions
+
     reference = ldlm.load(tiny_checkpoint, device="cuda", backend="reference")
-    onnx = ldlm.load(tmp_path / "onnx", device="cuda")
+    onnx = ldlm.load(cuda_export, device="cuda", onnx_options=OnnxOptions(cuda_graph=cuda_graph))
     assert onnx.backend == "onnx" and "CUDAExecutionProvider" in onnx.backend_reason
-    for kwargs in ({"sampler": "ddpm"}, {"sampler": "ddim", "steps": 20}):
-        expected = reference.sample_latents(4, seed=3, progress=False, **kwargs)
-        got = onnx.sample_latents(4, seed=3, progress=False, **kwargs)
+    assert ("CUDA graphs" in onnx.backend_reason) == cuda_graph
+    for n, kwargs in ((4, {"sampler": "ddpm"}), (4, {"sampler": "ddim", "steps": 20}), (1, {"sampler": "dpm++2m"})):
+        expected = reference.sample_latents(n, seed=3, progress=False, **kwargs)
+        got = onnx.sample_latents(n, seed=3, progress=False, **kwargs)
         assert got.device.type == "cuda"
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    latents = expected * 3  # scaled to reach varied decodes of the briefly trained decoder
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    latents = reference.sample_latents(4, seed=3, progress=False, sampler="ddim", steps=20) * 3  # varied decodes
     assert onnx.decode(latents, progress=False) == reference.decode(latents, progress=False)
+    half = ldlm.load(cuda_export, device="cuda", dtype="float16", onnx_options=OnnxOptions(cuda_graph=cuda_graph))
+    got = half.sample_latents(4, seed=3, progress=False, sampler="ddim", steps=20)
+    expected = latents / 3
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 5e-2

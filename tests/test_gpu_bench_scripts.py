@@ -55,14 +55,15 @@ def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH / "fused_blocks.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "3",
          "--dtypes", "float32", "--sampler", "ddim", "--steps", "3", "--compile-modes", "default", "--repeats", "1",
-         "--fp8", "--decode", "--max-new-tokens", "6", "--json", str(tmp_path / "blocks.json")],
+         "--fp8", "--decode", "--decode-peers", "--max-new-tokens", "6", "--json", str(tmp_path / "blocks.json")],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "blocks.json").read_text())
-    assert [r["path"] for r in report["rows"]] == ["decode engine", "decode engine + fused blocks",
-                                                  "decode engine + fused blocks + fused beam step", "engine",
-                                                  "engine + fused blocks", "engine + fused blocks + fp8",
-                                                  "torch.compile default"]
+    assert [r["path"] for r in report["rows"]] == ["engine", "engine + fused blocks", "engine + fused blocks + fp8",
+                                                  "torch.compile default", "decode engine",
+                                                  "decode engine + fused blocks",
+                                                  "decode engine + fused blocks + fused beam step",
+                                                  "decode HF generate", "decode HF generate, static cache"]
     for row in report["rows"]:
         assert row["batch"] == 3 and row["median_ms"] > 0, row
         if row["path"].endswith("fp8"):  # float8 codes: near the reference, not at it
@@ -77,7 +78,8 @@ def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
                            text=True, check=True).stdout
     assert table.count("| sampling loop, ") == 4 and "torch.compile default" in table
     assert "x the fused blocks' time" in table.split("engine + fused blocks + fp8")[1].splitlines()[0]
-    assert table.count("| decode engine") == 3 and "tokens identical" in table
+    assert table.count("| decode engine") == 3 and table.count("| decode HF generate") == 2
+    assert "DIFFER" not in table  # Hugging Face's tokens are the reference's too
 
 
 def test_profile_runs_every_attention_and_the_table_shows_them(tmp_path):
@@ -233,9 +235,36 @@ def test_gpu_check_stage_limits_fit_one_device_call():
     time left for the start-up and the table."""
     script = (BENCH / "gpu_check.sh").read_text()
     limits = {name: int(seconds) for name, seconds in re.findall(r"^stage (\w+) (\d+) ", script, re.M)}
-    assert {"install", "tests", "kernel", "latency", "training", "blocks", "blocks_autotune",
-            "blocks_fp8"} <= set(limits), limits
+    assert {"install", "tests", "kernel", "latency", "training", "blocks", "tune", "blocks_autotune", "ort_cuda",
+            "ort_bench"} <= set(limits), limits
     opt_in = re.search(r'^OPT_IN=" (.*) "$', script, re.M).group(1).split()
-    assert opt_in == ["blocks", "blocks_autotune", "blocks_fp8"]  # each run alone: STAGES=blocks
+    assert opt_in == ["blocks", "tune", "blocks_autotune", "ort_cuda", "ort_bench"]  # each a call: STAGES=blocks
+    assert limits["install"] + limits["ort_cuda"] + limits["ort_bench"] <= 560, limits  # issue 23's call: both
     assert sum(v for k, v in limits.items() if k not in opt_in) <= 560, limits
     assert all(limits["install"] + limits[k] <= 560 for k in opt_in), limits
+
+
+def test_the_table_sets_onnx_runtime_on_cuda_beside_the_engine(tmp_path):
+    """Issue 23's rows: ORT's loop with its CUDA graph against the engine's (target 1.5x) and against ORT
+    without the graph; its decode against the engine's (2x); the parity tests' summary."""
+    rows = [{"backend": b, "batch": 8, "stage": stage, "median_s": ms / 1e3}
+            for b, stage, ms in (("reference", "loop", 900.0), ("cuda-graph", "loop", 100.0), ("onnx", "loop", 400.0),
+                                 ("onnx cuda-graph", "loop", 120.0), ("cuda-graph", "decode", 50.0),
+                                 ("onnx", "decode", 90.0), ("onnx cuda-graph", "decode", 91.0))]
+    (tmp_path / "ort_bench.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "ort_cuda.log").write_text("..\n2 passed, 30 deselected in 40.1s\n")
+    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True,
+                           text=True, check=True).stdout
+    assert "| ONNX Runtime CUDA parity (tests/test_gpu.py -k onnx) | 2 passed, 30 deselected in 40.1s | all pass |" in table
+    loop = table.split("| batch 8: loop, ONNX Runtime on CUDA |")[1].splitlines()[0]
+    assert "onnx cuda-graph 120.0 ms, onnx 400.0 ms, cuda-graph 100.0 ms" in loop and "ORT 1.20x the engine's" in loop
+    assert "<= 1.5x the engine and < onnx without its graph" in loop
+    decode = table.split("| batch 8: decode, ONNX Runtime on CUDA |")[1].splitlines()[0]
+    assert "ORT 1.80x the engine's" in decode and "<= 2x the engine" in decode
+
+
+def test_bench_refuses_onnx_cuda_graphs_without_a_gpu(capsys):
+    from ldlm.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--backends", "onnx", "--onnx-cuda-graph", "--device", "cpu"]) == 2
+    assert "--onnx-cuda-graph times the onnx backend's CUDA graphs" in capsys.readouterr().err

@@ -304,7 +304,7 @@ def test_backend_and_provider_errors(tiny_checkpoint, exported):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        with pytest.raises(BackendUnavailable, match="pip install onnxruntime-gpu"):
+        with pytest.raises(BackendUnavailable, match=r"ldlm\[onnx-gpu\]|pip uninstall -y onnxruntime"):
             ldlm.load(exported, onnx_options=OnnxOptions(provider="cuda"))
     if not torch.cuda.is_available():  # ONNX Runtime falls back to the CPU when CUDA cannot start: refused
         spec = json.loads((exported / "manifest.json").read_text())["graphs"]["float32"]["reverse"]
@@ -356,3 +356,48 @@ def test_evaluate_runs_on_the_onnx_backend(exported):
     assert model["reconstruction"]["token_accuracy"] is None and 0 <= model["reconstruction"]["bleu"] <= 100
     assert model["samples"]["n"] == 6
     assert format_table(result).splitlines()[2].split(" | ")[3] == "-"  # the model row's token_accuracy cell
+
+
+def test_static_inputs_bind_once_per_shape_with_a_graph_id_each(reference, onnx_parts, monkeypatch):
+    """What ORT's CUDA graphs need, on the CPU build: each input shape bound once to buffers of its own (a graph
+    id each: gpu_graph_id), every call's inputs copied in and the output copied out; the same results as a
+    binding per call, none aliasing another."""
+    from ldlm import onnx_runtime
+
+    graph = onnx_parts[torch.float32].reverse.graph
+    binds = []
+
+    def counted(self, inputs, outputs, graph_id=None, bind=onnx_runtime.Graph.bind):
+        binds.append((tuple(inputs["x_t"].shape), graph_id))
+        return bind(self, inputs, outputs, graph_id=graph_id)
+
+    monkeypatch.setattr(onnx_runtime.Graph, "bind", counted)
+    static = OnnxReverse(graph, reference.config, static_inputs=True)
+    plain = OnnxReverse(graph, reference.config)
+    g = torch.Generator().manual_seed(4)
+    results = []
+    for batch in (1, 4, 1, 4, 4):
+        x, t = torch.randn(batch, 32, generator=g), torch.rand(batch, generator=g) * 999
+        got = static(x, t)
+        assert torch.equal(got, plain(x, t))
+        results.append(got)
+    assert [b for b in binds if b[1] is not None] == [((1, 32), 0), ((4, 32), 1)]  # the plain calls bind each time
+    assert len({r.data_ptr() for r in results}) == len(results)  # copies: a sampler may keep the last x0_hat
+
+
+def test_cuda_graph_and_provider_options_say_what_to_fix(exported, monkeypatch):
+    from ldlm import onnx_runtime
+
+    with pytest.raises(ValueError, match="cuda_graph replays the reverse graph on the GPU: use provider 'cuda'"):
+        OnnxOptions(provider="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match=r"may not set \['use_tf32'\]"):
+        OnnxOptions(cuda_provider_options={"use_tf32": "1"})
+    with pytest.raises(BackendUnavailable, match="cuda_graph replays the reverse graph on the GPU: pass device='cuda'"):
+        ldlm.load(exported, onnx_options=OnnxOptions(cuda_graph=True))
+    options = OnnxOptions(provider="cuda", cuda_graph=True, cuda_provider_options={"arena_extend_strategy": "kSameAsRequested"})
+    assert onnx_runtime.cuda_provider_options(options, 1, cuda_graph=True) == {
+        "arena_extend_strategy": "kSameAsRequested", "device_id": "1", "use_tf32": "0", "enable_cuda_graph": "1"}
+    assert "enable_cuda_graph" not in onnx_runtime.cuda_provider_options(options, 0, cuda_graph=False)
+    # both builds installed side by side: the CPU one shadows the GPU one, and the hint says to keep one
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "1.31.1")
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in onnx_runtime.gpu_install_hint()
