@@ -6,9 +6,9 @@
 # ./gpu_results), as at most eight files, since that is all the device tool brings back: table.md, tests.log
 # (the GPU tests, then training's), the five JSON results and logs.tgz (every log, the GPU and the versions),
 # re-packed after each stage so a time limit keeps what ran. STAGES="tests profile" runs only those stages
-# (after the install), for a second call that re-checks what a first one found; STAGES=blocks, tune and
-# blocks_autotune run issues 21 and 22's stages, STAGES="ort_cuda ort_bench" issue 23's, each a call of its own
-# (they are not in the default run); LATENCY_BATCHES="1 64" narrows the latency stage.
+# (after the install), for a second call that re-checks what a first one found; STAGES="blocks_tests blocks",
+# STAGES=tune and STAGES=blocks_autotune run issues 21 and 22's stages, STAGES="ort_cuda ort_bench" issue 23's,
+# each a call of its own (they are not in the default run); LATENCY_BATCHES="1 64" narrows the latency stage.
 # Each stage has a time limit, in order of what the issue needs most; every stage at its limit adds up to under
 # nine minutes (the device tool allows ten a command; tests/test_gpu_bench_scripts.py keeps them under 560 s),
 # a normal run to far less.
@@ -20,7 +20,7 @@ logs="$(mktemp -d)"
 unset TRITON_INTERPRET
 
 # stages that fill most of a device call alone run only when STAGES names them (STAGES=blocks ...)
-OPT_IN=" blocks tune blocks_autotune ort_cuda ort_bench "
+OPT_IN=" blocks_tests blocks tune blocks_autotune ort_cuda ort_bench "
 wanted() {  # the install always runs; without STAGES, every stage but the opt-in ones
   [[ "$1" == install* || " ${STAGES:-} " == *" $1 "* ]] || [[ -z "${STAGES:-}" && "$OPT_IN" != *" $1 "* ]]
 }
@@ -48,7 +48,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 
 stage tests 100 python -m pytest -q --durations=15 tests/test_gpu.py tests/test_fused_update.py tests/test_add_layer_norm.py \
   tests/test_folded_reverse.py tests/test_fused_sampler.py tests/test_static_beam_search.py tests/test_backends.py \
-  tests/test_beam_attention.py tests/test_conditional_engine.py tests/test_fused_linear.py tests/test_beam_head.py
+  tests/test_beam_attention.py tests/test_conditional_engine.py
 code=$?
 if wanted tests; then
   echo "tests exit $code" >> "$logs/tests.log"
@@ -71,7 +71,10 @@ stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --
 # with float8 weights, against the engine and torch.compile of the reference; then the beam decode with fused
 # blocks and the fused beam step against the engine and Hugging Face generate; same run. max-autotune compiles
 # for minutes, so a call of its own
-stage blocks 420 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
+# (its call: STAGES="blocks_tests blocks"; the kernels' parity on CUDA first, their log beside the table)
+stage blocks_tests 100 python -m pytest -q tests/test_fused_linear.py tests/test_beam_head.py
+if wanted blocks_tests; then cp "$logs/blocks_tests.log" "$out/blocks_tests.log"; fi
+stage blocks 400 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
   --compile-modes reduce-overhead --compile-batches 64 --decode --decode-peers --json "$out/blocks.json"
 # issue 21 (opt-in): fused_linear's tiles tuned per shape the engine launches, most important first, kept under
 # kernels/tiles.json once committed (bench/tune_tiles.py --merge): then no run tunes at start-up

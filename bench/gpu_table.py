@@ -24,8 +24,12 @@ def fused_block_lines(out: Path) -> list[str]:
     weights' time against the fused blocks' in the same run; each decode path's time and tokens."""
     rows = [r for name in ("blocks.json", "blocks_autotune.json") if (out / name).exists()
             for r in json.loads((out / name).read_text())["rows"]]
-    same_run = {(r["dtype"], r["batch"]): r["median_ms"] for r in rows if r["path"] == "engine + fused blocks"}
     lines = []
+    if (out / "blocks_tests.log").exists():  # the fused kernels' parity on CUDA, run before the timings
+        log = (out / "blocks_tests.log").read_text().strip().splitlines()
+        lines.append(f"| fused_linear and beam_head on CUDA (tests/test_fused_linear.py, test_beam_head.py) | "
+                     f"{summary(log)} | all pass |")
+    same_run = {(r["dtype"], r["batch"]): r["median_ms"] for r in rows if r["path"] == "engine + fused blocks"}
     for r in rows:
         if r["path"].startswith("decode"):  # issue 22's: the beam decode with and without fused blocks
             kernels = f", {r['kernels_per_token']} kernels" if r.get("kernels_per_token") else ""

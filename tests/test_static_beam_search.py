@@ -213,7 +213,7 @@ def test_same_tokens_with_the_fused_beam_step(eos_weighted_decoder, kernels):
     assert len({len(tokens) for tokens in expected}) > 1  # some end early: EOS, the finished set, the stop test
     assert search(latents) == expected
     single = StaticBeamSearch(dec, batch_size=1, config=cfg, fused_beam_step=True, **kernels)
-    assert [single(latents[i : i + 1])[0] for i in (2, 4)] == [expected[2], expected[4]]
+    assert len(expected[2]) < cfg.max_new_tokens and single(latents[2:3]) == [expected[2]]  # one that ends early
 
 
 def test_the_fused_beam_step_refuses_a_hooked_lm_head(kernel_decoder):
