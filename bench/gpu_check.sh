@@ -39,8 +39,10 @@ stage() {
 }
 
 # `python -m pip`: a bare `pip` may belong to another interpreter than `python` (it did on the device image)
+# -e is setuptools' strict editable mode (pyproject.toml); an older setuptools that ignores the setting makes a
+# lenient one, which cannot find the namespace subpackages ldlm.kernels and ldlm.export: then a plain install
 stage install 45 python -m pip install --no-deps --no-build-isolation -e . || exit 1
-python -c "import ldlm" 2>/dev/null || stage install_plain 45 python -m pip install --no-deps --no-build-isolation . || exit 1
+python -c "import ldlm.kernels.reference, ldlm.export.manifest" 2>/dev/null || stage install_plain 45 python -m pip install --no-deps --no-build-isolation . || exit 1
 python -c "import ldlm; print('ldlm from', ldlm.__file__)" 2>&1 | tee "$logs/ldlm.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$logs/gpu.txt" 2>&1
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \

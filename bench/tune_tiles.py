@@ -29,7 +29,7 @@ import torch
 
 from ldlm.benchmark import bench_components
 from ldlm.folded_reverse import FoldedReverse
-from ldlm.kernels import modules_linear
+from ldlm.kernels.reference import modules_linear
 from ldlm.kernels.fused_linear import Fp8Linear, Tiles, default_tiles, fused_linear
 from ldlm.kernels.tile_table import FORMAT, merge, shape_key
 from ldlm.static_gpt2 import StaticKVGPT2

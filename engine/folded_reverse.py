@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import residual_norm
+from .kernels.reference import residual_norm
 from .reverse import Condition, ReverseTransformer, timestep_embedding
 
 

@@ -17,7 +17,7 @@ from .beam_search import BeamSearchConfig
 from .config import ModelConfig
 from .decoder import LatentDecoder
 from .fused_sampler import FusedSampler
-from .kernels import add_then_norm, beam_head_reference, modules_linear
+from .kernels.reference import add_then_norm, beam_head_reference, modules_linear
 from .reverse import ReverseTransformer
 from .schedule import NoiseSchedule
 from .static_beam_search import StaticBeamSearch

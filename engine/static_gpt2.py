@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
-from .kernels import residual_norm
+from .kernels.reference import residual_norm
 
 
 ATTENTION = ("sdpa", "matmul", "indirect")

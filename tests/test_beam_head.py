@@ -1,5 +1,5 @@
 """The fused beam step's kernels (ldlm.kernels.beam_head: LM head, log-softmax, n-gram ban, beam scores, top-2K)
-against the same function in torch with the logits written out (ldlm.kernels.beam_head_reference), on
+against the same function in torch with the logits written out (ldlm.kernels.reference.beam_head_reference), on
 irregular shapes: rows not a multiple of the tile, vocabularies not a power of two, over one and many
 vocabulary tiles, with and without bans (Triton interpreter on CPU, compiled on a GPU).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.kernels import beam_head_reference
+from ldlm.kernels.reference import beam_head_reference
 from ldlm.kernels.beam_head import HeadTiles, beam_head_topk  # conftest: TRITON_INTERPRET=1 on CPU
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -89,7 +89,7 @@ def test_fp8_weights_match_their_torch_function_and_stay_near_the_model(override
     float8 codes, read by the fused kernel; the same codes through torch's modules give the same function
     (1e-5), a few per cent from the model's own weights; the model's modules and its input/output projections
     are left as they were."""
-    from ldlm.kernels import modules_linear
+    from ldlm.kernels.reference import modules_linear
     from ldlm.kernels.fused_linear import Fp8Linear
 
     model = _model(5, **overrides)

@@ -175,7 +175,7 @@ def test_indirect_reorder_moves_the_table_not_the_cache(kernel_decoder):
 @pytest.mark.parametrize("n", [0, 1, 2, 3])
 def test_banned_token_ids_are_the_same_ban(n):
     """banned_tokens_static (the ids the fused beam step takes) bans what ban_repeated_ngrams_static does."""
-    from ldlm.kernels import ban_tokens
+    from ldlm.kernels.reference import ban_tokens
     from ldlm.static_beam_search import banned_tokens_static
 
     g = torch.Generator().manual_seed(n + 10)

@@ -1,10 +1,17 @@
-"""Kernels for the engine's hot loops. Triton: the fused per-step update (`fused_update`), a residual add with
-the layer norm after it (`add_layer_norm`), a linear layer with its layer norm, bias, GELU and residual
-(`fused_linear`), the beam decode's one-query attention read through a table of
-source rows (`beam_attention`) and its selection from the last hidden state (`beam_head`: LM head, log-softmax,
-n-gram ban, top-2K); `aot` compiles them ahead of time for a GPU architecture. C, for the CPU: the
-beam search's per-token bookkeeping and the KV cache's row gather (`beam_update.c`, built and loaded by
-`native`)."""
+"""What each kernel computes, in torch's own ops: the path taken where a kernel does not run, and what the
+kernels' tests compare with; `residual_norm` picks the fused kernel or torch's two ops.
+
+The kernels themselves, one module each: Triton's fused per-step update (`fused_update`), a residual add with the
+layer norm after it (`add_layer_norm`), a linear layer with its layer norm, bias, GELU and residual
+(`fused_linear`), the beam decode's one-query attention read through a table of source rows (`beam_attention`) and
+its selection from the last hidden state (`beam_head`: LM head, log-softmax, n-gram ban, top-2K); `aot` compiles
+them ahead of time for a GPU architecture. C, for the CPU: the beam search's per-token bookkeeping and the KV
+cache's row gather (`beam_update.c`, built and loaded by `native`).
+
+`ldlm.kernels` has no `__init__.py` on purpose: the folder `kernels/` sits at the repository's root, and a
+regular package there would shadow Hugging Face's `kernels` distribution (which transformers imports) for any
+Python started from the root. As a namespace portion it never does: a regular package anywhere on `sys.path`
+wins over it."""
 
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""Export of encoder, reverse transformer and decoder to ONNX graphs (issue 5)."""
