@@ -99,6 +99,14 @@ class Fixtures:
         subprocess.run(python(code), check=True, capture_output=True)
         self.other = other
 
+    def aoti(self) -> Path:
+        """An AOTInductor export of the checkpoint, compiled on first use (a minute or two)."""
+        path = self.root / "aoti"
+        if not path.exists():
+            subprocess.run(cli("export", str(self.checkpoint), str(path), "--format", "aoti"), check=True,
+                           capture_output=True)
+        return path
+
     def copy(self, which: Path, into: Path) -> Path:
         target = into / which.name
         shutil.copytree(which, target, symlinks=True)
@@ -315,6 +323,124 @@ def cases(fx: Fixtures) -> list[Case]:
              lambda d: ((d / "t.txt").write_bytes("caf\xe9\n".encode("latin-1")),
                         [cli("reconstruct", str(fx.checkpoint), "--file", str(d / "t.txt"))])[1]),
         Case("tiny-encoder", "the tiny preset's encoder on two unrelated texts", tiny_latents, printed),
+        *issue37_cases(fx, settings),
+    ]
+
+
+PLANTED = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("HOSTILE_MARKER"), "w");
+    if (f) { fputs("ran", f); fclose(f); }
+}
+"""
+
+
+def planted_library(path: Path) -> None:
+    """A shared library whose constructor writes $HOSTILE_MARKER when anything loads it."""
+    source = path.with_suffix(".c")
+    source.write_text(PLANTED)
+    subprocess.run([os.environ.get("CC") or shutil.which("cc") or "gcc", "-shared", "-fPIC", "-o", str(path),
+                    str(source)], check=True)
+
+
+def with_env(command: list[str], **env: str) -> list[str]:
+    return ["env", *(f"{k}={v}" for k, v in env.items()), *command]
+
+
+def issue37_cases(fx: Fixtures, settings: list[str]) -> list[Case]:
+    """Issue 37: native code only by consent, bounded work, training that never mixes runs."""
+    def marker_judge(d: Path, run: Run) -> str:
+        return "PLANTED LIBRARY RAN" if (d / "marker").exists() else "planted library never loaded"
+
+    def native_cache(mode: int) -> Callable[[Path], list[list[str]]]:
+        def prepare(d: Path) -> list[list[str]]:
+            cache = d / "cache"
+            env = {"LDLM_CACHE": str(cache), "HOSTILE_MARKER": str(d / "marker")}
+            subprocess.run(with_env(python("from ldlm.kernels import native; native.library()"), **env), check=True)
+            for library in (cache / "native").glob("beam_update-*.so"):
+                planted_library(library)
+                record = library.with_name(library.name + ".sha256")
+                if record.exists():  # whoever can write the folder can rewrite the record too
+                    record.write_text(hashlib.sha256(library.read_bytes()).hexdigest())
+            (cache / "native").chmod(mode)
+            return [with_env(cli("generate", str(fx.export), "-n", "1", *settings), **env)]
+        return prepare
+
+    def cache_is_a_file(d: Path) -> list[list[str]]:
+        (d / "file").write_text("")
+        return [with_env(cli("generate", str(fx.export), "-n", "1", *settings), LDLM_CACHE=str(d / "file"))]
+
+    def aoti_unsigned(d: Path) -> list[list[str]]:
+        export = fx.copy(fx.aoti(), d)
+        edit_json(export / "manifest.json", lambda m: m.pop("signature", None))
+        return [cli("generate", str(export), "-n", "1", *settings)]
+
+    def data(name: str, content: bytes) -> Callable[[Path], list[list[str]]]:
+        def prepare(d: Path) -> list[list[str]]:
+            (d / name).write_bytes(content)
+            return [cli("train", "--data", str(d / name), "--out", str(d / "m"), "--preset", "tiny", "--time-budget",
+                        "0", "--decoder-steps", "2", "--diffusion-steps", "2", "--no-progress")]
+        return prepare
+
+    def two_trainings(d: Path) -> list[list[str]]:
+        (d / "t.txt").write_text("\n".join(["the cat sat on the mat.", "a dog ran in the park."] * 20))
+        command = cli("train", "--data", str(d / "t.txt"), "--out", str(d / "m"), "--preset", "tiny",
+                      "--time-budget", "0", "--decoder-steps", "300", "--diffusion-steps", "300", "--no-progress")
+        return [command, command]
+
+    def one_refused(d: Path, run: Run) -> str:
+        return "the other run refused" if "being trained by another run" in run.err else "BOTH RAN"
+
+    def train_into_export(d: Path) -> list[list[str]]:
+        export = fx.copy(fx.export, d)
+        (d / "t.txt").write_text("the cat sat on the mat.\n" * 20)
+        return [cli("train", "--data", str(d / "t.txt"), "--out", str(export), "--preset", "tiny", "--time-budget",
+                    "0", "--decoder-steps", "2", "--diffusion-steps", "2", "--no-progress"),
+                cli("info", str(export))]
+
+    def export_loads(d: Path, run: Run) -> str:
+        return "export still loads" if run.rc == 0 else "EXPORT BROKEN"
+
+    def tokenizer_mismatch(d: Path) -> list[list[str]]:
+        ckpt_copy = fx.copy(fx.checkpoint, d)
+        subprocess.run(python("from transformers import AutoTokenizer; "
+                              f"t = AutoTokenizer.from_pretrained({str(ckpt_copy / 'tokenizer')!r}); "
+                              "t.add_tokens(['zzz1', 'zzz2']); "
+                              f"t.save_pretrained({str(ckpt_copy / 'tokenizer')!r})"), check=True)
+        return [cli("generate", str(ckpt_copy), "-n", "1", *settings)]
+
+    def export_std_nan(d: Path) -> list[list[str]]:
+        export = fx.copy(fx.export, d)
+        edit_json(export / "manifest.json", lambda m: m["latent_stats"].update(
+            std=[float("nan")] * len(m["latent_stats"]["std"])))
+        return [cli("generate", str(export), "-n", "1", *settings)]
+
+    return [
+        Case("native-cache-planted", "a library with a constructor planted at the C helper's cache path, its hash "
+             "record rewritten; `ldlm generate EXPORT`", native_cache(0o700), marker_judge),
+        Case("native-cache-777", "the same in a cache folder of mode 777", native_cache(0o777), marker_judge),
+        Case("cache-is-a-file", "LDLM_CACHE names a file; `ldlm generate EXPORT`", cache_is_a_file),
+        Case("aoti-unsigned", "an AOTInductor export copied from elsewhere (no signature of this user's key); "
+             "`ldlm generate`", aoti_unsigned, tags=["slow"]),
+        Case("train-50mb-line", "`ldlm train` on a .txt holding one 50 MB line",
+             data("huge.txt", b"the cat sat. " * 4_000_000 + b"\na dog ran.\n")),
+        Case("train-nested-json", "`ldlm train` on a .jsonl line nested 100,000 deep",
+             data("deep.jsonl", b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")),
+        Case("train-latin1", "`ldlm train` on a Latin-1 file", data("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"))),
+        Case("train-two-runs", "two `ldlm train` on one --out at once", two_trainings, one_refused, concurrent=True),
+        Case("train-into-export", "`ldlm train --out EXPORT`, then `ldlm info EXPORT`", train_into_export,
+             export_loads),
+        Case("generate-n-negative", "`ldlm generate -n -5 --output F`",
+             lambda d: [cli("generate", str(fx.checkpoint), "-n", "-5", "--output", str(d / "o.jsonl"))]),
+        Case("generate-n-zero", "`ldlm generate -n 0`", lambda d: [cli("generate", str(fx.checkpoint), "-n", "0")]),
+        Case("num-beams-huge", "`ldlm generate -n 1 --num-beams 100000`",
+             lambda d: [cli("generate", str(fx.checkpoint), "-n", "1", "--num-beams", "100000", *settings)]),
+        Case("guidance-unconditional", "`--guidance 3` on an unconditional model",
+             lambda d: [cli("generate", str(fx.checkpoint), "-n", "1", "--guidance", "3", *settings)]),
+        Case("tokenizer-mismatch", "a checkpoint's tokenizer two tokens longer than its decoder", tokenizer_mismatch),
+        Case("export-std-nan", "an export whose latent std is all NaN", export_std_nan),
     ]
 
 

@@ -9,6 +9,8 @@ unchanged (ldlm.onnx_runtime.load_export_components).
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -49,18 +51,51 @@ def check_target(manifest: dict, directory: Path, device: torch.device) -> str:
     return f"AOTInductor packages (compiled ahead of time for {built}; nothing compiles at load)"
 
 
+class NativeCodeRefused(ValueError):
+    """An export holding native code that nothing shows this user wrote, loaded without trust_native_code."""
+
+
+def native_code_consent(manifest: dict, directory: Path, trust_native_code: bool) -> str:
+    """Why this process may run the export's native code, checked before any package is opened: the caller's
+    consent, or this user's signature over the manifest (whose hashes read_manifest has checked against every
+    file). Raises NativeCodeRefused, naming the safe alternatives, otherwise."""
+    from ldlm.export.manifest import signed_by_this_user
+
+    if trust_native_code:
+        return "native code run by consent (trust_native_code)"
+    if signed_by_this_user(manifest):
+        return "native code exported by this user here (signed with this user's key)"
+    raise NativeCodeRefused(
+        f"{directory} holds AOTInductor packages, which are native code (a shared library each) that runs when "
+        "loaded, and nothing shows that you exported it on this machine (its manifest carries no signature of "
+        "your ldlm key). Load it only if you trust whoever wrote it: ldlm.load(path, trust_native_code=True), or "
+        "--trust-native-code. Safe alternatives: the ONNX export, which is data (`ldlm export CKPT OUT`), or export "
+        "the checkpoint again here (`ldlm export CKPT OUT --format aoti`)")
+
+
+def _private_copy(path: Path, expected_sha256: str, folder: Path) -> Path:
+    """A copy of `path` in a folder only this process's user can write, checked against the manifest's hash:
+    what is loaded is what was verified, whoever can write the export's folder."""
+    from ldlm.export.manifest import sha256
+
+    copy = folder / path.name
+    shutil.copyfile(path, copy)
+    if sha256(copy) != expected_sha256:
+        raise ValueError(f"{path} changed while it was being loaded (its hash no longer matches manifest.json); "
+                         "load it again, from a folder no one else writes")
+    return copy
+
+
 class AotiGraph(GraphShapes):
     """One AOTInductor package; `spec` is its manifest entry, checked against the package's own metadata."""
 
-    def __init__(self, path: Path, spec: dict):
+    def __init__(self, path: Path, spec: dict, sha256: str):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export --format aoti`")
-        try:
-            self.runner = torch._inductor.aoti_load_package(str(path))
+        with tempfile.TemporaryDirectory(prefix="ldlm-aoti-") as private:  # mode 700
+            copy = _private_copy(path, sha256, Path(private))
+            self.runner = self._load(path, copy)
             io = json.loads(self.runner.get_metadata()[IO_METADATA])
-        except Exception as e:  # the loader raises RuntimeError, zipfile's errors, KeyError for foreign packages
-            raise ValueError(f"{path} could not be loaded as an ldlm AOTInductor package ({type(e).__name__}: {e}): "
-                             "it is corrupt or not written by `ldlm export --format aoti`; re-run it") from e
         self.path = path
         self.input_names = [i["name"] for i in io["inputs"]]
         self.output_names = [o["name"] for o in io["outputs"]]
@@ -71,6 +106,16 @@ class AotiGraph(GraphShapes):
                              "`ldlm export --format aoti` (a package was replaced)")
         self.input_dtypes = {i["name"]: _DTYPES[i["dtype"]] for i in io["inputs"]}
         self.shapes = {v["name"]: v["shape"] for v in (*io["inputs"], *io["outputs"])}
+
+    @staticmethod
+    def _load(path: Path, copy: Path):
+        try:
+            runner = torch._inductor.aoti_load_package(str(copy))
+            runner.get_metadata()[IO_METADATA]
+            return runner
+        except Exception as e:  # the loader raises RuntimeError, zipfile's errors, KeyError for foreign packages
+            raise ValueError(f"{path} could not be loaded as an ldlm AOTInductor package ({type(e).__name__}: {e}): "
+                             "it is corrupt or not written by `ldlm export --format aoti`; re-run it") from e
 
     def bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
         """As Graph.bind: a run with these tensors, each call reading what they hold then (a package takes its

@@ -34,10 +34,9 @@ STATIC_DECODE_BACKENDS = (*ENGINE_BACKENDS, "compiled")  # decode with the stati
 # 19,474 ms (and 26-41 s to compile its decode), aoti 309 / 872 / 4,697 ms, onnx --int8 286 / 817 / 5,106 ms.
 # Of the backends that run a checkpoint the reference is the one that never loses much and compiles nothing;
 # the exports are faster at every batch, so auto names them.
-CPU_AUTO_REASON = ("auto: on the CPU the reference is the steadiest backend for a checkpoint (compiled is 1.3x "
-                   "faster at batch 1 but slower from batch 8, after tens of seconds compiling; CUDA graphs need a "
-                   "CUDA device); an export is faster at every batch: `ldlm export CKPT OUT --format aoti` "
-                   "(fp32, 1.3-2.1x end to end), or the ONNX export with --int8 (int8, 1.35-2.3x)")
+CPU_AUTO_REASON = ("auto: on the CPU, the reference for a checkpoint (compiles nothing; CUDA graphs need CUDA); an "
+                   "export runs faster: "
+                   "`ldlm export CKPT OUT` (--int8) or `--format aoti`, timed per machine in bench/RESULTS.md")
 
 
 class BackendUnavailable(RuntimeError):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .decoder import LatentDecoder
 
 NEG_INF = -1.0e9  # HF's stand-in for "impossible" in beam bookkeeping
+MAX_NUM_BEAMS = 32  # a bound on what a user can ask (and the native kernel's per-item candidate array)
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,10 @@ class BeamSearchConfig:
     early_stopping: bool = True  # an item is done once it has K finished hypotheses
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or not (
+                1 <= self.num_beams <= MAX_NUM_BEAMS):
+            raise ValueError(f"num_beams must be a whole number from 1 to {MAX_NUM_BEAMS}, got {self.num_beams!r} "
+                             "(past 8 beams rarely changes a text; each beam costs a decoder row per item)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 

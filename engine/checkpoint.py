@@ -70,6 +70,7 @@ def save_checkpoint(c: Components, directory: str | Path) -> Path:
         "model": c.config.to_dict(),
         "encoder": {"bundled": c.encoder_bundled, "name_or_path": c.config.encoder, "hidden_size": c.encoder.latent_dim},
         "gpt2": c.decoder.gpt2.config.to_diff_dict(),
+        "tokenizer_size": len(c.decoder.tokenizer),  # checked at load: the tokenizer saved with these weights
     }
     tmp = directory / "config.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
@@ -110,7 +111,20 @@ def _load_latent_stats(path: Path, shape: tuple[int, ...]) -> dict[str, torch.Te
     shapes = header_shapes(path)
     if shapes != {"mean": shape, "std": shape}:
         raise CheckpointError(f"{path} must hold mean and std of shape {shape}, holds {shapes}")
-    return load_file(str(path))
+    stats = load_file(str(path))
+    check_latent_stats(stats["mean"], stats["std"], str(path))
+    return stats
+
+
+def check_latent_stats(mean: torch.Tensor, std: torch.Tensor, where: str) -> None:
+    """The latent statistics every sample is scaled by (a checkpoint's or an export's): finite, std > 0, or a
+    CheckpointError naming where they came from and the first bad dimension."""
+    for name, values, ok in (("mean", mean, torch.isfinite(mean)), ("std", std, torch.isfinite(std) & (std > 0))):
+        bad = (~ok).flatten().nonzero().flatten()
+        if len(bad):
+            raise CheckpointError(f"{where}: the latent {name} is {values.flatten()[bad[0]].item()} in dimension "
+                                  f"{bad[0].item()} ({len(bad)} of {values.numel()} bad); it must be finite"
+                                  f"{' and above 0' if name == 'std' else ''}: retrain, or export the checkpoint again")
 
 
 def _model_config(directory: Path, meta: dict) -> ModelConfig:
@@ -206,7 +220,9 @@ def _load_checkpoint(directory: Path) -> Components:
 
     reverse = ReverseTransformer(config)
     _load_weights(reverse, directory / "reverse.safetensors")
-    decoder = LatentDecoder(config, GPT2LMHeadModel(gpt2_config), load_tokenizer(tokenizer_folder))
+    decoder = LatentDecoder(config, GPT2LMHeadModel(gpt2_config),
+                            load_tokenizer(tokenizer_folder, vocab_size=gpt2_config.vocab_size,
+                                           saved_size=meta.get("tokenizer_size")))
     _load_weights(decoder, directory / "decoder.safetensors")
     return Components(config, encoder, decoder.eval(), reverse.eval(), stats["mean"], stats["std"],
                       encoder_bundled=bundled)

@@ -40,8 +40,15 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
                         "the CPU, E2E quality unchanged, most texts as fp32's)")
     p.add_argument("--onnx-cuda-graph", action="store_true",
                    help="onnx backend on CUDA: replay the reverse graph as ONNX Runtime CUDA graphs in the sampling loop")
+    _add_trust_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per line instead of plain text")
     p.add_argument("--no-progress", action="store_true", help="turn progress bars off")
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-native-code", action="store_true",
+                   help="load an AOTInductor export that someone else wrote: its packages are native code that "
+                        "runs when loaded (without the flag, only your own exports from this machine load)")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -72,8 +79,8 @@ def _texts_from_args(args) -> list[str]:
     return texts
 
 
-def _print_results(args, inputs: list[str | None], outputs: list[str], **settings) -> None:
-    for i, (source, text) in enumerate(zip(inputs, outputs)):
+def _print_results(args, inputs: list[str | None], outputs: list[str], first_index: int = 0, **settings) -> None:
+    for i, (source, text) in enumerate(zip(inputs, outputs), start=first_index):
         if args.json:
             record = {"index": i, "text": text, **({"input": source} if source is not None else {}), **settings}
             print(json.dumps(record, ensure_ascii=False))
@@ -260,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
     p.add_argument("--num-beams", type=int, default=4, help="beams of the decode (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="decode length bound (default 64)")
+    _add_trust_flag(p)
     p.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw latency against batch size per backend into FILE (png)")
 
@@ -268,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("outdir", help="new directory for the graphs, tokenizers and manifest.json")
     p.add_argument("--format", choices=("onnx", "aoti"), default="onnx",
-                   help="onnx: ONNX graphs for ONNX Runtime (default); aoti: AOTInductor packages compiled for "
-                        "this CPU (float32; minutes to compile, nothing compiles at load)")
+                   help="onnx: ONNX graphs for ONNX Runtime (default), data; aoti: AOTInductor packages compiled "
+                        "for this CPU (float32; minutes to compile, nothing compiles at load), which are native code: "
+                        "signed with your key, so your ldlm loads them; anyone else's needs --trust-native-code")
     p.add_argument("--no-fp16", action="store_true", help="onnx: skip the float16 graphs")
     p.add_argument("--no-int8", action="store_true", help="onnx: skip the int8 reverse transformer and decoder step")
     p.add_argument("--opset", type=int, default=18, help="onnx: ONNX opset (default 18)")
@@ -351,7 +360,7 @@ def _load(args):
     from .pipeline import load
 
     pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype,
-                onnx_options=_onnx_options(args))
+                onnx_options=_onnx_options(args), trust_native_code=args.trust_native_code)
     print(f"backend: {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
     return pipe
 
@@ -378,10 +387,24 @@ def _sample_count(args) -> int:
 
 def _each_condition(args, given: list[str]) -> list[str]:
     """Each source or label repeated -n times (default once): one entry per text to generate."""
+    if len(given) * (args.num_samples or 1) > MAX_CLI_SAMPLES:
+        raise ValueError(f"{len(given)} conditions times -n {args.num_samples or 1} is over {MAX_CLI_SAMPLES:,} "
+                         "texts, the most one command generates: split the sources over several runs")
     return [c for c in given for _ in range(1 if args.num_samples is None else args.num_samples)]
 
 
+MAX_CLI_SAMPLES = 1_000_000  # one command's -n (times its sources): every item is held until it is written
+
+
+def _check_sample_count(args) -> None:
+    n = args.num_samples
+    if n is not None and not 1 <= n <= MAX_CLI_SAMPLES:
+        raise ValueError(f"-n must be from 1 to {MAX_CLI_SAMPLES:,}, got {n}: for more, run several jobs (--output "
+                         "FILE with --seed S each)")
+
+
 def cmd_generate(args) -> None:
+    _check_sample_count(args)
     conditions = _conditions_from_args(args)
     if args.input or args.output:
         if conditions:
@@ -391,12 +414,17 @@ def cmd_generate(args) -> None:
     if args.ray:
         return _print_ray_job(args, conditions)
     pipe = _load(args)
+    _check_conditions_fit(args, pipe.config, conditions)
     sampler, steps = pipe.sampling(args.sampler, args.steps)
     common = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta, num_beams=args.num_beams,
                   decoding=args.decoding, top_p=args.top_p, progress=not args.no_progress)
-    if conditions is None:
-        texts = pipe.generate(_sample_count(args), **common)
-        _print_results(args, [None] * len(texts), texts, sampler=sampler, steps=steps, seed=args.seed)
+    if conditions is None:  # printed a batch at a time, as each ends: memory stays flat for any -n
+        printed = 0
+        for texts in pipe.generate_batches(_sample_count(args), **common):
+            _print_results(args, [None] * len(texts), texts, first_index=printed, sampler=sampler, steps=steps,
+                           seed=args.seed)
+            sys.stdout.flush()
+            printed += len(texts)
         return
     kind, given = conditions
     each = _each_condition(args, given)
@@ -409,6 +437,25 @@ def cmd_generate(args) -> None:
             print(json.dumps(record, ensure_ascii=False))
         else:
             print(text)
+
+
+def _check_conditions_fit(args, config, conditions: tuple[str, list[str]] | None) -> None:
+    """--source / --label / --guidance against what the model is conditioned on, in the command line's words."""
+    flags = {"text": "--source TEXT or --source-file FILE", "label": f"--label NAME (one of {config.labels})"}
+    if config.condition is None:
+        if conditions is not None or args.guidance is not None:
+            given = "--guidance" if conditions is None else "--source/--label"
+            raise ValueError(f"this model is unconditional: it reads no source or label, so {given} would be "
+                             "ignored; drop it, or load a conditional model (ldlm train --source-field/--label-field)")
+        return
+    if conditions is None:
+        if args.guidance is not None:
+            raise ValueError(f"--guidance weighs a condition: pass {flags[config.condition]} with it")
+        return
+    kind = "text" if conditions[0] == "sources" else "label"
+    if kind != config.condition:
+        raise ValueError(f"this model is conditioned on a {'source text' if config.condition == 'text' else 'label'}: "
+                         f"pass {flags[config.condition]}, not {'--source' if kind == 'text' else '--label'}")
 
 
 def _print_ray_job(args, conditions: tuple[str, list[str]] | None) -> None:
@@ -457,13 +504,15 @@ def _run_generate_job(args, input_path, output_path, report: bool = True) -> Non
     if args.ray:
         from .ray_jobs import run_job_on_ray
 
-        load_kwargs = {"backend": args.backend, "dtype": args.dtype, "onnx_options": _onnx_options(args)}
-        counts = run_job_on_ray(args.checkpoint, items, output_path, settings, load_kwargs=load_kwargs,
+        load_kwargs = {"backend": args.backend, "dtype": args.dtype, "onnx_options": _onnx_options(args),
+                       "trust_native_code": args.trust_native_code}
+        counts = run_job_on_ray(args.checkpoint, list(items), output_path, settings, load_kwargs=load_kwargs,
                                 batch_size=args.batch_size, resume=args.resume, workers=args.ray_workers,
                                 address=args.ray_address, progress=not args.no_progress)
     else:
+        total = None if input_path else _sample_count(args)
         counts = run_job(_load(args), items, output_path, settings, batch_size=args.batch_size, resume=args.resume,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, total=total)
     if report:
         print(f"{output_path}: {counts['written']} written, {counts['errors']} bad lines reported, "
               f"{counts['skipped']} already done", file=sys.stderr)
@@ -593,7 +642,9 @@ def cmd_bench(args) -> None:
                 pipe = Pipeline(components, args.device, backend, dtype)
                 run(pipe, pipe.backend, dtype)
                 continue
-            pipe = load(path, device=args.device, backend=backend, dtype=dtype, onnx_options=options)
+            # an export this run wrote in its temporary folder is signed with this user's key
+            pipe = load(path, device=args.device, backend=backend, dtype=dtype, onnx_options=options,
+                        trust_native_code=args.trust_native_code)
             run(pipe, pipe.backend, dtype)
             if args.int8 and pipe.backend == "onnx":
                 int8 = dataclasses.replace(options, int8_reverse=True, int8_decoder=True)
@@ -623,17 +674,21 @@ def cmd_export(args) -> None:
 
 def cmd_info(args) -> None:
     from .checkpoint import load_checkpoint
-    from .export.manifest import is_export, read_manifest
+    from .export.manifest import graph_format, is_export, read_manifest, signed_by_this_user
 
-    if is_export(args.checkpoint):  # an export (ONNX or AOTI): its manifest, checked, without the bulky parts
+    if is_export(args.checkpoint):  # an export (ONNX or AOTI): its manifest, checked, never a graph opened
         manifest = read_manifest(args.checkpoint)
+        native = None
+        if graph_format(manifest) == "aoti":
+            native = ("AOTInductor packages: signed by your key, so they load" if signed_by_this_user(manifest) else
+                      "AOTInductor packages not signed by your key: they load only with --trust-native-code")
         graphs = {variant: {name: {"file": g["file"], "inputs": [i["name"] for i in g["inputs"]],
                                    "outputs": [o["name"] for o in g["outputs"]]} for name, g in specs.items()}
                   for variant, specs in manifest["graphs"].items()}
         print(json.dumps({"export": str(args.checkpoint), "format": manifest["format"], "opset": manifest.get("opset"),
                           "exporter": manifest["exporter"], "target": manifest.get("target"),
                           "versions": manifest["versions"], "model": manifest["model"], "graphs": graphs,
-                          "files": len(manifest["files"]), "hashes": "verified"}, indent=2))
+                          "files": len(manifest["files"]), "hashes": "verified", "native_code": native}, indent=2))
         return
 
     c = load_checkpoint(args.checkpoint)

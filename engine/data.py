@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ast
+import codecs
+import itertools
 import json
 import random
 import re
 import sysconfig
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -14,39 +18,86 @@ def _fold(text: str) -> str:
     return " ".join(text.split())
 
 
+MAX_LINE_BYTES = 1 << 20  # of one training line, the most read: the models keep a few hundred tokens of it
+MAX_TEXT_CHARS = 20_000  # of one text or condition, the most kept (the encoder's limit is far lower)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, the line's first MAX_LINE_BYTES bytes, whether it held more), holding no more than that
+    in memory however long a line is."""
+    with path.open("rb") as f:
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            longer = len(line) > MAX_LINE_BYTES and not line.endswith(b"\n")
+            if longer:  # skip the rest of the line, a block at a time
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+            yield lineno, line[:MAX_LINE_BYTES], longer
+
+
+def _decode(raw: bytes, where: str, cut: bool) -> str:
+    try:  # a line cut mid-character keeps the whole characters before the cut
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start} of the line): convert the file "
+                         "to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE) or remove the line") from None
+
+
 def read_examples(path: str | Path, text_field: str = "text", condition_field: str | None = None
                   ) -> list[tuple[str, str | None]]:
     """(text, condition) per non-empty line; `.jsonl` lines are objects whose `text_field` holds the text and
     `condition_field` (if given: jsonl only) what it is generated from, a source text or a label (a string, or
-    a number read as its name). Whitespace is folded."""
+    a number read as its name). Whitespace is folded.
+
+    Bounded whatever the file holds: a plain-text line is read up to MAX_LINE_BYTES and each text and condition
+    kept up to MAX_TEXT_CHARS characters (the models read far fewer tokens), with one warning naming the lines
+    cut; a JSONL line longer than MAX_LINE_BYTES, or nested too deeply to parse, is an error naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"training data {path} is a directory: pass the files in it (e.g. {path}/*.txt)")
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")
     if condition_field is not None and path.suffix != ".jsonl":
         raise ValueError(f"{path}: a condition field ({condition_field!r}) needs .jsonl data, one object per line")
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            condition = None
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove the line") from e
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{path}:{lineno} has no string field {text_field!r}; pass --text-field")
-                line = record[text_field].strip()
-                if condition_field is not None:
-                    value = record.get(condition_field)
-                    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-                        raise ValueError(f"{path}:{lineno} has no usable field {condition_field!r} (a non-empty "
-                                         f"string, got {value!r}); fix the line or pass another field")
-                    condition = _fold(str(value))
-            if line:
-                examples.append((_fold(line), condition))
+    examples, cut_lines = [], []
+    for lineno, raw, longer in _lines(path):
+        where = f"{path}:{lineno}"
+        if longer and path.suffix == ".jsonl":
+            raise ValueError(f"{where} is longer than {MAX_LINE_BYTES} bytes, the most ldlm reads of a training "
+                             "line (the models keep a few hundred tokens of a text): shorten or remove the line")
+        line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, where, longer).strip()
+        if not line:
+            continue
+        condition = None
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON ({e}); fix or remove the line") from e
+            except RecursionError:
+                raise ValueError(f"{where} is JSON nested too deeply to read; a training line is an object with "
+                                 f"a {text_field!r} string: fix or remove the line") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise ValueError(f"{where} has no string field {text_field!r}; pass --text-field")
+            line = record[text_field].strip()
+            if condition_field is not None:
+                value = record.get(condition_field)
+                if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+                    raise ValueError(f"{where} has no usable field {condition_field!r} (a non-empty "
+                                     f"string, got {value!r}); fix the line or pass another field")
+                condition = _fold(str(value)[:MAX_TEXT_CHARS])
+                longer = longer or len(str(value)) > MAX_TEXT_CHARS
+        if longer or len(line) > MAX_TEXT_CHARS:
+            cut_lines.append(lineno)
+        if line:
+            examples.append((_fold(line[:MAX_TEXT_CHARS]), condition))
+    if cut_lines:
+        shown = ", ".join(map(str, cut_lines[:5])) + (f" and {len(cut_lines) - 5} more" if len(cut_lines) > 5 else "")
+        warnings.warn(f"{path}: {len(cut_lines)} line(s) held more than {MAX_TEXT_CHARS} characters (or "
+                      f"{MAX_LINE_BYTES} bytes) of text; each was cut to that, of which the models read the first "
+                      f"few hundred tokens: line {shown}", stacklevel=2)
     return examples
 
 

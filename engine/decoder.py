@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .config import ModelConfig
-from .model_files import (DECODER_MODEL_TYPES, check_model_folder, check_model_weights, check_tokenizer_folder,
-                          load_pretrained, local_folder)
+from .model_files import (DECODER_MODEL_TYPES, ModelFileError, check_model_folder, check_model_weights,
+                          check_tokenizer_folder, load_pretrained, local_folder)
 
 EOS = "<|endoftext|>"  # GPT-2's only special token: end of text, also used as padding
 
@@ -38,12 +38,27 @@ def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer folder, checked first (ldlm.model_files: transformers' own classes, no custom code)."""
-    check_tokenizer_folder(Path(path), f"the tokenizer at {path}")
-    tokenizer = load_pretrained(AutoTokenizer, Path(path))
+def load_tokenizer(path: str | Path, vocab_size: int | None = None, saved_size: object = None):
+    """A tokenizer folder, checked first (ldlm.model_files: transformers' own classes, no custom code). With
+    `vocab_size`, the vocabulary of the network it feeds, which it must not exceed (its ids index the
+    embedding); with `saved_size` (how many tokens the tokenizer saved with the model had, where the model
+    folder records it), it must be that one: another model's would decode to the wrong words."""
+    path = Path(path)
+    check_tokenizer_folder(path, f"the tokenizer at {path}")
+    try:
+        tokenizer = load_pretrained(AutoTokenizer, path)
+    except Exception as e:  # transformers answers a broken tokenizer.json in several ways, JSONDecodeError too
+        raise ModelFileError(f"{path} does not load as a tokenizer ({type(e).__name__}: {str(e)[:160]}): its "
+                             "tokenizer.json is missing or corrupt; restore the folder from the model it came "
+                             "with") from e
     if tokenizer.pad_token is None:  # pretrained GPT-2 has no pad token: pad with EOS (masked everywhere)
         tokenizer.pad_token = tokenizer.eos_token
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ModelFileError(f"{path} holds a tokenizer of {len(tokenizer)} tokens, more than the {vocab_size} of the "
+                             "network it feeds: it belongs to another model; restore the tokenizer saved with it")
+    if type(saved_size) is int and len(tokenizer) != saved_size:
+        raise ModelFileError(f"{path} holds a tokenizer of {len(tokenizer)} tokens, but the one saved with this model "
+                             f"had {saved_size}: it belongs to another model; restore the tokenizer saved with it")
     return tokenizer
 
 

@@ -61,7 +61,8 @@ def run_demo(data: list[str] | None = None, cache_dir: str | Path | None = None,
         print(f"model: cached at {directory}")
     else:
         resume = (directory / "training" / "state.json").is_file()
-        usual = " (about 8 min on an idle 2-core CPU)" if (preset, decoder_steps, diffusion_steps) == (
+        usual = (" (measured at 8 min on an idle 2-core CPU, bench/RESULTS.md; the bars below estimate this "
+                 "machine's time)") if (preset, decoder_steps, diffusion_steps) == (
             "small", DEMO_DECODER_STEPS, DEMO_DIFFUSION_STEPS) else ""
         print(f"model: {'resuming' if resume else 'training'} preset {preset!r}, {decoder_steps} decoder and "
               f"{diffusion_steps} diffusion steps{usual} -> {directory}")

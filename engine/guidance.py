@@ -21,11 +21,15 @@ from .inputs import check_texts
 from .reverse import Condition, ReverseTransformer
 
 
+MAX_GUIDANCE = 100.0  # w scales the conditional-minus-null difference: past this, half precision overflows
+# (and text degrades long before: useful weights are 1 to about 5)
+
+
 def check_guidance(guidance, name: str = "guidance") -> None:
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-            or guidance < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 unconditional, 1 conditional, above 1 guided), "
-                         f"got {guidance!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (
+            isinstance(guidance, int) or math.isfinite(guidance)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"{name} must be a number from 0 to {MAX_GUIDANCE:g} (0 unconditional, 1 conditional, "
+                         f"above 1 guided; 1 to 5 is useful), got {guidance!r}")
 
 
 def check_labels(labels, known: list[str]) -> list[int]:

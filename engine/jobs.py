@@ -26,7 +26,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -223,8 +224,10 @@ def _condition_problem(item: Item, record: dict) -> str | None:
             f"{name}: give a \"source\" or a \"label\", not both"
     key = "source" if "source" in record else "label"
     value = record[key]
+    if key == "source" and not isinstance(value, str):  # a number is no source text: 42 would run as "42"
+        return f"{name}: \"source\" must be a text (a JSON string), got {value!r}: quote it if you mean the text"
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        return f"{name}: \"{key}\" must be a non-empty string, got {value!r}"
+        return f"{name}: \"{key}\" must be a non-empty string{' or a number' * (key == 'label')}, got {value!r}"
     value = str(value)
     position = lone_surrogate(value)
     if position is not None:
@@ -281,10 +284,10 @@ def read_input_file(path: str | Path, job_seed: int, output: str | Path | None =
     return read_items(read_user_file(path, "--input", "a JSONL file"), job_seed)
 
 
-def unconditional_items(n: int, job_seed: int) -> list[Item]:
-    """`--num-samples N` without an input file: ids 0 .. N-1."""
-    return [Item(i + 1, id=i, seed=derived_seed(job_seed, i), request_hash=_digest(json.dumps({"id": i}).encode()))
-            for i in range(n)]
+def unconditional_items(n: int, job_seed: int) -> Iterator[Item]:
+    """`--num-samples N` without an input file: ids 0 .. N-1, made one at a time as the job reaches them."""
+    return (Item(i + 1, id=i, seed=derived_seed(job_seed, i), request_hash=_digest(json.dumps({"id": i}).encode()))
+            for i in range(n))
 
 
 def output_record(item: Item, text: str | None, settings: JobSettings) -> dict:
@@ -430,21 +433,45 @@ class JobOutput:
         self.close()
 
     def pending(self, items: list[Item]) -> list[Item]:
-        """The items not yet written; says how many were edited since they were."""
-        todo = [item for item in items if item.key not in self.done]
-        edited = [item for item in todo if item.ident in self.done_idents]
+        """The items not yet written, all at once (the Ray driver plans its dataset up front)."""
+        return [item for batch in self.pending_batches(items, max(1, len(items)), lambda _: None) for item in batch]
+
+    def pending_batches(self, items: Iterable[Item], size: int, skipped: Callable[[int], None]
+                        ) -> Iterator[list[Item]]:
+        """The items not yet written, `size` at a time, read from `items` as they are needed (a job of any length
+        holds one batch); skipped(k) hears of each run of items already written. Says at the end how many were
+        edited since they were written."""
+        batch, edited, first = [], 0, None
+        for item in items:
+            if item.key in self.done:
+                skipped(1)
+                continue
+            if item.ident in self.done_idents:
+                edited, first = edited + 1, first or item.ident
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
         if edited:
-            log.warning("%d lines of the input changed since %s was written (first: %s): they run again, and their "
-                        "new records follow the old ones (an id's last record is its current one)", len(edited),
-                        self.path, edited[0].ident)
-        return todo
+            log.warning("%d lines of the input changed since %s was written (first: %s): they ran again, and their "
+                        "new records follow the old ones (an id's last record is its current one)", edited,
+                        self.path, first)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 def run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
     """The texts for a list of valid items, in order: samples, reconstructions and variations batched together
-    for the decode."""
+    for the decode. The encoder's truncation warnings are left out: they name a position in a batch, and
+    mark_truncated has already said it of each line, by its id."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"text \d+ has \d+ encoder tokens")
+        return _run_items(pipe, items, settings)
+
+
+def _run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
     latents = torch.empty(len(items), *pipe.config.latent_shape, device=pipe.device)
     samples = [i for i, item in enumerate(items) if item.mode == "sample" and not _conditional(item)]
     if samples:
@@ -536,27 +563,33 @@ def _one_at_a_time(pipe, chunk: list[Item], settings: JobSettings, first: Except
     return texts
 
 
-def run_job(pipe, items: list[Item], output: str | Path, settings: JobSettings, *, batch_size: int = 64,
-            resume: bool = False, progress: bool = True) -> dict:
-    """Run `items` through `pipe`, appending their records to `output` in input order. Returns counts."""
+def run_job(pipe, items: Iterable[Item], output: str | Path, settings: JobSettings, *, batch_size: int = 64,
+            resume: bool = False, progress: bool = True, total: int | None = None) -> dict:
+    """Run `items` through `pipe`, appending their records to `output` in input order, a batch at a time: items
+    are read from the iterable as the job reaches them, so memory stays flat for any length, and a kill loses at
+    most the batch in flight (`resume` continues). `total`: the count for the progress bar when `items` has no
+    len(). Returns counts."""
     settings = resolved_settings(settings, pipe.config)
-    with JobOutput(output, settings, resume) as out:
-        todo = out.pending(items)
-        mark_bad_conditions(pipe.config, todo)
-        mark_truncated(pipe, todo)
-        counts = {"written": 0, "errors": 0, "skipped": len(items) - len(todo)}
-        with tqdm(total=len(todo), desc="generate", unit="item", disable=not progress, dynamic_ncols=True) as bar:
-            size = batch_size
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                valid = [item for item in batch if item.error is None]
-                texts, size = run_isolating_failures(pipe, valid, settings, size)
-                by_item = dict(zip(map(id, valid), texts))
-                records = [output_record(item, by_item.get(id(item)), settings) for item in batch]
-                out.write(records)
-                counts["written"] += sum("error" not in r for r in records)
-                counts["errors"] += sum("error" in r for r in records)
-                bar.update(len(batch))
+    total = len(items) if total is None and hasattr(items, "__len__") else total
+    counts = {"written": 0, "errors": 0, "skipped": 0}
+    with JobOutput(output, settings, resume) as out, \
+            tqdm(total=total, desc="generate", unit="item", disable=not progress, dynamic_ncols=True) as bar:
+        def skipped(k: int) -> None:
+            counts["skipped"] += k
+            bar.update(k)
+
+        size = batch_size
+        for batch in out.pending_batches(items, batch_size, skipped):
+            mark_bad_conditions(pipe.config, batch)
+            mark_truncated(pipe, batch)
+            valid = [item for item in batch if item.error is None]
+            texts, size = run_isolating_failures(pipe, valid, settings, size)
+            by_item = dict(zip(map(id, valid), texts))
+            records = [output_record(item, by_item.get(id(item)), settings) for item in batch]
+            out.write(records)
+            counts["written"] += sum("error" not in r for r in records)
+            counts["errors"] += sum("error" in r for r in records)
+            bar.update(len(batch))
     return counts
 
 
@@ -573,3 +606,4 @@ def mark_truncated(pipe, items: list[Item]) -> None:
             what = "text" if item.text is not None else "source"
             item.extra["truncated"] = True
             item.extra["warning"] = f"the {what} has {n} encoder tokens, over the limit of {limit}: its end was cut"
+            log.warning("%s: %s", item.ident, item.extra["warning"])

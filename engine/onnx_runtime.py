@@ -21,11 +21,11 @@ from typing import Callable
 
 import torch
 
-from ldlm.kernels.native import MAX_BEAMS, RowGather, unavailable_reason
+from ldlm.kernels.native import MAX_BEAMS, RowGather, load_note, unavailable_reason
 
 from .backends import BackendUnavailable, resolve_backend
 from .beam_search import BeamSearchConfig, beam_search
-from .checkpoint import Components
+from .checkpoint import Components, check_latent_stats
 from .config import ModelConfig
 from .decoder import load_tokenizer
 from .encoder import collect_token_states, encode_texts
@@ -504,7 +504,8 @@ def native_decode(options: OnnxOptions, device: torch.device) -> tuple[bool, str
     reason = unavailable_reason()  # builds the kernel on first use: a second or less, then cached
     if reason is not None:
         return False, f"beam bookkeeping in torch ({reason})"
-    return True, "beam bookkeeping in ldlm's C kernel"
+    note = load_note()
+    return True, "beam bookkeeping in ldlm's C kernel" + (f" ({note})" if note else "")
 
 
 def _check_sizes(encoder: OnnxEncoder, reverse: OnnxReverse, decoder: OnnxDecoder, config: ModelConfig) -> None:
@@ -553,26 +554,29 @@ def _condition_parts(directory: Path, manifest: dict, specs: dict, config: Model
 
 
 def load_export_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
-                           options: OnnxOptions | None = None, backend: str = "auto") -> tuple[Components, str, str]:
+                           options: OnnxOptions | None = None, backend: str = "auto", *,
+                           trust_native_code: bool = False) -> tuple[Components, str, str]:
     """The pipeline's parts from an export directory, the backend that runs them ("onnx" for ONNX graphs,
     "aoti" for AOTInductor packages; `backend` is the one asked for, refused if it is neither "auto" nor the
-    export's), and which provider runs them and why.
+    export's), and which provider runs them and why. AOTInductor packages are native code: they load only with
+    trust_native_code or when this user's key signed the manifest (ldlm.aoti_runtime.native_code_consent).
 
     Checks everything before any work: the manifest and every file's hash, the backend and the provider (or the
     AOTInductor target), and that each graph loads and has the inputs and outputs the manifest lists."""
-    from ldlm.export.manifest import ExportError, graph_format, read_manifest
+    from ldlm.export.manifest import ExportError, file_hash, graph_format, read_manifest
 
     options = options or OnnxOptions()
     directory = Path(directory)
     manifest = read_manifest(directory)
     backend, _ = resolve_backend(backend, device, export=graph_format(manifest))
     if backend == "aoti":
-        from .aoti_runtime import AotiGraph, check_target
+        from .aoti_runtime import AotiGraph, check_target, native_code_consent
 
         if options.int8_reverse or options.int8_decoder or options.cuda_graph:
             raise ExportError(f"{directory} holds AOTInductor packages, which have no int8 graphs and no ONNX "
                               "Runtime CUDA graphs: drop int8 and cuda_graph, or load an ONNX export (`ldlm export`)")
         why = check_target(manifest, directory, device)
+        why += "; " + native_code_consent(manifest, directory, trust_native_code)
     else:
         provider, why = resolve_provider(options, device)
     variant = {torch.float32: "float32", torch.float16: "float16"}.get(dtype)
@@ -591,7 +595,8 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
 
     def graph(name: str) -> Graph:
         if backend == "aoti":
-            return AotiGraph(directory / specs[name]["file"], specs[name])
+            return AotiGraph(directory / specs[name]["file"], specs[name], file_hash(directory, manifest,
+                                                                                      specs[name]["file"]))
         return Graph(directory / specs[name]["file"], specs[name], provider, options, spin=name == "reverse",
                      device_id=device.index or 0, cuda_graph=cuda_graph and name == "reverse")
 
@@ -605,9 +610,12 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
     encoder = OnnxEncoder(graph("encoder"), load_tokenizer(directory / manifest["tokenizers"]["encoder"]),
                           manifest["encoder"]["max_tokens"], config.latent_shape, device)
     native, native_why = native_decode(options, device)
+    vocab = manifest["decoder"].get("vocab_size")  # checked as a whole number by _check_sizes below
     decoder = OnnxDecoder(graph("decoder_prefill"), graph("decoder_step"),
-                          load_tokenizer(directory / manifest["tokenizers"]["decoder"]), manifest["decoder"], config,
-                          device, native=native)
+                          load_tokenizer(directory / manifest["tokenizers"]["decoder"],
+                                         vocab_size=vocab if type(vocab) is int else None,
+                                         saved_size=manifest["decoder"].get("tokenizer_size")),
+                          manifest["decoder"], config, device, native=native)
     reverse = OnnxReverse(graph("reverse"), config, *_condition_parts(directory, manifest, specs, config, graph,
                                                                     device), static_inputs=cuda_graph)
     _check_sizes(encoder, reverse, decoder, config)
@@ -620,6 +628,7 @@ def load_export_components(directory: str | Path, device: torch.device, dtype: t
     if tuple(mean.shape) != config.latent_shape or tuple(std.shape) != config.latent_shape:
         raise ExportError(f"{directory / 'manifest.json'}: latent_stats must have the latent's shape "
                           f"{config.latent_shape}, not {tuple(mean.shape)}: re-run `ldlm export`")
+    check_latent_stats(mean, std, f"{directory / 'manifest.json'} latent_stats")
     detail = f"{why}; {variant}{''.join(f' + int8 {name}' for name in int8)} graphs"
     if not int8 and manifest["graphs"].get("int8"):
         # fp32 stays the default: it is the reference's parity mode; int8 is chosen, not imposed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,8 +64,10 @@ class Pipeline:
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
         if self.backend == "compiled":
             from .compiled import CompileTimes
+            from .paths import private_inductor_cache
 
             self.compile_times = CompileTimes()
+            self.backend_reason += "; " + private_inductor_cache()  # it loads what it compiled as native code
         # the engine's folded step reads conditions by cross-attention; a joint-attention model's loop runs the
         # reference samplers (its condition tokens pass through every block at every step)
         self._engine_loop = self.config.condition is None or self.config.condition_attention == "cross"
@@ -84,7 +87,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-             dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
+             dtype: str | torch.dtype = torch.float32, onnx_options=None, *,
+             trust_native_code: bool = False) -> Pipeline:
         from ldlm.export.manifest import is_export
 
         device = resolve_device(device)
@@ -93,7 +97,8 @@ class Pipeline:
             return cls(load_checkpoint(path), device, backend, dtype)
         from .onnx_runtime import load_export_components
 
-        components, backend, why = load_export_components(path, device, resolve_dtype(dtype), onnx_options, backend)
+        components, backend, why = load_export_components(path, device, resolve_dtype(dtype), onnx_options, backend,
+                                                          trust_native_code=trust_native_code)
         return cls(components, device, backend, dtype, backend_reason=why)
 
     def save(self, path: str | Path) -> Path:
@@ -201,6 +206,14 @@ class Pipeline:
         its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default.
         A conditional model samples item i from sources[i] (or labels[i]) with classifier-free guidance weight
         `guidance` (None: the checkpoint's); without them, unconditionally (its null condition)."""
+        out = list(self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
+                                        batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
+                                        progress=progress))
+        return torch.cat(out) if out else torch.empty(0, *self.config.latent_shape, device=self.device)
+
+    def _latent_batches(self, n: int, *, steps, sampler, eta, seed, seeds, batch_size, sources, labels, guidance,
+                        progress) -> Iterator[torch.Tensor]:
+        """sample_latents' batches (batch_size, *latent_shape) one at a time, all checked before the first."""
         check_count(n)
         check_positive_int(batch_size, "batch_size")
         sampler, steps = self.sampling(sampler, steps, eta)
@@ -208,19 +221,22 @@ class Pipeline:
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"seeds has {len(seeds)} entries for {n} samples: give one seed per sample")
         generator = self._generator(seed)
-        out = []
-        for start in range(0, n, batch_size):
-            size = min(batch_size, n - start)
-            if seeds is not None:
-                generator = ItemNoise(seeds[start : start + size])
-                x = generator.randn(self.config.latent_shape, self.device)
-            else:
-                x = torch.randn(size, *self.config.latent_shape, generator=generator, device=self.device)
-            condition = self._condition(sources, labels, slice(start, start + size))
-            z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                  start_t=None, progress=progress, condition=condition, guidance=guidance)
-            out.append(self.denormalize(z))
-        return torch.cat(out) if out else torch.empty(0, *self.config.latent_shape, device=self.device)
+
+        def batches() -> Iterator[torch.Tensor]:
+            nonlocal generator
+            for start in range(0, n, batch_size):
+                size = min(batch_size, n - start)
+                if seeds is not None:
+                    generator = ItemNoise(seeds[start : start + size])
+                    x = generator.randn(self.config.latent_shape, self.device)
+                else:
+                    x = torch.randn(size, *self.config.latent_shape, generator=generator, device=self.device)
+                condition = self._condition(sources, labels, slice(start, start + size))
+                z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                      start_t=None, progress=progress, condition=condition, guidance=guidance)
+                yield self.denormalize(z)
+
+        return batches()
 
     # --- text ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,18 +248,26 @@ class Pipeline:
         if tuple(latents.shape[1:]) != self.config.latent_shape:
             raise ValueError(f"latents must be (N, {', '.join(map(str, self.config.latent_shape))}), "
                              f"got {tuple(latents.shape)}")
-        bad = nonfinite_items(latents)
-        if bad:
-            raise ValueError(f"decode: latents of items {bad[:10]} hold NaN or inf; pass finite latents")
         check_positive_int(batch_size, "batch_size")
-        check_positive_int(num_beams, "num_beams")
+        BeamSearchConfig(num_beams=num_beams)  # checks it against its bound before any work
         if max_new_tokens is not None:
             check_positive_int(max_new_tokens, "max_new_tokens")
         check_seed(seed)
         search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=max_new_tokens or self.config.max_text_tokens,
                                   no_repeat_ngram_size=no_repeat_ngram_size)
+        return self._decode(latents, search, top_p=top_p, generator=torch.Generator().manual_seed(seed),
+                            batch_size=batch_size, progress=progress)
+
+    def _decode(self, latents: torch.Tensor, search: BeamSearchConfig, *, top_p: float | None,
+                generator: torch.Generator, batch_size: int, progress: bool, first_item: int = 0) -> list[str]:
+        """decode's work on checked arguments; nucleus sampling draws from `generator`, which a caller decoding
+        batch after batch passes on, so the draws are those of one call over all of them. `first_item`: the
+        number of latents[0] in what the caller decodes, for messages."""
+        bad = nonfinite_items(latents)
+        if bad:
+            raise ValueError(f"decode: latents of items {[first_item + i for i in bad[:10]]} hold NaN or inf; pass "
+                             "finite latents")
         texts = []
-        generator = torch.Generator().manual_seed(seed)
         for start in tqdm(range(0, latents.shape[0], batch_size), desc="decode", disable=not progress, leave=False):
             batch = latents[start : start + batch_size].to(self.device, torch.float32)
             if top_p is not None:
@@ -266,10 +290,30 @@ class Pipeline:
         """n unconditional samples: noise -> reverse diffusion -> decode. decoding: "beam" (search) or "nucleus"
         (sampling with top_p); None: the checkpoint's default (ModelConfig.decoding), or nucleus when top_p is
         given."""
-        latents = self.sample_latents(n, steps=steps, sampler=sampler, eta=eta, seed=seed,
-                                      batch_size=batch_size, progress=progress)
-        return self._decode_samples(latents, decoding=decoding, top_p=top_p, num_beams=num_beams, seed=seed,
-                                    progress=progress)
+        return [text for batch in self.generate_batches(n, steps, sampler, seed, eta=eta, num_beams=num_beams,
+                                                        decoding=decoding, top_p=top_p, batch_size=batch_size,
+                                                        progress=progress) for text in batch]
+
+    def generate_batches(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
+                         eta: float = 0.0, num_beams: int = 4, decoding: str | None = None,
+                         top_p: float | None = None, batch_size: int = 256, progress: bool = True
+                         ) -> Iterator[list[str]]:
+        """generate(n, ...) a batch of `batch_size` texts at a time, the same texts in the same order, holding
+        one batch: for counts too large to keep (`ldlm generate -n` prints each batch as it ends). Everything is
+        checked before the first batch runs."""
+        search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=self.config.max_text_tokens)
+        decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
+        if decoding not in ("beam", "nucleus"):
+            raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
+        nucleus = (top_p if top_p is not None else self.config.top_p) if decoding == "nucleus" else None
+        latents = self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=None,
+                                       batch_size=batch_size, sources=None, labels=None, guidance=None,
+                                       progress=progress)
+        generator = torch.Generator().manual_seed(seed)  # the decode's draws continue from batch to batch
+        # the decode's own batches (64) split each sampled batch as they split all of them (batch_size is a
+        # multiple of 64 by default), so nucleus draws match a single decode of everything
+        return (self._decode(batch, search, top_p=nucleus, generator=generator, batch_size=64, progress=progress,
+                             first_item=i * batch_size) for i, batch in enumerate(latents))
 
     def _decode_samples(self, latents: torch.Tensor, *, decoding: str | None, top_p: float | None, num_beams: int,
                         seed: int, progress: bool) -> list[str]:
@@ -295,6 +339,7 @@ class Pipeline:
             raise ValueError("pass sources=[...] (or labels=[...] for a class-conditional model)")
         if isinstance(given, str):
             raise TypeError("pass a list, not a single string: wrap it as [text]")
+        BeamSearchConfig(num_beams=num_beams)
         latents = self.sample_latents(len(given), steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
                                       batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
                                       progress=progress)
@@ -328,6 +373,7 @@ class Pipeline:
         text drawing its noise from its own generator (as in sample_latents). A conditional model denoises
         towards sources[i] (or labels[i]) with guidance, as in sample_latents.
         """
+        BeamSearchConfig(num_beams=num_beams)
         latents = self.vary_latents(texts, strength, steps, sampler, seed, eta=eta, seeds=seeds, sources=sources,
                                     labels=labels, guidance=guidance, progress=progress)
         return self.decode(latents, num_beams=num_beams, progress=progress)
@@ -375,11 +421,14 @@ def read_model_config(path: str | Path) -> ModelConfig:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-         dtype: str | torch.dtype = torch.float32, onnx_options=None) -> Pipeline:
+         dtype: str | torch.dtype = torch.float32, onnx_options=None, *, trust_native_code: bool = False) -> Pipeline:
     """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`), or an export directory written
-    by `ldlm export` (backend 'onnx').
+    by `ldlm export` (backend 'onnx', or 'aoti' for `--format aoti`).
 
     backend: see ldlm.backends. dtype: the engine's compute dtype (float32, the parity mode; bfloat16;
     float16); the reference backend is float32 only; onnx runs the float32 or float16 graphs.
-    onnx_options: ldlm.onnx_runtime.OnnxOptions (provider, threads, optimization level, int8 reverse)."""
-    return Pipeline.load(path, device, backend, dtype, onnx_options)
+    onnx_options: ldlm.onnx_runtime.OnnxOptions (provider, threads, optimization level, int8 reverse).
+    trust_native_code: an AOTInductor export is native code that runs when loaded; without this flag it loads
+    only if this user exported it on this machine (its manifest signed with this user's key), as transformers
+    asks trust_remote_code before running a model's own code. Checkpoints and ONNX exports are data: no flag."""
+    return Pipeline.load(path, device, backend, dtype, onnx_options, trust_native_code=trust_native_code)

@@ -57,10 +57,17 @@ def compile_graph(components: Components, name: str, path: Path) -> dict:
 
 def export_aoti(checkpoint: str | Path | Components, out: str | Path, *, overwrite: bool = False, log=print) -> Path:
     """Write AOTInductor packages of the graphs of `checkpoint` (float32, for the CPU) and their manifest into
-    `out`, under the same rules as the ONNX export (a new or empty directory, or overwrite=True)."""
+    `out`, under the same rules as the ONNX export (a new or empty directory, or overwrite=True).
+
+    The packages are native code (a shared library each). The manifest is signed with this user's key
+    (ldlm.paths.signing_key), so that this user's ldlm loads them without asking; anyone else's needs
+    trust_native_code=True."""
+    from ldlm.paths import private_inductor_cache
+
     out = Path(out)
     check_target(out, overwrite)
     components = checkpoint if isinstance(checkpoint, Components) else load_checkpoint(checkpoint)
+    log(private_inductor_cache())  # what it compiles is cached there and built into the packages
 
     def write(staging: Path) -> None:
         save_tokenizers(components, staging)
@@ -76,7 +83,7 @@ def export_aoti(checkpoint: str | Path | Components, out: str | Path, *, overwri
             "target": {"device": "cpu", "cpu_isa": torch.backends.cpu.get_cpu_capability()},
             **model_fields(components),
             "graphs": {"float32": graphs},
-        }, graph_format="aoti")
+        }, graph_format="aoti", sign=True)  # native code: signed, so that this user may load it without consent
 
     write_atomically(out, write)
     log(f"wrote {out / 'manifest.json'}")

@@ -17,6 +17,7 @@ MANIFEST = "manifest.json"
 FORMATS = {"ldlm-onnx": "onnx", "ldlm-aoti": "aoti"}  # the manifest's "format" -> the graphs' format
 FORMAT_VERSION = 1
 GRAPHS = ("encoder", "reverse", "decoder_prefill", "decoder_step")
+SIGNATURE = "signature"  # this user's HMAC-SHA256 of the rest of the manifest (exports holding native code)
 
 
 class ExportError(ModelFileError):
@@ -36,9 +37,30 @@ def hash_files(directory: Path) -> dict[str, str]:
     return {name: sha256(directory / name) for name in folder_files(directory) if name != MANIFEST}
 
 
-def write_manifest(directory: Path, manifest: dict, graph_format: str = "onnx") -> Path:
+def _signed_bytes(manifest: dict) -> bytes:
+    """What a signature covers: the manifest without its signature, canonical JSON. Its "files" holds every
+    other file's sha256, so the signature covers the whole export."""
+    return json.dumps({k: v for k, v in manifest.items() if k != SIGNATURE}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def signed_by_this_user(manifest: dict) -> bool:
+    """Whether the manifest carries this user's signature (ldlm.paths.signing_key): proof that this user's ldlm
+    wrote the export on this machine, so long as read_manifest has checked every file against its hash."""
+    from ldlm.paths import signed_here
+
+    return signed_here(_signed_bytes(manifest), manifest.get(SIGNATURE))
+
+
+def write_manifest(directory: Path, manifest: dict, graph_format: str = "onnx", *, sign: bool = False) -> Path:
+    """Write the manifest with every file's hash; `sign` adds this user's HMAC of it (for exports that hold
+    native code: ldlm loads those without consent only when it can prove that this user wrote them)."""
     kind = {v: k for k, v in FORMATS.items()}[graph_format]
     manifest = {"format": kind, "format_version": FORMAT_VERSION, **manifest, "files": hash_files(directory)}
+    if sign:
+        from ldlm.paths import sign as hmac_sign
+
+        manifest[SIGNATURE] = hmac_sign(_signed_bytes(manifest))
     path = directory / MANIFEST
     path.write_text(json.dumps(manifest, indent=2))
     return path
@@ -108,6 +130,15 @@ def read_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
                 raise ExportError(f"{directory / name} does not match its hash in {MANIFEST}: it was changed or "
                                   "corrupted; re-run `ldlm export` or restore the file")
     return manifest
+
+
+def file_hash(directory: Path, manifest: dict, name: str) -> str:
+    """The sha256 the manifest (read by read_manifest) lists for the file `name` names."""
+    wanted = inside(directory, name, f"the file {name!r} in {MANIFEST}").resolve()
+    for listed, digest in manifest["files"].items():
+        if (directory / listed).resolve() == wanted:
+            return digest
+    raise ExportError(f"{MANIFEST} names {name} but does not list its hash under \"files\": re-run `ldlm export`")
 
 
 def _check_listing(directory: Path, manifest: dict) -> None:

@@ -379,7 +379,8 @@ def model_fields(components: Components) -> dict:
         "encoder": {"latent_dim": components.encoder.latent_dim, "max_tokens": components.encoder.max_tokens},
         "decoder": {"eos_token_id": components.decoder.eos_token_id, "pad_token_id": components.decoder.pad_token_id,
                     "n_layer": gpt2.n_layer, "n_head": gpt2.n_head, "head_dim": gpt2.n_embd // gpt2.n_head,
-                    "vocab_size": gpt2.vocab_size, "n_positions": gpt2.n_positions},
+                    "vocab_size": gpt2.vocab_size, "n_positions": gpt2.n_positions,
+                    "tokenizer_size": len(components.decoder.tokenizer)},
         **({"null_condition": components.reverse.null_condition.detach().float().tolist()}
            if components.config.condition is not None else {}),
     }

@@ -5,7 +5,10 @@ Small per-token work (the beam search's bookkeeping, a KV-cache row gather) cost
 torch operators, each a fixed overhead of several microseconds, than as one loop: here it is one call. The
 source needs no Python or torch headers, so it builds in well under a second; the library is cached under
 $LDLM_CACHE/native by a hash of the source, the compiler, its flags and the CPU, so a changed source or
-another machine sharing the cache builds its own. Without a C compiler (cc, gcc or clang, or $CC) callers keep
+another machine sharing the cache builds its own. A cached library is native code that runs in this process, so
+it loads only from a folder that is this user's alone (ldlm.paths.check_private) and only if its bytes match the
+hash recorded when it was built; otherwise it is rebuilt, in a private temporary folder when the cache cannot be
+trusted or made. Without a C compiler (cc, gcc or clang, or $CC) callers keep
 their torch path; `unavailable_reason()` says why.
 
     from ldlm.kernels import native
@@ -15,6 +18,7 @@ their torch path; `unavailable_reason()` says why.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -36,6 +40,7 @@ NEG_INF = -1.0e9  # ldlm.beam_search.NEG_INF (this module sits below ldlm and im
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
+_where = ""  # why the library was built somewhere else than the cache, if it was
 
 
 class NativeUnavailable(RuntimeError):
@@ -58,8 +63,10 @@ def _cpu_identity() -> str:
 
 
 def _compile(compiler: str, out: Path) -> None:
-    """Build the library into `out`, for this CPU where the compiler can (-march=native), else portably."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Build the library into `out`, for this CPU where the compiler can (-march=native), else portably, and
+    record its sha256 beside it (mode 600): what a later process checks before it loads the file."""
+    from ldlm.paths import write_private_file
+
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
         errors = ""
@@ -67,7 +74,10 @@ def _compile(compiler: str, out: Path) -> None:
             run = subprocess.run([compiler, *FLAGS, *extra, "-o", str(built), str(SOURCE), "-lm"],
                                  capture_output=True, text=True)
             if run.returncode == 0:
+                os.chmod(built, 0o700)
+                digest = _sha256(built)
                 os.replace(built, out)  # atomic: a concurrent process loads either nothing or the whole file
+                write_private_file(_hash_file(out), digest.encode())
                 return
             errors = run.stderr.strip()
         raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {errors[-400:]}")
@@ -89,9 +99,45 @@ def library() -> ctypes.CDLL:
         return _library
 
 
-def _load() -> ctypes.CDLL:
-    from ldlm.paths import default_cache_dir
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
+
+def _hash_file(library_path: Path) -> Path:
+    return library_path.with_name(library_path.name + ".sha256")
+
+
+def _verified(path: Path) -> bool:
+    """Whether a cached library may be loaded: it and its recorded hash are this user's alone (ldlm.paths'
+    rule) and its bytes hash to the record. Anything else (a planted file, another user's, a changed one) is
+    rebuilt."""
+    from ldlm.paths import check_private, read_private_file
+
+    try:
+        check_private(path, what="the cached native library")
+        recorded = read_private_file(_hash_file(path), what="the native library's recorded hash").decode()
+    except (OSError, UnicodeDecodeError):  # UnsafePath, a missing record
+        return False
+    return recorded == _sha256(path)
+
+
+def _private_folder() -> tuple[Path, str]:
+    """Where to build and load the library: $LDLM_CACHE/native where that is this user's alone (made 0700 if
+    missing), else a new private temporary folder for this process (rebuilt each time), with a note why."""
+    from ldlm.paths import default_cache_dir, private_dir
+
+    cache = default_cache_dir() / "native"
+    try:
+        return private_dir(cache, what="ldlm's native cache"), ""
+    except OSError as e:  # UnsafePath (another user's, or writable by others), a read-only home, a file in the way
+        why = str(e) if e.strerror is None else f"{cache}: {e.strerror}"
+        folder = Path(tempfile.mkdtemp(prefix="ldlm-native-"))  # mode 700
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the loaded library needs no file
+        return folder, f"built in a private temporary folder, since {why}"
+
+
+def _load() -> ctypes.CDLL:
+    global _where
     compiler = _compiler()
     if compiler is None:
         raise NativeUnavailable("no C compiler found (cc, gcc or clang, or set $CC) to build ldlm's native beam "
@@ -102,9 +148,13 @@ def _load() -> ctypes.CDLL:
         raise NativeUnavailable(f"C compiler {compiler} does not run: {e}") from e
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
                                     _cpu_identity()]).encode()).hexdigest()[:16]
-    path = default_cache_dir() / "native" / f"beam_update-{key}.so"
-    if not path.exists():
-        _compile(compiler, path)
+    folder, _where = _private_folder()
+    path = folder / f"beam_update-{key}.so"
+    try:
+        if not _verified(path):
+            _compile(compiler, path)
+    except OSError as e:  # the folder filled up or went away: an optimisation, so the caller keeps torch
+        raise NativeUnavailable(f"could not build ldlm's native beam update in {folder}: {e}") from e
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -124,6 +174,11 @@ def unavailable_reason() -> str | None:
     except NativeUnavailable as e:
         return str(e)
     return None
+
+
+def load_note() -> str:
+    """After a load: "" when the library came from ldlm's cache, else where it was built instead and why."""
+    return _where
 
 
 class BeamUpdate:

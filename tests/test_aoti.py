@@ -97,14 +97,14 @@ def test_packages_another_process_cannot_run_fail_at_load_with_what_to_do(tiny_c
     def swapped(target, _):
         shutil.copy(target / "encoder.pt2", target / "reverse.pt2")
 
-    with pytest.raises(ValueError, match="reverse.pt2 does not match manifest.json"):
-        ldlm.load(_edited(packaged, tmp_path / "swap", swapped))
+    with pytest.raises(ValueError, match="reverse.pt2 does not match manifest.json"):  # an edited copy: by consent
+        ldlm.load(_edited(packaged, tmp_path / "swap", swapped), trust_native_code=True)
 
     def corrupt(target, _):
         (target / "decoder_step.pt2").write_bytes(b"not a package")
 
     with pytest.raises(ValueError, match="decoder_step.pt2 could not be loaded as an ldlm AOTInductor package"):
-        ldlm.load(_edited(packaged, tmp_path / "corrupt", corrupt))
+        ldlm.load(_edited(packaged, tmp_path / "corrupt", corrupt), trust_native_code=True)
 
     tampered = tmp_path / "tampered"
     shutil.copytree(packaged, tampered)
@@ -127,3 +127,51 @@ def test_backend_errors(tiny_checkpoint, packaged):
             ldlm.load(packaged, device="cuda")
     with pytest.raises(FileExistsError, match="already holds an export"):
         export_aoti(tiny_checkpoint, packaged)
+
+
+def test_native_code_loads_only_when_this_user_exported_it_or_by_consent(packaged, tmp_path, monkeypatch, capsys):
+    """An AOTInductor package is a shared library that runs when loaded: an export whose manifest this user's
+    key did not sign (edited, copied from elsewhere, or signed by another key) is refused before any package
+    is opened, and loads with trust_native_code / --trust-native-code."""
+    opened = []
+    real_loader = torch._inductor.aoti_load_package
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: opened.append(path) or real_loader(path))
+
+    assert ldlm.load(packaged).backend == "aoti" and opened  # this user's own export: signed, no flag needed
+    assert "signed with this user's key" in ldlm.load(packaged).backend_reason
+
+    def same_graphs(_, manifest):  # a planted package would look like this: every hash rewritten to match
+        manifest.pop("signature")
+
+    unsigned = _edited(packaged, tmp_path / "unsigned", same_graphs)
+    opened.clear()
+    with pytest.raises(ValueError, match=r"native code.*trust_native_code=True.*--trust-native-code.*"
+                                         r"ONNX export.*ldlm export CKPT OUT --format aoti"):
+        ldlm.load(unsigned)
+    assert not opened, "a package was opened before consent"
+    assert main(["generate", str(unsigned), "-n", "1", "--steps", "2", "--sampler", "ddim"]) == 2
+    assert "--trust-native-code" in capsys.readouterr().err and not opened
+    assert main(["info", str(unsigned)]) == 0  # info reads the manifest only, on any folder
+    assert "only with --trust-native-code" in json.loads(capsys.readouterr().out)["native_code"] and not opened
+    trusted = ldlm.load(unsigned, trust_native_code=True)
+    assert "by consent" in trusted.backend_reason and len(opened) == 4
+    assert main(["generate", str(unsigned), "-n", "1", "--steps", "2", "--sampler", "ddim",
+                 "--trust-native-code"]) == 0
+
+    def forged(_, manifest):  # the signature kept, a graph's listed hash changed
+        manifest["signature"] = json.loads((packaged / "manifest.json").read_text())["signature"]
+
+    target = _edited(packaged, tmp_path / "forged", forged)
+    (target / "encoder_tokenizer" / "extra.txt").write_text("x")
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"] = hash_files(target)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    opened.clear()
+    with pytest.raises(ValueError, match="native code"):
+        ldlm.load(target)
+    assert not opened
+
+    monkeypatch.setenv("LDLM_CACHE", str(tmp_path / "another-user"))  # another key: another user or machine
+    with pytest.raises(ValueError, match="native code"):
+        ldlm.load(packaged)
+    assert not opened

@@ -96,3 +96,40 @@ def test_latent_stats_of_the_wrong_size(checkpoint_copy):
     save_file({"mean": torch.zeros(3), "std": torch.ones(3)}, str(checkpoint_copy / "latent_stats.safetensors"))
     with pytest.raises(CheckpointError, match=r"must hold mean and std of shape \(32,\)"):
         load_checkpoint(checkpoint_copy)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, float("inf")])
+def test_latent_stats_that_are_not_finite_or_not_positive_are_refused(checkpoint_copy, bad):
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint_copy / "latent_stats.safetensors"
+    stats = load_file(str(path))
+    stats["std"][3] = bad
+    save_file(stats, str(path))
+    with pytest.raises(CheckpointError, match=r"latent_stats.safetensors: the latent std is .* in dimension 3 .*"
+                                              r"finite and above 0"):
+        load_checkpoint(checkpoint_copy)
+
+
+def test_a_tokenizer_that_does_not_fit_the_decoder_or_does_not_load_is_named(checkpoint_copy):
+    from transformers import AutoTokenizer
+
+    from ldlm.decoder import train_bpe_tokenizer
+    from ldlm.model_files import ModelFileError
+
+    folder = checkpoint_copy / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.add_tokens(["zzzextra1", "zzzextra2"])  # another model's vocabulary, two tokens longer
+    tokenizer.save_pretrained(str(folder))
+    with pytest.raises(ModelFileError, match=r"tokenizer holds a tokenizer of 302 tokens, more than the 300 of the "
+                                             r"network it feeds: it belongs to another model"):
+        load_checkpoint(checkpoint_copy)
+    shutil.rmtree(folder)
+    train_bpe_tokenizer(["a much smaller vocabulary"], 50).save_pretrained(str(folder))  # another model's
+    with pytest.raises(ModelFileError, match=r"tokenizer holds a tokenizer of \d+ tokens, but the one saved with "
+                                             r"this model had 300: it belongs to another model"):
+        load_checkpoint(checkpoint_copy)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match=r"tokenizer does not load as a tokenizer .*tokenizer.json is missing "
+                                             "or corrupt"):
+        load_checkpoint(checkpoint_copy)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
-from ldlm.data import python_docs_corpus, read_corpus, read_texts, split_holdout
+from ldlm.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, python_docs_corpus, read_conditional_corpus, read_corpus,
+                       read_texts, split_holdout)
 
 
 def test_plain_text_and_jsonl(tmp_path):
@@ -44,3 +47,45 @@ def test_python_docs_corpus():
     corpus = python_docs_corpus(limit=500)
     assert len(corpus) == 500 and corpus == python_docs_corpus(limit=500)
     assert all(s[0].isupper() and s.endswith(".") and 6 <= len(s.split()) <= 24 for s in corpus)
+
+
+def test_a_huge_line_is_read_in_bounded_memory_and_cut_with_a_warning(tmp_path):
+    """A 20 MB line (issue 37: one such line took 10-21 GB in training) costs a few MAX_LINE_BYTES to read."""
+    path = tmp_path / "huge.txt"
+    with path.open("w") as f:
+        f.write("before\n" + "word " * 4_000_000 + "\nafter\n")
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match=r"huge.txt: 1 line\(s\) held more than 20000 characters.*line 2$"):
+            texts = read_texts(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert texts[0] == "before" and texts[2] == "after" and len(texts) == 3
+    assert len(texts[1]) <= MAX_TEXT_CHARS and texts[1].startswith("word word")
+    assert peak < 8 * MAX_LINE_BYTES, f"reading took {peak / 2**20:.1f} MiB at its peak"
+
+
+def test_jsonl_lines_too_long_or_too_deep_are_errors_naming_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "' + "x" * (MAX_LINE_BYTES + 10) + '"}\n')
+    with pytest.raises(ValueError, match=rf"data.jsonl:2 is longer than {MAX_LINE_BYTES} bytes"):
+        read_texts(path)
+    path.write_text('{"text": "ok"}\n' + '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:2 is JSON nested too deeply"):
+        read_texts(path)
+    path.write_text('{"text": "ok", "mr": "' + "m" * (MAX_TEXT_CHARS + 5) + '"}\n')
+    with pytest.warns(UserWarning, match="line 1$"):
+        texts, sources = read_conditional_corpus([path], "text", "mr")
+    assert texts == ["ok"] and len(sources[0]) == MAX_TEXT_CHARS
+
+
+def test_a_directory_or_a_file_not_in_utf8_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory: pass the files in it"):
+        read_texts(tmp_path)
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("fine\ncaf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt:2 is not UTF-8 text .*iconv"):
+        read_texts(path)
+    path.write_bytes(b"\xef\xbb\xbfwith a byte-order mark\n")
+    assert read_texts(path) == ["with a byte-order mark"]

@@ -67,8 +67,13 @@ for name in {names!r}:
 print(json.dumps(found))
 """
     found = json.loads(run_in_root(code))
-    inside = {name: places for name, places in found.items()
-              if any(p and Path(p).resolve().is_relative_to(ROOT) for p in places)}
+    environment = {Path(sys.prefix).resolve(), Path(sys.exec_prefix).resolve()}  # CI's venv lies in the checkout
+
+    def ours(place: str | None) -> bool:
+        path = Path(place).resolve() if place else None
+        return bool(path and path.is_relative_to(ROOT) and not any(path.is_relative_to(e) for e in environment))
+
+    inside = {name: places for name, places in found.items() if any(ours(p) for p in places)}
     assert not inside, f"from the repository's root these installed names resolve into it: {inside}"
 
 

@@ -31,7 +31,8 @@ def test_poison_lines_become_their_own_error_records(tiny_checkpoint, tiny_pipel
               b'{"id": "bad\\udc80id"}', b'{"id": ' + b"7" * 5000 + b"}", b'{"id": ' + b"7" * 30 + b"}",
               b'{"id": "typo", "text": "the cat sat.", "mode": "vary", "strenght": 0.95}',
               b'{"id": "strength-alone", "text": "the cat sat.", "strength": 0.5}',
-              b'{"id": true}', b'{"id": "deep", "seed": ' + b"[" * 100000 + b"]" * 100000 + b"}"]
+              b'{"id": true}', b'{"id": "deep", "seed": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+              b'{"id": "number-source", "source": 42}']
     lines = [json.dumps(GOOD[0]).encode(), *poison, json.dumps(GOOD[4]).encode()]
     counts = run_lines(tiny_pipeline, tiny_checkpoint, lines, out)
     assert counts == {"written": 2, "errors": len(poison), "skipped": 0}
@@ -42,6 +43,7 @@ def test_poison_lines_become_their_own_error_records(tiny_checkpoint, tiny_pipel
     assert "cannot be read" in errors[3] and "fit in 64 bits" in errors[4]
     assert "unknown field(s) ['strenght']" in errors[5] and "applies to mode \"vary\" only" in errors[6]
     assert "no usable \"id\"" in errors[7] and "cannot be read" in errors[8]
+    assert "\"source\" must be a text (a JSON string), got 42" in errors[9]
     assert records[0]["id"] == "a" and records[-1]["id"] == "e" and "text" in records[-1]
     assert run_lines(tiny_pipeline, tiny_checkpoint, lines, out, resume=True)["skipped"] == len(lines)
 
@@ -176,6 +178,8 @@ def test_a_failed_write_says_where_and_keeps_what_was_written(tiny_checkpoint, t
     (lambda p: p.encode(["the cat."], batch_size=0), "batch_size must be a whole number >= 1"),
     (lambda p: p.generate(2, batch_size=0, progress=False), "batch_size must be a whole number >= 1"),
     (lambda p: p.decode(torch.zeros(1, 32), num_beams=0, progress=False), "num_beams must be a whole number"),
+    (lambda p: p.generate(1, num_beams=33, progress=False), "num_beams must be a whole number from 1 to 32"),
+    (lambda p: p.vary(["the cat."], num_beams=10**9, progress=False), "from 1 to 32"),
 ])
 def test_strict_arguments_in_the_api(tiny_pipeline, call, message):
     with pytest.raises(ValueError, match=message):
@@ -205,6 +209,12 @@ def test_devices_that_do_not_exist_are_one_line_errors(tiny_checkpoint, capsys):
     (["reconstruct", "{ckpt}", "--file", "{tmp}/missing.txt"], "--file {tmp}/missing.txt does not exist"),
     (["reconstruct", "{ckpt}", "--file", "{tmp}"], "is a directory: pass a text file"),
     (["reconstruct", "{ckpt}", "--file", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text"),
+    (["generate", "{ckpt}", "-n", "-5", "--output", "{tmp}/o.jsonl"], "-n must be from 1 to 1,000,000, got -5"),
+    (["generate", "{ckpt}", "-n", "0"], "-n must be from 1 to 1,000,000, got 0"),
+    (["generate", "{ckpt}", "-n", "1000000000", "--output", "{tmp}/o.jsonl"], "-n must be from 1 to 1,000,000"),
+    (["generate", "{ckpt}", "-n", "1", "--num-beams", "100000"], "num_beams must be a whole number from 1 to 32"),
+    (["generate", "{ckpt}", "-n", "1", "--guidance", "2"], "this model is unconditional"),
+    (["generate", "{ckpt}", "-n", "1", "--source", "a cat"], "this model is unconditional"),
 ])
 def test_strict_arguments_in_the_cli(tiny_checkpoint, tmp_path, capsys, argv, message):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))

@@ -15,7 +15,7 @@ import torch
 
 import ldlm
 from ldlm.cli import main
-from ldlm.jobs import JobSettings, model_fingerprint, read_items, run_job
+from ldlm.jobs import JobOutput, JobSettings, model_fingerprint, read_items, run_job, unconditional_items
 
 from .conftest import TINY_TEXTS
 
@@ -184,3 +184,28 @@ def test_job_records_name_the_sampler_and_steps_that_ran(tiny_checkpoint, tiny_p
     settings = read_jsonl(out)[0]["settings"]
     expected = tiny_pipeline.sampling(None, None)
     assert (settings["sampler"], settings["steps"]) == expected and settings["sampler"] is not None
+
+
+def test_a_job_reads_its_items_as_it_reaches_them(tiny_checkpoint, tiny_pipeline, tmp_path, monkeypatch):
+    """`ldlm generate -n N --output F` used to build all N items before writing one (3.5 GB and no file after
+    150 s for N = 10**9, issue 37): items are drawn from an iterator a batch at a time, each batch written as
+    it ends."""
+    drawn, at_write = [0], []
+
+    def counted(items):
+        for item in items:
+            drawn[0] += 1
+            yield item
+
+    real_write = JobOutput.write
+    monkeypatch.setattr(JobOutput, "write", lambda self, records: (at_write.append(drawn[0]),
+                                                                   real_write(self, records)))
+    out = tmp_path / "out.jsonl"
+    counts = run_job(tiny_pipeline, counted(unconditional_items(10, 0)), out, settings_for(tiny_checkpoint),
+                     batch_size=4, progress=False, total=10)
+    assert counts == {"written": 10, "errors": 0, "skipped": 0}
+    assert at_write == [4, 8, 10]  # never more than the batch in flight
+    assert [r["id"] for r in read_jsonl(out)] == list(range(10))
+    again = run_job(tiny_pipeline, counted(unconditional_items(12, 0)), out, settings_for(tiny_checkpoint),
+                    batch_size=4, resume=True, progress=False)
+    assert again == {"written": 2, "errors": 0, "skipped": 10}

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -401,3 +404,28 @@ def test_cuda_graph_and_provider_options_say_what_to_fix(exported, monkeypatch):
     # both builds installed side by side: the CPU one shadows the GPU one, and the hint says to keep one
     monkeypatch.setattr("importlib.metadata.version", lambda name: "1.31.1")
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in onnx_runtime.gpu_install_hint()
+
+
+def test_a_cache_that_cannot_be_made_leaves_the_onnx_export_loadable(exported, tmp_path):
+    """The C beam helper is an optimisation: with LDLM_CACHE a file (or a read-only home), the export loads and
+    decodes, the helper built in a private temporary folder, the load's reason saying why (issue 37)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = (f"import ldlm; p = ldlm.load({str(exported)!r}); print(p.backend_reason); "
+            "print(p.generate(1, sampler='ddim', steps=2, progress=False))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LDLM_CACHE": str(blocker)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "private temporary folder" in done.stdout and "Not a directory" in done.stdout
+
+
+def test_an_export_whose_latent_std_is_nan_or_zero_is_refused(exported, tmp_path):
+    """The one check the checkpoint loader runs (ldlm.checkpoint.check_latent_stats), on the manifest's copy."""
+    for bad in (float("nan"), 0.0):
+        broken = _copy(exported, tmp_path / str(bad))
+        manifest = json.loads((broken / "manifest.json").read_text())
+        std = manifest["latent_stats"]["std"]
+        manifest["latent_stats"]["std"] = [bad] * len(std)
+        (broken / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=r"manifest.json latent_stats: the latent std is .* in dimension 0"):
+            ldlm.load(broken)

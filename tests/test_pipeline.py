@@ -260,3 +260,24 @@ def test_nucleus_decode_is_seeded_and_runs_on_both_decoders(tiny_pipeline):
                                                                                   no_repeat_ngram_size=0))
     with pytest.raises(ValueError, match="top_p must be in"):
         nucleus_decode(tiny_pipeline.decoder, latents, top_p=0.0)
+
+
+@pytest.mark.parametrize("decoding", ["beam", "nucleus"])
+def test_generate_batches_gives_generates_texts_a_batch_at_a_time(tiny_pipeline, decoding):
+    """What generate(n) was (sample_latents, then decode of everything with the same seed), a batch at a time:
+    the same texts in the same order, one batch held (issue 37: `ldlm generate -n` prints as it goes)."""
+    kwargs = {"sampler": "ddim", "steps": 3, "seed": 5, "progress": False}
+    latents = tiny_pipeline.sample_latents(130, batch_size=128, **kwargs) * 3  # scaled: varied decodes
+    top_p = 0.9 if decoding == "nucleus" else None
+    expected = tiny_pipeline.decode(latents, top_p=top_p, seed=5, progress=False)
+    original = tiny_pipeline.denormalize
+    tiny_pipeline.denormalize = lambda z: original(z) * 3  # the same scaling inside generate
+    try:
+        batches = list(tiny_pipeline.generate_batches(130, batch_size=128, decoding=decoding, top_p=top_p, **kwargs))
+        whole = tiny_pipeline.generate(130, batch_size=128, decoding=decoding, top_p=top_p, **kwargs)
+    finally:
+        tiny_pipeline.denormalize = original
+    assert [len(b) for b in batches] == [128, 2]
+    assert [t for b in batches for t in b] == whole == expected
+    if decoding == "nucleus":  # the draws vary, so a draw taken out of turn would show
+        assert len(set(expected)) > 3

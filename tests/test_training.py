@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import ldlm
 from ldlm.cli import main
 from ldlm.config import ModelConfig
-from ldlm.train import STAGES, Trainer, train
+from ldlm.train import STAGES, Trainer, train, training_lock
 
 from .conftest import TINY_TEXTS, tiny_train_config
 
@@ -158,3 +158,40 @@ def test_loading_a_checkpoint_prints_no_third_party_bar(tiny_checkpoint, capfd):
     ldlm.load(tiny_checkpoint)
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, capsys):
+    """Two runs on one --out (fresh, or both --resume) used to both exit 0, the last save winning and the log
+    mixing both (issue 37): the folder is held for the whole run."""
+    out = tmp_path / "model"
+    config = ModelConfig.from_preset("tiny")
+    with training_lock(out):  # another run, holding the folder
+        with pytest.raises(FileExistsError, match=rf"{out} is being trained by another run \(ldlm train, process "
+                                                   rf"\d+ on .*pass another --out"):
+            train(TINY_TEXTS, out, config, tiny_train_config(), progress=False, log=lambda *_: None)
+        assert main(["train", "--data", str(_write_lines(tmp_path / "d.txt")), "--out", str(out), "--preset", "tiny",
+                     "--time-budget", "0", "--decoder-steps", "1", "--diffusion-steps", "1", "--no-progress"]) == 2
+        assert "is being trained by another run" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    train(TINY_TEXTS, out, config, tiny_train_config(decoder_steps=2, diffusion_steps=2), progress=False,
+          log=lambda *_: None)  # once the holder is gone
+    assert (out / "config.json").is_file() and ldlm.load(out).config == ldlm.load(out).config
+
+
+def _write_lines(path):
+    path.write_text("\n".join(TINY_TEXTS))
+    return path
+
+
+def test_out_may_not_be_or_lie_inside_a_model(tiny_checkpoint, tmp_path):
+    config, quiet = ModelConfig.from_preset("tiny"), {"progress": False, "log": lambda *_: None}
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match="is an export .* pass a new folder"):
+        train(TINY_TEXTS, export, config, tiny_train_config(), **quiet)
+    for inner in (tiny_checkpoint / "tokenizer", tiny_checkpoint / "training" / "run", export / "sub"):
+        with pytest.raises(ValueError, match=r"lies inside (a checkpoint|an export), .*pass a folder outside it"):
+            train(TINY_TEXTS, inner, config, tiny_train_config(), **quiet)
+    assert not (tiny_checkpoint / "training" / "run").exists() and sorted(p.name for p in export.iterdir()) == [
+        "manifest.json"]
