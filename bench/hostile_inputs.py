@@ -354,7 +354,7 @@ def issue37_cases(fx: Fixtures, settings: list[str]) -> list[Case]:
     def marker_judge(d: Path, run: Run) -> str:
         return "PLANTED LIBRARY RAN" if (d / "marker").exists() else "planted library never loaded"
 
-    def native_cache(mode: int) -> Callable[[Path], list[list[str]]]:
+    def native_cache(mode: int, rewrite_record: bool) -> Callable[[Path], list[list[str]]]:
         def prepare(d: Path) -> list[list[str]]:
             cache = d / "cache"
             env = {"LDLM_CACHE": str(cache), "HOSTILE_MARKER": str(d / "marker")}
@@ -362,7 +362,7 @@ def issue37_cases(fx: Fixtures, settings: list[str]) -> list[Case]:
             for library in (cache / "native").glob("beam_update-*.so"):
                 planted_library(library)
                 record = library.with_name(library.name + ".sha256")
-                if record.exists():  # whoever can write the folder can rewrite the record too
+                if rewrite_record and record.exists():  # whoever can write the folder can rewrite it too
                     record.write_text(hashlib.sha256(library.read_bytes()).hexdigest())
             (cache / "native").chmod(mode)
             return [with_env(cli("generate", str(fx.export), "-n", "1", *settings), **env)]
@@ -401,7 +401,9 @@ def issue37_cases(fx: Fixtures, settings: list[str]) -> list[Case]:
                 cli("info", str(export))]
 
     def export_loads(d: Path, run: Run) -> str:
-        return "export still loads" if run.rc == 0 else "EXPORT BROKEN"
+        written = (d / "export" / "config.json").exists()
+        return ("CHECKPOINT WRITTEN INTO THE EXPORT" if written else "training refused") + (
+            ", export still loads" if run.rc == 0 else ", EXPORT BROKEN")
 
     def tokenizer_mismatch(d: Path) -> list[list[str]]:
         ckpt_copy = fx.copy(fx.checkpoint, d)
@@ -418,14 +420,16 @@ def issue37_cases(fx: Fixtures, settings: list[str]) -> list[Case]:
         return [cli("generate", str(export), "-n", "1", *settings)]
 
     return [
-        Case("native-cache-planted", "a library with a constructor planted at the C helper's cache path, its hash "
-             "record rewritten; `ldlm generate EXPORT`", native_cache(0o700), marker_judge),
-        Case("native-cache-777", "the same in a cache folder of mode 777", native_cache(0o777), marker_judge),
+        Case("native-cache-planted", "a library with a constructor planted at the C helper's cache path "
+             "(computable by anyone); `ldlm generate EXPORT`", native_cache(0o700, False), marker_judge),
+        Case("native-cache-777", "the same in a cache folder of mode 777, its hash record rewritten to match",
+             native_cache(0o777, True), marker_judge),
         Case("cache-is-a-file", "LDLM_CACHE names a file; `ldlm generate EXPORT`", cache_is_a_file),
         Case("aoti-unsigned", "an AOTInductor export copied from elsewhere (no signature of this user's key); "
              "`ldlm generate`", aoti_unsigned, tags=["slow"]),
-        Case("train-50mb-line", "`ldlm train` on a .txt holding one 50 MB line",
-             data("huge.txt", b"the cat sat. " * 4_000_000 + b"\na dog ran.\n")),
+        Case("train-50mb-line", "`ldlm train` on a .txt holding one 50 MB line among 20 short ones",
+             data("huge.txt", b"the cat sat. " * 4_000_000 + b"\n" + b"a dog ran in the park.\n" * 20)),
+        Case("train-two-lines", "`ldlm train` on two lines", data("two.txt", b"the cat sat.\na dog ran.\n")),
         Case("train-nested-json", "`ldlm train` on a .jsonl line nested 100,000 deep",
              data("deep.jsonl", b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")),
         Case("train-latin1", "`ldlm train` on a Latin-1 file", data("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"))),
@@ -462,7 +466,8 @@ def run_case(case: Case, fx: Fixtures, timeout: float, memory_gib: float) -> tup
                                       env=env, text=True, preexec_fn=limit_memory(memory_gib)) for c in commands]
             results = [p.communicate(timeout=timeout) for p in procs]
             runs = [Run(p.returncode, out, err, time.perf_counter() - start) for p, (out, err) in zip(procs, results)]
-            detail = case.judge(d, runs[-1]) if case.judge else ""
+            everything = Run(runs[-1].rc, "".join(r.out for r in runs), "".join(r.err for r in runs), runs[-1].seconds)
+            detail = case.judge(d, everything) if case.judge else ""
             outcome = " / ".join(f"job {i + 1}: {describe(r, '', timeout)}" for i, r in enumerate(runs))
             return f"{outcome}; {detail}".replace(f"{d}/", ""), runs[-1]
         else:

@@ -393,7 +393,8 @@ def _each_condition(args, given: list[str]) -> list[str]:
     return [c for c in given for _ in range(1 if args.num_samples is None else args.num_samples)]
 
 
-MAX_CLI_SAMPLES = 1_000_000  # one command's -n (times its sources): every item is held until it is written
+MAX_CLI_SAMPLES = 1_000_000  # one command's -n (times its sources); a job's resume keeps a key per record
+MAX_JOB_BATCH = 4096  # a batch job's --batch-size
 
 
 def _check_sample_count(args) -> None:
@@ -428,15 +429,18 @@ def cmd_generate(args) -> None:
         return
     kind, given = conditions
     each = _each_condition(args, given)
-    texts = pipe.generate_from(**{kind: each}, guidance=args.guidance, **common)
     guidance = pipe.config.guidance if args.guidance is None else args.guidance
-    for i, (condition, text) in enumerate(zip(each, texts)):
-        if args.json:
-            record = {"index": i, kind[:-1]: condition, "text": text, "guidance": guidance, "sampler": sampler,
-                      "steps": steps, "seed": args.seed}
-            print(json.dumps(record, ensure_ascii=False))
-        else:
-            print(text)
+    i = 0
+    for texts in pipe.generate_batches(len(each), **common, **{kind: each}, guidance=args.guidance):
+        for text in texts:  # printed as each batch ends
+            if args.json:
+                record = {"index": i, kind[:-1]: each[i], "text": text, "guidance": guidance, "sampler": sampler,
+                          "steps": steps, "seed": args.seed}
+                print(json.dumps(record, ensure_ascii=False))
+            else:
+                print(text)
+            i += 1
+        sys.stdout.flush()
 
 
 def _check_conditions_fit(args, config, conditions: tuple[str, list[str]] | None) -> None:
@@ -491,8 +495,9 @@ def _run_generate_job(args, input_path, output_path, report: bool = True) -> Non
         raise ValueError("--input needs --output FILE (the job's JSONL results)")
     if args.top_p is not None or args.decoding == "nucleus":
         raise ValueError("batch jobs decode by beam search: drop --decoding nucleus / --top-p")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 1 <= args.batch_size <= MAX_JOB_BATCH:
+        raise ValueError(f"--batch-size must be from 1 to {MAX_JOB_BATCH}, got {args.batch_size} (a batch is held "
+                         "in memory and lost whole to a kill)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
                            eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed,

@@ -296,34 +296,25 @@ class Pipeline:
 
     def generate_batches(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
                          eta: float = 0.0, num_beams: int = 4, decoding: str | None = None,
-                         top_p: float | None = None, batch_size: int = 256, progress: bool = True
-                         ) -> Iterator[list[str]]:
-        """generate(n, ...) a batch of `batch_size` texts at a time, the same texts in the same order, holding
-        one batch: for counts too large to keep (`ldlm generate -n` prints each batch as it ends). Everything is
-        checked before the first batch runs."""
+                         top_p: float | None = None, batch_size: int = 256, seeds: list[int] | None = None,
+                         sources: list[str] | None = None, labels: list[str] | None = None,
+                         guidance: float | None = None, progress: bool = True) -> Iterator[list[str]]:
+        """generate(n, ...), or with sources / labels generate_from(...), a batch of `batch_size` texts at a
+        time: the same texts in the same order, holding one batch, for counts too large to keep (`ldlm generate`
+        prints each batch as it ends). Everything is checked before the first batch runs."""
         search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=self.config.max_text_tokens)
         decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
         if decoding not in ("beam", "nucleus"):
             raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
         nucleus = (top_p if top_p is not None else self.config.top_p) if decoding == "nucleus" else None
-        latents = self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=None,
-                                       batch_size=batch_size, sources=None, labels=None, guidance=None,
+        latents = self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
+                                       batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
                                        progress=progress)
         generator = torch.Generator().manual_seed(seed)  # the decode's draws continue from batch to batch
         # the decode's own batches (64) split each sampled batch as they split all of them (batch_size is a
         # multiple of 64 by default), so nucleus draws match a single decode of everything
         return (self._decode(batch, search, top_p=nucleus, generator=generator, batch_size=64, progress=progress,
                              first_item=i * batch_size) for i, batch in enumerate(latents))
-
-    def _decode_samples(self, latents: torch.Tensor, *, decoding: str | None, top_p: float | None, num_beams: int,
-                        seed: int, progress: bool) -> list[str]:
-        """Sampled latents -> texts, by the decoding asked for (None: the checkpoint's, or nucleus with top_p)."""
-        decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
-        if decoding not in ("beam", "nucleus"):
-            raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
-        nucleus = top_p if top_p is not None else self.config.top_p
-        return self.decode(latents, num_beams=num_beams, top_p=nucleus if decoding == "nucleus" else None, seed=seed,
-                           progress=progress)
 
     def generate_from(self, sources: list[str] | None = None, *, labels: list[str] | None = None,
                       guidance: float | None = None, seed: int = 0, seeds: list[int] | None = None,
@@ -339,12 +330,10 @@ class Pipeline:
             raise ValueError("pass sources=[...] (or labels=[...] for a class-conditional model)")
         if isinstance(given, str):
             raise TypeError("pass a list, not a single string: wrap it as [text]")
-        BeamSearchConfig(num_beams=num_beams)
-        latents = self.sample_latents(len(given), steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
-                                      batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
-                                      progress=progress)
-        return self._decode_samples(latents, decoding=decoding, top_p=top_p, num_beams=num_beams, seed=seed,
-                                    progress=progress)
+        batches = self.generate_batches(len(given), steps, sampler, seed, eta=eta, num_beams=num_beams,
+                                        decoding=decoding, top_p=top_p, batch_size=batch_size, seeds=seeds,
+                                        sources=sources, labels=labels, guidance=guidance, progress=progress)
+        return [text for batch in batches for text in batch]
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), *, sampler: str | None = None, steps: int | None = None,
                num_beams: int = 4, decoding: str | None = None) -> dict[int, float]:

@@ -209,6 +209,9 @@ class Trainer:
         self.device = training_device(train_config.device)
         check_conditions(model_config, texts, conditions)
         self.train_texts, self.val_texts = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
+        if len(self.train_texts) < 2:  # one latent has no spread: its std, the scale of every sample, is undefined
+            raise ValueError(f"training needs at least 3 texts (2 to train on, 1 held out), got {len(texts)}: give "
+                             "more lines (a useful model wants thousands)")
         fingerprint = _fingerprint(texts, model_config.encoder, conditions)
         self.generator = torch.Generator().manual_seed(train_config.seed)
         self.saved_rng: dict[str, torch.Tensor] = {}  # generator states of a resumed run (ldlm.train.Trainer.save)

@@ -214,6 +214,8 @@ def test_devices_that_do_not_exist_are_one_line_errors(tiny_checkpoint, capsys):
     (["generate", "{ckpt}", "-n", "1000000000", "--output", "{tmp}/o.jsonl"], "-n must be from 1 to 1,000,000"),
     (["generate", "{ckpt}", "-n", "1", "--num-beams", "100000"], "num_beams must be a whole number from 1 to 32"),
     (["generate", "{ckpt}", "-n", "1", "--guidance", "2"], "this model is unconditional"),
+    (["generate", "{ckpt}", "-n", "1", "--output", "{tmp}/o.jsonl", "--batch-size", "100000"],
+     "--batch-size must be from 1 to 4096"),
     (["generate", "{ckpt}", "-n", "1", "--source", "a cat"], "this model is unconditional"),
 ])
 def test_strict_arguments_in_the_cli(tiny_checkpoint, tmp_path, capsys, argv, message):

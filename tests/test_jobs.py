@@ -91,18 +91,23 @@ def test_job_settings_that_cannot_run_fail_before_any_output(tiny_checkpoint, ti
     assert not out.exists()
 
 
-def test_job_output_does_not_depend_on_batching_and_flags_truncation(tiny_checkpoint, tiny_pipeline, tmp_path):
+def test_job_output_does_not_depend_on_batching_and_flags_truncation(tiny_checkpoint, tiny_pipeline, tmp_path,
+                                                                      caplog, recwarn):
     rows = [*GOOD, {"id": "long", "text": "a b c d " * 50}]
     source = tmp_path / "in.jsonl"
     write_jsonl(source, rows)
     outputs = []
-    for batch_size in (1, 4):
-        out = tmp_path / f"out{batch_size}.jsonl"
-        run_job(tiny_pipeline, read_items(source.open("rb"), 0), out, settings_for(tiny_checkpoint),
-                batch_size=batch_size, progress=False)
-        outputs.append(read_jsonl(out))
+    with caplog.at_level(logging.WARNING, logger="ldlm.jobs"):
+        for batch_size in (1, 4):
+            out = tmp_path / f"out{batch_size}.jsonl"
+            run_job(tiny_pipeline, read_items(source.open("rb"), 0), out, settings_for(tiny_checkpoint),
+                    batch_size=batch_size, progress=False)
+            outputs.append(read_jsonl(out))
     assert outputs[0] == outputs[1]
     assert outputs[0][-1]["truncated"] is True and "limit of" in outputs[0][-1]["warning"]
+    # said by the line's id, not by its place in a batch (issue 37)
+    assert [r.getMessage()[:10] for r in caplog.records if "encoder tokens" in r.getMessage()] == ['id:"long":'] * 2
+    assert not [w for w in recwarn if "encoder tokens" in str(w.message)]
 
 
 def test_resume_skips_done_ids_and_refuses_changed_settings(tiny_checkpoint, tiny_pipeline, tmp_path):

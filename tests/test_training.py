@@ -195,3 +195,12 @@ def test_out_may_not_be_or_lie_inside_a_model(tiny_checkpoint, tmp_path):
             train(TINY_TEXTS, inner, config, tiny_train_config(), **quiet)
     assert not (tiny_checkpoint / "training" / "run").exists() and sorted(p.name for p in export.iterdir()) == [
         "manifest.json"]
+
+
+def test_too_few_texts_is_a_clear_error(tmp_path):
+    """Two lines used to train for a step and fail with "diffusion loss became nan: lower the learning rate": the
+    one training latent has no spread to normalize by."""
+    with pytest.raises(ValueError, match="training needs at least 3 texts .* got 2"):
+        train(TINY_TEXTS[:2], tmp_path / "m", ModelConfig.from_preset("tiny"), tiny_train_config(), progress=False,
+              log=lambda *_: None)
+    assert not (tmp_path / "m").exists()
