@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldlm.config import ModelConfig, size_overrides
-from ldlm.folded_reverse import FoldedReverse
-from ldlm.reverse import Condition, ReverseTransformer
+from ldlm.model.config import ModelConfig, size_overrides
+from ldlm.fast.folded_reverse import FoldedReverse
+from ldlm.model.reverse import Condition, ReverseTransformer
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:

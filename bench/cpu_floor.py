@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 import ldlm
-from ldlm.benchmark import timed
-from ldlm.onnx_runtime import OnnxOptions
+from ldlm.jobs.benchmark import timed
+from ldlm.runtimes.onnx_runtime import OnnxOptions
 
 CPU = torch.device("cpu")
 

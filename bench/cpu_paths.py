@@ -29,8 +29,8 @@ SETTINGS = {"dpm++2m 20": ["--sampler", "dpm++2m", "--steps", "20", "--batch-siz
 
 def prepare(workdir: Path) -> dict[str, float]:
     """The preset saved as a checkpoint and its two exports; seconds each export took (0 when already there)."""
-    from ldlm.benchmark import bench_components
-    from ldlm.checkpoint import save_checkpoint
+    from ldlm.jobs.benchmark import bench_components
+    from ldlm.model.checkpoint import save_checkpoint
     from ldlm.export.aoti_export import export_aoti
     from ldlm.export.manifest import is_export
     from ldlm.export.onnx_export import export_checkpoint
@@ -68,7 +68,7 @@ def time_trained(model: Path, onnx: Path, aoti: Path, threads: int, runs: int) -
     import torch
 
     import ldlm
-    from ldlm.onnx_runtime import OnnxOptions
+    from ldlm.runtimes.onnx_runtime import OnnxOptions
 
     torch.set_num_threads(threads)
     loads = {"reference": lambda: ldlm.load(model, backend="reference"),

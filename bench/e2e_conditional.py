@@ -10,7 +10,7 @@ it, against the same-size GPT-2 trained as a conditional language model (issue 1
 
 Every held-out MR (whole MRs: none was seen in training) is generated from once per seed. BLEU is corpus BLEU
 against all of the MR's held-out descriptions (multi-reference), ROUGE-L the E2E scripts' (best reference),
-SER the slot error rate (ldlm.slot_error: omitted or contradicted attribute values), Div the diversity of each
+SER the slot error rate (ldlm.evaluation.slot_error: omitted or contradicted attribute values), Div the diversity of each
 MR's outputs across seeds (LD4LG's Div over 2- to 4-grams, averaged over MRs). The reference row scores each
 human description against the MR's other descriptions.
 """
@@ -23,8 +23,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ldlm import metrics
-from ldlm.slot_error import slot_error_rate
+from ldlm.evaluation import metrics
+from ldlm.evaluation.slot_error import slot_error_rate
 
 
 def heldout_mrs(workdir: Path) -> tuple[list[str], list[list[str]]]:
@@ -80,7 +80,7 @@ def run_model(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, gui
 
 
 def run_baseline(path: Path, mrs: list[str], refs: list[list[str]], seeds: int) -> tuple[dict, dict]:
-    from ldlm.baseline import generate_from_language_model
+    from ldlm.training.baseline import generate_from_language_model
 
     rows, outputs = {}, {}
     for name, kwargs in (("GPT-2 beam 4", {"num_beams": 4}), ("GPT-2 nucleus 0.95", {"top_p": 0.95})):

@@ -17,13 +17,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, for
 import torch  # noqa: E402
 
 import ldlm  # noqa: E402
-from ldlm.beam_search import BeamSearchConfig, beam_search  # noqa: E402
-from ldlm.benchmark import bench_components  # noqa: E402
-from ldlm.fused_sampler import FusedSampler  # noqa: E402
-from ldlm.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
-from ldlm.schedule import NoiseSchedule  # noqa: E402
-from ldlm.static_beam_search import StaticBeamSearch  # noqa: E402
-from ldlm.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables  # noqa: E402
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search  # noqa: E402
+from ldlm.jobs.benchmark import bench_components  # noqa: E402
+from ldlm.fast.fused_sampler import FusedSampler  # noqa: E402
+from ldlm.sampling.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
+from ldlm.model.schedule import NoiseSchedule  # noqa: E402
+from ldlm.fast.static_beam_search import StaticBeamSearch  # noqa: E402
+from ldlm.fast.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables  # noqa: E402
 
 
 def max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ with the blocks' weights as Fp8Linear codes, against the model's own weights, sa
 
 Rows, each against the fp32 loop: bf16 (the speed mode as it is), fp8 weights with fp32 activations (the
 codes' rounding alone), fp8 weights with bf16 activations (the speed mode with fp8). Each runs the checkpoint's
-sampler over the same noise through ldlm.fused_sampler with fused_blocks; the matmuls run as
+sampler over the same noise through ldlm.fast.fused_sampler with fused_blocks; the matmuls run as
 ldlm.kernels.reference.modules_linear (torch's modules on the same Fp8Linear codes, which tests/test_fused_linear.py
 holds the Triton kernel to within 1e-5), so it runs at torch's speed on a CPU; on a GPU bench/fused_blocks.py
 --fp8 times the kernel itself. Reported: the one-step x0 error at five timesteps (relative L2, mean over
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import ldlm
-from ldlm.fused_sampler import FusedSampler
+from ldlm.fast.fused_sampler import FusedSampler
 from ldlm.kernels.reference import modules_linear
-from ldlm.step_tables import sampler_tables
+from ldlm.fast.step_tables import sampler_tables
 
 VARIANTS = {  # name: (activations' dtype, fp8 weights)
     "fp32": (torch.float32, False),

@@ -9,16 +9,16 @@ engine as it is, and against torch.compile of the reference model driving the sa
     TRITON_INTERPRET=1 python bench/fused_blocks.py --preset tiny --device cpu --batch-sizes 2 --sampler ddim \
         --steps 3 --compile-modes default --repeats 1      # smoke (Triton's interpreter; figures meaningless)
 
-Paths, same seed and noise: `engine` (ldlm.fused_sampler as the cuda-graph backend runs it: folded model, fused
+Paths, same seed and noise: `engine` (ldlm.fast.fused_sampler as the cuda-graph backend runs it: folded model, fused
 norms, CUDA graphs on a GPU), `engine + fused blocks` (the same with fused_blocks=True), with --fp8 `engine +
 fused blocks + fp8` (the blocks' weights as float8 e4m3 codes, fp8_weights=True: not exact; its latents' error
 is the codes' rounding, which bench/fp8_weights.py measures in text on a trained model), and `torch.compile
 MODE` (the reference ReverseTransformer through torch.compile(mode=MODE, fullgraph=True, dynamic=False), called
 by the reference sampler; compiled once per batch and dtype, its first call reported apart). Each path's
 latents against the fp32 reference's (relative max error) and, per engine path, kernels a step
-(ldlm.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
+(ldlm.fast.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
 With --decode (or --decode-only), also the engine's static-KV beam decode (4 beams, 64 tokens: random weights
-never emit EOS) with and without fused blocks (ldlm.static_gpt2) and with the fused beam step
+never emit EOS) with and without fused blocks (ldlm.fast.static_gpt2) and with the fused beam step
 (ldlm.kernels.beam_head), tokens against the fp32 reference beam search; with --decode-peers, Hugging Face
 generate beside them (its dynamic cache, and its static cache), the same settings.
 """
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from ldlm.beam_search import BeamSearchConfig, beam_search
-from ldlm.benchmark import bench_components, timed
-from ldlm.fused_sampler import FusedSampler
-from ldlm.launches import decode_kernels, step_kernels
-from ldlm.static_beam_search import StaticBeamSearch
-from ldlm.samplers import SAMPLERS
-from ldlm.schedule import NoiseSchedule
-from ldlm.step_tables import sampler_tables
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
+from ldlm.jobs.benchmark import bench_components, timed
+from ldlm.fast.fused_sampler import FusedSampler
+from ldlm.fast.launches import decode_kernels, step_kernels
+from ldlm.fast.static_beam_search import StaticBeamSearch
+from ldlm.sampling.samplers import SAMPLERS
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.fast.step_tables import sampler_tables
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import reverse_step_cost  # noqa: E402  (a sibling script: the step's bytes, counted once)
@@ -202,7 +202,7 @@ HF_PATHS = {"decode HF generate": None, "decode HF generate, static cache": "sta
 
 def hf_generate(decoder, latents: torch.Tensor, config: BeamSearchConfig, cache: str | None) -> list[list[int]]:
     """GPT2LMHeadModel.generate on the decoder's prefix with the beam search's settings: token ids per item,
-    EOS and what follows removed (as ldlm.beam_search returns them)."""
+    EOS and what follows removed (as ldlm.sampling.beam_search returns them)."""
     prefix = decoder.prefix(latents)
     out = decoder.gpt2.generate(
         inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),

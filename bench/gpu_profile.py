@@ -1,12 +1,12 @@
 """Where the engine's GPU time goes: per-kernel device time of one sampling step and of one beam-decode token
 (torch.profiler over eager calls: the kernels a CUDA graph replays, without the launches), in fp32 (the parity
-mode), fp32 with TF32 matmuls, and bf16, the token with each attention of ldlm.static_gpt2; and the rate cuBLAS
+mode), fp32 with TF32 matmuls, and bf16, the token with each attention of ldlm.fast.static_gpt2; and the rate cuBLAS
 reaches on the step's matmul shapes.
 
     python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json profile.json
     python bench/gpu_profile.py --preset tiny --device cpu --batch-sizes 2   # smoke: CPU ops, not kernels
 
-The step is the engine's (ldlm.fused_sampler: the folded reverse transformer, the fused add + norm and update
+The step is the engine's (ldlm.fast.fused_sampler: the folded reverse transformer, the fused add + norm and update
 kernels, a noise draw); the token is the static-KV beam search's (GPT-2 on batch x beams rows, beam selection,
 cache reorder). Kernels are grouped by name; "matmul" sums the cuBLAS/CUTLASS kernels.
 """
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from ldlm.benchmark import bench_components, sync, timed
-from ldlm.fused_sampler import FusedSampler
-from ldlm.launches import token_searcher
-from ldlm.schedule import NoiseSchedule
-from ldlm.static_gpt2 import ATTENTION
-from ldlm.step_tables import ddpm_tables
+from ldlm.jobs.benchmark import bench_components, sync, timed
+from ldlm.fast.fused_sampler import FusedSampler
+from ldlm.fast.launches import token_searcher
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.fast.static_gpt2 import ATTENTION
+from ldlm.fast.step_tables import ddpm_tables
 
 MATMUL_NAMES = ("gemm", "gemv", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "splitk", "splitK", "nvjet")
 ATTENTION_NAMES = ("fmha", "sdpa", "flash", "attention", "Attention")  # CUTLASS and cuDNN attention: not matmuls

@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from ldlm.config import ModelConfig
-from ldlm.fused_sampler import FusedSampler
-from ldlm.reverse import ReverseTransformer
-from ldlm.schedule import NoiseSchedule
-from ldlm.step_tables import ddpm_tables
+from ldlm.model.config import ModelConfig
+from ldlm.fast.fused_sampler import FusedSampler
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.fast.step_tables import ddpm_tables
 
 
 def main() -> None:

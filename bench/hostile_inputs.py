@@ -82,7 +82,7 @@ class Fixtures:
         self.root = root
         self.checkpoint, self.export = root / "ckpt", root / "export"
         texts = ["the cat sat on the mat.", "a dog ran in the park.", "rain fell on the town."] * 8
-        code = ("from ldlm.config import ModelConfig; from ldlm.train import TrainConfig, train\n"
+        code = ("from ldlm.model.config import ModelConfig; from ldlm.training.train import TrainConfig, train\n"
                 f"texts = {json.dumps(texts)}\n"
                 "cfg = TrainConfig(time_budget=None, decoder_steps=20, diffusion_steps=10, eval_every=10, "
                 "decoder_batch_size=8, diffusion_batch_size=16, warmup_steps=2, save_every=1e9)\n"
@@ -255,7 +255,7 @@ def cases(fx: Fixtures) -> list[Case]:
         return lambda d: [python(api.format(ckpt=str(fx.checkpoint)) + code)]
 
     def tiny_latents(d: Path) -> list[list[str]]:
-        return [python("from ldlm.encoder import build_tiny_encoder; e = build_tiny_encoder(32); "
+        return [python("from ldlm.model.encoder import build_tiny_encoder; e = build_tiny_encoder(32); "
                        "a = e.encode(['The cat walked home.', 'zzzz qqqq xxxxx yyyy.']); "
                        "print('max latent difference', float((a[0] - a[1]).abs().max()))")]
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from e2e_conditional import heldout_mrs  # noqa: E402
 
-from ldlm import metrics  # noqa: E402
-from ldlm.slot_error import slot_error_rate  # noqa: E402
+from ldlm.evaluation import metrics  # noqa: E402
+from ldlm.evaluation.slot_error import slot_error_rate  # noqa: E402
 
 
 def run(pipe, mrs: list[str], seeds: int) -> tuple[list[list[str]], float]:
@@ -45,9 +45,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import ldlm
-    from ldlm.encoder import LatentEncoder
-    from ldlm.evaluate import features
-    from ldlm.onnx_runtime import OnnxOptions
+    from ldlm.model.encoder import LatentEncoder
+    from ldlm.evaluation.evaluate import features
+    from ldlm.runtimes.onnx_runtime import OnnxOptions
 
     mrs, refs = heldout_mrs(args.workdir)
     flat_refs = [r for rs in refs for r in rs]

@@ -16,8 +16,8 @@ import statistics
 import torch
 
 from ldlm.kernels.fused_update import fused_update
-from ldlm.schedule import NoiseSchedule
-from ldlm.step_tables import ddpm_tables, dpmpp_2m_tables
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.fast.step_tables import ddpm_tables, dpmpp_2m_tables
 
 
 def time_cuda(fn, repeats: int = 50) -> float:

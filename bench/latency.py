@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 python bench/latency.py --preset tiny --device cpu --batch-sizes 1 8 --engine-backend fused \
         --sampler ddim --steps 20 --max-new-tokens 16 --repeats 1   # smoke (tiny's decoder holds 40 positions)
 
-Models are built from the preset's config with random weights (no downloads; ldlm.benchmark). Random GPT-2 weights
+Models are built from the preset's config with random weights (no downloads; ldlm.jobs.benchmark). Random GPT-2 weights
 never emit EOS, so every decode runs the full --max-new-tokens: a fixed, worst-case workload. Warm-up
 runs are excluded; each figure is the median and p90 over --repeats. Each batch also records parity: the
 engine's latents against the reference's (same seed and noise) and whether the texts they decode to are
@@ -20,19 +20,19 @@ import platform
 
 import torch
 
-from ldlm.beam_search import BeamSearchConfig, beam_search
-from ldlm.config import SAMPLER_NAMES
-from ldlm.benchmark import bench_components, timed
-from ldlm.folded_reverse import FoldedReverse
-from ldlm.launches import decode_kernels, step_kernels
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
+from ldlm.model.config import SAMPLER_NAMES
+from ldlm.jobs.benchmark import bench_components, timed
+from ldlm.fast.folded_reverse import FoldedReverse
+from ldlm.fast.launches import decode_kernels, step_kernels
 from ldlm.pipeline import Pipeline
-from ldlm.step_tables import sampler_tables
+from ldlm.fast.step_tables import sampler_tables
 
 
 def reverse_step_cost(denoiser: FoldedReverse, batch: int, bytes_per_element: int = 4,
                       multistep: bool = False) -> tuple[float, float]:
     """(FLOPs, bytes) of one engine sampling step: the reverse transformer as the engine runs it
-    (ldlm.folded_reverse: each step's time an input-bias row; with one latent token, attention's value and
+    (ldlm.fast.folded_reverse: each step's time an input-bias row; with one latent token, attention's value and
     output projections folded into one matrix and no query or key), plus the update (read x, x0_hat, noise;
     write x; a multistep solver also reads and writes its history). Every tensor the step reads is read once; FLOPs are the matmuls' (the elementwise work and the
     attention scores over K tokens, K^2 d per block, are left out)."""

@@ -12,7 +12,7 @@ of the export's checkpoint) with each, and with --source, `generate_from([SOURCE
 
 Variants are timed in alternating blocks, each opened by an untimed call: call by call interleaving would
 time one pipeline while another's ONNX Runtime pool still spins after its reverse graph (the sampling loop's
-sessions spin, ldlm.onnx_runtime.Graph), which on two cores slowed the sampling loop 1.8x in a trial."""
+sessions spin, ldlm.runtimes.onnx_runtime.Graph), which on two cores slowed the sampling loop 1.8x in a trial."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 import ldlm
-from ldlm.onnx_runtime import OnnxOptions
+from ldlm.runtimes.onnx_runtime import OnnxOptions
 
 
 def timed_blocks(fns: dict[str, Callable[[], object]], runs: int, blocks: int = 3) -> dict[str, float]:

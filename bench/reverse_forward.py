@@ -1,5 +1,5 @@
-"""The reverse transformer's forward as designed (ldlm.reverse) against the engine's folded form
-(ldlm.folded_reverse: time as an input-bias row, one-token attention as one matrix), in one run: median time per
+"""The reverse transformer's forward as designed (ldlm.model.reverse) against the engine's folded form
+(ldlm.fast.folded_reverse: time as an input-bias row, one-token attention as one matrix), in one run: median time per
 call and the largest relative difference of their outputs. On a CPU the ratio is what holds.
 
     python bench/reverse_forward.py --preset base --batch-sizes 1 8 64
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from ldlm.config import ModelConfig
-from ldlm.folded_reverse import FoldedReverse
-from ldlm.reverse import ReverseTransformer
+from ldlm.model.config import ModelConfig
+from ldlm.fast.folded_reverse import FoldedReverse
+from ldlm.model.reverse import ReverseTransformer
 
 
 def median_seconds(fn, calls: int, repeats: int = 5) -> float:

@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from ldlm import metrics
+from ldlm.evaluation import metrics
 
 FIRST_SENTENCE = re.compile(r"^(.+?[.!?][\"')]*)\s+(\S.*)$")
 
@@ -62,7 +62,7 @@ def load_split(workdir: Path, seed: int) -> tuple[list[str], list[str], list[str
 
 
 def score(samples: list[str], reference_features, train: list[str], encoder, seed: int) -> dict:
-    from ldlm.evaluate import sample_scores
+    from ldlm.evaluation.evaluate import sample_scores
 
     return sample_scores(samples, reference_features, train, encoder, seed)
 
@@ -87,10 +87,10 @@ def main() -> None:
         return
 
     import ldlm
-    from ldlm.baseline import generate_from_language_model
-    from ldlm.config import DEFAULT_ENCODER
-    from ldlm.encoder import LatentEncoder
-    from ldlm.evaluate import features
+    from ldlm.training.baseline import generate_from_language_model
+    from ldlm.model.config import DEFAULT_ENCODER
+    from ldlm.model.encoder import LatentEncoder
+    from ldlm.evaluation.evaluate import features
 
     encoder = LatentEncoder.from_pretrained(DEFAULT_ENCODER)
     pipe = ldlm.load(args.model) if args.model else None

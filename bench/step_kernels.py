@@ -1,4 +1,4 @@
-"""Kernels the engine launches per sampling step, or per decoded token (ldlm.launches counts them on the CPU).
+"""Kernels the engine launches per sampling step, or per decoded token (ldlm.fast.launches counts them on the CPU).
 
     python bench/step_kernels.py --preset base --batch 64
     python bench/step_kernels.py --preset base --batch 64 --decode    # one token of the beam decode
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ldlm.benchmark import bench_components
-from ldlm.launches import decode_kernels, step_kernels
+from ldlm.jobs.benchmark import bench_components
+from ldlm.fast.launches import decode_kernels, step_kernels
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldlm.config import PRESETS, ModelConfig, size_overrides
-from ldlm.reverse import ReverseTransformer
+from ldlm.model.config import PRESETS, ModelConfig, size_overrides
+from ldlm.model.reverse import ReverseTransformer
 
 
 def step_seconds(config: ModelConfig, batch: int, repeats: int, warmup: int = 3) -> float:

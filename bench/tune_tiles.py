@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ldlm.benchmark import bench_components
-from ldlm.folded_reverse import FoldedReverse
+from ldlm.jobs.benchmark import bench_components
+from ldlm.fast.folded_reverse import FoldedReverse
 from ldlm.kernels.reference import modules_linear
 from ldlm.kernels.fused_linear import Fp8Linear, Tiles, default_tiles, fused_linear
 from ldlm.kernels.tile_table import FORMAT, merge, shape_key
-from ldlm.static_gpt2 import StaticKVGPT2
+from ldlm.fast.static_gpt2 import StaticKVGPT2
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}

@@ -10,7 +10,7 @@ module that needs them), so `ldlm --help` and programs that only read configs st
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, ModelConfig  # noqa: E402  (no torch)
+from ldlm.model.config import PRESETS, ModelConfig  # noqa: E402  (no torch)
 
 __all__ = ["ModelConfig", "PRESETS", "Pipeline", "load", "__version__"]
 
@@ -18,7 +18,7 @@ __all__ = ["ModelConfig", "PRESETS", "Pipeline", "load", "__version__"]
 def __getattr__(name: str):
     """ldlm.Pipeline and ldlm.load, imported on first use (PEP 562)."""
     if name in ("Pipeline", "load"):
-        from . import pipeline
+        from ldlm import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'ldlm' has no attribute {name!r}")

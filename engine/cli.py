@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .backends import BACKENDS, BackendUnavailable
-from .config import PRESETS, SAMPLER_NAMES, TRAINING_PRECISIONS, size_overrides
+from ldlm.runtimes.backends import BACKENDS, BackendUnavailable
+from ldlm.model.config import PRESETS, SAMPLER_NAMES, TRAINING_PRECISIONS, size_overrides
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def _read_text_file(path: str, flag: str) -> str:
     """A UTF-8 text file named by a flag, with errors that name it."""
-    from .inputs import read_user_file
+    from ldlm.inputs import read_user_file
 
     try:
         return read_user_file(path, flag, "a text file").decode("utf-8")
@@ -307,9 +307,9 @@ def _reused_stages(out: str) -> dict[str, str]:
 
 
 def cmd_train(args) -> None:
-    from .config import ModelConfig
-    from .data import read_conditional_corpus, read_corpus
-    from .train import TrainConfig, train
+    from ldlm.model.config import ModelConfig
+    from ldlm.training.data import read_conditional_corpus, read_corpus
+    from ldlm.training.train import TrainConfig, train
 
     condition_field = args.source_field or args.label_field
     conditions = None
@@ -349,7 +349,7 @@ def cmd_train(args) -> None:
 
 
 def _onnx_options(args):
-    from .onnx_runtime import OnnxOptions
+    from ldlm.runtimes.onnx_runtime import OnnxOptions
 
     return OnnxOptions(provider=args.onnx_provider, intra_op_threads=args.onnx_threads,
                        optimization_level=args.onnx_opt_level, int8_reverse=args.int8,
@@ -357,7 +357,7 @@ def _onnx_options(args):
 
 
 def _load(args):
-    from .pipeline import load
+    from ldlm.pipeline import load
 
     pipe = load(args.checkpoint, device=args.device, backend=args.backend, dtype=args.dtype,
                 onnx_options=_onnx_options(args), trust_native_code=args.trust_native_code)
@@ -489,7 +489,7 @@ def _print_ray_job(args, conditions: tuple[str, list[str]] | None) -> None:
 def _run_generate_job(args, input_path, output_path, report: bool = True) -> None:
     import logging
 
-    from .jobs import JobSettings, model_fingerprint, read_input_file, run_job, unconditional_items
+    from ldlm.jobs.batch import JobSettings, model_fingerprint, read_input_file, run_job, unconditional_items
 
     if not output_path:
         raise ValueError("--input needs --output FILE (the job's JSONL results)")
@@ -507,7 +507,7 @@ def _run_generate_job(args, input_path, output_path, report: bool = True) -> Non
     else:
         items = unconditional_items(_sample_count(args), args.seed)
     if args.ray:
-        from .ray_jobs import run_job_on_ray
+        from ldlm.jobs.ray_jobs import run_job_on_ray
 
         load_kwargs = {"backend": args.backend, "dtype": args.dtype, "onnx_options": _onnx_options(args),
                        "trust_native_code": args.trust_native_code}
@@ -539,8 +539,8 @@ def cmd_vary(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data import read_corpus, read_texts
-    from .evaluate import EvalSettings, evaluate, format_table
+    from ldlm.training.data import read_corpus, read_texts
+    from ldlm.evaluation.evaluate import EvalSettings, evaluate, format_table
 
     if args.checkpoint is None and args.samples is None:
         raise ValueError("give a checkpoint, --samples FILE, or both")
@@ -557,9 +557,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_baseline(args) -> None:
-    from .baseline import generate_from_language_model, sample_language_model, train_language_model
-    from .config import ModelConfig
-    from .data import read_conditional_corpus, read_corpus
+    from ldlm.training.baseline import generate_from_language_model, sample_language_model, train_language_model
+    from ldlm.model.config import ModelConfig
+    from ldlm.training.data import read_conditional_corpus, read_corpus
 
     if args.baseline_command == "train":
         sources = None
@@ -597,13 +597,13 @@ def cmd_bench(args) -> None:
 
     import torch
 
-    from .backends import EXPORT_BACKENDS, resolve_backend
-    from .benchmark import BenchSettings, bench_components, bench_pipeline, export_for_bench, format_table, plot
-    from .checkpoint import load_checkpoint
-    from .export.manifest import is_export
-    from .inputs import resolve_device
-    from .onnx_runtime import OnnxOptions
-    from .pipeline import Pipeline, load
+    from ldlm.runtimes.backends import EXPORT_BACKENDS, resolve_backend
+    from ldlm.jobs.benchmark import BenchSettings, bench_components, bench_pipeline, export_for_bench, format_table, plot
+    from ldlm.model.checkpoint import load_checkpoint
+    from ldlm.export.manifest import is_export
+    from ldlm.inputs import resolve_device
+    from ldlm.runtimes.onnx_runtime import OnnxOptions
+    from ldlm.pipeline import Pipeline, load
 
     if (args.checkpoint is None) == (args.preset is None):
         raise ValueError("give a checkpoint directory or --preset NAME (not both)")
@@ -678,8 +678,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import load_checkpoint
-    from .export.manifest import graph_format, is_export, read_manifest, signed_by_this_user
+    from ldlm.model.checkpoint import load_checkpoint
+    from ldlm.export.manifest import graph_format, is_export, read_manifest, signed_by_this_user
 
     if is_export(args.checkpoint):  # an export (ONNX or AOTI): its manifest, checked, never a graph opened
         manifest = read_manifest(args.checkpoint)
@@ -717,7 +717,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from ldlm.demo import run_demo
 
     run_demo(data=args.data, cache_dir=args.cache_dir, decoder_steps=args.decoder_steps,
              diffusion_steps=args.diffusion_steps, num_samples=args.num_samples, progress=not args.no_progress)
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars say nothing to a CLI user
-    from .checkpoint import CheckpointError
+    from ldlm.model.checkpoint import CheckpointError
 
     try:
         COMMANDS[args.command](args)

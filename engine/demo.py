@@ -1,5 +1,5 @@
 """`ldlm demo`: the embedded default. Trains the `small` preset on text that ships with Python to fixed step
-counts (the same model on every machine), caches it, checks it (ldlm.self_check), then samples, reconstructs
+counts (the same model on every machine), caches it, checks it (ldlm.evaluation.self_check), then samples, reconstructs
 and varies, printing the time each stage took. A second run reuses the cache."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import json
 import time
 from pathlib import Path
 
-from . import __version__
-from .config import ModelConfig
-from .data import python_docs_corpus, read_corpus, split_holdout
-from .inputs import check_positive_int
-from .paths import default_cache_dir
-from .pipeline import load
-from .self_check import check_model
-from .train import TrainConfig, train
+from ldlm import __version__
+from ldlm.model.config import ModelConfig
+from ldlm.training.data import python_docs_corpus, read_corpus, split_holdout
+from ldlm.inputs import check_positive_int
+from ldlm.paths import default_cache_dir
+from ldlm.pipeline import load
+from ldlm.evaluation.self_check import check_model
+from ldlm.training.train import TrainConfig, train
 
 
 def _run_key(texts: list[str], config: ModelConfig, train_config: TrainConfig) -> str:

@@ -1,5 +1,5 @@
 """The pipeline: encode, denoise, decode. The reference backend is plain PyTorch and every fast path
-(ldlm.backends) is checked against it."""
+(ldlm.runtimes.backends) is checked against it."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends import ENGINE_BACKENDS, EXPORT_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
-from .beam_search import BeamSearchConfig, beam_search
-from .buckets import batch_bucket
-from .checkpoint import Components, load_checkpoint, load_config, save_checkpoint
-from .config import ModelConfig
-from .nucleus import nucleus_decode
-from .inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
+from ldlm.runtimes.backends import ENGINE_BACKENDS, EXPORT_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
+from ldlm.fast.buckets import batch_bucket
+from ldlm.model.checkpoint import Components, load_checkpoint, load_config, save_checkpoint
+from ldlm.model.config import ModelConfig
+from ldlm.sampling.nucleus import nucleus_decode
+from ldlm.inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
                      resolve_device)
-from .samplers import SAMPLERS, ItemNoise, resolve_sampling
-from .guidance import check_condition, check_guidance, encode_condition, guided_denoiser
-from .reverse import Condition
-from .schedule import NoiseSchedule, add_noise
-from .step_tables import sampler_tables
+from ldlm.sampling.samplers import SAMPLERS, ItemNoise, resolve_sampling
+from ldlm.sampling.guidance import check_condition, check_guidance, encode_condition, guided_denoiser
+from ldlm.model.reverse import Condition
+from ldlm.model.schedule import NoiseSchedule, add_noise
+from ldlm.fast.step_tables import sampler_tables
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,8 +63,8 @@ class Pipeline:
             return
         self.backend, self.backend_reason = resolve_backend(backend, self.device)
         if self.backend == "compiled":
-            from .compiled import CompileTimes
-            from .paths import private_inductor_cache
+            from ldlm.fast.compiled import CompileTimes
+            from ldlm.paths import private_inductor_cache
 
             self.compile_times = CompileTimes()
             self.backend_reason += "; " + private_inductor_cache()  # it loads what it compiled as native code
@@ -95,7 +95,7 @@ class Pipeline:
         if not is_export(path):
             resolve_backend(backend, device)  # fail before loading weights
             return cls(load_checkpoint(path), device, backend, dtype)
-        from .onnx_runtime import load_export_components
+        from ldlm.runtimes.onnx_runtime import load_export_components
 
         components, backend, why = load_export_components(path, device, resolve_dtype(dtype), onnx_options, backend,
                                                           trust_native_code=trust_native_code)
@@ -166,7 +166,7 @@ class Pipeline:
                                 labels=labels[rows] if labels is not None else None)
 
     def _fused_sampler(self, sampler: str, steps: int | None, eta: float, start_t: int | None):
-        from .fused_sampler import FusedSampler
+        from ldlm.fast.fused_sampler import FusedSampler
 
         key = ("sampler", sampler, steps, eta, start_t)
         if key not in self._engine_cache:
@@ -176,20 +176,20 @@ class Pipeline:
         return self._engine_cache[key]
 
     def _compiled_reverse(self):
-        from .compiled import CompiledReverse
+        from ldlm.fast.compiled import CompiledReverse
 
         if "reverse" not in self._engine_cache:
             self._engine_cache["reverse"] = CompiledReverse(self.reverse, self.compile_times)
         return self._engine_cache["reverse"]
 
     def _beam_searcher(self, batch: int, search: BeamSearchConfig):
-        from .static_beam_search import StaticBeamSearch
+        from ldlm.fast.static_beam_search import StaticBeamSearch
 
         key = ("beam", batch, search)
         if key not in self._engine_cache:
             searcher = StaticBeamSearch(self._engine_decoder, batch, search, graphs=self.backend == "cuda-graph")
             if self.backend == "compiled":
-                from .compiled import compile_beam_step
+                from ldlm.fast.compiled import compile_beam_step
 
                 compile_beam_step(searcher, self.compile_times)
             self._engine_cache[key] = searcher
@@ -202,7 +202,7 @@ class Pipeline:
                        guidance: float | None = None, progress: bool = True) -> torch.Tensor:
         """n raw latents (n, *latent_shape) from Gaussian noise. One generator seeded with `seed` draws x_T, then
         each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents.
-        With `seeds` (one per item), each item draws from its own generator instead (ldlm.samplers.ItemNoise):
+        With `seeds` (one per item), each item draws from its own generator instead (ldlm.sampling.samplers.ItemNoise):
         its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default.
         A conditional model samples item i from sources[i] (or labels[i]) with classifier-free guidance weight
         `guidance` (None: the checkpoint's); without them, unconditionally (its null condition)."""
@@ -244,7 +244,7 @@ class Pipeline:
                no_repeat_ngram_size: int = 3, batch_size: int = 64, top_p: float | None = None, seed: int = 0,
                progress: bool = True) -> list[str]:
         """Raw latents (N, *latent_shape) -> N texts, by beam search; with top_p, by nucleus sampling
-        (ldlm.nucleus, seeded by `seed`) instead."""
+        (ldlm.sampling.nucleus, seeded by `seed`) instead."""
         if tuple(latents.shape[1:]) != self.config.latent_shape:
             raise ValueError(f"latents must be (N, {', '.join(map(str, self.config.latent_shape))}), "
                              f"got {tuple(latents.shape)}")
@@ -414,9 +414,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "a
     """Load a checkpoint directory written by `ldlm train` (or `Pipeline.save`), or an export directory written
     by `ldlm export` (backend 'onnx', or 'aoti' for `--format aoti`).
 
-    backend: see ldlm.backends. dtype: the engine's compute dtype (float32, the parity mode; bfloat16;
+    backend: see ldlm.runtimes.backends. dtype: the engine's compute dtype (float32, the parity mode; bfloat16;
     float16); the reference backend is float32 only; onnx runs the float32 or float16 graphs.
-    onnx_options: ldlm.onnx_runtime.OnnxOptions (provider, threads, optimization level, int8 reverse).
+    onnx_options: ldlm.runtimes.onnx_runtime.OnnxOptions (provider, threads, optimization level, int8 reverse).
     trust_native_code: an AOTInductor export is native code that runs when loaded; without this flag it loads
     only if this user exported it on this machine (its manifest signed with this user's key), as transformers
     asks trust_remote_code before running a model's own code. Checkpoints and ONNX exports are data: no flag."""

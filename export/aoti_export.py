@@ -3,7 +3,7 @@
 The graphs are the ONNX export's (export/graphs.py, the same example inputs and dynamic axes), traced by
 torch.export and compiled ahead of time by Inductor (`torch._inductor.aoti_compile_and_package`) into `.pt2`
 packages: generated C++ kernels built into a shared library, with the weights inside. Loading one
-(ldlm.aoti_runtime) compiles nothing. The manifest is the ONNX export's, with "format": "ldlm-aoti", every
+(ldlm.runtimes.aoti_runtime) compiles nothing. The manifest is the ONNX export's, with "format": "ldlm-aoti", every
 file's hash, and what a package is bound to: the torch version that built it (AOTInductor's runtime ABI), the
 device, and on the CPU the vector instruction set its kernels use (a package built for AVX-512 does not run on
 a CPU without it).
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ldlm.aoti_runtime import IO_METADATA
-from ldlm.checkpoint import Components, load_checkpoint
+from ldlm.runtimes.aoti_runtime import IO_METADATA
+from ldlm.model.checkpoint import Components, load_checkpoint
 
 from .manifest import write_manifest
 from .onnx_export import (check_target, graph_names, model_fields, save_tokenizers, traceable, versions,

@@ -4,7 +4,7 @@ decoder prefill and step, and for a conditional model the condition embedding.
 The prefill's cache comes out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at
 index 0 and values at 1; the step graph reads a static cache, one key and one value tensor per layer, and
 returns only the new token's keys and values, so a runtime needs no Hugging Face cache class and no step
-copies the cache. The decoder graphs re-state GPT-2's forward pass (as ldlm.static_gpt2 does) over the loaded
+copies the cache. The decoder graphs re-state GPT-2's forward pass (as ldlm.fast.static_gpt2 does) over the loaded
 model's own weights; tests check them against the module.
 Every graph computes in its weights' dtype and takes and returns float32 (but the step graph's cache, kept in
 the weights' dtype so that reading it costs no conversion), so fp32 and fp16 variants share one interface.
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldlm.decoder import LatentDecoder
-from ldlm.encoder import LatentEncoder, masked_mean
-from ldlm.reverse import Condition, ReverseTransformer
-from ldlm.static_gpt2 import check_supported
+from ldlm.model.decoder import LatentDecoder
+from ldlm.model.encoder import LatentEncoder, masked_mean
+from ldlm.model.reverse import Condition, ReverseTransformer
+from ldlm.fast.static_gpt2 import check_supported
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ldlm.model_files import ModelFileError, folder_files, inside
+from ldlm.model.model_files import ModelFileError, folder_files, inside
 
 MANIFEST = "manifest.json"
 FORMATS = {"ldlm-onnx": "onnx", "ldlm-aoti": "aoti"}  # the manifest's "format" -> the graphs' format

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ldlm import __version__
-from ldlm.checkpoint import Components, load_checkpoint
+from ldlm.model.checkpoint import Components, load_checkpoint
 
 from .graphs import ConditionGraph, DecoderPrefillGraph, DecoderStepGraph, EncoderGraph, ReverseGraph
 from .manifest import GRAPHS, is_export, write_manifest

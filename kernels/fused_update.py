@@ -7,7 +7,7 @@ whatever the storage dtype. A multistep solver (DPM-Solver++(2M)) also reads the
 x0_hat from a history buffer and leaves this step's there for the next (read, then overwritten, element by
 element: no copy kernel). Optionally it also records the first step whose output holds a NaN or an
 infinity (as stored), in a device flag, so the sampling loop needs no separate check. The coefficients
-come from device tables (ldlm.step_tables) indexed by a step counter that lives on the device, so a
+come from device tables (ldlm.fast.step_tables) indexed by a step counter that lives on the device, so a
 captured CUDA graph replays correctly at every step without Python scalars. Set TRITON_INTERPRET=1
 before triton is imported to run it on CPU.
 """

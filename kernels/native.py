@@ -35,7 +35,7 @@ import torch
 SOURCE = Path(__file__).with_name("beam_update.c")
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
 MAX_BEAMS = 32  # the kernel's fixed per-item candidate array holds 2 * 32
-NEG_INF = -1.0e9  # ldlm.beam_search.NEG_INF (this module sits below ldlm and imports none of it)
+NEG_INF = -1.0e9  # ldlm.sampling.beam_search.NEG_INF (this module sits below ldlm and imports none of it)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -182,7 +182,7 @@ def load_note() -> str:
 
 
 class BeamUpdate:
-    """The beam search's state for B items of K beams and T tokens, as ldlm.beam_search holds it, updated by the
+    """The beam search's state for B items of K beams and T tokens, as ldlm.sampling.beam_search holds it, updated by the
     C kernel one token at a time: `update(logits, cur)` is one iteration of that loop's bookkeeping."""
 
     def __init__(self, B: int, K: int, T: int, V: int, *, eos: int, pad: int, no_repeat_ngram_size: int,

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():  # run Triton kernels in its interpreter; must
 import pytest  # noqa: E402
 
 import ldlm  # noqa: E402
-from ldlm.config import ModelConfig
-from ldlm.train import TrainConfig, train  # noqa: E402
+from ldlm.model.config import ModelConfig
+from ldlm.training.train import TrainConfig, train  # noqa: E402
 
 TINY_TEXTS = [
     "the cat sat on the mat.",
@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def varied_decoder():
     """A random tiny decoder whose EOS logit is raised, so beam hypotheses end at varied lengths."""
-    from ldlm.decoder import LatentDecoder
+    from ldlm.model.decoder import LatentDecoder
 
     torch.manual_seed(0)
     decoder = LatentDecoder.build(ModelConfig.from_preset("tiny"), TINY_TEXTS).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
+from ldlm.sampling.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ldlm.benchmark import CONDITIONAL_STAGES, STAGES
+from ldlm.jobs.benchmark import CONDITIONAL_STAGES, STAGES
 from ldlm.cli import main
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.checkpoint import CheckpointError, load_checkpoint
+from ldlm.model.checkpoint import CheckpointError, load_checkpoint
 
 
 @pytest.fixture()
@@ -114,8 +114,8 @@ def test_latent_stats_that_are_not_finite_or_not_positive_are_refused(checkpoint
 def test_a_tokenizer_that_does_not_fit_the_decoder_or_does_not_load_is_named(checkpoint_copy):
     from transformers import AutoTokenizer
 
-    from ldlm.decoder import train_bpe_tokenizer
-    from ldlm.model_files import ModelFileError
+    from ldlm.model.decoder import train_bpe_tokenizer
+    from ldlm.model.model_files import ModelFileError
 
     folder = checkpoint_copy / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldlm.baseline import sample_language_model
-from ldlm.checkpoint import load_checkpoint
+from ldlm.training.baseline import sample_language_model
+from ldlm.model.checkpoint import load_checkpoint
 from ldlm.cli import build_parser, main
 
 from .conftest import TINY_TEXTS

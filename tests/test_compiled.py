@@ -1,4 +1,4 @@
-"""The `compiled` backend (ldlm.compiled): the reference modules through torch.compile, against the reference
+"""The `compiled` backend (ldlm.fast.compiled): the reference modules through torch.compile, against the reference
 with the same seed and noise: fp32 latents within 1e-5, identical text; shapes bucketed, so a loop and every
 batch size within a bucket run what was compiled once."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.backends import BackendUnavailable, resolve_backend
+from ldlm.runtimes.backends import BackendUnavailable, resolve_backend
 
 from .test_conditional import SOURCES, text_checkpoint, train_conditional  # noqa: F401 (fixture)
 

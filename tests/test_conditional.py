@@ -11,11 +11,11 @@ import torch
 
 import ldlm
 from ldlm.cli import main
-from ldlm.config import ModelConfig
-from ldlm.guidance import guided_denoiser
-from ldlm.jobs import read_items, run_job
-from ldlm.reverse import Condition, ReverseTransformer
-from ldlm.train import train
+from ldlm.model.config import ModelConfig
+from ldlm.sampling.guidance import guided_denoiser
+from ldlm.jobs.batch import read_items, run_job
+from ldlm.model.reverse import Condition, ReverseTransformer
+from ldlm.training.train import train
 
 from .conftest import TINY_TEXTS, tiny_train_config
 from .test_jobs import read_jsonl, settings_for
@@ -219,7 +219,7 @@ def test_jobs_generate_from_sources_with_per_line_guidance(text_checkpoint, tmp_
 
 
 def test_bench_times_the_guided_loop_beside_the_unguided_one(label_checkpoint):
-    from ldlm.benchmark import BenchSettings, bench_pipeline
+    from ldlm.jobs.benchmark import BenchSettings, bench_pipeline
 
     rows = bench_pipeline(ldlm.load(label_checkpoint), "reference",
                           BenchSettings(batch_sizes=(2,), sampler="ddim", steps=2, warmup=0, iters=1, max_new_tokens=2))

@@ -1,6 +1,6 @@
 """The engine's sampling loop on a conditional model (issue 18): the folded step reading the condition's keys
 and values from static buffers, and a guided run's two branches as one batched forward, against the reference
-samplers with ldlm.guidance, same seed and noise: fp32 latents within 1e-5. On CPU the loop runs eagerly
+samplers with ldlm.sampling.guidance, same seed and noise: fp32 latents within 1e-5. On CPU the loop runs eagerly
 through the Triton interpreter; tests/test_gpu.py runs the same comparison with CUDA graphs."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.config import ModelConfig
-from ldlm.folded_reverse import FoldedReverse
-from ldlm.buckets import next_power_of_two
-from ldlm.fused_sampler import FusedSampler
-from ldlm.guidance import guided_denoiser
-from ldlm.reverse import ReverseTransformer
-from ldlm.samplers import SAMPLERS
-from ldlm.schedule import NoiseSchedule
-from ldlm.step_tables import sampler_tables
+from ldlm.model.config import ModelConfig
+from ldlm.fast.folded_reverse import FoldedReverse
+from ldlm.fast.buckets import next_power_of_two
+from ldlm.fast.fused_sampler import FusedSampler
+from ldlm.sampling.guidance import guided_denoiser
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.sampling.samplers import SAMPLERS
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.fast.step_tables import sampler_tables
 
 from .test_conditional import some_condition, text_checkpoint, train_conditional  # noqa: F401 (fixture)
 

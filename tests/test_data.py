@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from ldlm.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, python_docs_corpus, read_conditional_corpus, read_corpus,
+from ldlm.training.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, python_docs_corpus, read_conditional_corpus, read_corpus,
                        read_texts, split_holdout)
 
 

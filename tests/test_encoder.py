@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.encoder import build_tiny_encoder, masked_mean
+from ldlm.model.encoder import build_tiny_encoder, masked_mean
 
 
 @pytest.fixture(scope="module")

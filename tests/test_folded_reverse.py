@@ -1,4 +1,4 @@
-"""The engine's rearranged reverse transformer (ldlm.folded_reverse) against the model it was built from: the same
+"""The engine's rearranged reverse transformer (ldlm.fast.folded_reverse) against the model it was built from: the same
 function of (x_t, the step's t), to float rounding, for one and several latent tokens, with and without
 self-conditioning, with torch's norms, the fused Triton ones, or every matmul fused with its neighbours
 (ldlm.kernels.fused_linear; interpreter on CPU). (tests/test_fused_sampler.py
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.config import ModelConfig
-from ldlm.folded_reverse import FoldedReverse
-from ldlm.reverse import ReverseTransformer
+from ldlm.model.config import ModelConfig
+from ldlm.fast.folded_reverse import FoldedReverse
+from ldlm.model.reverse import ReverseTransformer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused norms run on CPU only in Triton's interpreter
 TIMESTEPS = torch.tensor([999.0, 740.5, 333.0, 12.25, 0.0])  # a sampler's steps, continuous t

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.config import ModelConfig
-from ldlm.fused_sampler import FusedSampler, loop_plan
-from ldlm.reverse import ReverseTransformer
-from ldlm.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
-from ldlm.schedule import NoiseSchedule
-from ldlm.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables
+from ldlm.model.config import ModelConfig
+from ldlm.fast.fused_sampler import FusedSampler, loop_plan
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.sampling.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.fast.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -147,7 +147,7 @@ def test_self_conditioned_model_matches_reference(schedule):
     """Self-conditioning (issue 4 lever): the engine carries the previous x0 estimate in a static buffer."""
     import dataclasses
 
-    from ldlm.guidance import guided_denoiser
+    from ldlm.sampling.guidance import guided_denoiser
 
     torch.manual_seed(1)
     model = ReverseTransformer(dataclasses.replace(ModelConfig.from_preset("tiny"), self_condition=True)).to(DEVICE).eval()
@@ -173,7 +173,7 @@ def test_self_conditioned_model_matches_reference(schedule):
 def test_per_item_noise_table_matches_reference(reverse, schedule, graphs, sampler, eta):
     """Batch jobs' per-item seeds: the engine copies every draw into a device table up front; the reference
     draws step by step. Same values, also with padding rows beyond the seeded items (batch buckets)."""
-    from ldlm.samplers import ItemNoise
+    from ldlm.sampling.samplers import ItemNoise
 
     seeds = [7, 8, 9]
     if sampler == "ddpm":
@@ -200,7 +200,7 @@ def test_per_item_noise_table_matches_reference(reverse, schedule, graphs, sampl
 
 
 def test_item_noise_serves_the_same_rows_one_by_one_or_at_once():
-    from ldlm.samplers import ItemNoise
+    from ldlm.sampling.samplers import ItemNoise
 
     stepwise = ItemNoise([1, 2])
     one_by_one = torch.stack([stepwise.randn((5,)) for _ in range(70)])  # 70 rows, past one block of 64

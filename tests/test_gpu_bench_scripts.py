@@ -1,6 +1,6 @@
 """The GPU benchmark scripts of bench/gpu_check.sh, run small on the CPU (Triton's interpreter), so a Python error
 in them shows up here and not first on the rented GPU (their figures are only meaningful on the GPU); and the
-kernel counts of an engine step and a decoded token (ldlm.launches, printed by bench/step_kernels.py)."""
+kernel counts of an engine step and a decoded token (ldlm.fast.launches, printed by bench/step_kernels.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ldlm.benchmark import bench_components
-from ldlm.config import ModelConfig
-from ldlm.launches import decode_kernels, step_kernels
+from ldlm.jobs.benchmark import bench_components
+from ldlm.model.config import ModelConfig
+from ldlm.fast.launches import decode_kernels, step_kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

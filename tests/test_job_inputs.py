@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import ldlm
 from ldlm.cli import main
-from ldlm.jobs import JobOutput, JobOutputError, model_fingerprint, read_items, run_job
+from ldlm.jobs.batch import JobOutput, JobOutputError, model_fingerprint, read_items, run_job
 
 from .conftest import TINY_TEXTS
 from .test_jobs import GOOD, read_jsonl, settings_for, write_jsonl
@@ -125,7 +125,7 @@ def test_resume_runs_a_line_edited_since_it_was_written(tiny_checkpoint, tiny_pi
     run_job(tiny_pipeline, read_items([json.dumps(r).encode() for r in first], 0), out, settings_for(tiny_checkpoint),
             progress=False)
     edited = [first[0], {"id": "y", "text": "she reads a book every night."}]
-    with caplog.at_level(logging.WARNING, logger="ldlm.jobs"):
+    with caplog.at_level(logging.WARNING, logger="ldlm.jobs.batch"):
         counts = run_job(tiny_pipeline, read_items([json.dumps(r).encode() for r in edited], 0), out,
                          settings_for(tiny_checkpoint), resume=True, progress=False)
     assert counts == {"written": 1, "errors": 0, "skipped": 1}

@@ -15,7 +15,7 @@ import torch
 
 import ldlm
 from ldlm.cli import main
-from ldlm.jobs import JobOutput, JobSettings, model_fingerprint, read_items, run_job, unconditional_items
+from ldlm.jobs.batch import JobOutput, JobSettings, model_fingerprint, read_items, run_job, unconditional_items
 
 from .conftest import TINY_TEXTS
 
@@ -97,7 +97,7 @@ def test_job_output_does_not_depend_on_batching_and_flags_truncation(tiny_checkp
     source = tmp_path / "in.jsonl"
     write_jsonl(source, rows)
     outputs = []
-    with caplog.at_level(logging.WARNING, logger="ldlm.jobs"):
+    with caplog.at_level(logging.WARNING, logger="ldlm.jobs.batch"):
         for batch_size in (1, 4):
             out = tmp_path / f"out{batch_size}.jsonl"
             run_job(tiny_pipeline, read_items(source.open("rb"), 0), out, settings_for(tiny_checkpoint),
@@ -140,7 +140,7 @@ def test_out_of_memory_halves_the_batch_and_says_so(tiny_checkpoint, tmp_path, m
 
     monkeypatch.setattr(pipe, "sample_latents", small_memory)
     out = tmp_path / "out.jsonl"
-    with caplog.at_level(logging.WARNING, logger="ldlm.jobs"):
+    with caplog.at_level(logging.WARNING, logger="ldlm.jobs.batch"):
         counts = run_job(pipe, read_items([json.dumps({"id": i}).encode() for i in range(7)], 0), out,
                          settings_for(tiny_checkpoint), batch_size=8, progress=False)
     assert counts["written"] == 7 and [r["id"] for r in read_jsonl(out)] == list(range(7))

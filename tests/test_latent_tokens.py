@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.beam_search import BeamSearchConfig, beam_search
-from ldlm.checkpoint import load_checkpoint
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
+from ldlm.model.checkpoint import load_checkpoint
 from ldlm.cli import main
-from ldlm.config import ModelConfig
-from ldlm.encoder import build_tiny_encoder, pad_states
-from ldlm.resampler import LatentResampler
-from ldlm.reverse import ReverseTransformer
-from ldlm.static_beam_search import StaticBeamSearch
-from ldlm.train import TrainConfig, Trainer, train
+from ldlm.model.config import ModelConfig
+from ldlm.model.encoder import build_tiny_encoder, pad_states
+from ldlm.model.resampler import LatentResampler
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.fast.static_beam_search import StaticBeamSearch
+from ldlm.training.train import TrainConfig, Trainer, train
 
 from .conftest import TINY_TEXTS, tiny_train_config
 

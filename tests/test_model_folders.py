@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.checkpoint import CheckpointError, load_checkpoint
+from ldlm.model.checkpoint import CheckpointError, load_checkpoint
 from ldlm.cli import main
-from ldlm.encoder import build_tiny_encoder
+from ldlm.model.encoder import build_tiny_encoder
 from ldlm.export.manifest import ExportError, hash_files, read_manifest
 from ldlm.export.onnx_export import export_checkpoint
-from ldlm.model_files import ModelFileError
+from ldlm.model.model_files import ModelFileError
 
 # what a hostile folder ships beside a config naming it (`auto_map`): it leaves a mark if it ever runs
 PAYLOAD = "import pathlib\npathlib.Path({mark!r}).write_text('ran')\n"
@@ -190,8 +190,8 @@ def test_symlinks_out_of_a_checkpoint_are_refused(checkpoint, tmp_path):
 
 def test_training_bundles_an_encoder_given_as_a_folder(tiny_checkpoint, tmp_path):
     """A checkpoint reads only its folder, so an encoder named by a local path travels inside it."""
-    from ldlm.config import ModelConfig
-    from ldlm.train import train
+    from ldlm.model.config import ModelConfig
+    from ldlm.training.train import train
 
     from .conftest import TINY_TEXTS, tiny_train_config
 

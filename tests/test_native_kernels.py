@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.beam_search import BeamSearchConfig, beam_search
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 from ldlm.kernels import native
-from ldlm.native_beam_search import native_beam_search
-from ldlm.onnx_runtime import OnnxOptions, native_decode
+from ldlm.fast.native_beam_search import native_beam_search
+from ldlm.runtimes.onnx_runtime import OnnxOptions, native_decode
 
 
 CPU = torch.device("cpu")

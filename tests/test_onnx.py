@@ -21,16 +21,16 @@ import torch
 pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")  # installed by .ci/run
 
 import ldlm
-from ldlm.backends import BackendUnavailable
-from ldlm.beam_search import BeamSearchConfig, beam_search
-from ldlm.checkpoint import load_checkpoint
+from ldlm.runtimes.backends import BackendUnavailable
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
+from ldlm.model.checkpoint import load_checkpoint
 from ldlm.cli import main
-from ldlm.config import ModelConfig
-from ldlm.decoder import LatentDecoder
+from ldlm.model.config import ModelConfig
+from ldlm.model.decoder import LatentDecoder
 from ldlm.export.manifest import ExportError, hash_files
 from ldlm.export.onnx_export import export_checkpoint, export_graph
-from ldlm.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_export_components
-from ldlm.reverse import ReverseTransformer
+from ldlm.runtimes.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_export_components
+from ldlm.model.reverse import ReverseTransformer
 
 from .conftest import TINY_TEXTS, assert_threads_get_their_own_results
 
@@ -134,7 +134,7 @@ def test_step_graph_is_bound_once_per_cache_capacity(reference, onnx_parts, monk
     """Tokens written in place into one input tensor (as the native search does) reuse the step's binding until
     the cache grows; a new tensor each step, or a strided one (bound as a copy), rebinds; the results are the
     module's in every case."""
-    from ldlm import onnx_runtime
+    from ldlm.runtimes import onnx_runtime
 
     binds = []
     monkeypatch.setattr(onnx_runtime.StepRun, "bind", lambda *a, bind=onnx_runtime.StepRun.bind: binds.append(1) or
@@ -350,8 +350,8 @@ def test_threads_sharing_an_onnx_pipeline_get_their_own_results(exported):
 
 def test_evaluate_runs_on_the_onnx_backend(exported):
     """`ldlm eval EXPORT`: reconstruction and samples as usual; teacher-forced accuracy needs the PyTorch decoder."""
-    from ldlm.encoder import build_tiny_encoder
-    from ldlm.evaluate import EvalSettings, evaluate, format_table
+    from ldlm.model.encoder import build_tiny_encoder
+    from ldlm.evaluation.evaluate import EvalSettings, evaluate, format_table
 
     result = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=ldlm.load(exported), feature_encoder=build_tiny_encoder(32),
                       settings=EvalSettings(num_samples=6, sampler="ddim", steps=5), progress=False)
@@ -365,7 +365,7 @@ def test_static_inputs_bind_once_per_shape_with_a_graph_id_each(reference, onnx_
     """What ORT's CUDA graphs need, on the CPU build: each input shape bound once to buffers of its own (a graph
     id each: gpu_graph_id), every call's inputs copied in and the output copied out; the same results as a
     binding per call, none aliasing another."""
-    from ldlm import onnx_runtime
+    from ldlm.runtimes import onnx_runtime
 
     graph = onnx_parts[torch.float32].reverse.graph
     binds = []
@@ -389,7 +389,7 @@ def test_static_inputs_bind_once_per_shape_with_a_graph_id_each(reference, onnx_
 
 
 def test_cuda_graph_and_provider_options_say_what_to_fix(exported, monkeypatch):
-    from ldlm import onnx_runtime
+    from ldlm.runtimes import onnx_runtime
 
     with pytest.raises(ValueError, match="cuda_graph replays the reverse graph on the GPU: use provider 'cuda'"):
         OnnxOptions(provider="cpu", cuda_graph=True)
@@ -420,7 +420,7 @@ def test_a_cache_that_cannot_be_made_leaves_the_onnx_export_loadable(exported, t
 
 
 def test_an_export_whose_latent_std_is_nan_or_zero_is_refused(exported, tmp_path):
-    """The one check the checkpoint loader runs (ldlm.checkpoint.check_latent_stats), on the manifest's copy."""
+    """The one check the checkpoint loader runs (ldlm.model.checkpoint.check_latent_stats), on the manifest's copy."""
     for bad in (float("nan"), 0.0):
         broken = _copy(exported, tmp_path / str(bad))
         manifest = json.loads((broken / "manifest.json").read_text())

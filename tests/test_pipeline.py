@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.checkpoint import load_checkpoint
-from ldlm.config import ModelConfig
-from ldlm.train import train
+from ldlm.model.checkpoint import load_checkpoint
+from ldlm.model.config import ModelConfig
+from ldlm.training.train import train
 
 from .conftest import TINY_TEXTS, tiny_train_config
 
@@ -132,7 +132,7 @@ def test_pretrained_decoder_path_brings_its_tokenizer(tmp_path):
     """A user-supplied GPT-2 (saved with save_pretrained) is fine-tuned with its own tokenizer and config."""
     from transformers import GPT2LMHeadModel
 
-    from ldlm.decoder import gpt2_config, train_bpe_tokenizer
+    from ldlm.model.decoder import gpt2_config, train_bpe_tokenizer
 
     config = ModelConfig.from_preset("tiny")
     tokenizer = train_bpe_tokenizer(["some other corpus entirely, for a pretrained tokenizer"] * 4, 280)
@@ -248,13 +248,13 @@ def test_checkpoint_sampling_defaults_apply_unless_overridden(tiny_checkpoint):
 
 def test_nucleus_decode_is_seeded_and_runs_on_both_decoders(tiny_pipeline):
     """top_p decodes by nucleus sampling: the same seed gives the same texts; top_p -> 0 is greedy decoding."""
-    from ldlm.nucleus import nucleus_decode
+    from ldlm.sampling.nucleus import nucleus_decode
 
     latents = tiny_pipeline.sample_latents(4, sampler="ddim", steps=3, seed=0, progress=False) * 3
     a = tiny_pipeline.decode(latents, top_p=0.9, seed=1, progress=False)
     assert a == tiny_pipeline.decode(latents, top_p=0.9, seed=1, progress=False) and len(a) == 4
     greedy = nucleus_decode(tiny_pipeline.decoder, latents, top_p=1e-9, max_new_tokens=8)
-    from ldlm.beam_search import BeamSearchConfig, beam_search
+    from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 
     assert greedy == beam_search(tiny_pipeline.decoder, latents, BeamSearchConfig(num_beams=1, max_new_tokens=8,
                                                                                   no_repeat_ngram_size=0))

@@ -8,8 +8,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test extra")  # installed by .ci/run
 
-from ldlm.jobs import read_items, run_job  # noqa: E402
-from ldlm.ray_jobs import run_job_on_ray  # noqa: E402
+from ldlm.jobs.batch import read_items, run_job  # noqa: E402
+from ldlm.jobs.ray_jobs import run_job_on_ray  # noqa: E402
 
 from .test_jobs import BAD, GOOD, read_jsonl, settings_for, write_jsonl  # noqa: E402
 
@@ -52,7 +52,7 @@ def test_settings_that_cannot_run_fail_before_ray_starts(tiny_checkpoint, tmp_pa
 
 def test_generate_with_ray_and_no_output_runs_the_job_on_ray(local_cluster, tiny_checkpoint, tmp_path, capsys,
                                                              monkeypatch):
-    from ldlm import ray_jobs
+    from ldlm.jobs import ray_jobs
     from ldlm.cli import main
 
     flags = ["--sampler", "ddim", "--steps", "3", "--no-progress"]

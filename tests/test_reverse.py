@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldlm.config import ModelConfig
-from ldlm.reverse import ReverseTransformer, SelfAttention, timestep_embedding
+from ldlm.model.config import ModelConfig
+from ldlm.model.reverse import ReverseTransformer, SelfAttention, timestep_embedding
 
 
 def test_shapes_for_one_and_several_latent_tokens():

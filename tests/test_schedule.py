@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from ldlm.samplers import SAMPLERS, ddim_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
-from ldlm.config import SAMPLER_NAMES
-from ldlm.schedule import NoiseSchedule, add_noise, ddim_step, ddpm_step
-from ldlm.step_tables import sampler_tables
+from ldlm.sampling.samplers import SAMPLERS, ddim_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldlm.model.config import SAMPLER_NAMES
+from ldlm.model.schedule import NoiseSchedule, add_noise, ddim_step, ddpm_step
+from ldlm.fast.step_tables import sampler_tables
 
 
 @pytest.fixture(scope="module")

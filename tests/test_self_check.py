@@ -1,10 +1,10 @@
-"""ldlm.self_check on hand-made cases: broken samples, word overlap and the verdict."""
+"""ldlm.evaluation.self_check on hand-made cases: broken samples, word overlap and the verdict."""
 
 from __future__ import annotations
 
 import pytest
 
-from ldlm.self_check import MIN_RECONSTRUCTION_OVERLAP, check_model, sample_defect, word_overlap
+from ldlm.evaluation.self_check import MIN_RECONSTRUCTION_OVERLAP, check_model, sample_defect, word_overlap
 
 
 @pytest.mark.parametrize("text, defect", [

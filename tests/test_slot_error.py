@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ldlm.slot_error import parse_mr, slot_error_rate, slot_errors
+from ldlm.evaluation.slot_error import parse_mr, slot_error_rate, slot_errors
 
 MR = ("name : The Eagle | Type : coffee shop | food : Chinese | price : less than £ 20 | customer rating : 5 out of 5 "
       "| area : city centre | family friendly : no | near : Burger King")

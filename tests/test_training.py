@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import ldlm
 from ldlm.cli import main
-from ldlm.config import ModelConfig
-from ldlm.train import STAGES, Trainer, train, training_lock
+from ldlm.model.config import ModelConfig
+from ldlm.training.train import STAGES, Trainer, train, training_lock
 
 from .conftest import TINY_TEXTS, tiny_train_config
 
@@ -122,7 +122,7 @@ def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path, capsys):
 
 
 def test_the_bar_shows_the_time_left_by_the_first_limit():
-    from ldlm.train import _time_left
+    from ldlm.training.train import _time_left
 
     assert _time_left(10, 5.0, 0.5, max_steps=130, max_seconds=None) == "1m00s"  # 120 steps of 0.5 s
     assert _time_left(10, 5.0, 0.5, max_steps=None, max_seconds=35.0) == "0m30s"  # the time budget
