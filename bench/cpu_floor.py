@@ -24,7 +24,7 @@ import torch
 
 import ldlm
 from ldlm.jobs.benchmark import timed
-from ldlm.runtimes.onnx_runtime import OnnxOptions
+from ldlm.runtimes.onnx_session import OnnxOptions
 
 CPU = torch.device("cpu")
 

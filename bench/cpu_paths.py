@@ -68,7 +68,7 @@ def time_trained(model: Path, onnx: Path, aoti: Path, threads: int, runs: int) -
     import torch
 
     import ldlm
-    from ldlm.runtimes.onnx_runtime import OnnxOptions
+    from ldlm.runtimes.onnx_session import OnnxOptions
 
     torch.set_num_threads(threads)
     loads = {"reference": lambda: ldlm.load(model, backend="reference"),

@@ -47,7 +47,7 @@ def main() -> None:
     import ldlm
     from ldlm.model.encoder import LatentEncoder
     from ldlm.evaluation.evaluate import features
-    from ldlm.runtimes.onnx_runtime import OnnxOptions
+    from ldlm.runtimes.onnx_session import OnnxOptions
 
     mrs, refs = heldout_mrs(args.workdir)
     flat_refs = [r for rs in refs for r in rs]

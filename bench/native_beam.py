@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 import ldlm
-from ldlm.runtimes.onnx_runtime import OnnxOptions
+from ldlm.runtimes.onnx_session import OnnxOptions
 
 
 def timed_blocks(fns: dict[str, Callable[[], object]], runs: int, blocks: int = 3) -> dict[str, float]:

@@ -25,7 +25,7 @@ import torch
 import ldlm
 from ldlm.export.manifest import is_export
 from ldlm.export.onnx_export import export_checkpoint
-from ldlm.runtimes.onnx_runtime import OnnxOptions
+from ldlm.runtimes.onnx_session import OnnxOptions
 
 
 def median_seconds(fn, repeats: int) -> float:

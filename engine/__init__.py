@@ -12,13 +12,17 @@ __version__ = "0.1.0"
 
 from ldlm.model.config import PRESETS, ModelConfig  # noqa: E402  (no torch)
 
-__all__ = ["ModelConfig", "PRESETS", "Pipeline", "load", "__version__"]
+__all__ = ["ModelConfig", "OnnxOptions", "PRESETS", "Pipeline", "load", "__version__"]
 
 
 def __getattr__(name: str):
-    """ldlm.Pipeline and ldlm.load, imported on first use (PEP 562)."""
+    """ldlm.Pipeline, ldlm.load and ldlm.OnnxOptions, imported on first use (PEP 562)."""
     if name in ("Pipeline", "load"):
         from ldlm import pipeline
 
         return getattr(pipeline, name)
+    if name == "OnnxOptions":
+        from ldlm.runtimes.onnx_session import OnnxOptions
+
+        return OnnxOptions
     raise AttributeError(f"module 'ldlm' has no attribute {name!r}")

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 from ldlm import __version__
-from ldlm.model.config import ModelConfig
-from ldlm.training.data import python_docs_corpus, read_corpus, split_holdout
+from ldlm.evaluation.self_check import check_model
 from ldlm.inputs import check_positive_int
+from ldlm.model.config import ModelConfig
 from ldlm.paths import default_cache_dir
 from ldlm.pipeline import load
-from ldlm.evaluation.self_check import check_model
+from ldlm.training.data import python_docs_corpus, read_corpus, split_holdout
 from ldlm.training.train import TrainConfig, train
 
 

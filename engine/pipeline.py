@@ -12,20 +12,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldlm.runtimes.backends import ENGINE_BACKENDS, EXPORT_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
-from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 from ldlm.fast.buckets import batch_bucket
+from ldlm.fast.step_tables import sampler_tables
+from ldlm.inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
+                         resolve_device)
 from ldlm.model.checkpoint import Components, load_checkpoint, load_config, save_checkpoint
 from ldlm.model.config import ModelConfig
-from ldlm.sampling.nucleus import nucleus_decode
-from ldlm.inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
-                     resolve_device)
-from ldlm.sampling.samplers import SAMPLERS, ItemNoise, resolve_sampling
-from ldlm.sampling.guidance import check_condition, check_guidance, encode_condition, guided_denoiser
 from ldlm.model.reverse import Condition
 from ldlm.model.schedule import NoiseSchedule, add_noise
-from ldlm.fast.step_tables import sampler_tables
-
+from ldlm.runtimes.backends import ENGINE_BACKENDS, EXPORT_BACKENDS, STATIC_DECODE_BACKENDS, resolve_backend
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
+from ldlm.sampling.guidance import check_condition, check_guidance, encode_condition, guided_denoiser
+from ldlm.sampling.nucleus import nucleus_decode
+from ldlm.sampling.samplers import SAMPLERS, ItemNoise, resolve_sampling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -416,7 +415,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "a
 
     backend: see ldlm.runtimes.backends. dtype: the engine's compute dtype (float32, the parity mode; bfloat16;
     float16); the reference backend is float32 only; onnx runs the float32 or float16 graphs.
-    onnx_options: ldlm.runtimes.onnx_runtime.OnnxOptions (provider, threads, optimization level, int8 reverse).
+    onnx_options: ldlm.OnnxOptions (provider, threads, optimization level, int8 reverse).
     trust_native_code: an AOTInductor export is native code that runs when loaded; without this flag it loads
     only if this user exported it on this machine (its manifest signed with this user's key), as transformers
     asks trust_remote_code before running a model's own code. Checkpoints and ONNX exports are data: no flag."""

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ldlm.runtimes.aoti_runtime import IO_METADATA
 from ldlm.model.checkpoint import Components, load_checkpoint
 
-from .manifest import write_manifest
-from .onnx_export import (check_target, graph_names, model_fields, save_tokenizers, traceable, versions,
-                          write_atomically, quiet_exporter)
+from .manifest import AOTI_IO_METADATA, write_manifest
+from .onnx_export import (check_target, graph_names, model_fields, quiet_exporter, save_tokenizers, traceable, versions,
+                          write_atomically)
+
 
 def _describe(name: str, value) -> dict:
     """One input or output of a traced program: name, element type, shape (sizes as ints, dynamic axes as the
@@ -51,7 +51,7 @@ def compile_graph(components: Components, name: str, path: Path) -> dict:
         # dynamic threads: the kernels' OpenMP loops take the running process's thread count (torch.set_num_threads,
         # OMP_NUM_THREADS), not the count of the process that compiled them (Inductor's default)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
-            "aot_inductor.metadata": {IO_METADATA: json.dumps(io)}, "cpp.dynamic_threads": True})
+            "aot_inductor.metadata": {AOTI_IO_METADATA: json.dumps(io)}, "cpp.dynamic_threads": True})
     return {"file": path.name, **io}
 
 

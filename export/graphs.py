@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldlm.fast.static_gpt2 import check_supported
 from ldlm.model.decoder import LatentDecoder
 from ldlm.model.encoder import LatentEncoder, masked_mean
 from ldlm.model.reverse import Condition, ReverseTransformer
-from ldlm.fast.static_gpt2 import check_supported
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

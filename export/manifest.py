@@ -17,6 +17,7 @@ MANIFEST = "manifest.json"
 FORMATS = {"ldlm-onnx": "onnx", "ldlm-aoti": "aoti"}  # the manifest's "format" -> the graphs' format
 FORMAT_VERSION = 1
 GRAPHS = ("encoder", "reverse", "decoder_prefill", "decoder_step")
+AOTI_IO_METADATA = "ldlm_io"  # the key of an AOTInductor package's metadata that lists its inputs and outputs
 SIGNATURE = "signature"  # this user's HMAC-SHA256 of the rest of the manifest (exports holding native code)
 
 

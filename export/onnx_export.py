@@ -19,8 +19,8 @@ import contextlib
 import copy
 import inspect
 import logging
-import platform
 import os
+import platform
 import shutil
 import warnings
 from collections.abc import Callable
@@ -274,6 +274,7 @@ def quantize_int8(name: str, source: Path, target: Path) -> dict:
 def versions() -> dict[str, str]:
     """The versions an export was written with (the ONNX packages where installed)."""
     import importlib
+
     import transformers
 
     found = {"ldlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

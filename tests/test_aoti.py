@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.runtimes.backends import BackendUnavailable
 from ldlm.cli import main
-from ldlm.fast.compiled import compiler_missing
 from ldlm.export.aoti_export import export_aoti
 from ldlm.export.manifest import ExportError, hash_files
-from ldlm.runtimes.onnx_runtime import OnnxOptions
+from ldlm.fast.compiled import compiler_missing
+from ldlm.runtimes.backends import BackendUnavailable
+from ldlm.runtimes.onnx_session import OnnxOptions
 
 from .conftest import TINY_TEXTS, assert_threads_get_their_own_results
 

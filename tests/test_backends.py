@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.runtimes.backends import BackendUnavailable, resolve_backend
 from ldlm.fast.buckets import batch_bucket
+from ldlm.runtimes.backends import BackendUnavailable, resolve_backend
 
 from .conftest import assert_threads_get_their_own_results
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.kernels.reference import beam_head_reference
 from ldlm.kernels.beam_head import HeadTiles, beam_head_topk  # conftest: TRITON_INTERPRET=1 on CPU
+from ldlm.kernels.reference import beam_head_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,7 +8,6 @@ import torch
 from ldlm.sampling.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
 
 
-
 @pytest.fixture(scope="module")
 def decoder(varied_decoder):
     return varied_decoder

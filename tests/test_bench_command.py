@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ldlm.jobs.benchmark import CONDITIONAL_STAGES, STAGES
 from ldlm.cli import main
+from ldlm.jobs.benchmark import CONDITIONAL_STAGES, STAGES
 
 
 def test_bench_a_preset_on_two_backends(tmp_path, capsys):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldlm.training.baseline import sample_language_model
-from ldlm.model.checkpoint import load_checkpoint
 from ldlm.cli import build_parser, main
+from ldlm.model.checkpoint import load_checkpoint
+from ldlm.training.baseline import sample_language_model
 
 from .conftest import TINY_TEXTS
 
@@ -177,5 +177,8 @@ def test_the_lazy_package_attributes_load_the_pipeline():
     from ldlm import load
 
     assert load is ldlm.load and ldlm.Pipeline.__name__ == "Pipeline"
+    from ldlm.runtimes.onnx_session import OnnxOptions
+
+    assert ldlm.OnnxOptions is OnnxOptions  # the documented way to pass ONNX Runtime's options
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         ldlm.nothing  # noqa: B018

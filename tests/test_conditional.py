@@ -11,10 +11,11 @@ import torch
 
 import ldlm
 from ldlm.cli import main
+from ldlm.jobs.batch import run_job
+from ldlm.jobs.items import read_items
 from ldlm.model.config import ModelConfig
-from ldlm.sampling.guidance import guided_denoiser
-from ldlm.jobs.batch import read_items, run_job
 from ldlm.model.reverse import Condition, ReverseTransformer
+from ldlm.sampling.guidance import guided_denoiser
 from ldlm.training.train import train
 
 from .conftest import TINY_TEXTS, tiny_train_config

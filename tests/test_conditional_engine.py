@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.model.config import ModelConfig
-from ldlm.fast.folded_reverse import FoldedReverse
 from ldlm.fast.buckets import next_power_of_two
+from ldlm.fast.folded_reverse import FoldedReverse
 from ldlm.fast.fused_sampler import FusedSampler
-from ldlm.sampling.guidance import guided_denoiser
-from ldlm.model.reverse import ReverseTransformer
-from ldlm.sampling.samplers import SAMPLERS
-from ldlm.model.schedule import NoiseSchedule
 from ldlm.fast.step_tables import sampler_tables
+from ldlm.model.config import ModelConfig
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.sampling.guidance import guided_denoiser
+from ldlm.sampling.samplers import SAMPLERS
 
 from .test_conditional import some_condition, text_checkpoint, train_conditional  # noqa: F401 (fixture)
 

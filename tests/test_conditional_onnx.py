@@ -67,7 +67,7 @@ def test_onnx_generates_from_labels_and_varies_as_the_reference(label_checkpoint
 
 
 def test_the_fp16_and_int8_graphs_of_a_conditional_model(label_checkpoint, label_export):  # noqa: F811
-    from ldlm.runtimes.onnx_runtime import OnnxOptions
+    from ldlm.runtimes.onnx_session import OnnxOptions
 
     kwargs = {"labels": ["other", "animal"], "sampler": "ddim", "steps": 5, "guidance": 2.0, "progress": False}
     expected = ldlm.load(label_checkpoint).sample_latents(2, **kwargs)

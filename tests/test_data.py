@@ -6,8 +6,8 @@ import tracemalloc
 
 import pytest
 
-from ldlm.training.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, python_docs_corpus, read_conditional_corpus, read_corpus,
-                       read_texts, split_holdout)
+from ldlm.training.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, python_docs_corpus, read_conditional_corpus,
+                                read_corpus, read_texts, split_holdout)
 
 
 def test_plain_text_and_jsonl(tmp_path):

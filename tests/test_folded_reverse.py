@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.model.config import ModelConfig
 from ldlm.fast.folded_reverse import FoldedReverse
+from ldlm.model.config import ModelConfig
 from ldlm.model.reverse import ReverseTransformer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused norms run on CPU only in Triton's interpreter
@@ -89,8 +89,8 @@ def test_fp8_weights_match_their_torch_function_and_stay_near_the_model(override
     float8 codes, read by the fused kernel; the same codes through torch's modules give the same function
     (1e-5), a few per cent from the model's own weights; the model's modules and its input/output projections
     are left as they were."""
-    from ldlm.kernels.reference import modules_linear
     from ldlm.kernels.fused_linear import Fp8Linear
+    from ldlm.kernels.reference import modules_linear
 
     model = _model(5, **overrides)
     weights = {name: p.clone() for name, p in model.named_parameters()}

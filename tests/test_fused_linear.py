@@ -14,12 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldlm.kernels.fused_linear import (  # conftest: TRITON_INTERPRET=1 on CPU
-    Fp8Linear,
-    Tiles,
-    default_tiles,
-    fused_linear,
-)
+from ldlm.kernels.fused_linear import (Fp8Linear, Tiles, default_tiles,  # conftest: TRITON_INTERPRET=1 on CPU
+                                       fused_linear)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 40, 50), (3, 100, 77), (37, 64, 130), (2, 768, 96)]  # rows, K, N: none a multiple of the tiles

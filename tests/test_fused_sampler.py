@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.model.config import ModelConfig
 from ldlm.fast.fused_sampler import FusedSampler, loop_plan
-from ldlm.model.reverse import ReverseTransformer
-from ldlm.sampling.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
-from ldlm.model.schedule import NoiseSchedule
 from ldlm.fast.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables
+from ldlm.model.config import ModelConfig
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.sampling.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldlm.fast.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables
 from ldlm.kernels.fused_update import fused_update  # conftest set TRITON_INTERPRET=1 where there is no GPU
 from ldlm.model.schedule import NoiseSchedule, ddim_step, ddpm_step
-from ldlm.fast.step_tables import ddim_tables, ddpm_tables, dpmpp_2m_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (3, 385), (67, 768), (5, 7, 33)]

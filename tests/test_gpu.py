@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 from ldlm.fast.static_beam_search import StaticBeamSearch
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 
 from .conftest import assert_threads_get_their_own_results
 
@@ -118,7 +118,7 @@ def test_onnx_on_cuda_matches_reference(tiny_checkpoint, cuda_export, cuda_graph
     """The onnx backend with the CUDA provider and IOBinding (tensors stay on the GPU) against the reference:
     fp32 latents within 1e-5, the same text; with cuda_graph, the reverse graph replayed as ORT CUDA graphs (one
     per batch: 4, then 1); the fp16 graphs' loop within 5e-2 of the fp32 reference's largest latent."""
-    from ldlm.runtimes.onnx_runtime import OnnxOptions
+    from ldlm.runtimes.onnx_session import OnnxOptions
 
     reference = ldlm.load(tiny_checkpoint, device="cuda", backend="reference")
     onnx = ldlm.load(cuda_export, device="cuda", onnx_options=OnnxOptions(cuda_graph=cuda_graph))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from ldlm.fast.launches import decode_kernels, step_kernels
 from ldlm.jobs.benchmark import bench_components
 from ldlm.model.config import ModelConfig
-from ldlm.fast.launches import decode_kernels, step_kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

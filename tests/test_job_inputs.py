@@ -14,7 +14,10 @@ from safetensors.torch import load_file, save_file
 
 import ldlm
 from ldlm.cli import main
-from ldlm.jobs.batch import JobOutput, JobOutputError, model_fingerprint, read_items, run_job
+from ldlm.jobs.batch import run_job
+from ldlm.jobs.items import read_items
+from ldlm.jobs.output import JobOutput
+from ldlm.jobs.settings import JobOutputError, model_fingerprint
 
 from .conftest import TINY_TEXTS
 from .test_jobs import GOOD, read_jsonl, settings_for, write_jsonl

@@ -15,7 +15,10 @@ import torch
 
 import ldlm
 from ldlm.cli import main
-from ldlm.jobs.batch import JobOutput, JobSettings, model_fingerprint, read_items, run_job, unconditional_items
+from ldlm.jobs.batch import run_job
+from ldlm.jobs.items import read_items, unconditional_items
+from ldlm.jobs.output import JobOutput
+from ldlm.jobs.settings import JobSettings, model_fingerprint
 
 from .conftest import TINY_TEXTS
 

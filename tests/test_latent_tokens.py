@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
-from ldlm.model.checkpoint import load_checkpoint
 from ldlm.cli import main
+from ldlm.fast.static_beam_search import StaticBeamSearch
+from ldlm.model.checkpoint import load_checkpoint
 from ldlm.model.config import ModelConfig
 from ldlm.model.encoder import build_tiny_encoder, pad_states
 from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
-from ldlm.fast.static_beam_search import StaticBeamSearch
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 from ldlm.training.train import TrainConfig, Trainer, train
 
 from .conftest import TINY_TEXTS, tiny_train_config

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from ldlm.evaluation import metrics
 from ldlm.cli import main
-from ldlm.model.encoder import build_tiny_encoder
+from ldlm.evaluation import metrics
 from ldlm.evaluation.evaluate import EvalSettings, evaluate, format_table
+from ldlm.model.encoder import build_tiny_encoder
 
 from .conftest import TINY_TEXTS
 

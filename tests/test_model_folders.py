@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import ldlm
-from ldlm.model.checkpoint import CheckpointError, load_checkpoint
 from ldlm.cli import main
-from ldlm.model.encoder import build_tiny_encoder
 from ldlm.export.manifest import ExportError, hash_files, read_manifest
 from ldlm.export.onnx_export import export_checkpoint
+from ldlm.model.checkpoint import CheckpointError, load_checkpoint
+from ldlm.model.encoder import build_tiny_encoder
 from ldlm.model.model_files import ModelFileError
 
 # what a hostile folder ships beside a config naming it (`auto_map`): it leaves a mark if it ever runs

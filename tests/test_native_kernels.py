@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
-from ldlm.kernels import native
 from ldlm.fast.native_beam_search import native_beam_search
-from ldlm.runtimes.onnx_runtime import OnnxOptions, native_decode
-
+from ldlm.kernels import native
+from ldlm.runtimes.onnx_parts import native_decode
+from ldlm.runtimes.onnx_session import OnnxOptions
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 
 CPU = torch.device("cpu")
 

@@ -21,16 +21,18 @@ import torch
 pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra")  # installed by .ci/run
 
 import ldlm
-from ldlm.runtimes.backends import BackendUnavailable
-from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
-from ldlm.model.checkpoint import load_checkpoint
 from ldlm.cli import main
-from ldlm.model.config import ModelConfig
-from ldlm.model.decoder import LatentDecoder
 from ldlm.export.manifest import ExportError, hash_files
 from ldlm.export.onnx_export import export_checkpoint, export_graph
-from ldlm.runtimes.onnx_runtime import Graph, OnnxCache, OnnxDecoder, OnnxOptions, OnnxReverse, load_export_components
+from ldlm.model.checkpoint import load_checkpoint
+from ldlm.model.config import ModelConfig
+from ldlm.model.decoder import LatentDecoder
 from ldlm.model.reverse import ReverseTransformer
+from ldlm.runtimes.backends import BackendUnavailable
+from ldlm.runtimes.onnx_parts import OnnxCache, OnnxDecoder, OnnxReverse
+from ldlm.runtimes.onnx_runtime import load_export_components
+from ldlm.runtimes.onnx_session import Graph, OnnxOptions
+from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 
 from .conftest import TINY_TEXTS, assert_threads_get_their_own_results
 
@@ -134,11 +136,10 @@ def test_step_graph_is_bound_once_per_cache_capacity(reference, onnx_parts, monk
     """Tokens written in place into one input tensor (as the native search does) reuse the step's binding until
     the cache grows; a new tensor each step, or a strided one (bound as a copy), rebinds; the results are the
     module's in every case."""
-    from ldlm.runtimes import onnx_runtime
+    from ldlm.runtimes.onnx_parts import StepRun
 
     binds = []
-    monkeypatch.setattr(onnx_runtime.StepRun, "bind", lambda *a, bind=onnx_runtime.StepRun.bind: binds.append(1) or
-                        bind(*a))
+    monkeypatch.setattr(StepRun, "bind", lambda *a, bind=StepRun.bind: binds.append(1) or bind(*a))
     decoder, onnx_decoder = reference.decoder, onnx_parts[torch.float32].decoder
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 32, generator=g)
@@ -350,8 +351,8 @@ def test_threads_sharing_an_onnx_pipeline_get_their_own_results(exported):
 
 def test_evaluate_runs_on_the_onnx_backend(exported):
     """`ldlm eval EXPORT`: reconstruction and samples as usual; teacher-forced accuracy needs the PyTorch decoder."""
-    from ldlm.model.encoder import build_tiny_encoder
     from ldlm.evaluation.evaluate import EvalSettings, evaluate, format_table
+    from ldlm.model.encoder import build_tiny_encoder
 
     result = evaluate(TINY_TEXTS[:16], TINY_TEXTS, pipe=ldlm.load(exported), feature_encoder=build_tiny_encoder(32),
                       settings=EvalSettings(num_samples=6, sampler="ddim", steps=5), progress=False)
@@ -365,16 +366,16 @@ def test_static_inputs_bind_once_per_shape_with_a_graph_id_each(reference, onnx_
     """What ORT's CUDA graphs need, on the CPU build: each input shape bound once to buffers of its own (a graph
     id each: gpu_graph_id), every call's inputs copied in and the output copied out; the same results as a
     binding per call, none aliasing another."""
-    from ldlm.runtimes import onnx_runtime
+    from ldlm.runtimes import onnx_session
 
     graph = onnx_parts[torch.float32].reverse.graph
     binds = []
 
-    def counted(self, inputs, outputs, graph_id=None, bind=onnx_runtime.Graph.bind):
+    def counted(self, inputs, outputs, graph_id=None, bind=onnx_session.Graph.bind):
         binds.append((tuple(inputs["x_t"].shape), graph_id))
         return bind(self, inputs, outputs, graph_id=graph_id)
 
-    monkeypatch.setattr(onnx_runtime.Graph, "bind", counted)
+    monkeypatch.setattr(onnx_session.Graph, "bind", counted)
     static = OnnxReverse(graph, reference.config, static_inputs=True)
     plain = OnnxReverse(graph, reference.config)
     g = torch.Generator().manual_seed(4)
@@ -389,7 +390,7 @@ def test_static_inputs_bind_once_per_shape_with_a_graph_id_each(reference, onnx_
 
 
 def test_cuda_graph_and_provider_options_say_what_to_fix(exported, monkeypatch):
-    from ldlm.runtimes import onnx_runtime
+    from ldlm.runtimes import onnx_session
 
     with pytest.raises(ValueError, match="cuda_graph replays the reverse graph on the GPU: use provider 'cuda'"):
         OnnxOptions(provider="cpu", cuda_graph=True)
@@ -398,12 +399,12 @@ def test_cuda_graph_and_provider_options_say_what_to_fix(exported, monkeypatch):
     with pytest.raises(BackendUnavailable, match="cuda_graph replays the reverse graph on the GPU: pass device='cuda'"):
         ldlm.load(exported, onnx_options=OnnxOptions(cuda_graph=True))
     options = OnnxOptions(provider="cuda", cuda_graph=True, cuda_provider_options={"arena_extend_strategy": "kSameAsRequested"})
-    assert onnx_runtime.cuda_provider_options(options, 1, cuda_graph=True) == {
+    assert onnx_session.cuda_provider_options(options, 1, cuda_graph=True) == {
         "arena_extend_strategy": "kSameAsRequested", "device_id": "1", "use_tf32": "0", "enable_cuda_graph": "1"}
-    assert "enable_cuda_graph" not in onnx_runtime.cuda_provider_options(options, 0, cuda_graph=False)
+    assert "enable_cuda_graph" not in onnx_session.cuda_provider_options(options, 0, cuda_graph=False)
     # both builds installed side by side: the CPU one shadows the GPU one, and the hint says to keep one
     monkeypatch.setattr("importlib.metadata.version", lambda name: "1.31.1")
-    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in onnx_runtime.gpu_install_hint()
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in onnx_session.gpu_install_hint()
 
 
 def test_a_cache_that_cannot_be_made_leaves_the_onnx_export_loadable(exported, tmp_path):

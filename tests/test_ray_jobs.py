@@ -8,7 +8,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test extra")  # installed by .ci/run
 
-from ldlm.jobs.batch import read_items, run_job  # noqa: E402
+from ldlm.jobs.batch import run_job  # noqa: E402
+from ldlm.jobs.items import read_items  # noqa: E402
 from ldlm.jobs.ray_jobs import run_job_on_ray  # noqa: E402
 
 from .test_jobs import BAD, GOOD, read_jsonl, settings_for, write_jsonl  # noqa: E402
@@ -52,8 +53,8 @@ def test_settings_that_cannot_run_fail_before_ray_starts(tiny_checkpoint, tmp_pa
 
 def test_generate_with_ray_and_no_output_runs_the_job_on_ray(local_cluster, tiny_checkpoint, tmp_path, capsys,
                                                              monkeypatch):
-    from ldlm.jobs import ray_jobs
     from ldlm.cli import main
+    from ldlm.jobs import ray_jobs
 
     flags = ["--sampler", "ddim", "--steps", "3", "--no-progress"]
     assert main(["generate", str(tiny_checkpoint), "-n", "3", "--output", str(tmp_path / "local.jsonl"), *flags]) == 0

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from ldlm.sampling.samplers import SAMPLERS, ddim_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldlm.fast.step_tables import sampler_tables
 from ldlm.model.config import SAMPLER_NAMES
 from ldlm.model.schedule import NoiseSchedule, add_noise, ddim_step, ddpm_step
-from ldlm.fast.step_tables import sampler_tables
+from ldlm.sampling.samplers import SAMPLERS, ddim_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m
 
 
 @pytest.fixture(scope="module")

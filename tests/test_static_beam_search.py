@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from ldlm.sampling.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
 from ldlm.fast.static_beam_search import StaticBeamSearch, ban_repeated_ngrams_static
 from ldlm.fast.static_gpt2 import StaticKVGPT2, _as_words
+from ldlm.sampling.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
 
 from .test_beam_search import decoder  # noqa: F401  (the shared random tiny decoder fixture)
 
@@ -175,8 +175,8 @@ def test_indirect_reorder_moves_the_table_not_the_cache(kernel_decoder):
 @pytest.mark.parametrize("n", [0, 1, 2, 3])
 def test_banned_token_ids_are_the_same_ban(n):
     """banned_tokens_static (the ids the fused beam step takes) bans what ban_repeated_ngrams_static does."""
-    from ldlm.kernels.reference import ban_tokens
     from ldlm.fast.static_beam_search import banned_tokens_static
+    from ldlm.kernels.reference import ban_tokens
 
     g = torch.Generator().manual_seed(n + 10)
     tokens = torch.randint(0, 4, (6, 12), generator=g)

@@ -31,9 +31,9 @@ import torch
 
 from ldlm.fast.buckets import next_power_of_two
 from ldlm.fast.folded_reverse import ConditionStates, FoldedReverse
+from ldlm.fast.step_tables import StepTables
 from ldlm.model.reverse import Condition
 from ldlm.sampling.samplers import ItemNoise
-from ldlm.fast.step_tables import StepTables
 
 
 def _fused_update():

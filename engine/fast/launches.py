@@ -13,15 +13,15 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from ldlm.sampling.beam_search import BeamSearchConfig
-from ldlm.model.config import ModelConfig
-from ldlm.model.decoder import LatentDecoder
 from ldlm.fast.fused_sampler import FusedSampler
-from ldlm.kernels.reference import add_then_norm, beam_head_reference, modules_linear
-from ldlm.model.reverse import ReverseTransformer
-from ldlm.model.schedule import NoiseSchedule
 from ldlm.fast.static_beam_search import StaticBeamSearch
 from ldlm.fast.step_tables import ddpm_tables
+from ldlm.kernels.reference import add_then_norm, beam_head_reference, modules_linear
+from ldlm.model.config import ModelConfig
+from ldlm.model.decoder import LatentDecoder
+from ldlm.model.reverse import ReverseTransformer
+from ldlm.model.schedule import NoiseSchedule
+from ldlm.sampling.beam_search import BeamSearchConfig
 
 NO_KERNEL = {"view", "expand", "as_strided", "unsqueeze", "slice", "select", "t", "transpose", "permute", "split",
              "split_with_sizes", "_reshape_alias", "alias", "empty", "empty_strided", "empty_like", "detach",

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldlm.sampling.beam_search import NEG_INF, BeamSearchConfig, _gather_beams, best_hypotheses
-from ldlm.model.decoder import LatentDecoder
 from ldlm.fast.static_gpt2 import StaticKVGPT2
+from ldlm.model.decoder import LatentDecoder
+from ldlm.sampling.beam_search import NEG_INF, BeamSearchConfig, _gather_beams, best_hypotheses
 
 
 def _ngram_windows(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:

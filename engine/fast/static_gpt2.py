@@ -26,7 +26,6 @@ from transformers.activations import NewGELUActivation
 
 from ldlm.kernels.reference import residual_norm
 
-
 ATTENTION = ("sdpa", "matmul", "indirect")
 
 

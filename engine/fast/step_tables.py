@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ldlm.sampling.samplers import DEFAULT_STEPS, SAMPLERS, check_ddpm_steps, ddim_timesteps, log_snr
 from ldlm.model.schedule import NoiseSchedule
+from ldlm.sampling.samplers import DEFAULT_STEPS, SAMPLERS, check_ddpm_steps, ddim_timesteps, log_snr
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
+from ldlm.inputs import check_positive_int
 from ldlm.model.checkpoint import Components
 from ldlm.model.config import ModelConfig
 from ldlm.model.decoder import LatentDecoder, train_bpe_tokenizer
 from ldlm.model.encoder import LatentEncoder, build_tiny_encoder
-from ldlm.inputs import check_positive_int
 from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
 

@@ -20,10 +20,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldlm.runtimes.backends import BackendUnavailable
-from ldlm.jobs.batch import (Item, JobOutput, JobSettings, mark_bad_conditions, mark_truncated, output_record,
-                   resolved_settings, run_isolating_failures)
+from ldlm.jobs.batch import mark_bad_conditions, mark_truncated, run_isolating_failures
+from ldlm.jobs.items import Item
+from ldlm.jobs.output import JobOutput, output_record
+from ldlm.jobs.settings import JobSettings, resolved_settings
 from ldlm.pipeline import read_model_config
+from ldlm.runtimes.backends import BackendUnavailable
 
 
 class PipelineActor:

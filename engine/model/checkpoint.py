@@ -24,7 +24,7 @@ from ldlm.model.config import DEFAULT_ENCODER, ModelConfig
 from ldlm.model.decoder import LatentDecoder, load_tokenizer
 from ldlm.model.encoder import LatentEncoder
 from ldlm.model.model_files import (ModelFileError, check_weight_shapes, folder_files, header_shapes, inside, is_hub_id,
-                          transformers_bars_off)
+                                    transformers_bars_off)
 from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
 

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedT
 
 from ldlm.model.config import ModelConfig
 from ldlm.model.model_files import (DECODER_MODEL_TYPES, ModelFileError, check_model_folder, check_model_weights,
-                          check_tokenizer_folder, load_pretrained, local_folder)
+                                    check_tokenizer_folder, load_pretrained, local_folder)
 
 EOS = "<|endoftext|>"  # GPT-2's only special token: end of text, also used as padding
 

@@ -14,10 +14,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
-from ldlm.model.config import DEFAULT_ENCODER
 from ldlm.inputs import check_texts
+from ldlm.model.config import DEFAULT_ENCODER
 from ldlm.model.model_files import (ENCODER_LAYER_STACKS, ENCODER_MODEL_TYPES, check_model_folder, check_model_weights,
-                          load_pretrained, local_folder)
+                                    load_pretrained, local_folder)
 
 
 def resolve_encoder(name_or_path: str, *, download: bool = False) -> Path:

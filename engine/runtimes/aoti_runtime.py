@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
+from ldlm.export.manifest import AOTI_IO_METADATA as IO_METADATA
 from ldlm.runtimes.backends import BackendUnavailable
-from ldlm.runtimes.onnx_runtime import ELEMENT_TYPES, GraphShapes
+from ldlm.runtimes.graph_io import ELEMENT_TYPES, GraphShapes
 
-IO_METADATA = "ldlm_io"  # written by ldlm.export.aoti_export: the package's inputs and outputs
 _DTYPES = {name: dtype for dtype, name in ELEMENT_TYPES.items()}
 _ISA_LEVEL = {"DEFAULT": 0, "NO AVX": 0, "ZVECTOR": 0, "VSX": 0, "SVE256": 0, "AVX2": 1, "AVX512": 2}
 

@@ -16,10 +16,9 @@ import math
 
 import torch
 
-from ldlm.model.encoder import pad_states
 from ldlm.inputs import check_texts
+from ldlm.model.encoder import pad_states
 from ldlm.model.reverse import Condition, ReverseTransformer
-
 
 MAX_GUIDANCE = 100.0  # w scales the conditional-minus-null difference: past this, half precision overflows
 # (and text degrades long before: useful weights are 1 to about 5)

@@ -26,7 +26,6 @@ from ldlm.model.decoder import gpt2_config, load_tokenizer, train_bpe_tokenizer
 from ldlm.model.model_files import ModelFileError, check_weight_shapes, folder_files, read_json
 from ldlm.training.train import autocast, check_precision, training_device, warmup_cosine
 
-
 SEP = "<|sep|>"  # between the source and the text of a conditional baseline
 MAX_SOURCE_TOKENS = 64  # a conditional baseline's source is cut to this many tokens (E2E MRs take about 40)
 

@@ -29,17 +29,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
+from ldlm.inputs import check_seed
 from ldlm.model.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ldlm.model.checkpoint import Components, load_checkpoint, save_checkpoint
-from ldlm.model.config import DECODER_FIELDS, DEFAULT_ENCODER, ENCODER_FIELDS, REVERSE_FIELDS, TRAINING_PRECISIONS, ModelConfig
-from ldlm.training.data import split_holdout
+from ldlm.model.config import (DECODER_FIELDS, DEFAULT_ENCODER, ENCODER_FIELDS, REVERSE_FIELDS, TRAINING_PRECISIONS,
+                               ModelConfig)
 from ldlm.model.decoder import LatentDecoder
 from ldlm.model.encoder import LatentEncoder, build_tiny_encoder, pad_states
-from ldlm.inputs import check_seed
 from ldlm.model.model_files import is_hub_id
 from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
 from ldlm.model.schedule import NoiseSchedule, add_noise
+from ldlm.training.data import split_holdout
 from ldlm.training.train_conditions import TrainingConditions
 from ldlm.training.train_state import load_optimizer, save_optimizer
 
