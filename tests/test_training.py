@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import ldlm
 from ldlm.cli import main
 from ldlm.model.config import ModelConfig
-from ldlm.training.train import STAGES, Trainer, train, training_lock
+from ldlm.training.out_folder import training_lock
+from ldlm.training.train import STAGES, Trainer, train
 
 from .conftest import TINY_TEXTS, tiny_train_config
 

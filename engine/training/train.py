@@ -5,21 +5,16 @@ Stage 2 ("diffusion"): the reverse transformer learns x0 from x_t = add_noise(x0
 with MSE to the clean normalized latent and Adam at lr 1e-4 (the design).
 
 The output directory is a loadable checkpoint at every save; `training/` inside it holds what `--resume`
-needs (step counters, optimizer and RNG state, the latent cache, a JSONL log).
-"""
+needs (step counters, optimizer and RNG state, the latent cache, a JSONL log)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
 import json
 import math
-import os
-import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +25,6 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from ldlm.inputs import check_seed
-from ldlm.model.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ldlm.model.checkpoint import Components, load_checkpoint, save_checkpoint
 from ldlm.model.config import (DECODER_FIELDS, DEFAULT_ENCODER, ENCODER_FIELDS, REVERSE_FIELDS, TRAINING_PRECISIONS,
                                ModelConfig)
@@ -41,10 +35,13 @@ from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
 from ldlm.model.schedule import NoiseSchedule, add_noise
 from ldlm.training.data import split_holdout
+from ldlm.training.out_folder import check_training_out, training_lock
 from ldlm.training.train_conditions import TrainingConditions
 from ldlm.training.train_state import load_optimizer, save_optimizer
 
 STAGES = ("decoder", "diffusion")
+
+
 LATENTS_PER_DIFFUSION_STEP = 256  # the design's stage-2 batch, in latent vectors
 
 
@@ -654,67 +651,6 @@ def check_conditions(config: ModelConfig, texts: list[str], conditions: list[str
         if not isinstance(condition, str) or not condition.strip():
             raise ValueError(f"the condition of text {i} is {condition!r}: give each a non-empty "
                              f"{'source text' if config.condition == 'text' else 'label'}")
-
-
-def _model_folder_kind(folder: Path) -> str | None:
-    """"an export" or "a checkpoint" when `folder` is one (by its manifest or config.json's format), else None."""
-    from ldlm.export.manifest import is_export
-
-    if is_export(folder):
-        return "an export"
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return "a checkpoint" if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT else None
-
-
-def check_training_out(out: Path) -> None:
-    """Refuse an output folder that is an export, or lies inside a checkpoint or an export (its tokenizer/ or
-    training/ folder, say): training writes a whole checkpoint there, leaving that model unloadable."""
-    kind = _model_folder_kind(out)
-    if kind == "an export":
-        raise ValueError(f"--out {out} is an export (it holds manifest.json): training writes a checkpoint, which "
-                         "would leave the export unloadable; pass a new folder")
-    for parent in Path(out).resolve().parents:
-        kind = _model_folder_kind(parent)
-        if kind is not None:
-            raise ValueError(f"--out {out} lies inside {kind}, {parent}: training would write a checkpoint among "
-                             "its files; pass a folder outside it")
-
-
-@contextlib.contextmanager
-def training_lock(out: Path):
-    """Hold `out` for the whole run (an exclusive lock on out/training/lock, which names the holder), as a batch
-    job holds its output: a second run on the same folder, fresh or resumed, is refused instead of mixing its
-    saves and log with this one's."""
-    state_dir, created = out / "training", not out.exists()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    file = (state_dir / "lock").open("a+")
-    finished = False
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            raise FileExistsError(f"{out} is being trained by another run ({holder}, which holds "
-                                  f"{state_dir / 'lock'}): wait for it to end, or pass another --out") from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"ldlm train, process {os.getpid()} on {socket.gethostname()}, since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        file.flush()
-        yield
-        finished = True
-    finally:
-        file.close()
-        if created and not finished and [p.name for p in out.rglob("*")] == ["training", "lock"]:
-            shutil.rmtree(out)  # a run refused before any work leaves no folder behind
 
 
 def train(texts: list[str], out: str | Path, model_config: ModelConfig, train_config: TrainConfig | None = None,
