@@ -114,4 +114,5 @@ def cmd_bench(args) -> None:
         plot(rows, args.plot)
 
 
-COMMANDS = {"bench": cmd_bench}  # what each parser of this group runs
+# the command each parser of this group runs
+COMMANDS = {"bench": cmd_bench}

@@ -22,4 +22,5 @@ def cmd_demo(args) -> None:
              diffusion_steps=args.diffusion_steps, num_samples=args.num_samples, progress=not args.no_progress)
 
 
-COMMANDS = {"demo": cmd_demo}  # what each parser of this group runs
+# the command each parser of this group runs
+COMMANDS = {"demo": cmd_demo}

@@ -110,4 +110,5 @@ def cmd_baseline(args) -> None:
         print("\n".join(texts))
 
 
-COMMANDS = {"eval": cmd_eval, "baseline": cmd_baseline}  # what each parser of this group runs
+# the command each parser of this group runs
+COMMANDS = {"eval": cmd_eval, "baseline": cmd_baseline}

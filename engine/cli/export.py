@@ -75,4 +75,5 @@ def cmd_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
-COMMANDS = {"export": cmd_export, "info": cmd_info}  # what each parser of this group runs
+# the command each parser of this group runs
+COMMANDS = {"export": cmd_export, "info": cmd_info}

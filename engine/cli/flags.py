@@ -1,4 +1,5 @@
-"""What the commands share: flags several take, reading a text file a flag names, loading the model, printing results."""
+"""What the commands share: flags several take, reading a text file a flag names, loading the model, printing
+results."""
 
 from __future__ import annotations
 

@@ -224,4 +224,5 @@ def cmd_vary(args) -> None:
     print_results(args, texts, outputs, strength=args.strength, sampler=sampler, seed=args.seed)
 
 
-COMMANDS = {"generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary}  # what each parser of this group runs
+# the command each parser of this group runs
+COMMANDS = {"generate": cmd_generate, "reconstruct": cmd_reconstruct, "vary": cmd_vary}

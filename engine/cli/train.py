@@ -126,4 +126,5 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
-COMMANDS = {"train": cmd_train}  # what each parser of this group runs
+# the command each parser of this group runs
+COMMANDS = {"train": cmd_train}
