@@ -58,16 +58,16 @@ if wanted tests; then
   tail -3 "$out/tests.log"
 fi
 
-stage kernel 45 python bench/kernel_bandwidth.py --json "$out/kernel.json"
-stage latency 150 python bench/latency.py --preset base --batch-sizes ${LATENCY_BATCHES:-1 8 64 256} --repeats 3 \
+stage kernel 45 python bench/gpu/kernel_bandwidth.py --json "$out/kernel.json"
+stage latency 150 python bench/gpu/latency.py --preset base --batch-sizes ${LATENCY_BATCHES:-1 8 64 256} --repeats 3 \
   --json "$out/latency.json"
-stage granularity 40 python bench/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 \
+stage granularity 40 python bench/gpu/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 \
   --json "$out/granularity.json"
-stage latency_bf16 50 python bench/latency.py --preset base --batch-sizes 64 --repeats 3 --dtype bfloat16 \
+stage latency_bf16 50 python bench/gpu/latency.py --preset base --batch-sizes 64 --repeats 3 --dtype bfloat16 \
   --json "$out/latency_bf16.json"
 # where the time goes: per-kernel device time of a step and a decoded token (each attention), fp32 and bf16;
 # cuBLAS's rates on the step's shapes
-stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
+stage profile 90 python bench/gpu/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json "$out/profile.json"
 
 # issues 21 and 22 (opt-in): the loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear), also
 # with float8 weights, against the engine and torch.compile of the reference; then the beam decode with fused
@@ -76,20 +76,20 @@ stage profile 90 python bench/gpu_profile.py --preset base --batch-sizes 1 64 --
 # (its call: STAGES="blocks_tests blocks"; the kernels' parity on CUDA first, their log beside the table)
 stage blocks_tests 100 python -m pytest -q tests/test_fused_linear.py tests/test_beam_head.py
 if wanted blocks_tests; then cp "$logs/blocks_tests.log" "$out/blocks_tests.log"; fi
-stage blocks 400 python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
+stage blocks 400 python bench/gpu/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes bfloat16 float32 --fp8 \
   --compile-modes reduce-overhead --compile-batches 64 --decode --decode-peers --json "$out/blocks.json"
 # issue 21 (opt-in): fused_linear's tiles tuned per shape the engine launches, most important first, kept under
-# kernels/tiles.json once committed (bench/tune_tiles.py --merge): then no run tunes at start-up
-stage tune 420 python bench/tune_tiles.py --preset base --budget-s 330 --out "$out/tiles.json"
-stage blocks_autotune 480 python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
+# kernels/tiles.json once committed (bench/gpu/tune_tiles.py --merge): then no run tunes at start-up
+stage tune 420 python bench/gpu/tune_tiles.py --preset base --budget-s 330 --out "$out/tiles.json"
+stage blocks_autotune 480 python bench/gpu/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
   --compile-modes max-autotune --no-engine --json "$out/blocks_autotune.json"
 
 # issue 23 (opt-in, one call: STAGES="ort_cuda ort_bench", after the calls that bring onnxruntime-gpu in parts:
-# `python bench/ort_gpu_wheel.py prepare` prints them): the wheel joined, checked and installed into a private
+# `python bench/gpu/ort_gpu_wheel.py prepare` prints them): the wheel joined, checked and installed into a private
 # folder first on PYTHONPATH (the image's CPU build stays); ORT's CUDA parity tests, then `ldlm bench` of the
 # base preset: the onnx backend on CUDA with and without its CUDA graph beside the engine and the reference
 ort_site=/tmp/ort-gpu
-stage ort_cuda 170 bash -c "python bench/ort_gpu_wheel.py install --parts .ort-gpu --target $ort_site && \
+stage ort_cuda 170 bash -c "python bench/gpu/ort_gpu_wheel.py install --parts .ort-gpu --target $ort_site && \
   PYTHONPATH=$ort_site python -m pytest -q tests/test_gpu.py -k onnx"
 if wanted ort_cuda; then cp "$logs/ort_cuda.log" "$out/ort_cuda.log"; fi
 stage ort_bench 330 env PYTHONPATH=$ort_site ldlm bench --preset base --device cuda --onnx-cuda-graph \
@@ -103,5 +103,5 @@ if wanted training; then
   { echo "== training"; cat "$logs/training.log"; } >> "$out/tests.log"
 fi
 
-python bench/gpu_table.py "$out" | tee "$out/table.md"
+python bench/gpu/gpu_table.py "$out" | tee "$out/table.md"
 pack

@@ -146,7 +146,7 @@ def _gpu_name(device: torch.device) -> str:
 def default_tiles(M: int, N: int, K: int, *, device: torch.device, gelu: bool | str,
                   multiprocessors: int | None = None, dtype: torch.dtype = torch.float32, fp8: bool = False,
                   gpu: str | None = None) -> Tiles:
-    """Tiles for an (M, K) x (K, N) product. On a GPU: the tiling bench/tune_tiles.py stored for this GPU model
+    """Tiles for an (M, K) x (K, N) product. On a GPU: the tiling bench/gpu/tune_tiles.py stored for this GPU model
     and shape (kernels/tiles.json, by `gpu`, default the device's name), else 16-64 rows a program (tl.dot's
     minimum is 16), 64 columns, and split-K when the (rows, columns) grid would leave most of the GPU's
     multiprocessors idle (`multiprocessors`, default the device's: 132 on an H200). In Triton's CPU

@@ -1,6 +1,6 @@
 """Tile configurations tuned once on a GPU and stored in the repository, so that no run autotunes at start-up.
 
-bench/tune_tiles.py times each candidate tiling of every matmul shape the engine launches (the sampling step's
+bench/gpu/tune_tiles.py times each candidate tiling of every matmul shape the engine launches (the sampling step's
 and the beam decode's, per row count, dtype and weight format) on a GPU and writes the fastest per shape;
 kernels/tiles.json holds the tables committed from such runs, one per GPU model (by the name CUDA reports).
 A kernel's launch looks its shape up here first and falls back to its own rule where the table has nothing
@@ -36,7 +36,7 @@ def _read(path: Path) -> dict:
     table = json.loads(path.read_text())
     if table.get("format") != FORMAT:
         raise ValueError(f"{path} is tile table format {table.get('format')!r}, this ldlm reads {FORMAT}: tune "
-                         "again with bench/tune_tiles.py")
+                         "again with bench/gpu/tune_tiles.py")
     return table.get("gpus", {})
 
 

@@ -92,7 +92,7 @@ def test_fused_kernels_over_a_whole_loop(schedule, latent_tokens, kernels):
 
 
 def test_fp8_weights_over_a_whole_loop(schedule):
-    """fused_blocks with float8 weights (not exact: bench/fp8_weights.py measures what they cost): the kernel's
+    """fused_blocks with float8 weights (not exact: bench/quality/fp8_weights.py measures what they cost): the kernel's
     loop as the same codes through torch's modules, and near the reference."""
     from ldlm.kernels.reference import modules_linear
 

@@ -1,6 +1,6 @@
 """The GPU benchmark scripts of bench/gpu_check.sh, run small on the CPU (Triton's interpreter), so a Python error
 in them shows up here and not first on the rented GPU (their figures are only meaningful on the GPU); and the
-kernel counts of an engine step and a decoded token (ldlm.fast.launches, printed by bench/step_kernels.py)."""
+kernel counts of an engine step and a decoded token (ldlm.fast.launches, printed by bench/gpu/step_kernels.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, str(BENCH / "latency.py"), "--preset", "tiny", "--device", "cpu", "--engine-backend", "fused",
+        [sys.executable, str(BENCH / "gpu" / "latency.py"), "--preset", "tiny", "--device", "cpu", "--engine-backend", "fused",
          "--batch-sizes", "1", "64", "--sampler", "ddim", "--steps", "3", "--max-new-tokens", "4", "--repeats", "1",
          "--json", str(tmp_path / "latency.json")],
         capture_output=True, text=True, timeout=600, env=env)
@@ -37,7 +37,7 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
         assert row["parity"]["max_rel_err"] < 1e-5 and row["parity"]["text_identical"]
         assert row["per_step"]["floor_us"] > 0 and row["speedup_sample"] > 0 and row["speedup_decode_vs_hf"] > 0
         assert 0 < row["decode_per_token"]["floor_us"] and row["decode_per_token"]["engine_gbs"] > 0
-    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+    table = subprocess.run([sys.executable, str(BENCH / "gpu" / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
                            timeout=60).stdout
     assert "| batch 64: engine vs reference, same seed, fp32 | latents within" in table
     assert "text identical | <= 1e-5, identical |" in table
@@ -49,11 +49,11 @@ def test_latency_bench_records_parity_and_the_table_shows_it(tmp_path):
 
 
 def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
-    """bench/fused_blocks.py (issue 21's stage) small on the CPU: the engine, the engine with fused blocks and
+    """bench/gpu/fused_blocks.py (issue 21's stage) small on the CPU: the engine, the engine with fused blocks and
     torch.compile of the reference, each with its latents against the reference's; the table shows each."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, str(BENCH / "fused_blocks.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "3",
+        [sys.executable, str(BENCH / "gpu" / "fused_blocks.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "3",
          "--dtypes", "float32", "--sampler", "ddim", "--steps", "3", "--compile-modes", "default", "--repeats", "1",
          "--fp8", "--decode", "--decode-peers", "--max-new-tokens", "6", "--json", str(tmp_path / "blocks.json")],
         capture_output=True, text=True, timeout=600, env=env)
@@ -74,7 +74,7 @@ def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
     assert kernels["engine + fused blocks"] < kernels["engine"] == sum(step_kernels("tiny", 1).values())
     fused, fp8 = (r for r in report["rows"] if r["path"].startswith("engine + fused"))
     assert fp8["weights_gbs"] * fp8["step_us"] < fused["weights_gbs"] * fused["step_us"]  # fewer bytes a step
-    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True,
+    table = subprocess.run([sys.executable, str(BENCH / "gpu" / "gpu_table.py"), str(tmp_path)], capture_output=True,
                            text=True, check=True).stdout
     assert table.count("| sampling loop, ") == 4 and "torch.compile default" in table
     assert "x the fused blocks' time" in table.split("engine + fused blocks + fp8")[1].splitlines()[0]
@@ -83,10 +83,10 @@ def test_fused_blocks_bench_records_parity_beside_the_compiled_peer(tmp_path):
 
 
 def test_profile_runs_every_attention_and_the_table_shows_them(tmp_path):
-    """bench/gpu_profile.py on the CPU (ops stand in for kernels): a step and a decoded token with each attention."""
+    """bench/gpu/gpu_profile.py on the CPU (ops stand in for kernels): a step and a decoded token with each attention."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, str(BENCH / "gpu_profile.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "2",
+        [sys.executable, str(BENCH / "gpu" / "gpu_profile.py"), "--preset", "tiny", "--device", "cpu", "--batch-sizes", "2",
          "--json", str(tmp_path / "profile.json")], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "profile.json").read_text())
@@ -94,7 +94,7 @@ def test_profile_runs_every_attention_and_the_table_shows_them(tmp_path):
         ("step", None), ("decode_token", "sdpa"), ("decode_token", "matmul"), ("decode_token", "indirect")]
     assert all(r["total_us"] > 0 and r["kernels"] > 0 and r["top"] for r in report["rows"])
     assert len(report["matmul"]) == 3 and all(m["tflops"] > 0 for m in report["matmul"])
-    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+    table = subprocess.run([sys.executable, str(BENCH / "gpu" / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
                            timeout=60).stdout
     assert "| profile, batch 2 decode_token (fp32, matmul attention) |" in table
     assert "| profile, batch 2 decode_token (fp32, indirect attention) |" in table
@@ -104,11 +104,11 @@ def test_profile_counts_attention_kernels_apart_from_matmuls():
     """CUTLASS's and cuDNN's attention kernels carry "cutlass" or "sm80_" in their names, as matmuls do."""
     from torch.autograd import DeviceType
 
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH / "gpu"))
     try:
         from gpu_profile import kernel_times
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(str(BENCH / "gpu"))
 
     class Kernel:
         device_type = DeviceType.CUDA
@@ -131,7 +131,7 @@ def test_the_table_reports_pytest_summaries_of_both_test_stages(tmp_path):
     # gpu_check.sh appends training's log to the GPU tests' (the device tool brings back eight files)
     (tmp_path / "tests.log").write_text("....\n1 failed, 40 passed in 61.2s\ntests exit 1\n== training\n"
                                         "..\n7 passed, 4 deselected in 20.5s\ntraining exit 0\n")
-    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+    table = subprocess.run([sys.executable, str(BENCH / "gpu" / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
                            timeout=60).stdout
     assert "| GPU tests (parity, graphs) | 1 failed, 40 passed in 61.2s | all pass |" in table
     assert "| training on CUDA (tests/test_training.py) | 7 passed, 4 deselected in 20.5s | all pass |" in table
@@ -145,7 +145,7 @@ def test_the_table_reports_each_update_kernels_bandwidth_at_its_largest_size(tmp
 
     rows = [row("ddpm", 1.13, [64, 768]), row("ddpm", 0.81, [65536, 768]), row("dpm++2m", 0.9, [262144, 768])]
     (tmp_path / "kernel.json").write_text(json.dumps({"device": "test", "rows": rows}))
-    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
+    table = subprocess.run([sys.executable, str(BENCH / "gpu" / "gpu_table.py"), str(tmp_path)], capture_output=True, text=True,
                            timeout=60).stdout
     assert ("| fused kernel bandwidth (ddpm update, float32, [65536, 768]) | 3240 GB/s = 81% of copy "
             "| >= 70% of copy |") in table
@@ -154,7 +154,7 @@ def test_the_table_reports_each_update_kernels_bandwidth_at_its_largest_size(tmp
 
 
 def test_an_engine_step_launches_only_the_model_and_one_update():
-    """bench/step_kernels.py's count: with one latent token, a step is the model's matmuls (the input projection
+    """bench/gpu/step_kernels.py's count: with one latent token, a step is the model's matmuls (the input projection
     with its step's bias, per block the folded value-output projection and the MLP's two, the output
     projection), the first layer norm, each residual add fused with the norm after it, the GELUs, the step
     bias's one gather, the noise draw, the step counter and the fused update; no attention kernels, no time
@@ -205,7 +205,7 @@ def test_the_fused_beam_step_takes_the_lm_head_to_the_top_k_in_two_kernels():
 
 @pytest.mark.parametrize("attention", ["sdpa", "matmul", "indirect"])
 def test_a_decode_token_launches_per_layer_only_the_model(attention):
-    """bench/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
+    """bench/gpu/step_kernels.py --decode: per GPT-2 layer, the norms fused with the residual adds, one GELU kernel
     (torch's tanh GELU, not gelu_new's eight elementwise ops), four matmuls, the two cache writes and attention:
     one SDPA kernel, or the scaled query, two batched matmuls, the mask's add and the softmax (no copies), or
     the one Triton kernel reading through the source table; the attention mask made once for all layers.
@@ -254,7 +254,7 @@ def test_the_table_sets_onnx_runtime_on_cuda_beside_the_engine(tmp_path):
                                  ("onnx", "decode", 90.0), ("onnx cuda-graph", "decode", 91.0))]
     (tmp_path / "ort_bench.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "ort_cuda.log").write_text("..\n2 passed, 30 deselected in 40.1s\n")
-    table = subprocess.run([sys.executable, str(BENCH / "gpu_table.py"), str(tmp_path)], capture_output=True,
+    table = subprocess.run([sys.executable, str(BENCH / "gpu" / "gpu_table.py"), str(tmp_path)], capture_output=True,
                            text=True, check=True).stdout
     assert "| ONNX Runtime CUDA parity (tests/test_gpu.py -k onnx) | 2 passed, 30 deselected in 40.1s | all pass |" in table
     loop = table.split("| batch 8: loop, ONNX Runtime on CUDA |")[1].splitlines()[0]

@@ -4,7 +4,7 @@ ptxas lower every variant to machine code for Ampere (sm_80) and Hopper (sm_90; 
 matmuls, which Ampere lacks). The interpreter that runs the kernel tests on CPU never compiles, so this is where a
 construct the GPU compiler rejects would show; and the PTX says whether each access to the element tensors is
 a 128-bit vector access, which a memory-bound kernel needs to approach copy bandwidth (the bandwidth itself is
-measured on the GPU by bench/kernel_bandwidth.py)."""
+measured on the GPU by bench/gpu/kernel_bandwidth.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""bench/ort_gpu_wheel.py: onnxruntime-gpu split into parts the GPU machine's transfers carry, then joined,
+"""bench/gpu/ort_gpu_wheel.py: onnxruntime-gpu split into parts the GPU machine's transfers carry, then joined,
 verified and installed there (issue 23). Here on a small wheel made in the test, with the real one's name,
 tags and CUDA metadata."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH / "gpu"))
 import ort_gpu_wheel as wheels  # noqa: E402
 
 NAME = "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl"
@@ -96,14 +96,14 @@ def test_a_missing_or_broken_part_is_named(tmp_path):
 def test_prepare_prints_one_device_call_a_part_within_the_transfer_limit(tmp_path):
     wheel = fake_wheel(tmp_path)
     out = tmp_path / "parts"
-    run = subprocess.run([sys.executable, str(BENCH / "ort_gpu_wheel.py"), "prepare", "--wheel", str(wheel),
+    run = subprocess.run([sys.executable, str(BENCH / "gpu" / "ort_gpu_wheel.py"), "prepare", "--wheel", str(wheel),
                           "--out", str(out), "--part-mib", "1"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     calls = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [c["carry"][0] for c in calls] == [str(out / f"part-{i:02d}") for i in range(4)]
     assert calls[-1]["carry"][1] == str(out / "manifest.json") and "ort_cuda ort_bench" in calls[-1]["command"]
     assert all(len(c["carry"]) <= 8 and len(c["command"]) <= 2000 for c in calls)  # the device tool's limits
-    bad = subprocess.run([sys.executable, str(BENCH / "ort_gpu_wheel.py"), "prepare", "--wheel", str(wheel),
+    bad = subprocess.run([sys.executable, str(BENCH / "gpu" / "ort_gpu_wheel.py"), "prepare", "--wheel", str(wheel),
                           "--out", str(out), "--part-mib", "64"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "leave room for the working tree" in bad.stderr
 

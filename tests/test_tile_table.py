@@ -1,4 +1,4 @@
-"""Tiles tuned on a GPU and stored in the repository (ldlm.kernels.tile_table, bench/tune_tiles.py): the lookup
+"""Tiles tuned on a GPU and stored in the repository (ldlm.kernels.tile_table, bench/gpu/tune_tiles.py): the lookup
 the kernel's launch makes, its fallback to the untuned rule, and the tuner on the CPU (the interpreter: its
 times mean nothing there; what is checked is that it records the engine's shapes, checks every candidate
 against torch and writes a table the lookup reads)."""
@@ -55,16 +55,16 @@ def test_the_committed_table_reads_and_an_old_format_is_refused(tmp_path):
     assert tile_table.TABLE.is_file()  # kernels/tiles.json, shipped as package data (pyproject.toml)
     assert isinstance(tile_table._read(tile_table.TABLE), dict)
     (tmp_path / "old.json").write_text(json.dumps({"format": 0, "gpus": {}}))
-    with pytest.raises(ValueError, match="tune again with bench/tune_tiles.py"):
+    with pytest.raises(ValueError, match="tune again with bench/gpu/tune_tiles.py"):
         tile_table.tuned("fused_linear", "x", "y", path=tmp_path / "old.json")
 
 
 def test_tuner_records_the_engines_shapes_and_writes_a_table_the_lookup_reads(tmp_path, monkeypatch):
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH / "gpu"))
     try:
         import tune_tiles
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(str(BENCH / "gpu"))
     shapes = tune_tiles.engine_shapes("tiny", [3])
     steps, decodes = [s for s in shapes if s.where == "step"], [s for s in shapes if s.where == "decode"]
     assert {s.rows for s in steps} == {3} and {s.rows for s in decodes} == {12}  # 4 beams a row of the batch
@@ -89,7 +89,7 @@ def test_tuner_records_the_engines_shapes_and_writes_a_table_the_lookup_reads(tm
     assert len(shapes) >= 6 and all(e["us"] <= e["default_us"] and e["candidates"] == 2 for e in shapes.values())
     key = next(iter(shapes))
     merged = tmp_path / "merged.json"
-    subprocess.run([sys.executable, str(BENCH / "tune_tiles.py"), "--merge", str(tile_table.TABLE), str(out),
+    subprocess.run([sys.executable, str(BENCH / "gpu" / "tune_tiles.py"), "--merge", str(tile_table.TABLE), str(out),
                     "--out", str(merged)], check=True, timeout=120)
     entry = tile_table.tuned("fused_linear", gpu, key, path=merged)
     assert entry == shapes[key]

@@ -16,13 +16,13 @@ Rewrites of ldlm.model.reverse.ReverseTransformer, exact but for float rounding,
   projection one more. With fp8_weights the blocks' matrices are read as float8 e4m3 codes with a scale per
   output channel (ldlm.kernels.fused_linear.Fp8Linear): half of bf16's bytes; the input and output projections
   keep the model's dtype, as the int8 export keeps them fp32. Not exact: the codes round each weight to 3
-  mantissa bits (bench/fp8_weights.py says what that costs in latents and text).
+  mantissa bits (bench/quality/fp8_weights.py says what that costs in latents and text).
 - A condition read by cross-attention (config.condition_attention "cross") does not change over a sampling
   run, so its keys and values are projected once per run (condition_states) instead of at every step.
 
 Everything else (layer norms, MLPs, output) is the original modules, shared, not copied. On the `base` preset
 the engine's sampling step goes from 44 kernels to 31 and its matmul FLOPs down by a tenth
-(bench/step_kernels.py); tests/test_folded_reverse.py checks it against the model step by step, and
+(bench/gpu/step_kernels.py); tests/test_folded_reverse.py checks it against the model step by step, and
 tests/test_fused_sampler.py over whole sampling loops.
 """
 

@@ -84,9 +84,9 @@ class FusedSampler:
         x0_hat to [-clamp, clamp] (as the model was trained); fused_norms: each residual add and the layer norm
         after it as one Triton kernel (default: on CUDA; Triton's CPU interpreter runs it far slower than torch);
         fused_blocks: each matmul of the model with its layer norm, bias, GELU and residual as one Triton kernel
-        (ldlm.kernels.fused_linear; off until a GPU run measures it: bench/fused_blocks.py); fp8_weights: with
+        (ldlm.kernels.fused_linear; off until a GPU run measures it: bench/gpu/fused_blocks.py); fp8_weights: with
         fused_blocks, the blocks' weights read as float8 e4m3 with per-channel scales (not exact:
-        bench/fp8_weights.py measures its latents and text against the model's own weights)."""
+        bench/quality/fp8_weights.py measures its latents and text against the model's own weights)."""
         self.device, self.dtype, self.clamp = torch.device(device), dtype, clamp
         self.self_condition = reverse.config.self_condition
         self.draws = (tables.coef_noise.cpu() != 0).tolist()  # per step: draws noise? (read once, not per call)

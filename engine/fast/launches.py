@@ -2,7 +2,7 @@
 does work (views and allocations left out), plus the engine's Triton kernels, each counted once and run as its
 torch equivalent. On a GPU each is a launch, which a CUDA graph replays without the host but still runs one
 after another, so the count bounds a graphed step as much as its FLOPs do. The ops are the same on a GPU, where
-a few (attention) may launch more than one kernel each. bench/step_kernels.py prints them; bench/latency.py
+a few (attention) may launch more than one kernel each. bench/gpu/step_kernels.py prints them; bench/gpu/latency.py
 records the totals beside its timings.
 """
 

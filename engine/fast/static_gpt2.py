@@ -12,7 +12,7 @@ attention="matmul", two batched matmuls around a softmax that read the cache onc
 which moves no cache at all: a slot (row, position) is written once, so a small table says which row's slot
 holds each hypothesis's key and value, a reorder gathers the table, and a Triton kernel
 (ldlm.kernels.beam_attention) attends through it, reading only the positions written so far, from one cache
-instead of two. Neither is the default yet: SDPA is what ran on the GPU; bench/gpu_profile.py times all three.
+instead of two. Neither is the default yet: SDPA is what ran on the GPU; bench/gpu/gpu_profile.py times all three.
 """
 
 from __future__ import annotations

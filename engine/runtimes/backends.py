@@ -29,7 +29,7 @@ ENGINE_BACKENDS = ("fused", "cuda-graph")  # the Triton/CUDA-graph engine (ldlm.
 STATIC_DECODE_BACKENDS = (*ENGINE_BACKENDS, "compiled")  # decode with the static-KV beam search
 
 
-# Measured on the 2-core CPU with every path side by side (bench/cpu_paths.py; bench/RESULTS.md, "every CPU
+# Measured on the 2-core CPU with every path side by side (bench/cpu/cpu_paths.py; bench/RESULTS.md, "every CPU
 # path"), end to end at 2 threads, batch 1 / 8 / 64: reference 648 / 1,105 / 7,488 ms, compiled 508 / 1,800 /
 # 19,474 ms (and 26-41 s to compile its decode), aoti 309 / 872 / 4,697 ms, onnx --int8 286 / 817 / 5,106 ms.
 # Of the backends that run a checkpoint the reference is the one that never loses much and compiles nothing;

@@ -7,14 +7,14 @@ installs them into a private folder and runs the stages (bench/gpu_check.sh's `o
 
 Here (the CPU machine, which reaches a package index):
 
-    python bench/ort_gpu_wheel.py prepare --version 1.31.1     # or --wheel PATH; writes .ort-gpu/
+    python bench/gpu/ort_gpu_wheel.py prepare --version 1.31.1     # or --wheel PATH; writes .ort-gpu/
 
 checks the wheel (CPython 3.12, x86-64 Linux, built for the image's CUDA major, 13: from its metadata's
 nvidia-* requirements), splits it into .ort-gpu/part-NN files and writes .ort-gpu/manifest.json (sizes and
 SHA-256 of each part and of the whole), then prints the device calls, each carrying one part. On the GPU
 machine, inside that stage:
 
-    python bench/ort_gpu_wheel.py install --parts .ort-gpu --target /tmp/ort-gpu   # then PYTHONPATH=/tmp/ort-gpu
+    python bench/gpu/ort_gpu_wheel.py install --parts .ort-gpu --target /tmp/ort-gpu   # then PYTHONPATH=/tmp/ort-gpu
 
 Standard library only: it runs before anything is installed.
 """
@@ -137,7 +137,7 @@ def join(parts: Path, wheel_dir: Path) -> Path:
     manifest_path = parts / MANIFEST
     if not manifest_path.is_file():
         raise WheelError(f"{manifest_path} is missing: the last device call carries it with the last part; run "
-                         "`python bench/ort_gpu_wheel.py prepare` here and send the calls it prints")
+                         "`python bench/gpu/ort_gpu_wheel.py prepare` here and send the calls it prints")
     manifest = json.loads(manifest_path.read_text())
     missing = [p["file"] for p in manifest["parts"] if not (parts / p["file"]).is_file()]
     if missing:

@@ -1,7 +1,7 @@
 """What bounds `generate(1)` on a CPU, in one run: the int8 reverse graph's weights against the memory's read
 bandwidth, and the decode's steps.
 
-    python bench/cpu_floor.py EXPORT [--threads 2] [--runs 15] [--json OUT]
+    python bench/cpu/cpu_floor.py EXPORT [--threads 2] [--runs 15] [--json OUT]
 
 EXPORT: an `ldlm export` folder (with its int8 graphs). Each sampling step reads every weight of the reverse
 transformer once (at batch 1 its matmuls have a few rows: K latent tokens), so the loop cannot beat

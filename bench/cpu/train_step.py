@@ -1,7 +1,7 @@
 """Stage-2 training step cost by latent tokens K and batch size: one Adam step of the reverse transformer
 (forward, MSE to the clean latent, backward, update) on random latents, median of --repeats timed steps.
 
-    python bench/train_step.py --preset small --shapes 1x256 4x256 4x64 --json step.json
+    python bench/cpu/train_step.py --preset small --shapes 1x256 4x256 4x64 --json step.json
 
 Each shape is KxB: K latent tokens per text, B texts a step. The reverse transformer sees K * B tokens a step,
 so 4x64 should cost what 1x256 does (bench/RESULTS.md, issue 4)."""

@@ -3,8 +3,8 @@
 mode), fp32 with TF32 matmuls, and bf16, the token with each attention of ldlm.fast.static_gpt2; and the rate cuBLAS
 reaches on the step's matmul shapes.
 
-    python bench/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json profile.json
-    python bench/gpu_profile.py --preset tiny --device cpu --batch-sizes 2   # smoke: CPU ops, not kernels
+    python bench/gpu/gpu_profile.py --preset base --batch-sizes 1 64 --modes fp32 bf16 --json profile.json
+    python bench/gpu/gpu_profile.py --preset tiny --device cpu --batch-sizes 2   # smoke: CPU ops, not kernels
 
 The step is the engine's (ldlm.fast.fused_sampler: the folded reverse transformer, the fused add + norm and update
 kernels, a noise draw); the token is the static-KV beam search's (GPT-2 on batch x beams rows, beam selection,

@@ -3,8 +3,8 @@ error of the final latents (max |engine - reference| / max |reference|). The sta
 reference's sampled latents: how many items get the reference's tokens. Each with torch's layer norms and with
 the fused Triton add + norm kernels. On CPU the engine runs eagerly (Triton's interpreter).
 
-    python bench/engine_parity.py --preset base                  # random weights at the preset's sizes
-    python bench/engine_parity.py --checkpoint runs/e2e/model    # a trained model
+    python bench/quality/engine_parity.py --preset base                  # random weights at the preset's sizes
+    python bench/quality/engine_parity.py --checkpoint runs/e2e/model    # a trained model
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (ldlm.fast.folded_reverse: time as an input-bias row, one-token attention as one matrix), in one run: median time per
 call and the largest relative difference of their outputs. On a CPU the ratio is what holds.
 
-    python bench/reverse_forward.py --preset base --batch-sizes 1 8 64
+    python bench/cpu/reverse_forward.py --preset base --batch-sizes 1 8 64
 """
 
 from __future__ import annotations

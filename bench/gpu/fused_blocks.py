@@ -1,22 +1,22 @@
 """The engine's sampling loop with every matmul fused with its neighbours (ldlm.kernels.fused_linear) against the
 engine as it is, and against torch.compile of the reference model driving the same sampler, in one run (issue 21).
 
-    python bench/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes float32 bfloat16 --fp8 \
+    python bench/gpu/fused_blocks.py --preset base --batch-sizes 1 64 --dtypes float32 bfloat16 --fp8 \
         --compile-modes reduce-overhead --compile-batches 64 --json blocks.json
-    python bench/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
+    python bench/gpu/fused_blocks.py --preset base --batch-sizes 64 --dtypes bfloat16 float32 \
         --compile-modes max-autotune --compile-batches 64 --no-engine --json autotune.json
-    python bench/fused_blocks.py --preset base --decode-only --batch-sizes 1 64 --json decode.json
-    TRITON_INTERPRET=1 python bench/fused_blocks.py --preset tiny --device cpu --batch-sizes 2 --sampler ddim \
+    python bench/gpu/fused_blocks.py --preset base --decode-only --batch-sizes 1 64 --json decode.json
+    TRITON_INTERPRET=1 python bench/gpu/fused_blocks.py --preset tiny --device cpu --batch-sizes 2 --sampler ddim \
         --steps 3 --compile-modes default --repeats 1      # smoke (Triton's interpreter; figures meaningless)
 
 Paths, same seed and noise: `engine` (ldlm.fast.fused_sampler as the cuda-graph backend runs it: folded model, fused
 norms, CUDA graphs on a GPU), `engine + fused blocks` (the same with fused_blocks=True), with --fp8 `engine +
 fused blocks + fp8` (the blocks' weights as float8 e4m3 codes, fp8_weights=True: not exact; its latents' error
-is the codes' rounding, which bench/fp8_weights.py measures in text on a trained model), and `torch.compile
+is the codes' rounding, which bench/quality/fp8_weights.py measures in text on a trained model), and `torch.compile
 MODE` (the reference ReverseTransformer through torch.compile(mode=MODE, fullgraph=True, dynamic=False), called
 by the reference sampler; compiled once per batch and dtype, its first call reported apart). Each path's
 latents against the fp32 reference's (relative max error) and, per engine path, kernels a step
-(ldlm.fast.launches) and the weights' read rate (bytes a step / time a step, as bench/latency.py counts them).
+(ldlm.fast.launches) and the weights' read rate (bytes a step / time a step, as bench/gpu/latency.py counts them).
 With --decode (or --decode-only), also the engine's static-KV beam decode (4 beams, 64 tokens: random weights
 never emit EOS) with and without fused blocks (ldlm.fast.static_gpt2) and with the fused beam step
 (ldlm.kernels.beam_head), tokens against the fp32 reference beam search; with --decode-peers, Hugging Face

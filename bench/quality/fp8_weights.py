@@ -1,13 +1,13 @@
 """What float8 e4m3 weights cost a trained model in latents and text (issue 21): the engine's fused blocks
 with the blocks' weights as Fp8Linear codes, against the model's own weights, same seeds and noise.
 
-    TRITON_INTERPRET=1 python bench/fp8_weights.py runs/e2e-small/small --samples 64 [--json fp8.json]
+    TRITON_INTERPRET=1 python bench/quality/fp8_weights.py runs/e2e-small/small --samples 64 [--json fp8.json]
 
 Rows, each against the fp32 loop: bf16 (the speed mode as it is), fp8 weights with fp32 activations (the
 codes' rounding alone), fp8 weights with bf16 activations (the speed mode with fp8). Each runs the checkpoint's
 sampler over the same noise through ldlm.fast.fused_sampler with fused_blocks; the matmuls run as
 ldlm.kernels.reference.modules_linear (torch's modules on the same Fp8Linear codes, which tests/test_fused_linear.py
-holds the Triton kernel to within 1e-5), so it runs at torch's speed on a CPU; on a GPU bench/fused_blocks.py
+holds the Triton kernel to within 1e-5), so it runs at torch's speed on a CPU; on a GPU bench/gpu/fused_blocks.py
 --fp8 times the kernel itself. Reported: the one-step x0 error at five timesteps (relative L2, mean over
 items), the final latents' error (relative L2 per item: mean and worst), and how many decoded texts (the
 checkpoint's beam search) are word for word the fp32 loop's.

@@ -2,7 +2,7 @@
 dir, runs the CLI (or one API call) in a fresh process under a time and memory limit, and says what happened.
 Run on two commits for the before/after table in bench/RESULTS.md:
 
-    python bench/hostile_inputs.py [--timeout 60] [--memory-gib 8] [--only NAME ...]
+    python bench/reliability/hostile_inputs.py [--timeout 60] [--memory-gib 8] [--only NAME ...]
 
 The tests keep each case (tests/test_model_folders.py, tests/test_job_inputs.py); this script measures them the
 way a user meets them, through the command line, including the ones that hang or exhaust memory.

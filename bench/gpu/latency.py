@@ -1,7 +1,7 @@
 """Latency of the sampling loop, the beam decode and end to end: reference and engine side by side.
 
-    python bench/latency.py --preset base --device cuda --batch-sizes 1 8 64 256 --json out.json
-    TRITON_INTERPRET=1 python bench/latency.py --preset tiny --device cpu --batch-sizes 1 8 --engine-backend fused \
+    python bench/gpu/latency.py --preset base --device cuda --batch-sizes 1 8 64 256 --json out.json
+    TRITON_INTERPRET=1 python bench/gpu/latency.py --preset tiny --device cpu --batch-sizes 1 8 --engine-backend fused \
         --sampler ddim --steps 20 --max-new-tokens 16 --repeats 1   # smoke (tiny's decoder holds 40 positions)
 
 Models are built from the preset's config with random weights (no downloads; ldlm.jobs.benchmark). Random GPT-2 weights

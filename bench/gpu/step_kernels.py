@@ -1,8 +1,8 @@
 """Kernels the engine launches per sampling step, or per decoded token (ldlm.fast.launches counts them on the CPU).
 
-    python bench/step_kernels.py --preset base --batch 64
-    python bench/step_kernels.py --preset base --batch 64 --decode    # one token of the beam decode
-    python bench/step_kernels.py --preset base --batch 64 --fused-blocks   # every matmul fused with its neighbours
+    python bench/gpu/step_kernels.py --preset base --batch 64
+    python bench/gpu/step_kernels.py --preset base --batch 64 --decode    # one token of the beam decode
+    python bench/gpu/step_kernels.py --preset base --batch 64 --fused-blocks   # every matmul fused with its neighbours
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the T steps: the latent error (|z - z_ref| / |z_ref| per sample, averaged) and h
 times one model call, so fewer steps for the same error is the speedup; the wall time of each run is printed
 as measured here (compare ratios on a CPU).
 
-    python bench/solver_error.py runs/e2e/model --json solver_error.json
+    python bench/quality/solver_error.py runs/e2e/model --json solver_error.json
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The beam search's bookkeeping in ldlm's C kernel against its torch operations, on an export, in one run.
 
-    python bench/native_beam.py EXPORT [--int8] [--threads 2] [--batch-sizes 1 8 64]
-    python bench/native_beam.py EXPORT --end-to-end    # generate(1) and generate(8): plain fp32 ONNX against
+    python bench/cpu/native_beam.py EXPORT [--int8] [--threads 2] [--batch-sizes 1 8 64]
+    python bench/cpu/native_beam.py EXPORT --end-to-end    # generate(1) and generate(8): plain fp32 ONNX against
                                                        # fp32 and int8 with the C kernel
-    python bench/native_beam.py EXPORT --against OLD   # two exports of one checkpoint (say, before and after a
+    python bench/cpu/native_beam.py EXPORT --against OLD   # two exports of one checkpoint (say, before and after a
                                                        # change to the graphs), both with the C kernel
 
 Per batch size: the decode (64 tokens at most, 4 beams) with the torch bookkeeping and with the C kernel, the

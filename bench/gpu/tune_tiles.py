@@ -1,8 +1,8 @@
 """Tune ldlm.kernels.fused_linear's tiles once per shape on a GPU and store them (issue 21): no run autotunes.
 
-    python bench/tune_tiles.py --preset base --out tiles.json --budget-s 300     # on the GPU
-    python bench/tune_tiles.py --merge kernels/tiles.json tiles.json --out kernels/tiles.json   # here, to commit
-    TRITON_INTERPRET=1 python bench/tune_tiles.py --preset tiny --device cpu --rows 2 --reps 1 \\
+    python bench/gpu/tune_tiles.py --preset base --out tiles.json --budget-s 300     # on the GPU
+    python bench/gpu/tune_tiles.py --merge kernels/tiles.json tiles.json --out kernels/tiles.json   # here, to commit
+    TRITON_INTERPRET=1 python bench/gpu/tune_tiles.py --preset tiny --device cpu --rows 2 --reps 1 \\
         --max-candidates 2 --out /tmp/tiles.json                                  # smoke (figures meaningless)
 
 The shapes are the engine's own: one sampling step of the fused-blocks reverse transformer (per batch in

@@ -19,7 +19,7 @@ DECODE_TARGETS_MS = {("bfloat16", 64): 40.0, ("bfloat16", 1): 8.0}
 
 
 def fused_block_lines(out: Path) -> list[str]:
-    """bench/fused_blocks.py's rows (blocks.json, and blocks_autotune.json for the max-autotune peer): each path's
+    """bench/gpu/fused_blocks.py's rows (blocks.json, and blocks_autotune.json for the max-autotune peer): each path's
     sampling loop beside issue 21's target, the engine's speed-up over the best torch.compile mode, float8
     weights' time against the fused blocks' in the same run; each decode path's time and tokens."""
     rows = [r for name in ("blocks.json", "blocks_autotune.json") if (out / name).exists()
@@ -60,7 +60,7 @@ def fused_block_lines(out: Path) -> list[str]:
 
 
 def tile_lines(out: Path) -> list[str]:
-    """bench/tune_tiles.py's table (tiles.json): how many shapes it tuned, and the bf16 sampling step's at batch
+    """bench/gpu/tune_tiles.py's table (tiles.json): how many shapes it tuned, and the bf16 sampling step's at batch
     64 (the headline's shapes) with the untuned rule's time beside the tuned one's."""
     if not (out / "tiles.json").exists():
         return []

@@ -1,7 +1,7 @@
 """Cross-attention against joint tokens (issue 18's A/B): the cost of a training step and of a guided sampling
 step for each way the reverse transformer reads a text condition, at the same sizes, in one run.
 
-    python bench/condition_attention.py --preset small --latent-tokens 4 --condition-tokens 37
+    python bench/quality/condition_attention.py --preset small --latent-tokens 4 --condition-tokens 37
 
 Training: one Adam step of the reverse transformer (forward reading the condition, MSE, backward, update) at
 the stage-2 batch (256 latent vectors: 64 texts of K = 4). Sampling: one guided step at --batch items (the

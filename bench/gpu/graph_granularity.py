@@ -1,6 +1,6 @@
 """Capture granularity of the graphed sampling loop: steps per CUDA graph against speed and graph memory.
 
-    python bench/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 --json granularity.json
+    python bench/gpu/graph_granularity.py --preset base --batch 64 --chunks 1 10 100 999 --json granularity.json
 
 For each chunk size, a FusedSampler captures `chunk` DDPM steps per graph (999 = the whole noisy part of
 the loop in one graph; chunk 100 replays nine graphs of 100 steps, one of 99 and the final step's); the

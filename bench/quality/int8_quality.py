@@ -1,9 +1,9 @@
 """What the int8 reverse transformer costs in text on E2E, against the fp32 graphs of the same export (issue 20).
 
-    python bench/int8_quality.py --workdir runs/e2e-cond --export cross_onnx [--compare OLD_EXPORT ...] \\
+    python bench/quality/int8_quality.py --workdir runs/e2e-cond --export cross_onnx [--compare OLD_EXPORT ...] \\
         --seeds 5 --output int8.json
 
-Every held-out MR (bench/e2e_conditional.py's split) is generated from once per seed by the export's fp32 graphs,
+Every held-out MR (bench/quality/e2e_conditional.py's split) is generated from once per seed by the export's fp32 graphs,
 with its int8 reverse transformer, its int8 decoder step, and both (and with each --compare export's int8
 reverse transformer, an older quantization recipe), with
 the checkpoint's sampler, guidance and beam decode. Per variant: MAUVE of all its outputs against the held-out

@@ -1,13 +1,13 @@
 """Story continuation on ROCStories: the first sentence as the source, the rest of the story as the text, against
 the same-size GPT-2 trained to continue the same first sentence (issue 18).
 
-    python bench/roc_conditional.py split --data ../shared/data/roc --workdir runs/roc-cond
+    python bench/quality/roc_conditional.py split --data ../shared/data/roc --workdir runs/roc-cond
     cd runs/roc-cond
     ldlm train --data train.jsonl --source-field source --out cond --preset small --max-text-tokens 80 --latent-tokens 1 \\
         --time-budget 0 --decoder-steps 1000 --diffusion-steps 1000 --decoding nucleus --top-p 0.95
     ldlm baseline train --data train.jsonl --source-field source --out lm --preset small --max-text-tokens 112 \\
         --time-budget 0 --steps 1300
-    python bench/roc_conditional.py eval --workdir . --model cond --baseline lm --guidance 1 2 3 --seeds 0 1
+    python bench/quality/roc_conditional.py eval --workdir . --model cond --baseline lm --guidance 1 2 3 --seeds 0 1
 
 Scoring follows `ldlm eval`'s protocol on the held-out stories (valid.txt): they are shuffled by the seed and
 halved; every row continues the first half's first sentences, and is scored against the second half's true

@@ -1,8 +1,8 @@
 """Train the reference pipeline on E2E and measure it: reconstruction, unconditional samples, variations.
 
-    python bench/e2e_quality.py split --data ../shared/data/e2e/train.jsonl --workdir runs/e2e
+    python bench/quality/e2e_quality.py split --data ../shared/data/e2e/train.jsonl --workdir runs/e2e
     ldlm train --data runs/e2e/train.txt --out runs/e2e/model --preset small --time-budget 2400
-    python bench/e2e_quality.py eval --workdir runs/e2e
+    python bench/quality/e2e_quality.py eval --workdir runs/e2e
 
 The held-out split takes whole meaning representations (MRs), as the data's README asks, so no held-out
 sentence describes a restaurant record seen in training. Nothing from the corpus is written into the project.

@@ -1,6 +1,6 @@
 """Bandwidth of the fused update kernel against a device-to-device copy (as in Triton's vector-add tutorial).
 
-    python bench/kernel_bandwidth.py --json kernel.json
+    python bench/gpu/kernel_bandwidth.py --json kernel.json
 
 The kernel reads x_t, x0_hat and noise and writes x_next: 4 * numel * itemsize bytes per call; DPM-Solver++(2M)'s
 variant also reads the previous x0_hat and writes this one into the history: 6 * numel * itemsize. A copy moves

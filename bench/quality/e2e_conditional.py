@@ -1,12 +1,12 @@
 """Conditional generation on E2E: meaning representation (MR) -> description, scored as the E2E challenge scores
 it, against the same-size GPT-2 trained as a conditional language model (issue 18).
 
-    python bench/e2e_quality.py split --data ../shared/data/e2e/train.jsonl --workdir runs/e2e-cond
+    python bench/quality/e2e_quality.py split --data ../shared/data/e2e/train.jsonl --workdir runs/e2e-cond
     cd runs/e2e-cond
     ldlm train --data train.jsonl --source-field mr --out cross --preset small --time-budget 0 \\
         --decoder-steps 1800 --diffusion-steps 3600
     ldlm baseline train --data train.jsonl --source-field mr --out lm --preset small --time-budget 0 --steps 1800
-    python bench/e2e_conditional.py --workdir . --model cross --baseline lm --guidance 0 1 2 3 5 --seeds 5
+    python bench/quality/e2e_conditional.py --workdir . --model cross --baseline lm --guidance 0 1 2 3 5 --seeds 5
 
 Every held-out MR (whole MRs: none was seen in training) is generated from once per seed. BLEU is corpus BLEU
 against all of the MR's held-out descriptions (multi-reference), ROUGE-L the E2E scripts' (best reference),

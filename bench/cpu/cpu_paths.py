@@ -1,8 +1,8 @@
 """Every CPU path of the `small` default side by side, in one run (issue 20): the eager reference, the compiled
 backend (torch.compile of the reference modules), ONNX Runtime fp32 and int8, and AOTInductor packages.
 
-    python bench/cpu_paths.py --workdir runs/cpu-paths [--threads 1 2] [--json table.json]
-    python bench/cpu_paths.py --workdir . --model CKPT --onnx CKPT_ONNX --aoti CKPT_AOTI   # a trained model's generate(1)
+    python bench/cpu/cpu_paths.py --workdir runs/cpu-paths [--threads 1 2] [--json table.json]
+    python bench/cpu/cpu_paths.py --workdir . --model CKPT --onnx CKPT_ONNX --aoti CKPT_AOTI   # a trained model's generate(1)
 
 The preset's random weights are saved once as a checkpoint and exported once to ONNX and AOTI (export and
 compile seconds reported), then `ldlm bench` runs in a fresh process per thread count and format, so thread

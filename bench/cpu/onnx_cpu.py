@@ -1,6 +1,6 @@
 """The onnx backend against the reference PyTorch path on the CPU, in one run: speed, parity, int8's cost.
 
-    python bench/onnx_cpu.py --checkpoint CKPT --export-dir EXPORT [--texts heldout.txt] --json out.json
+    python bench/cpu/onnx_cpu.py --checkpoint CKPT --export-dir EXPORT [--texts heldout.txt] --json out.json
 
 Exports CKPT to EXPORT first when EXPORT has no manifest. Measures, at each --batch-sizes:
   - the sampling loop (DDPM, --steps steps): reference vs onnx fp32 vs onnx with the int8 reverse transformer;

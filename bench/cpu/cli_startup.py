@@ -1,8 +1,8 @@
 """CLI and import start-up: the median of ten fresh processes each of `ldlm --help`, `ldlm generate --help`,
 a usage error, and `python -c "import ldlm"`, in wall time and CPU time (issue 19).
 
-    python bench/cli_startup.py                          # the installed ldlm
-    python bench/cli_startup.py --before /tmp/old        # and, interleaved in the same run, a copy of an older
+    python bench/cpu/cli_startup.py                          # the installed ldlm
+    python bench/cpu/cli_startup.py --before /tmp/old        # and, interleaved in the same run, a copy of an older
                                                          # ldlm package put first on PYTHONPATH
 
 The runs of the two alternate, so a busy machine slows both alike; CPU time (user + system of the child) is
