@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -35,6 +34,7 @@ from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
 from ldlm.model.schedule import NoiseSchedule, add_noise
 from ldlm.training.data import split_holdout
+from ldlm.training.encodings import EncodedCorpus
 from ldlm.training.out_folder import check_training_out, training_lock
 from ldlm.training.train_conditions import TrainingConditions
 from ldlm.training.train_state import load_optimizer, save_optimizer
@@ -230,6 +230,8 @@ class Trainer:
                                                                           ("diffusion", train_config.reverse_from)) if p}}
         c = self.components
         self.config = c.config
+        self.encodings = EncodedCorpus(c.encoder, self.train_texts, self.val_texts, state_dir=self.state_dir,
+                                       cache_dir=self.encoding_cache, progress=progress, log=log)
         self.state_dir.mkdir(parents=True, exist_ok=True)  # the log and resume state; encodings may live elsewhere
         for module in (c.encoder, c.decoder, c.reverse, self.ema):  # the latents and their statistics stay on the CPU
             if module is not None:
@@ -238,10 +240,10 @@ class Trainer:
             if train_config.decoder_noise > 0:
                 raise ValueError("decoder_noise needs latent_tokens = 1 (its scale is the latent std, which the "
                                  "resampler changes while it trains): drop --decoder-noise or --latent-tokens")
-            self.train_states, self.val_states = self._token_states()
+            self.train_states, self.val_states = self.encodings.token_states()
             self.train_latents, self.val_latents = self._resampled()
         else:
-            self.train_latents, self.val_latents = self._latents()
+            self.train_latents, self.val_latents = self.encodings.latents()
         if not resume and train_config.reverse_from is None:
             self._set_latent_stats()
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
@@ -249,7 +251,8 @@ class Trainer:
         if conditions is not None:
             # split_holdout's order depends on the length and the seed alone: the conditions split as the texts
             train_c, val_c = split_holdout(conditions, train_config.holdout_fraction, seed=train_config.seed)
-            self.conditions = TrainingConditions(self.config, {"train": train_c, "val": val_c}, self._source_states)
+            self.conditions = TrainingConditions(self.config, {"train": train_c, "val": val_c},
+                                                 self.encodings.source_states)
         self.train_ids = self._token_ids(self.train_texts)
         self.val_ids = self._token_ids(self.val_texts)
 
@@ -269,87 +272,6 @@ class Trainer:
             self.ema = copy.deepcopy(components.reverse)
             load_model(components.reverse, str(raw))
         return components, state
-
-    @functools.cached_property
-    def _encoder_identity(self) -> str:
-        """The frozen encoder's digest (its weights hashed once a run: they never change)."""
-        return self.components.encoder.frozen_identity()
-
-    def _encoding_key(self, kind: str, texts: dict[str, list[str]]) -> str:
-        """What decides an encoded corpus: the frozen encoder (weights, tokenizer, token limit), what is kept
-        (pooled latents or token states) and the texts of each split, in order. Not the steps, the seed's
-        other uses or the package version, so a run that changes only those reuses the encoding."""
-        digest = hashlib.sha256(f"{kind}\0{self._encoder_identity}\0".encode())
-        for split, values in texts.items():
-            digest.update(f"\0{split}:{len(values)}\0".encode())
-            for text in values:
-                digest.update(text.encode() + b"\n")
-        return digest.hexdigest()[:32]
-
-    def _cached_encoding(self, kind: str, encode, texts: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
-        """`encode()`'s tensors, from the cache when its key matches: training/{kind}.safetensors, or with a
-        shared `encoding_cache` folder (the demo's) {kind}-{key}.safetensors there, reused across runs.
-        `texts`: what was encoded, by split (default: the train and validation texts)."""
-        texts = texts or {"train": self.train_texts, "val": self.val_texts}
-        key = self._encoding_key(kind, texts)
-        cache = (self.encoding_cache / f"{kind}-{key}.safetensors" if self.encoding_cache
-                 else self.state_dir / f"{kind}.safetensors")
-        if cache.is_file():
-            stored = load_file(str(cache))
-            if "key" in stored and bytes(stored.pop("key").tolist()).decode() == key:
-                self.log(f"encoded corpus: reused {cache}")
-                return stored
-        start = time.perf_counter()
-        tensors = encode()
-        n = sum(map(len, texts.values()))
-        seconds = time.perf_counter() - start
-        self.log(f"encoded {n} texts ({kind.replace('_', ' ')}) in {seconds:.1f}s ({n / max(seconds, 1e-9):.0f}/s)")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".partial")  # a run killed while writing leaves no half file under the name
-        save_file({**tensors, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(partial))
-        partial.replace(cache)
-        return tensors
-
-    def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of the train and validation texts, encoded once and cached (see _cached_encoding)."""
-        encoder = self.components.encoder
-
-        def encode() -> dict[str, torch.Tensor]:
-            bar = "encoding" if self.progress else None
-            return {"train": encoder.encode(self.train_texts, progress=bar).cpu(),
-                    "val": encoder.encode(self.val_texts).cpu() if self.val_texts
-                    else torch.empty(0, encoder.latent_dim)}
-
-        stored = self._cached_encoding("latents", encode)
-        return stored["train"], stored["val"]
-
-    def _token_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The frozen encoder's token states of the train and validation texts (what the resampler reads), encoded
-        once and cached as one flat (tokens, D) tensor and the texts' lengths."""
-        encoder = self.components.encoder
-
-        def encode() -> dict[str, torch.Tensor]:
-            train = encoder.token_states(self.train_texts, progress="encoding" if self.progress else None)
-            val = encoder.token_states(self.val_texts)
-            empty = torch.empty(0, encoder.latent_dim)
-            return {"train": torch.cat(train) if train else empty, "val": torch.cat(val) if val else empty,
-                    "train_lengths": torch.tensor([len(s) for s in train], dtype=torch.long),
-                    "val_lengths": torch.tensor([len(s) for s in val], dtype=torch.long)}
-
-        stored = self._cached_encoding("token_states", encode)
-        return (list(stored["train"].split(stored["train_lengths"].tolist())),
-                list(stored["val"].split(stored["val_lengths"].tolist())))
-
-    def _source_states(self, sources: list[str]) -> list[torch.Tensor]:
-        """The token states (L_i, D) of each distinct source of a text-conditional model, encoded once."""
-        encoder = self.components.encoder
-
-        def encode() -> dict[str, torch.Tensor]:
-            states = encoder.token_states(sources, progress="encoding sources" if self.progress else None)
-            return {"states": torch.cat(states), "lengths": torch.tensor([len(s) for s in states], dtype=torch.long)}
-
-        stored = self._cached_encoding("source_states", encode, {"sources": sources})
-        return list(stored["states"].split(stored["lengths"].tolist()))
 
     def _resample(self, states: list[torch.Tensor]) -> torch.Tensor:
         """Token states [(L_i, D)] -> latent tokens (N, K, D) on the training device, through the resampler (with
