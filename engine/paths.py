@@ -9,6 +9,7 @@ renaming what is in it (as /tmp's does): what OpenSSH checks before it reads a k
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import stat
@@ -23,6 +24,15 @@ class UnsafePath(PermissionError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LDLM_CACHE", Path.home() / ".cache" / "ldlm"))
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _others_can_write(info: os.stat_result) -> bool:
@@ -82,13 +92,20 @@ def read_private_file(path: Path, *, what: str) -> bytes:
             os.close(fd)
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write `data` to a new file, mode 600, atomically (a reader sees no file or the whole of it)."""
+def write_private_file(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Write `data` to `path`, mode 600, atomically (a reader sees no file or the whole of it). replace=False:
+    only where no file is there yet (FileExistsError otherwise), so of two processes the first one wins."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the file exists: never replaces a key another process already uses
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def signing_key() -> bytes:
@@ -98,8 +115,8 @@ def signing_key() -> bytes:
     path = folder / "signing.key"
     if not path.exists():
         try:
-            write_private_file(path, os.urandom(KEY_BYTES))
-        except FileExistsError:  # another process is writing it at the same moment
+            write_private_file(path, os.urandom(KEY_BYTES), replace=False)
+        except FileExistsError:  # another process made it first: use that one
             pass
     key = read_private_file(path, what="ldlm's signing key")
     if len(key) != KEY_BYTES:

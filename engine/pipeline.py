@@ -39,6 +39,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+DECODE_BATCH = 64  # items decoded together (each with its beams)
+
 class Pipeline:
     """Latent diffusion for text. Lists in, results in input order; `progress=False` silences the bars."""
 
@@ -240,15 +242,14 @@ class Pipeline:
     # --- text ------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, num_beams: int = 4, max_new_tokens: int | None = None,
-               no_repeat_ngram_size: int = 3, batch_size: int = 64, top_p: float | None = None, seed: int = 0,
-               progress: bool = True) -> list[str]:
+               no_repeat_ngram_size: int = 3, batch_size: int = DECODE_BATCH, top_p: float | None = None,
+               seed: int = 0, progress: bool = True) -> list[str]:
         """Raw latents (N, *latent_shape) -> N texts, by beam search; with top_p, by nucleus sampling
         (ldlm.sampling.nucleus, seeded by `seed`) instead."""
         if tuple(latents.shape[1:]) != self.config.latent_shape:
             raise ValueError(f"latents must be (N, {', '.join(map(str, self.config.latent_shape))}), "
                              f"got {tuple(latents.shape)}")
         check_positive_int(batch_size, "batch_size")
-        BeamSearchConfig(num_beams=num_beams)  # checks it against its bound before any work
         if max_new_tokens is not None:
             check_positive_int(max_new_tokens, "max_new_tokens")
         check_seed(seed)
@@ -310,10 +311,10 @@ class Pipeline:
                                        batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
                                        progress=progress)
         generator = torch.Generator().manual_seed(seed)  # the decode's draws continue from batch to batch
-        # the decode's own batches (64) split each sampled batch as they split all of them (batch_size is a
-        # multiple of 64 by default), so nucleus draws match a single decode of everything
-        return (self._decode(batch, search, top_p=nucleus, generator=generator, batch_size=64, progress=progress,
-                             first_item=i * batch_size) for i, batch in enumerate(latents))
+        # the decode's own batches split each sampled batch as they split all of them (batch_size is a multiple
+        # of DECODE_BATCH by default), so nucleus draws match a single decode of everything
+        return (self._decode(batch, search, top_p=nucleus, generator=generator, batch_size=DECODE_BATCH,
+                             progress=progress, first_item=i * batch_size) for i, batch in enumerate(latents))
 
     def generate_from(self, sources: list[str] | None = None, *, labels: list[str] | None = None,
                       guidance: float | None = None, seed: int = 0, seeds: list[int] | None = None,

@@ -7,11 +7,11 @@ each listed in the manifest and verified against its hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from ldlm.model.model_files import ModelFileError, folder_files, inside
+from ldlm.paths import file_sha256 as sha256
 
 MANIFEST = "manifest.json"
 FORMATS = {"ldlm-onnx": "onnx", "ldlm-aoti": "aoti"}  # the manifest's "format" -> the graphs' format
@@ -23,14 +23,6 @@ SIGNATURE = "signature"  # this user's HMAC-SHA256 of the rest of the manifest (
 
 class ExportError(ModelFileError):
     """An export directory that cannot be used; the message names the file and what to do."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_files(directory: Path) -> dict[str, str]:

@@ -65,7 +65,7 @@ def _cpu_identity() -> str:
 def _compile(compiler: str, out: Path) -> None:
     """Build the library into `out`, for this CPU where the compiler can (-march=native), else portably, and
     record its sha256 beside it (mode 600): what a later process checks before it loads the file."""
-    from ldlm.paths import write_private_file
+    from ldlm.paths import file_sha256, write_private_file
 
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
@@ -75,7 +75,7 @@ def _compile(compiler: str, out: Path) -> None:
                                  capture_output=True, text=True)
             if run.returncode == 0:
                 os.chmod(built, 0o700)
-                digest = _sha256(built)
+                digest = file_sha256(built)
                 os.replace(built, out)  # atomic: a concurrent process loads either nothing or the whole file
                 write_private_file(_hash_file(out), digest.encode())
                 return
@@ -99,10 +99,6 @@ def library() -> ctypes.CDLL:
         return _library
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _hash_file(library_path: Path) -> Path:
     return library_path.with_name(library_path.name + ".sha256")
 
@@ -111,14 +107,14 @@ def _verified(path: Path) -> bool:
     """Whether a cached library may be loaded: it and its recorded hash are this user's alone (ldlm.paths'
     rule) and its bytes hash to the record. Anything else (a planted file, another user's, a changed one) is
     rebuilt."""
-    from ldlm.paths import check_private, read_private_file
+    from ldlm.paths import check_private, file_sha256, read_private_file
 
     try:
         check_private(path, what="the cached native library")
         recorded = read_private_file(_hash_file(path), what="the native library's recorded hash").decode()
     except (OSError, UnicodeDecodeError):  # UnsafePath, a missing record
         return False
-    return recorded == _sha256(path)
+    return recorded == file_sha256(path)
 
 
 def _private_folder() -> tuple[Path, str]:
@@ -182,8 +178,8 @@ def load_note() -> str:
 
 
 class BeamUpdate:
-    """The beam search's state for B items of K beams and T tokens, as ldlm.sampling.beam_search holds it, updated by the
-    C kernel one token at a time: `update(logits, cur)` is one iteration of that loop's bookkeeping."""
+    """The beam search's state for B items of K beams and T tokens, as ldlm.sampling.beam_search holds it, updated
+    by the C kernel one token at a time: `update(logits, cur)` is one iteration of that loop's bookkeeping."""
 
     def __init__(self, B: int, K: int, T: int, V: int, *, eos: int, pad: int, no_repeat_ngram_size: int,
                  length_penalty: float = 1.0, early_stopping: bool = True):

@@ -90,23 +90,27 @@ def test_inductor_cache_is_private(tmp_path, monkeypatch):
         private_inductor_cache()
 
 
-def test_precompiled_headers_only_from_a_private_folder(tmp_path, monkeypatch):
+def test_precompiled_headers_only_from_a_private_folder(tmp_path):
     """Inductor reads its precompiled headers from torch's default /tmp folder whatever the cache says: a folder
     others can write turns them off; a private one keeps them."""
     import torch._inductor.config as inductor_config
 
     from ldlm.paths import _private_precompiled_headers
 
-    monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", True)
-    monkeypatch.setattr(inductor_config.aot_inductor, "precompile_headers", True)
-    assert _private_precompiled_headers(tmp_path / "mine" / "precompiled_headers") == ""
-    assert inductor_config.cpp_cache_precompile_headers and inductor_config.aot_inductor.precompile_headers
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    note = _private_precompiled_headers(shared / "precompiled_headers")
-    assert "precompiled headers off" in note and "writable by other users" in note
-    assert not inductor_config.cpp_cache_precompile_headers and not inductor_config.aot_inductor.precompile_headers
+    # torch's config objects are restored by hand: monkeypatch's undo leaves them without the attribute
+    saved = inductor_config.cpp_cache_precompile_headers, inductor_config.aot_inductor.precompile_headers
+    try:
+        inductor_config.cpp_cache_precompile_headers = inductor_config.aot_inductor.precompile_headers = True
+        assert _private_precompiled_headers(tmp_path / "mine" / "precompiled_headers") == ""
+        assert inductor_config.cpp_cache_precompile_headers and inductor_config.aot_inductor.precompile_headers
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        note = _private_precompiled_headers(shared / "precompiled_headers")
+        assert "precompiled headers off" in note and "writable by other users" in note
+        assert not inductor_config.cpp_cache_precompile_headers and not inductor_config.aot_inductor.precompile_headers
+    finally:
+        inductor_config.cpp_cache_precompile_headers, inductor_config.aot_inductor.precompile_headers = saved
 
 
 def _load_native(cache: Path, marker: Path) -> dict:

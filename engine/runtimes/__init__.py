@@ -1,1 +1,2 @@
-"""Which implementation runs a pipeline (backends), and the runtimes of exported graphs: ONNX Runtime and AOTInductor packages."""
+"""Which implementation runs a pipeline (backends), and the runtimes of exported graphs: ONNX Runtime and AOTInductor
+packages."""

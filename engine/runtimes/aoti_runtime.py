@@ -8,8 +8,8 @@ unchanged (ldlm.runtimes.onnx_runtime.load_export_components).
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -74,13 +74,14 @@ def native_code_consent(manifest: dict, directory: Path, trust_native_code: bool
 
 
 def _private_copy(path: Path, expected_sha256: str, folder: Path) -> Path:
-    """A copy of `path` in a folder only this process's user can write, checked against the manifest's hash:
-    what is loaded is what was verified, whoever can write the export's folder."""
-    from ldlm.export.manifest import sha256
-
-    copy = folder / path.name
-    shutil.copyfile(path, copy)
-    if sha256(copy) != expected_sha256:
+    """A copy of `path` in a folder only this process's user can write, hashed as it is written and checked
+    against the manifest's hash: what is loaded is what was verified, whoever can write the export's folder."""
+    copy, digest = folder / path.name, hashlib.sha256()
+    with path.open("rb") as source, copy.open("wb") as target:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            digest.update(chunk)
+            target.write(chunk)
+    if digest.hexdigest() != expected_sha256:
         raise ValueError(f"{path} changed while it was being loaded (its hash no longer matches manifest.json); "
                          "load it again, from a folder no one else writes")
     return copy
@@ -93,9 +94,7 @@ class AotiGraph(GraphShapes):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the export is incomplete; re-run `ldlm export --format aoti`")
         with tempfile.TemporaryDirectory(prefix="ldlm-aoti-") as private:  # mode 700
-            copy = _private_copy(path, sha256, Path(private))
-            self.runner = self._load(path, copy)
-            io = json.loads(self.runner.get_metadata()[IO_METADATA])
+            self.runner, io = self._load(path, _private_copy(path, sha256, Path(private)))
         self.path = path
         self.input_names = [i["name"] for i in io["inputs"]]
         self.output_names = [o["name"] for o in io["outputs"]]
@@ -108,11 +107,11 @@ class AotiGraph(GraphShapes):
         self.shapes = {v["name"]: v["shape"] for v in (*io["inputs"], *io["outputs"])}
 
     @staticmethod
-    def _load(path: Path, copy: Path):
+    def _load(path: Path, copy: Path) -> tuple[object, dict]:
+        """The package's runner and the inputs and outputs its metadata lists."""
         try:
             runner = torch._inductor.aoti_load_package(str(copy))
-            runner.get_metadata()[IO_METADATA]
-            return runner
+            return runner, json.loads(runner.get_metadata()[IO_METADATA])
         except Exception as e:  # the loader raises RuntimeError, zipfile's errors, KeyError for foreign packages
             raise ValueError(f"{path} could not be loaded as an ldlm AOTInductor package ({type(e).__name__}: {e}): "
                              "it is corrupt or not written by `ldlm export --format aoti`; re-run it") from e
