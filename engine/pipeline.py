@@ -284,6 +284,43 @@ class Pipeline:
                 texts.append(self.decoder.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
 
+    def decoding_settings(self, decoding: str | None, top_p: float | None,
+                          num_beams: int) -> tuple[BeamSearchConfig, float | None]:
+        """(the beam search's settings, the nucleus' top_p or None for beam search) of generate's decoding
+        arguments: decoding "beam" or "nucleus"; None: the checkpoint's default (ModelConfig.decoding), or nucleus
+        when top_p is given."""
+        search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=self.config.max_text_tokens)
+        decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
+        if decoding not in ("beam", "nucleus"):
+            raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
+        return search, (top_p if top_p is not None else self.config.top_p) if decoding == "nucleus" else None
+
+    def step_reverse(self):
+        """The reverse transformer as one sampling step calls it on this backend, (x_t, t[, x0_prev][, condition=])
+        -> x0_hat, for loops that step rows at timesteps of their own (ldlm.serving): the compiled module on
+        `compiled`, the export's graph on onnx and aoti, the module in the engine's dtype on the engine backends
+        (whose fused loop steps a whole batch through one shared step table), else the reference module."""
+        if self.backend == "compiled":
+            return self._compiled_reverse()
+        if self.backend in ENGINE_BACKENDS:
+            return self._engine_reverse
+        return self.reverse
+
+    def slot_decoder(self):
+        """A decoder for the beam search whose items join and leave between tokens (ldlm.fast.slot_decode), or None
+        where this backend decodes batch by batch only: the reference decoder on `reference`, the export's graphs
+        on onnx and aoti. The static-KV search of the compiled and engine backends keeps one batch to the end
+        (its shapes fixed for compiled graphs and CUDA graphs)."""
+        if self.backend == "reference":
+            from ldlm.fast.slot_decode import TorchSlotDecoder
+
+            return TorchSlotDecoder(self.decoder)
+        if self.backend in EXPORT_BACKENDS:
+            from ldlm.runtimes.onnx_parts import OnnxSlotDecoder
+
+            return OnnxSlotDecoder(self.decoder)
+        return None
+
     def generate(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
                  eta: float = 0.0, num_beams: int = 4, decoding: str | None = None, top_p: float | None = None,
                  batch_size: int = 256, progress: bool = True) -> list[str]:
@@ -302,11 +339,7 @@ class Pipeline:
         """generate(n, ...), or with sources / labels generate_from(...), a batch of `batch_size` texts at a
         time: the same texts in the same order, holding one batch, for counts too large to keep (`ldlm generate`
         prints each batch as it ends). Everything is checked before the first batch runs."""
-        search = BeamSearchConfig(num_beams=num_beams, max_new_tokens=self.config.max_text_tokens)
-        decoding = decoding or ("nucleus" if top_p is not None else self.config.decoding)
-        if decoding not in ("beam", "nucleus"):
-            raise ValueError(f"decoding must be 'beam' or 'nucleus', got {decoding!r}")
-        nucleus = (top_p if top_p is not None else self.config.top_p) if decoding == "nucleus" else None
+        search, nucleus = self.decoding_settings(decoding, top_p, num_beams)
         latents = self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
                                        batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
                                        progress=progress)

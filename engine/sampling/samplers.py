@@ -144,8 +144,8 @@ def sample_ddpm(
 
     Runs every timestep from `start_t` (default T-1) down to 0; `steps`, if given, must equal that count.
     """
-    first = check_ddpm_steps(schedule.num_timesteps, steps, start_t)
-    for step, t in enumerate(tqdm(range(first, -1, -1), desc="ddpm", disable=disable, leave=False)):
+    for step, t in enumerate(tqdm(sampler_timesteps("ddpm", schedule.num_timesteps, steps, start_t), desc="ddpm",
+                                  disable=disable, leave=False)):
         x0_hat = denoise(x, _time(t, x))
         noise = _randn_like(x, generator) if t > 0 else None
         x = ddpm_step(schedule, x0_hat, x, t, noise)
@@ -169,9 +169,7 @@ def sample_ddim(
 
     With start_t, the grid runs from start_t down to 0 (for partial noising, as in `vary`).
     """
-    first = schedule.num_timesteps - 1 if start_t is None else start_t
-    steps = min(steps or DEFAULT_STEPS["ddim"], first + 1)
-    timesteps = ddim_timesteps(first + 1, steps)
+    timesteps = sampler_timesteps("ddim", schedule.num_timesteps, steps, start_t)
     for step, t in enumerate(tqdm(timesteps, desc="ddim", disable=disable, leave=False)):
         t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
         x0_hat = denoise(x, _time(t, x))
@@ -205,27 +203,41 @@ def sample_dpmpp_2m(
     step is first order (it has no previous estimate) and so is the last, to the data (sigma = 0), as in the
     paper's implementation; both equal DDIM's. Deterministic: `generator` is unused.
     """
-    first = schedule.num_timesteps - 1 if start_t is None else start_t
-    steps = min(steps or DEFAULT_STEPS["dpm++2m"], first + 1)
-    timesteps = ddim_timesteps(first + 1, steps)
+    timesteps = sampler_timesteps("dpm++2m", schedule.num_timesteps, steps, start_t)
     x0_prev, h_prev = None, None
     for step, t in enumerate(tqdm(timesteps, desc="dpm++2m", disable=disable, leave=False)):
         t_next = timesteps[step + 1] if step + 1 < len(timesteps) else -1
         x0_hat = denoise(x, _time(t, x))
-        if t_next < 0:  # to the data (sigma = 0): x = x0_hat
-            x, h = x0_hat, None
-        else:
-            (_, sigma, lam), (alpha_next, sigma_next, lam_next) = log_snr(schedule, t), log_snr(schedule, t_next)
-            h = lam_next - lam  # the step in log signal-to-noise ratio, > 0
-            if x0_prev is None:
-                direction = x0_hat
-            else:
-                r = h_prev / h
-                direction = (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
-            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * direction
+        x, h = dpmpp_2m_step(schedule, x0_hat, x, t, t_next, x0_prev, h_prev)
         x0_prev, h_prev = x0_hat, h
         check_finite(x, step, t)
     return x
+
+
+def dpmpp_2m_step(schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int,
+                  x0_prev: torch.Tensor | None, h_prev: float | None) -> tuple[torch.Tensor, float | None]:
+    """One DPM-Solver++(2M) step x_t -> x_{t_next} from this step's x0 estimate and the previous step's
+    (x0_prev, and h_prev, the previous step in log-SNR; None at the first step, which is first order).
+    Returns (x_{t_next}, h): t_next = -1 is the last step, to the data (returns x0_hat, h None)."""
+    if t_next < 0:  # to the data (sigma = 0): x = x0_hat
+        return x0_hat, None
+    (_, sigma, lam), (alpha_next, sigma_next, lam_next) = log_snr(schedule, t), log_snr(schedule, t_next)
+    h = lam_next - lam  # the step in log signal-to-noise ratio, > 0
+    if x0_prev is None:
+        direction = x0_hat
+    else:
+        r = h_prev / h
+        direction = (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
+    return (sigma_next / sigma) * x_t - alpha_next * math.expm1(-h) * direction, h
+
+
+def sampler_timesteps(sampler: str, num_timesteps: int, steps: int | None, start_t: int | None) -> list[int]:
+    """The timesteps a sampler visits, from start_t (default T-1) down to 0: every one for DDPM (where `steps`,
+    if given, must be their count), else `steps` evenly spaced ones (None: DEFAULT_STEPS)."""
+    if sampler == "ddpm":
+        return list(range(check_ddpm_steps(num_timesteps, steps, start_t), -1, -1))
+    first = num_timesteps - 1 if start_t is None else start_t
+    return ddim_timesteps(first + 1, min(steps or DEFAULT_STEPS[sampler], first + 1))
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}
