@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ldlm.fast.native_beam_search import native_beam_search
+from ldlm.fast.slot_decode import SlotKV
 from ldlm.kernels.native import MAX_BEAMS, RowGather, load_note, unavailable_reason
 from ldlm.model.config import ModelConfig
 from ldlm.model.encoder import collect_token_states, encode_texts
@@ -235,6 +236,46 @@ class OnnxDecoder:
         step.run()
         cache.append(step.new_kv)
         return step.logits, cache
+
+
+class OnnxSlotDecoder:
+    """An OnnxDecoder's graphs over a SlotKV, for ldlm.fast.slot_decode's continuous decode: the prefill graph
+    once per item, the step graph over every row with each row's own position and mask (inputs the graph
+    already takes). The beam bookkeeping is torch's (the C kernel keeps one token counter per batch)."""
+
+    def __init__(self, decoder: OnnxDecoder):
+        s = decoder.spec
+        self.decoder, self.spec = decoder, s
+        self.native = decoder.native  # the bookkeeping in C too (ldlm.fast.slot_decode.NativeBeams)
+        self.kv = SlotKV(s["n_layer"], s["n_head"], s["head_dim"], decoder.cache_dtype, decoder.device,
+                         gather=RowGather() if decoder.native else None)
+
+    def add(self, latents: torch.Tensor, repeats: int) -> torch.Tensor:
+        B, s = latents.shape[0], self.spec
+        logits = torch.empty(B, s["vocab_size"], device=self.decoder.device)
+        present = torch.empty(s["n_layer"], 2, B, s["n_head"], self.decoder.config.n_prefix, s["head_dim"],
+                              device=self.decoder.device)
+        self.decoder.prefill_graph.run({"latent": latents.float()}, {"logits": logits, "present": present})
+        self.kv.add_rows(present.to(self.kv.keys.dtype), repeats)
+        return logits.repeat_interleave(repeats, dim=0)
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kv, s = self.kv, self.spec
+        kv.make_room()
+        R = kv.rows
+        logits = torch.empty(R, s["vocab_size"], device=self.decoder.device)
+        new_kv = torch.empty(s["n_layer"], 2, R, s["n_head"], s["head_dim"], dtype=kv.keys.dtype,
+                             device=self.decoder.device)
+        inputs = {"input_ids": input_ids.long()[:, None], "position_ids": positions.long()[:, None],
+                  "past_mask": kv.mask}
+        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+            inputs[f"past_key_{layer}"], inputs[f"past_value_{layer}"] = k, v
+        self.decoder.step_graph.run(inputs, {"logits": logits, "new_kv": new_kv})
+        kv.write(new_kv)
+        return logits
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.kv.select_rows(index)
 
 
 @dataclass
