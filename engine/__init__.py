@@ -12,15 +12,19 @@ __version__ = "0.1.0"
 
 from ldlm.model.config import PRESETS, ModelConfig  # noqa: E402  (no torch)
 
-__all__ = ["ModelConfig", "OnnxOptions", "PRESETS", "Pipeline", "load", "__version__"]
+__all__ = ["AsyncEngine", "ModelConfig", "OnnxOptions", "PRESETS", "Pipeline", "load", "__version__"]
 
 
 def __getattr__(name: str):
-    """ldlm.Pipeline, ldlm.load and ldlm.OnnxOptions, imported on first use (PEP 562)."""
+    """ldlm.Pipeline, ldlm.load, ldlm.AsyncEngine and ldlm.OnnxOptions, imported on first use (PEP 562)."""
     if name in ("Pipeline", "load"):
         from ldlm import pipeline
 
         return getattr(pipeline, name)
+    if name == "AsyncEngine":
+        from ldlm.serving import AsyncEngine
+
+        return AsyncEngine
     if name == "OnnxOptions":
         from ldlm.runtimes.onnx_session import OnnxOptions
 

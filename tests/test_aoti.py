@@ -22,6 +22,7 @@ from ldlm.runtimes.backends import BackendUnavailable
 from ldlm.runtimes.onnx_session import OnnxOptions
 
 from .conftest import TINY_TEXTS, assert_threads_get_their_own_results
+from .test_serving import captured_latents  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(compiler_missing() is not None, reason="AOTInductor needs a C++ compiler")
 
@@ -175,3 +176,18 @@ def test_native_code_loads_only_when_this_user_exported_it_or_by_consent(package
     with pytest.raises(ValueError, match="native code"):
         ldlm.load(packaged)
     assert not opened
+
+
+def test_engine_requests_on_aoti_graphs_get_the_lone_calls_results(packaged, captured_latents):
+    from ldlm.serving import AsyncEngine
+
+    from .test_serving import assert_lone_results, staggered
+
+    pipe = ldlm.load(packaged)
+    requests = [("generate", {"seed": s, "sampler": "dpm++2m", "steps": steps}) for s, steps in
+                [(1, 12), (2, 7), (3, 12)]] + [("vary", {"seed": 4, "text": TINY_TEXTS[2], "strength": 0.3,
+                                                  "sampler": "ddim", "steps": 6})]
+    with AsyncEngine(pipe) as engine:
+        assert engine.decode == "continuous"  # the graphs take each row's position and mask
+        texts = staggered(engine, requests, every=2)
+    assert_lone_results(pipe, requests, texts, captured_latents)

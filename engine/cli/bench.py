@@ -35,6 +35,22 @@ def add_parsers(sub) -> None:
     p.add_argument("--num-beams", type=int, default=4, help="beams of the decode (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="decode length bound (default 64)")
     add_trust_flag(p)
+    load = p.add_argument_group("load test (--load): many callers against one loaded pipeline, served by "
+                                "ldlm.AsyncEngine beside today's ways (ldlm.serving.load)")
+    load.add_argument("--load", action="store_true",
+                      help="run the load test instead of the latency table (a checkpoint or export, its backend)")
+    load.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 8, 32, 64],
+                      help="closed-loop callers per level (default 1 2 8 32 64)")
+    load.add_argument("--rates", type=float, nargs="*", default=[],
+                      help="open-loop Poisson arrival rates, requests/s (default none)")
+    load.add_argument("--requests", type=int, default=0,
+                      help="requests per level (default 0: max(16, 3 x callers); 32 per open-loop rate)")
+    load.add_argument("--ways", nargs="+", default=["engine", "threads", "serial"],
+                      help="engine, threads (pipe.generate from each caller's thread), serial (one call at a time)")
+    load.add_argument("--sources", metavar="FILE",
+                      help="a conditional model's sources, one per line (requests cycle through them)")
+    load.add_argument("--guidance", type=float, default=None, help="a conditional model's guidance (default: its own)")
+    load.add_argument("--max-rows", type=int, default=64, help="the engine's forward rows per iteration (default 64)")
     p.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw latency against batch size per backend into FILE (png)")
 
@@ -57,6 +73,8 @@ def cmd_bench(args) -> None:
 
     if (args.checkpoint is None) == (args.preset is None):
         raise ValueError("give a checkpoint directory or --preset NAME (not both)")
+    if args.load:
+        return bench_load(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install 'ldlm[bench]' (or drop --plot)")
     sampler = args.sampler or ("ddpm" if args.preset else None)  # a preset's random weights: the design's DDPM
@@ -112,6 +130,46 @@ def cmd_bench(args) -> None:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str))
     if args.plot:
         plot(rows, args.plot)
+
+
+def bench_load(args) -> None:
+    """`ldlm bench CHECKPOINT --load`: the load test on the checkpoint's (or export's) first --backends entry."""
+    import torch
+
+    from ldlm.inputs import read_user_file
+    from ldlm.pipeline import load
+    from ldlm.runtimes.onnx_session import OnnxOptions
+    from ldlm.serving.load import LoadSettings, LoadTest, format_results, identical_share, results_json
+
+    if args.checkpoint is None:
+        raise ValueError("--load runs a trained model: give a checkpoint or export directory (a preset's random "
+                         "weights decode to the length bound, which no user sees)")
+    if len(args.backends) != 1:
+        raise ValueError("--load runs one backend: give one --backends entry")
+    sources = ()
+    if args.sources:
+        sources = tuple(line.strip() for line in read_user_file(args.sources, "--sources", "a text file").decode(
+            "utf-8").splitlines() if line.strip())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = OnnxOptions(intra_op_threads=args.threads, int8_reverse=args.int8, int8_decoder=args.int8)
+    pipe = load(args.checkpoint, device=args.device, backend=args.backends[0], onnx_options=options,
+                trust_native_code=args.trust_native_code)
+    settings = LoadSettings(concurrency=tuple(args.concurrency), rates=tuple(args.rates), requests=args.requests,
+                            sampler=args.sampler or "dpm++2m", steps=args.steps or 20, num_beams=args.num_beams,
+                            guidance=args.guidance, sources=sources, ways=tuple(args.ways), max_rows=args.max_rows)
+    print(f"load test of {args.checkpoint} on {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
+    test = LoadTest(pipe, settings, progress=not args.no_progress)
+    results = test.run()
+    print(format_results(results))
+    parity = {}
+    if "engine" in settings.ways:
+        same, compared = identical_share(test)
+        parity = {"identical": same, "compared": compared}
+        print(f"engine texts identical to their lone Pipeline call: {same} of {compared} compared")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "backend": pipe.backend, "parity": parity,
+                                               "results": results_json(results)}, indent=2, default=str))
 
 
 # the command each parser of this group runs

@@ -1,0 +1,163 @@
+"""Step-level batching of the sampling loop: requests at different steps, with different samplers, step counts,
+conditions and guidance, share one reverse-transformer forward per iteration.
+
+Each request is a SamplingRow: its latent, its place on its own timestep grid, its sampler's state (DPM-Solver++'s
+previous x0 estimate, the self-conditioning estimate) and its own noise generator, seeded as a lone call seeds
+its one (a Pipeline call for one item draws x_T, then each noisy step's noise, from torch.Generator(seed)). The
+update after the forward is the reference samplers' own step function (ldlm.sampling.samplers), applied to the
+rows that share a step (same sampler, timesteps and coefficients) at once: elementwise arithmetic, so a row's
+result does not depend on the rows beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ldlm.inputs import nonfinite_items
+from ldlm.model.reverse import Condition
+from ldlm.model.schedule import NoiseSchedule, ddim_step, ddpm_step
+from ldlm.sampling.samplers import check_finite, dpmpp_2m_step, sampler_timesteps
+from ldlm.serving.requests import Request
+
+
+@dataclass
+class SamplingRow:
+    """One request in the sampling loop. x: (1, *latent_shape) float32; condition: its Condition (1, L, d_model),
+    or None for the null condition (an unconditional request, or guidance 0)."""
+
+    request: Request
+    x: torch.Tensor
+    generator: torch.Generator
+    condition: Condition | None
+    timesteps: list[int]
+    step: int = 0
+    x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the previous step's x0 estimate, and its log-SNR step
+    h_prev: float | None = None
+    previous: torch.Tensor | None = field(default=None)  # self-conditioning: the last (guided) x0 estimate
+
+    @property
+    def t(self) -> int:
+        return self.timesteps[self.step]
+
+    @property
+    def t_next(self) -> int:
+        return self.timesteps[self.step + 1] if self.step + 1 < len(self.timesteps) else -1
+
+    @property
+    def forward_rows(self) -> int:
+        """Rows this request takes in each forward: a guided request reads its condition and the null one."""
+        return 2 if self.guided else 1
+
+    @property
+    def guided(self) -> bool:
+        return self.condition is not None and self.request.guided
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+    def step_key(self) -> tuple:
+        """Rows with equal keys take the same step function with the same coefficients."""
+        r = self.request
+        if r.sampler == "dpm++2m":
+            return (r.sampler, self.t, self.t_next, self.h_prev, self.x0_prev is None)
+        return (r.sampler, self.t, self.t_next, r.eta)
+
+    def noise_needed(self) -> bool:
+        r = self.request
+        if r.sampler == "ddpm":
+            return self.t > 0
+        return r.sampler == "ddim" and r.eta > 0 and self.t_next >= 0
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without the copy for one part (a lone request pays no more per step than a Pipeline call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def start_row(request: Request, x: torch.Tensor, generator: torch.Generator, condition: Condition | None,
+              num_timesteps: int) -> SamplingRow:
+    """A request's row from its starting latent x (1, *latent_shape), drawn from `generator` as a lone call draws
+    it; `condition` as the request reads it (None when it reads the null condition)."""
+    if request.guidance == 0:
+        condition = None
+    timesteps = sampler_timesteps(request.sampler, num_timesteps, request.steps, request.start_t)
+    return SamplingRow(request, x, generator, condition, timesteps)
+
+
+def forward_inputs(rows: list[SamplingRow], null: Condition | None, self_condition: bool):
+    """The one forward's inputs for `rows`: x_t (R, ...), t (R,) float32, x0_prev (R, ...) or None, the
+    Condition (R, L, d_model) or None (an unconditional model: `null` is None). A guided row's conditional
+    input comes first, then its null one."""
+    xs, ts, prevs, conditions = [], [], [], []
+    for row in rows:
+        for condition in ([row.condition, None] if row.guided else [row.condition]):
+            xs.append(row.x)
+            ts.append(float(row.t))
+            if self_condition:
+                prevs.append(torch.zeros_like(row.x) if row.previous is None else row.previous)
+            if null is not None:
+                conditions.append(null if condition is None else condition)
+    x = _stack(xs)
+    t = torch.tensor(ts, dtype=torch.float32, device=x.device)
+    condition = (conditions[0] if len(conditions) == 1 else Condition.cat(conditions)) if conditions else None
+    return x, t, _stack(prevs) if self_condition else None, condition
+
+
+def guided_estimates(rows: list[SamplingRow], out: torch.Tensor) -> list[torch.Tensor]:
+    """The forward's output (R, ...) -> each row's x0 estimate (1, ...), guided rows combined as
+    ldlm.sampling.guidance does: x0_null + w * (x0_cond - x0_null)."""
+    estimates, i = [], 0
+    for row in rows:
+        if row.guided:
+            x0_cond, x0_null = out[i : i + 1], out[i + 1 : i + 2]
+            estimates.append(x0_null + row.request.guidance * (x0_cond - x0_null))
+            i += 2
+        else:
+            estimates.append(out[i : i + 1])
+            i += 1
+    return estimates
+
+
+def advance(rows: list[SamplingRow], estimates: list[torch.Tensor], schedule: NoiseSchedule,
+            self_condition: bool) -> dict[int, Exception]:
+    """Each row one step on from its x0 estimate, rows of a step key together. Returns the rows (by index in
+    `rows`) whose latent became non-finite, each with the error naming the step: they fail alone."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.step_key(), []).append(i)
+    failed = {}
+    for members in groups.values():
+        first = rows[members[0]]
+        x = _stack([rows[i].x for i in members])
+        x0_hat = _stack([estimates[i] for i in members])
+        noise = None
+        if first.noise_needed():  # each row's own draw, of a lone call's shape (1, ...)
+            noise = _stack([torch.randn(rows[i].x.shape, generator=rows[i].generator, device=x.device,
+                                        dtype=x.dtype) for i in members])
+        sampler, t, t_next = first.request.sampler, first.t, first.t_next
+        h = None
+        if sampler == "ddpm":
+            x = ddpm_step(schedule, x0_hat, x, t, noise)
+        elif sampler == "ddim":
+            x = ddim_step(schedule, x0_hat, x, t, t_next, first.request.eta, noise)
+        else:
+            x0_prev = None if first.x0_prev is None else _stack([rows[i].x0_prev for i in members])
+            x, h = dpmpp_2m_step(schedule, x0_hat, x, t, t_next, x0_prev, first.h_prev)
+        bad = set(nonfinite_items(x))
+        for j, i in enumerate(members):
+            row = rows[i]
+            if j in bad:
+                try:
+                    check_finite(x[j : j + 1], row.step, row.t)
+                except FloatingPointError as e:
+                    failed[i] = FloatingPointError(str(e).replace("in batch items [0]", "in this request"))
+                continue
+            row.x = x if len(members) == 1 else x[j : j + 1]
+            row.x0_prev, row.h_prev = estimates[i], h
+            if self_condition:
+                row.previous = estimates[i]
+            row.step += 1
+    return failed
