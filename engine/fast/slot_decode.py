@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ldlm.model.decoder import LatentDecoder
-from ldlm.sampling.beam_search import NEG_INF, BeamSearchConfig, _gather_beams, best_hypotheses
+from ldlm.sampling.beam_search import Beams, BeamSearchConfig, best_hypotheses, update_beams
 
 
 class SlotDecoder(Protocol):
@@ -204,27 +204,15 @@ def ban_repeated_ngrams_per_row(log_probs: torch.Tensor, tokens: torch.Tensor, c
 
 
 @dataclass
-class SlotState:
+class SlotState(Beams):
     """The beams of S slots (K beams, T tokens each), as ldlm.sampling.beam_search keeps them, with a token
     counter per slot."""
 
-    running: torch.Tensor  # (S, K, T) live beams' tokens
-    running_scores: torch.Tensor  # (S, K)
-    finished: torch.Tensor  # (S, K, T)
-    finished_scores: torch.Tensor  # (S, K)
-    is_finished: torch.Tensor  # (S, K) bool
-    improvable: torch.Tensor  # (S, 1) bool
     cur: torch.Tensor  # (S,) long: the index of the token each slot chooses next
 
     @classmethod
     def fresh(cls, slots: int, K: int, T: int, pad: int, device: torch.device) -> SlotState:
-        running = torch.full((slots, K, T), pad, dtype=torch.long, device=device)
-        scores = torch.zeros(slots, K, device=device)
-        scores[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
-        return cls(running, scores, running.clone(), torch.full((slots, K), NEG_INF, device=device),
-                   torch.zeros(slots, K, dtype=torch.bool, device=device),
-                   torch.ones(slots, 1, dtype=torch.bool, device=device),
-                   torch.zeros(slots, dtype=torch.long, device=device))
+        return cls(*Beams.fresh_tensors(slots, K, T, pad, device), torch.zeros(slots, dtype=torch.long, device=device))
 
     def rows(self, index: torch.Tensor) -> SlotState:
         return SlotState(*(getattr(self, f.name)[index] for f in fields(self)))
@@ -241,44 +229,18 @@ def select(state: SlotState, logits: torch.Tensor, config: BeamSearchConfig,
     are done: where the reference search for that item alone would stop)."""
     S, K, T = state.running.shape
     V = logits.shape[-1]
-    cur = state.cur  # (S,)
     log_probs = F.log_softmax(logits.float(), dim=-1)  # (S*K, V)
-    log_probs = ban_repeated_ngrams_per_row(log_probs, state.running.view(S * K, T), cur.repeat_interleave(K),
+    log_probs = ban_repeated_ngrams_per_row(log_probs, state.running.view(S * K, T), state.cur.repeat_interleave(K),
                                             config.no_repeat_ngram_size)
     scores = (log_probs.view(S, K, V) + state.running_scores[:, :, None]).view(S, K * V)
     cand_scores, cand_index = scores.topk(2 * K, dim=1)  # (S, 2K)
-    cand_beam, cand_token = cand_index // V, cand_index % V
-    candidates = _gather_beams(state.running, cand_beam)  # (S, 2K, T)
-    candidates.scatter_(2, cur.view(S, 1, 1).expand(S, 2 * K, 1), cand_token[:, :, None])
-    ended = (cand_token == eos) | (cur[:, None] + 1 >= T)  # (S, 2K)
-
-    live_scores = cand_scores + ended.float() * NEG_INF
-    keep = live_scores.topk(K, dim=1).indices  # (S, K)
-    running = _gather_beams(candidates, keep)
-    running_scores = _gather_beams(live_scores, keep)
-    source_beam = _gather_beams(cand_beam, keep)  # (S, K)
-
-    length = ((cur + 1).float() ** config.length_penalty)[:, None]  # (S, 1)
-    new_scores = cand_scores / length
+    new, source_beam, ended = update_beams(state, cand_scores, cand_index, state.cur, vocab=V, eos=eos,
+                                           config=config)
+    done = ~new.improvable[:, 0] | ended.all(dim=1)
     if config.early_stopping:
-        new_scores = new_scores + state.is_finished.all(dim=1, keepdim=True).float() * NEG_INF
-    new_scores = new_scores + (~state.improvable).float() * NEG_INF
-    just_ended = ended & (torch.arange(2 * K, device=cur.device) < K)[None, :]
-    new_scores = new_scores + (~just_ended).float() * NEG_INF
-    merged_scores = torch.cat([state.finished_scores, new_scores], dim=1)  # (S, 3K)
-    best = merged_scores.topk(K, dim=1).indices
-    finished = _gather_beams(torch.cat([state.finished, candidates], dim=1), best)
-    finished_scores = _gather_beams(merged_scores, best)
-    is_finished = _gather_beams(torch.cat([state.is_finished, just_ended], dim=1), best)
-
-    best_live = running_scores[:, :1] / length
-    worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG_INF)
-    improvable = state.improvable & (best_live > worst).any(dim=1, keepdim=True)
-    done = ~improvable[:, 0] | ended.all(dim=1)
-    if config.early_stopping:
-        done = done | is_finished.all(dim=1)
-    rows = (source_beam + torch.arange(S, device=cur.device)[:, None] * K).view(-1)
-    return SlotState(running, running_scores, finished, finished_scores, is_finished, improvable, cur + 1), rows, done
+        done = done | new.is_finished.all(dim=1)
+    rows = (source_beam + torch.arange(S, device=source_beam.device)[:, None] * K).view(-1)
+    return SlotState(*(getattr(new, f.name) for f in fields(Beams)), state.cur + 1), rows, done
 
 
 class TorchBeams:

@@ -16,14 +16,14 @@ Same algorithm and tokens as the reference (ldlm.sampling.beam_search), restruct
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from ldlm.fast.static_gpt2 import StaticKVGPT2
 from ldlm.model.decoder import LatentDecoder
-from ldlm.sampling.beam_search import NEG_INF, BeamSearchConfig, _gather_beams, best_hypotheses
+from ldlm.sampling.beam_search import NEG_INF, Beams, BeamSearchConfig, best_hypotheses, update_beams
 
 
 def _ngram_windows(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -66,15 +66,10 @@ def banned_tokens_static(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> tor
 
 
 @dataclass
-class BeamState:
-    """Everything that changes per token, in fixed-shape device tensors (B items, K beams, T tokens)."""
+class BeamState(Beams):
+    """Everything that changes per token, in fixed-shape device tensors (B items, K beams, T tokens): the beams
+    and the step."""
 
-    running: torch.Tensor  # (B, K, T) live beams' tokens
-    running_scores: torch.Tensor  # (B, K)
-    finished: torch.Tensor  # (B, K, T)
-    finished_scores: torch.Tensor  # (B, K)
-    is_finished: torch.Tensor  # (B, K) bool
-    improvable: torch.Tensor  # (B, 1) bool
     active: torch.Tensor  # () bool: false once the reference would have stopped
     cur: torch.Tensor  # () long: index of the token chosen this step
 
@@ -111,7 +106,6 @@ class StaticBeamSearch:
             self._beam_head = beam_head_topk  # (h, norm, head, running, banned, *, candidates) -> top-2K
         self.fused_beam_step = fused_beam_step
         self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
-        self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K
         self.batch_offset = torch.arange(self.B, device=self.device)[:, None] * self.K
         self.identity_rows = torch.arange(self.B * self.K, device=self.device)  # cache order kept once frozen
         B, K, T, dev = self.B, self.K, self.T, self.device
@@ -158,45 +152,17 @@ class StaticBeamSearch:
     def _select(self, s: BeamState, cand_scores: torch.Tensor, cand_index: torch.Tensor) -> None:
         """One beam update from the items' 2K best continuations (scores and beam * V + token, each (B, 2K)), in
         place on `s`; the cache is reordered to match."""
-        B, K, T, cfg = self.B, self.K, self.T, self.config
-        V = self.model.gpt2.lm_head.out_features
-        cand_beam, cand_token = cand_index // V, cand_index % V
-        candidates = _gather_beams(s.running, cand_beam)  # (B, 2K, T)
-        candidates.scatter_(2, s.cur.view(1, 1, 1).expand(B, 2 * K, 1), cand_token[:, :, None])
-        ended = (cand_token == self.eos) | (s.cur + 1 >= T)
-
-        live_scores = cand_scores + ended.float() * NEG_INF
-        keep = live_scores.topk(K, dim=1).indices
-        running = _gather_beams(candidates, keep)
-        running_scores = _gather_beams(live_scores, keep)
-        source_beam = _gather_beams(cand_beam, keep)
-
-        length = (s.cur + 1).float() ** cfg.length_penalty
-        new_scores = cand_scores / length
-        if cfg.early_stopping:
-            new_scores = new_scores + s.is_finished.all(dim=1, keepdim=True).float() * NEG_INF
-        new_scores = new_scores + (~s.improvable).float() * NEG_INF
-        just_ended = ended & self.top_k_mask[None, :]
-        new_scores = new_scores + (~just_ended).float() * NEG_INF
-        merged_scores = torch.cat([s.finished_scores, new_scores], dim=1)
-        best = merged_scores.topk(K, dim=1).indices
-        finished = _gather_beams(torch.cat([s.finished, candidates], dim=1), best)
-        finished_scores = _gather_beams(merged_scores, best)
-        is_finished = _gather_beams(torch.cat([s.is_finished, just_ended], dim=1), best)
-
-        best_live = running_scores[:, :1] / length
-        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG_INF)
-        improvable = s.improvable & (best_live > worst).any(dim=1, keepdim=True)
-        stop = ~improvable.any() | ended.all()
-        if cfg.early_stopping:
-            stop = stop | is_finished.all()
+        new, source_beam, ended = update_beams(s, cand_scores, cand_index, s.cur, eos=self.eos, config=self.config,
+                                               vocab=self.model.gpt2.lm_head.out_features)
+        stop = ~new.improvable.any() | ended.all()
+        if self.config.early_stopping:
+            stop = stop | new.is_finished.all()
 
         # commit only while active: after the reference's stopping step the state stays frozen
         a = s.active
-        for kept, new in ((s.running, running), (s.running_scores, running_scores), (s.finished, finished),
-                          (s.finished_scores, finished_scores), (s.is_finished, is_finished),
-                          (s.improvable, improvable)):
-            torch.where(a, new, kept, out=kept)  # in place: one kernel, not a where and a copy
+        for field in fields(Beams):
+            kept = getattr(s, field.name)
+            torch.where(a, getattr(new, field.name), kept, out=kept)  # in place: one kernel, not a where and a copy
         self.model.reorder(torch.where(a, (source_beam + self.batch_offset).view(-1), self.identity_rows))
         torch.logical_and(a, ~stop, out=s.active)
         s.cur.add_(1)

@@ -71,6 +71,74 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, idx)
 
 
+@dataclass
+class Beams:
+    """B items' beams between tokens: K live and K finished hypotheses each, T tokens long."""
+
+    running: torch.Tensor  # (B, K, T) live beams' tokens
+    running_scores: torch.Tensor  # (B, K) sum of log-probs
+    finished: torch.Tensor  # (B, K, T) best finished hypotheses
+    finished_scores: torch.Tensor  # (B, K)
+    is_finished: torch.Tensor  # (B, K) bool: the slot holds a real hypothesis
+    improvable: torch.Tensor  # (B, 1) bool: could a live beam still beat the finished?
+
+    @staticmethod
+    def fresh_tensors(B: int, K: int, T: int, pad: int, device) -> list[torch.Tensor]:
+        """The six tensors of B items before their first token, in field order."""
+        running = torch.full((B, K, T), pad, dtype=torch.long, device=device)
+        scores = torch.zeros(B, K, device=device)
+        scores[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
+        return [running, scores, running.clone(), torch.full((B, K), NEG_INF, device=device),
+                torch.zeros(B, K, dtype=torch.bool, device=device), torch.ones(B, 1, dtype=torch.bool, device=device)]
+
+def update_beams(beams: Beams, cand_scores: torch.Tensor, cand_index: torch.Tensor, cur: int | torch.Tensor, *,
+                 vocab: int, eos: int, config: BeamSearchConfig) -> tuple[Beams, torch.Tensor, torch.Tensor]:
+    """One token of the search from each item's 2K best continuations (scores and flat indices beam * vocab +
+    token, each (B, 2K)): the K best that did not end become the live beams, the newly ended among the top K
+    enter the finished ones, scored by sum of log-probs / length ** length_penalty. cur: the index of the token
+    chosen now, an int or a 0-d tensor (every item at the same index) or (B,) (each item at its own). Returns (the
+    new beams, source_beam (B, K): which old beam each live one extends, ended (B, 2K): which candidates ended).
+    The one update of the reference, the static-cache and the slot searches."""
+    B, K, T = beams.running.shape
+    per_item = torch.is_tensor(cur)
+    step = cur.view(-1, 1) if per_item else cur  # (1, 1) or (B, 1) as a tensor
+    cand_beam, cand_token = cand_index // vocab, cand_index % vocab
+    candidates = _gather_beams(beams.running, cand_beam)  # (B, 2K, T)
+    if per_item:
+        candidates.scatter_(2, step.view(-1, 1, 1).expand(B, 2 * K, 1), cand_token[:, :, None])
+    else:
+        candidates[:, :, cur] = cand_token
+    ended = (cand_token == eos) | (step + 1 >= T)  # (B, 2K)
+
+    # next live beams: the K best candidates that did not end
+    live_scores = cand_scores + ended.float() * NEG_INF
+    keep = live_scores.topk(K, dim=1).indices  # (B, K)
+    running = _gather_beams(candidates, keep)
+    running_scores = _gather_beams(live_scores, keep)
+    source_beam = _gather_beams(cand_beam, keep)  # (B, K)
+
+    # finished hypotheses: merge the newly ended top-K candidates, keep the K best. An int index scales by a
+    # Python float, as Hugging Face does
+    length = (step + 1).float() ** config.length_penalty if per_item else (cur + 1) ** config.length_penalty
+    new_scores = cand_scores / length
+    if config.early_stopping:
+        new_scores = new_scores + beams.is_finished.all(dim=1, keepdim=True).float() * NEG_INF
+    new_scores = new_scores + (~beams.improvable).float() * NEG_INF
+    just_ended = ended & (torch.arange(2 * K, device=ended.device) < K)[None, :]  # only the top K may finish
+    new_scores = new_scores + (~just_ended).float() * NEG_INF
+    merged_scores = torch.cat([beams.finished_scores, new_scores], dim=1)  # (B, 3K)
+    best = merged_scores.topk(K, dim=1).indices
+    finished = _gather_beams(torch.cat([beams.finished, candidates], dim=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    is_finished = _gather_beams(torch.cat([beams.is_finished, just_ended], dim=1), best)
+
+    # could an item's best live beam still beat its worst finished one?
+    best_live = running_scores[:, :1] / length
+    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG_INF)
+    improvable = beams.improvable & (best_live > worst_finished).any(dim=1, keepdim=True)
+    return Beams(running, running_scores, finished, finished_scores, is_finished, improvable), source_beam, ended
+
+
 @torch.no_grad()
 def beam_search(decoder: LatentDecoder, latents: torch.Tensor, config: BeamSearchConfig) -> list[list[int]]:
     """latents (B, *latent_shape) -> for each item, the best hypothesis' token ids (EOS removed)."""
@@ -79,59 +147,23 @@ def beam_search(decoder: LatentDecoder, latents: torch.Tensor, config: BeamSearc
     eos, pad = decoder.eos_token_id, decoder.pad_token_id
 
     logits, cache = decoder.prefill(latents.repeat_interleave(K, dim=0))  # every beam starts from the prefix
-
-    running = torch.full((B, K, T), pad, dtype=torch.long, device=device)  # live beams' tokens
-    running_scores = torch.zeros(B, K, device=device)  # (B, K) sum of log-probs
-    running_scores[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
-    finished = running.clone()  # (B, K, T) best finished hypotheses
-    finished_scores = torch.full((B, K), NEG_INF, device=device)
-    is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)  # slot holds a real hypothesis
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # could a live beam still beat the finished?
-    top_k_mask = torch.arange(2 * K, device=device) < K  # only the top K candidates may finish
+    beams = Beams(*Beams.fresh_tensors(B, K, T, pad, device))
     batch_offset = torch.arange(B, device=device)[:, None] * K  # (B, 1)
 
     for cur in range(T):
-        if cur > 0:
-            logits, cache = decoder.step(running.view(B * K, T)[:, cur - 1 : cur], cache)  # the token chosen last
+        if cur > 0:  # feed the token chosen last
+            logits, cache = decoder.step(beams.running.view(B * K, T)[:, cur - 1 : cur], cache)
         V = logits.shape[-1]
         log_probs = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
-        log_probs = ban_repeated_ngrams(log_probs, running.view(B * K, T)[:, :cur], config.no_repeat_ngram_size)
-        scores = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
-
+        log_probs = ban_repeated_ngrams(log_probs, beams.running.view(B * K, T)[:, :cur], config.no_repeat_ngram_size)
+        scores = (log_probs.view(B, K, V) + beams.running_scores[:, :, None]).view(B, K * V)
         cand_scores, cand_index = scores.topk(2 * K, dim=1)  # (B, 2K)
-        cand_beam, cand_token = cand_index // V, cand_index % V
-        candidates = _gather_beams(running, cand_beam)  # (B, 2K, T)
-        candidates[:, :, cur] = cand_token
-        ended = (cand_token == eos) | (cur + 1 >= T)  # (B, 2K)
-
-        # next live beams: the K best candidates that did not end
-        live_scores = cand_scores + ended.float() * NEG_INF
-        keep = live_scores.topk(K, dim=1).indices  # (B, K)
-        running = _gather_beams(candidates, keep)
-        running_scores = _gather_beams(live_scores, keep)
-        source_beam = _gather_beams(cand_beam, keep)  # (B, K) which old beam each new one extends
-
-        # finished hypotheses: merge the newly ended top-K candidates, keep the K best
-        new_scores = cand_scores / ((cur + 1) ** config.length_penalty)
-        if config.early_stopping:
-            new_scores = new_scores + is_finished.all(dim=1, keepdim=True).float() * NEG_INF
-        new_scores = new_scores + (~improvable).float() * NEG_INF
-        just_ended = ended & top_k_mask[None, :]
-        new_scores = new_scores + (~just_ended).float() * NEG_INF
-        merged_scores = torch.cat([finished_scores, new_scores], dim=1)  # (B, 3K)
-        best = merged_scores.topk(K, dim=1).indices
-        finished = _gather_beams(torch.cat([finished, candidates], dim=1), best)
-        finished_scores = _gather_beams(merged_scores, best)
-        is_finished = _gather_beams(torch.cat([is_finished, just_ended], dim=1), best)
-
+        beams, source_beam, ended = update_beams(beams, cand_scores, cand_index, cur, vocab=V, eos=eos, config=config)
         cache.reorder_cache((source_beam + batch_offset).view(-1))
 
         # stop when no item can improve, or every item has K finished (early stopping), or all ended
-        best_live = running_scores[:, :1] / ((cur + 1) ** config.length_penalty)
-        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG_INF)
-        improvable = improvable & (best_live > worst_finished).any(dim=1, keepdim=True)
-        all_full = bool(is_finished.all()) and config.early_stopping
-        if not bool(improvable.any()) or all_full or bool(ended.all()):
+        all_full = bool(beams.is_finished.all()) and config.early_stopping
+        if not bool(beams.improvable.any()) or all_full or bool(ended.all()):
             break
 
-    return best_hypotheses(finished, eos)
+    return best_hypotheses(beams.finished, eos)
