@@ -68,3 +68,11 @@ def test_config_checks():
         BeamSearchConfig(num_beams=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         BeamSearchConfig(max_new_tokens=0)
+
+
+def test_beam_fields_name_every_field_of_beams():
+    from dataclasses import fields
+
+    from ldlm.sampling.beam_search import BEAM_FIELDS, Beams
+
+    assert tuple(f.name for f in fields(Beams)) == BEAM_FIELDS  # the static search's compiled loop reads these names

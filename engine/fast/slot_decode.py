@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ldlm.model.decoder import LatentDecoder
-from ldlm.sampling.beam_search import Beams, BeamSearchConfig, best_hypotheses, update_beams
+from ldlm.sampling.beam_search import BEAM_FIELDS, Beams, BeamSearchConfig, best_hypotheses, update_beams
 
 
 class SlotDecoder(Protocol):
@@ -240,7 +240,7 @@ def select(state: SlotState, logits: torch.Tensor, config: BeamSearchConfig,
     if config.early_stopping:
         done = done | new.is_finished.all(dim=1)
     rows = (source_beam + torch.arange(S, device=source_beam.device)[:, None] * K).view(-1)
-    return SlotState(*(getattr(new, f.name) for f in fields(Beams)), state.cur + 1), rows, done
+    return SlotState(*(getattr(new, name) for name in BEAM_FIELDS), state.cur + 1), rows, done
 
 
 class TorchBeams:

@@ -16,14 +16,14 @@ Same algorithm and tokens as the reference (ldlm.sampling.beam_search), restruct
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ldlm.fast.static_gpt2 import StaticKVGPT2
 from ldlm.model.decoder import LatentDecoder
-from ldlm.sampling.beam_search import NEG_INF, Beams, BeamSearchConfig, best_hypotheses, update_beams
+from ldlm.sampling.beam_search import BEAM_FIELDS, NEG_INF, Beams, BeamSearchConfig, best_hypotheses, update_beams
 
 
 def _ngram_windows(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -160,9 +160,9 @@ class StaticBeamSearch:
 
         # commit only while active: after the reference's stopping step the state stays frozen
         a = s.active
-        for field in fields(Beams):
-            kept = getattr(s, field.name)
-            torch.where(a, getattr(new, field.name), kept, out=kept)  # in place: one kernel, not a where and a copy
+        for name in BEAM_FIELDS:  # names, not dataclasses.fields: torch.compile traces this loop
+            kept = getattr(s, name)
+            torch.where(a, getattr(new, name), kept, out=kept)  # in place: one kernel, not a where and a copy
         self.model.reorder(torch.where(a, (source_beam + self.batch_offset).view(-1), self.identity_rows))
         torch.logical_and(a, ~stop, out=s.active)
         s.cur.add_(1)

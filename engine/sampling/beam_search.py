@@ -91,6 +91,9 @@ class Beams:
         return [running, scores, running.clone(), torch.full((B, K), NEG_INF, device=device),
                 torch.zeros(B, K, dtype=torch.bool, device=device), torch.ones(B, 1, dtype=torch.bool, device=device)]
 
+BEAM_FIELDS = ("running", "running_scores", "finished", "finished_scores", "is_finished", "improvable")  # Beams'
+
+
 def update_beams(beams: Beams, cand_scores: torch.Tensor, cand_index: torch.Tensor, cur: int | torch.Tensor, *,
                  vocab: int, eos: int, config: BeamSearchConfig) -> tuple[Beams, torch.Tensor, torch.Tensor]:
     """One token of the search from each item's 2K best continuations (scores and flat indices beam * vocab +
