@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ldlm.evaluation.rerank import candidate_seeds, check_reranking, choose
 from ldlm.fast.buckets import batch_bucket
 from ldlm.fast.step_tables import sampler_tables
 from ldlm.inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
@@ -353,20 +354,36 @@ class Pipeline:
                       guidance: float | None = None, seed: int = 0, seeds: list[int] | None = None,
                       sampler: str | None = None, steps: int | None = None, eta: float = 0.0, num_beams: int = 4,
                       decoding: str | None = None, top_p: float | None = None, batch_size: int = 256,
-                      progress: bool = True) -> list[str]:
+                      candidates: int = 1, rerank: str = "mbr", progress: bool = True) -> list[str]:
         """One text per source text (or per label, for a class-conditional model), in input order: reverse
         diffusion from noise reading the condition, with classifier-free guidance weight `guidance` (0
         unconditional, 1 conditional, above 1 guided; None: the checkpoint's default), then decode. Noise as
-        in sample_latents: from `seed`, or each item from its own entry of `seeds`."""
+        in sample_latents: from `seed`, or each item from its own entry of `seeds`.
+
+        candidates: sample this many texts per item in the same loop (each a row of its own) and keep one, chosen
+        by `rerank` (ldlm.evaluation.rerank): "mbr" (the one agreeing most with the others) or "slots" (E2E
+        meaning representations: the fewest slot errors against the source, then MBR). Candidate j of item i
+        draws its noise from rerank.candidate_seeds: candidate 0 is what the call with `seeds` gives."""
         given = sources if sources is not None else labels
         if given is None:
             raise ValueError("pass sources=[...] (or labels=[...] for a class-conditional model)")
         if isinstance(given, str):
             raise TypeError("pass a list, not a single string: wrap it as [text]")
-        batches = self.generate_batches(len(given), steps, sampler, seed, eta=eta, num_beams=num_beams,
+        check_reranking(candidates, rerank, sources)
+        k = candidates
+        if k > 1:  # item i's candidates are items i * k to i * k + k - 1 of one call
+            seeds = candidate_seeds(len(given), k, seed, seeds)
+            sources, labels = (None if items is None else [item for item in items for _ in range(k)]
+                               for items in (sources, labels))
+        batches = self.generate_batches(len(given) * k, steps, sampler, seed, eta=eta, num_beams=num_beams,
                                         decoding=decoding, top_p=top_p, batch_size=batch_size, seeds=seeds,
                                         sources=sources, labels=labels, guidance=guidance, progress=progress)
-        return [text for batch in batches for text in batch]
+        texts = [text for batch in batches for text in batch]
+        if k == 1:
+            return texts
+        groups = [texts[i * k : (i + 1) * k] for i in range(len(given))]
+        return [group[choose(group, rerank, None if sources is None else sources[i * k])]
+                for i, group in enumerate(groups)]
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), *, sampler: str | None = None, steps: int | None = None,
                num_beams: int = 4, decoding: str | None = None) -> dict[int, float]:

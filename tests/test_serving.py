@@ -18,14 +18,7 @@ from ldlm.serving.scheduler import StepScheduler
 from ldlm.training.train import train
 
 from .conftest import TINY_TEXTS, tiny_train_config
-from .test_conditional import SOURCES, train_conditional
-
-
-@pytest.fixture(scope="module")
-def text_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve-text") / "model"
-    train_conditional(out, "text")
-    return out
+from .test_conditional import SOURCES, text_checkpoint  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -63,3 +63,51 @@ def test_value_classes_and_negations():
 def test_the_rate_sums_errors_over_slots():
     assert slot_error_rate([MR, "name : X | area : riverside"],
                            ["The Eagle.", "X is by the river."]) == pytest.approx(7 / 10)
+
+
+# --- the E2E cleaning project's rules (ldlm.evaluation.ser_cleaning) -------------------------------------------
+
+def test_cleaning_rules_count_added_slots_and_names_the_mr_lacks():
+    from ldlm.evaluation.ser_cleaning import cleaning_errors
+
+    mr = "name : Alimentum | area : riverside | family friendly : yes"
+    assert cleaning_errors(mr, "Alimentum is a family friendly place by the river.").errors == 0
+    result = cleaning_errors(mr, "Alimentum is a kid friendly riverside pub near Café Sicilia.")
+    assert result.added == ["near=café sicilia", "type=pub"] and not result.missing and not result.wrong
+    assert slot_errors(mr, "Alimentum is a kid friendly riverside pub near Café Sicilia.").errors == 0  # lenient
+
+
+def test_cleaning_rules_need_a_values_own_wording():
+    from ldlm.evaluation.ser_cleaning import cleaning_errors
+
+    mr = "name : Alimentum | area : riverside | family friendly : yes"
+    text = "Alimentum has a river view and is good for the family."  # "river", "family" alone say neither slot
+    assert cleaning_errors(mr, text).missing == ["area=riverside", "family=yes"]
+    assert slot_errors(mr, text).errors == 0
+    no = "name : X | family friendly : no"
+    assert cleaning_errors("name : Zizzi | family friendly : no", "Zizzi is not family-friendly.").errors == 0
+    assert slot_errors(no, "X is not family friendly.").errors == 0
+
+
+def test_cleaning_rules_keep_price_and_rating_values_apart_and_prefer_the_mrs_reading():
+    from ldlm.evaluation.ser_cleaning import cleaning_errors
+
+    cheap = "name : Cotto | price : cheap | customer rating : 5 out of 5"
+    under20 = "name : Cotto | price : less than £ 20 | customer rating : high"
+    text = "Cotto is cheap and highly rated."  # "cheap" reads as both cheap and less than £20: the MR's kept
+    assert cleaning_errors(cheap, text).errors == 0 and cleaning_errors(under20, text).errors == 0
+    result = cleaning_errors(cheap, "Cotto costs less than £20 and has a 5 out of 5 rating.")
+    assert result.wrong == ["price=cheap (said less than £20)"] and not result.added
+    result = cleaning_errors("name : Cotto | price : £ 20 - 25", "Cotto is expensive, £20-25.")
+    assert result.added == ["price=more than £30"] and not result.wrong  # "expensive": one reading, the first
+
+
+def test_cleaning_rules_drop_words_inside_a_longer_match():
+    from ldlm.evaluation.ser_cleaning import cleaning_errors, cleaning_slot_error_rate
+
+    mr = "name : The Punter | Type : pub | near : Raja Indian Cuisine"
+    assert cleaning_errors(mr, "The Punter is a pub near Raja Indian Cuisine.").errors == 0  # not Indian food
+    result = cleaning_errors(mr, "The Punter is an Indian pub.")
+    assert result.added == ["food=indian"] and result.missing == ["near=raja indian cuisine"]
+    assert cleaning_slot_error_rate([mr, mr], ["The Punter is a pub near Raja Indian Cuisine.",
+                                               "The Punter is an Indian pub."]) == pytest.approx(2 / 6)

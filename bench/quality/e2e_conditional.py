@@ -10,9 +10,11 @@ it, against the same-size GPT-2 trained as a conditional language model (issue 1
 
 Every held-out MR (whole MRs: none was seen in training) is generated from once per seed. BLEU is corpus BLEU
 against all of the MR's held-out descriptions (multi-reference), ROUGE-L the E2E scripts' (best reference),
-SER the slot error rate (ldlm.evaluation.slot_error: omitted or contradicted attribute values), Div the diversity of each
-MR's outputs across seeds (LD4LG's Div over 2- to 4-grams, averaged over MRs). The reference row scores each
-human description against the MR's other descriptions.
+SER the slot error rate by two matchers (ldlm.evaluation.slot_error: omitted or contradicted attribute values;
+ldlm.evaluation.ser_cleaning: the E2E cleaning project's stricter rules, added slots counted too), Div the
+diversity of each MR's outputs across seeds (LD4LG's Div over 2- to 4-grams, averaged over MRs). The reference
+row scores each human description against the MR's other descriptions. `--candidates 1 4 8 --rerank mbr slots`
+adds rows that keep one of k candidates per MR (Pipeline.generate_from's reranking).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ldlm.evaluation import metrics
+from ldlm.evaluation.ser_cleaning import cleaning_slot_error_rate
 from ldlm.evaluation.slot_error import slot_error_rate
 
 
@@ -36,11 +39,26 @@ def heldout_mrs(workdir: Path) -> tuple[list[str], list[list[str]]]:
     return list(by_mr), list(by_mr.values())
 
 
+FOLDS = 4  # the held-out MRs in this many parts, for the spread that the choice of MRs gives
+
+
+def _scores(mrs: list[str], refs: list[list[str]], outs: list[str]) -> dict:
+    return {"bleu": metrics.multi_reference_bleu(outs, refs), "rouge_l": metrics.rouge_l(outs, refs),
+            "ser": slot_error_rate(mrs, outs), "ser_cleaning": cleaning_slot_error_rate(mrs, outs)}
+
+
 def score(mrs: list[str], refs: list[list[str]], outputs_by_seed: list[list[str]]) -> dict:
-    """BLEU, ROUGE-L and SER averaged over seeds; Div of each MR's outputs across seeds."""
-    per_seed = [{"bleu": metrics.multi_reference_bleu(outs, refs), "rouge_l": metrics.rouge_l(outs, refs),
-                 "ser": slot_error_rate(mrs, outs)} for outs in outputs_by_seed]
+    """BLEU, ROUGE-L and SER by both matchers averaged over seeds, with their range over seeds and over FOLDS
+    parts of the MRs; Div of each MR's outputs across seeds."""
+    per_seed = [_scores(mrs, refs, outs) for outs in outputs_by_seed]
     row = {k: sum(s[k] for s in per_seed) / len(per_seed) for k in per_seed[0]}
+    folds = [list(range(f, len(mrs), FOLDS)) for f in range(FOLDS)]
+    per_fold = [[_scores([mrs[i] for i in fold], [refs[i] for i in fold], [outs[i] for i in fold])
+                 for outs in outputs_by_seed] for fold in folds if fold]
+    for k in ("bleu", "ser", "ser_cleaning"):
+        row[f"{k}_seed_range"] = [min(s[k] for s in per_seed), max(s[k] for s in per_seed)]
+        fold_means = [sum(s[k] for s in fold) / len(fold) for fold in per_fold]
+        row[f"{k}_fold_range"] = [min(fold_means), max(fold_means)]
     across = [metrics.diversity([outs[i] for outs in outputs_by_seed]) for i in range(len(mrs))]
     row["div_across_seeds"] = sum(across) / len(across)
     row["mean_words"] = sum(metrics.mean_length(outs) for outs in outputs_by_seed) / len(outputs_by_seed)
@@ -57,25 +75,31 @@ def reference_row(mrs: list[str], refs: list[list[str]]) -> dict:
                 outs.append(text)
                 others.append(texts[:i] + texts[i + 1 :])
                 sources.append(mr)
-    return {"bleu": metrics.multi_reference_bleu(outs, others), "rouge_l": metrics.rouge_l(outs, others),
-            "ser": slot_error_rate(sources, outs), "div_across_seeds": None,
-            "mean_words": metrics.mean_length(outs), "unknown_words": metrics.unknown_word_rate(outs)}
+    return {**_scores(sources, others, outs), "div_across_seeds": None, "mean_words": metrics.mean_length(outs),
+            "unknown_words": metrics.unknown_word_rate(outs)}
 
 
 def run_model(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, guidance: list[float],
-              sampler: str | None, steps: int | None) -> tuple[dict, dict]:
+              sampler: str | None, steps: int | None, candidates: list[int], rerankers: list[str]) -> tuple[dict, dict]:
+    """Every guidance weight, at each candidate count (k > 1: with each reranker). Item i of seed s draws from
+    seed s * len(mrs) + i, so k = 1 is every reranked run's first candidate."""
     import ldlm
 
     pipe = ldlm.load(path)
     rows, outputs = {}, {}
     for w in guidance:
-        start = time.perf_counter()
-        by_seed = [pipe.generate_from(mrs, guidance=w, seed=seed, sampler=sampler, steps=steps, progress=False)
-                   for seed in range(seeds)]
-        seconds = (time.perf_counter() - start) / seeds
-        rows[f"ldlm w={w:g}"] = {**score(mrs, refs, by_seed), "seconds_per_pass": seconds}
-        outputs[f"ldlm w={w:g}"] = by_seed
-        print(f"w={w:g}: {rows[f'ldlm w={w:g}']}", flush=True)
+        for k in candidates:
+            for rerank in rerankers if k > 1 else ["mbr"]:
+                name = f"ldlm w={w:g}" + ("" if k == 1 else f", {rerank} of {k}")
+                start = time.perf_counter()
+                by_seed = [pipe.generate_from(mrs, guidance=w, seeds=[seed * len(mrs) + i for i in range(len(mrs))],
+                                              sampler=sampler, steps=steps, candidates=k, rerank=rerank,
+                                              progress=False)
+                           for seed in range(seeds)]
+                seconds = (time.perf_counter() - start) / seeds
+                rows[name] = {**score(mrs, refs, by_seed), "seconds_per_pass": seconds}
+                outputs[name] = by_seed
+                print(f"{name}: {rows[name]}", flush=True)
     return rows, outputs
 
 
@@ -95,13 +119,22 @@ def run_baseline(path: Path, mrs: list[str], refs: list[list[str]], seeds: int) 
 
 
 def table(rows: dict) -> str:
-    lines = ["| system | BLEU | ROUGE-L | SER | Div across seeds | words | unknown words | s / pass |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| system | BLEU (seeds; MR quarters) | ROUGE-L | SER ldlm | SER cleaning rules (seeds; MR quarters) | "
+             "Div across seeds | words | unknown words | s / pass |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def spread(r: dict, k: str, scale: float, unit: str = "") -> str:
+        if f"{k}_seed_range" not in r:
+            return f"{scale * r[k]:.1f}{unit}"
+        (a, b), (c, d) = r[f"{k}_seed_range"], r[f"{k}_fold_range"]
+        return f"{scale * r[k]:.1f}{unit} ({scale * a:.1f}-{scale * b:.1f}; {scale * c:.1f}-{scale * d:.1f})"
+
     for name, r in rows.items():
         div = "-" if r["div_across_seeds"] is None else f"{r['div_across_seeds']:.3f}"
         seconds = f"{r['seconds_per_pass']:.1f}" if "seconds_per_pass" in r else "-"
-        lines.append(f"| {name} | {r['bleu']:.1f} | {r['rouge_l']:.1f} | {100 * r['ser']:.1f}% | {div} | "
-                     f"{r['mean_words']:.1f} | {100 * r['unknown_words']:.2f}% | {seconds} |")
+        lines.append(f"| {name} | {spread(r, 'bleu', 1)} | {r['rouge_l']:.1f} | {100 * r['ser']:.1f}% | "
+                     f"{spread(r, 'ser_cleaning', 100, '%')} | {div} | {r['mean_words']:.1f} | "
+                     f"{100 * r['unknown_words']:.2f}% | {seconds} |")
     return "\n".join(lines)
 
 
@@ -114,13 +147,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="samples per MR (default 5)")
     parser.add_argument("--sampler", default=None, help="sampler (default: the checkpoint's)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[1],
+                        help="candidates per MR to sweep (default 1: no reranking)")
+    parser.add_argument("--rerank", nargs="+", default=["mbr"], choices=["mbr", "slots"],
+                        help="rerankers for the candidate counts above 1 (default mbr)")
     parser.add_argument("--output", type=Path, help="write rows and outputs as JSON here")
     args = parser.parse_args()
     mrs, refs = heldout_mrs(args.workdir)
     print(f"{len(mrs)} held-out MRs, {sum(map(len, refs))} descriptions", flush=True)
     rows, outputs = {"human (leave one out)": reference_row(mrs, refs)}, {}
     for model in args.model:
-        got, outs = run_model(model, mrs, refs, args.seeds, args.guidance, args.sampler, args.steps)
+        got, outs = run_model(model, mrs, refs, args.seeds, args.guidance, args.sampler, args.steps, args.candidates,
+                              args.rerank)
         prefix = f"{model.name}: " if len(args.model) > 1 else ""
         rows.update({prefix + k: v for k, v in got.items()})
         outputs.update({prefix + k: v for k, v in outs.items()})

@@ -26,6 +26,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance weight: 0 unconditional, 1 conditional, above 1 guided "
                         "(default: the checkpoint's)")
+    p.add_argument("--candidates", type=int, default=1, metavar="K",
+                   help="with --source/--label, or a batch job's conditional lines: sample K texts per item in the "
+                        "same loop and keep one (default 1; at most 64)")
+    p.add_argument("--rerank", choices=["mbr", "slots"], default="mbr",
+                   help="which candidate is kept: mbr, the one agreeing most with the others (default); slots, "
+                        "for E2E meaning representations, the fewest slot errors against the source")
     p.add_argument("--input", help="batch job: JSONL, one {\"id\", [\"text\", \"mode\", \"strength\"] or "
                                    "[\"source\"] or [\"label\"], [\"seed\"], [\"guidance\"]} per line")
     p.add_argument("--output", help="batch job: JSONL written in input order, flushed batch by batch")
@@ -96,6 +102,9 @@ def cmd_generate(args) -> None:
             raise ValueError("a batch job reads its sources or labels from --input lines ({\"id\": ..., \"source\": "
                              "...}): drop --source/--label")
         return _run_generate_job(args, args.input, args.output)
+    if args.candidates != 1 and not (conditions or args.input):
+        raise ValueError("--candidates reranks the texts of each source or label: give --source/--source-file/"
+                         "--label, or a batch job's --input with conditional lines")
     if args.ray:
         return _print_ray_job(args, conditions)
     pipe = load_pipeline(args)
@@ -115,7 +124,12 @@ def cmd_generate(args) -> None:
     each = _each_condition(args, given)
     guidance = pipe.config.guidance if args.guidance is None else args.guidance
     i = 0
-    for texts in pipe.generate_batches(len(each), **common, **{kind: each}, guidance=args.guidance):
+    if args.candidates == 1:
+        batches = pipe.generate_batches(len(each), **common, **{kind: each}, guidance=args.guidance)
+    else:  # each item's candidates drawn from seed + its index (ldlm.evaluation.rerank.candidate_seeds)
+        batches = [pipe.generate_from(**common, **{kind: each}, guidance=args.guidance, candidates=args.candidates,
+                                      rerank=args.rerank)]
+    for texts in batches:
         for text in texts:  # printed as each batch ends
             if args.json:
                 record = {"index": i, kind[:-1]: each[i], "text": text, "guidance": guidance, "sampler": sampler,
@@ -187,7 +201,7 @@ def _run_generate_job(args, input_path, output_path, report: bool = True) -> Non
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
                            eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed,
-                           guidance=args.guidance)
+                           guidance=args.guidance, candidates=args.candidates, rerank=args.rerank)
     if input_path:
         items = read_input_file(input_path, args.seed, output=output_path)
     else:

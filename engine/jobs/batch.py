@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ldlm.evaluation.rerank import check_reranking
 from ldlm.jobs.items import Item
 from ldlm.jobs.output import JobOutput, output_record
 from ldlm.jobs.settings import JobSettings, resolved_settings
@@ -58,15 +59,22 @@ def _run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
         latents[samples] = pipe.sample_latents(len(samples), steps=settings.steps, sampler=settings.sampler,
                                                eta=settings.eta, seeds=[items[i].seed for i in samples],
                                                batch_size=len(samples), progress=False)
+    reranked: dict[int, str] = {}  # conditional items' texts, chosen among their candidates
     conditional = [i for i, item in enumerate(items) if _conditional(item)]
     for guidance in dict.fromkeys(_guidance(items[i], settings) for i in conditional):  # in order of appearance
         group = [i for i in conditional if _guidance(items[i], settings) == guidance]
         kind = "sources" if items[group[0]].source is not None else "labels"
         given = [items[i].source if kind == "sources" else items[i].label for i in group]
-        latents[group] = pipe.sample_latents(len(group), steps=settings.steps, sampler=settings.sampler,
-                                             eta=settings.eta, seeds=[items[i].seed for i in group],
-                                             batch_size=len(group), guidance=guidance, progress=False,
-                                             **{kind: given})
+        seeds = [items[i].seed for i in group]
+        sampling = dict(steps=settings.steps, sampler=settings.sampler, eta=settings.eta, guidance=guidance,
+                        progress=False, **{kind: given})
+        if settings.candidates == 1:
+            latents[group] = pipe.sample_latents(len(group), seeds=seeds, batch_size=len(group), **sampling)
+        else:  # each item's candidates sampled and decoded together, one kept
+            texts = pipe.generate_from(seeds=seeds, candidates=settings.candidates, rerank=settings.rerank,
+                                       num_beams=settings.num_beams, decoding="beam",
+                                       batch_size=len(group) * settings.candidates, **sampling)
+            reranked.update(zip(group, texts))
     clean = [i for i, item in enumerate(items) if item.mode == "reconstruct"]
     if clean:
         latents[clean] = pipe.encode([items[i].text for i in clean])
@@ -74,7 +82,11 @@ def _run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
         group = [i for i, item in enumerate(items) if item.mode == "vary" and item.strength == strength]
         latents[group] = pipe.vary_latents([items[i].text for i in group], strength, settings.steps, settings.sampler,
                                            eta=settings.eta, seeds=[items[i].seed for i in group], progress=False)
-    return pipe.decode(latents, num_beams=settings.num_beams, batch_size=max(1, len(items)), progress=False)
+    rest = [i for i in range(len(items)) if i not in reranked]
+    decoded = pipe.decode(latents[rest], num_beams=settings.num_beams, batch_size=max(1, len(rest)),
+                          progress=False) if rest else []
+    texts = {**reranked, **dict(zip(rest, decoded))}
+    return [texts[i] for i in range(len(items))]
 
 
 def _conditional(item: Item) -> bool:
@@ -85,16 +97,18 @@ def _guidance(item: Item, settings: JobSettings) -> float | None:
     return item.guidance if item.guidance is not None else settings.guidance
 
 
-def mark_bad_conditions(config, items: list[Item]) -> None:
+def mark_bad_conditions(config, items: list[Item], settings: JobSettings) -> None:
     """Conditional lines checked against the model before any work (ldlm.sampling.guidance.check_condition): an
-    unconditional model, the wrong kind or an unknown label is that line's error."""
+    unconditional model, the wrong kind or an unknown label is that line's error; so is a source that the
+    job's reranking cannot read (rerank "slots" reads E2E meaning representations)."""
     for item in items:
         if item.error is None and _conditional(item):
+            sources = [item.source] if item.source is not None else None
             try:
-                check_condition(config, 1, [item.source] if item.source is not None else None,
-                                [item.label] if item.label is not None else None)
+                check_condition(config, 1, sources, [item.label] if item.label is not None else None)
+                check_reranking(settings.candidates, settings.rerank, sources)
             except (ValueError, TypeError) as e:
-                item.error = f"id {item.id!r}: {e}"
+                item.error = f"id {item.id!r}: {str(e).replace('sources[0]', 'its source')}"
 
 
 def _failure(item: Item, error: Exception) -> str:
@@ -160,7 +174,7 @@ def run_job(pipe, items: Iterable[Item], output: str | Path, settings: JobSettin
 
         size = batch_size
         for batch in out.pending_batches(items, batch_size, skipped):
-            mark_bad_conditions(pipe.config, batch)
+            mark_bad_conditions(pipe.config, batch, settings)
             mark_truncated(pipe, batch)
             valid = [item for item in batch if item.error is None]
             texts, size = run_isolating_failures(pipe, valid, settings, size)

@@ -58,7 +58,7 @@ def run_job_on_ray(checkpoint: str, items: list[Item], output: str | Path, setti
     settings = resolved_settings(settings, config)
     with JobOutput(output, settings, resume) as out:
         todo = out.pending(items)
-        mark_bad_conditions(config, todo)
+        mark_bad_conditions(config, todo, settings)
         return _run_on_ray(ray, checkpoint, items, todo, out, settings, load_kwargs=load_kwargs,
                            batch_size=batch_size, workers=workers, address=address, progress=progress)
 

@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ldlm.evaluation.rerank import check_reranking
 from ldlm.model.model_files import folder_files
 from ldlm.sampling.samplers import resolve_sampling
 
@@ -29,9 +30,14 @@ class JobSettings:
     dtype: str = "float32"
     seed: int = 0  # the job's seed, from which items without a seed get theirs
     guidance: float | None = None  # lines with a source or label without their own; None: the checkpoint's
+    candidates: int = 1  # conditional lines: texts sampled per line, one kept (ldlm.evaluation.rerank)
+    rerank: str = "mbr"  # how that one is chosen
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if self.candidates == 1:  # without reranking, the hash of the settings before it existed: files resume
+            del fields["candidates"], fields["rerank"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def public(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "model"}
@@ -41,6 +47,7 @@ def resolved_settings(settings: JobSettings, config) -> JobSettings:
     """The settings with the sampler and steps that will run (the checkpoint's defaults filled in, so the output
     records what ran); settings that cannot run fail here, before any work."""
     sampler, steps = resolve_sampling(config, settings.sampler, settings.steps, settings.eta)
+    check_reranking(settings.candidates, settings.rerank, [])  # each line's source is checked with the line
     return dataclasses.replace(settings, sampler=sampler, steps=steps)
 
 
