@@ -132,3 +132,35 @@ def test_the_cli_reranks_source_texts(text_checkpoint, text_pipeline, capsys):
                                                   progress=False)
     assert main(["generate", str(text_checkpoint), "--candidates", "3", "--no-progress"]) == 2
     assert "--candidates reranks the texts of each source or label" in capsys.readouterr().err
+
+
+def test_the_baseline_language_model_reranks_its_samples_as_ldlm_does(tmp_path):
+    import json
+
+    import torch
+
+    from ldlm.cli import main
+    from ldlm.training.baseline import _load_language_model, _prompts, generate_from_language_model
+
+    from .conftest import TINY_TEXTS
+
+    data, out = tmp_path / "data.jsonl", tmp_path / "lm"
+    data.write_text("".join(json.dumps({"text": t, "mr": MR}) + "\n" for t in TINY_TEXTS))
+    assert main(["baseline", "train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--source-field",
+                 "mr", "--time-budget", "0", "--steps", "3", "--no-progress"]) == 0
+    sources = [MR, "name : Cotto | area : riverside"]
+    settings = {"top_p": 0.95, "seed": 3, "max_new_tokens": 6}
+    assert generate_from_language_model(out, sources, candidates=1, **settings) == \
+        generate_from_language_model(out, sources, **settings)
+    chosen = generate_from_language_model(out, sources, candidates=4, rerank="slots", **settings)
+    model, tokenizer, _ = _load_language_model(out)
+    torch.manual_seed(3)  # the same draws: four samples per source, in order
+    for source, prompt, text in zip(sources, _prompts(tokenizer, sources), chosen):
+        rows = model.generate(input_ids=torch.tensor([prompt]),
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.eos_token_id, do_sample=True, top_p=0.95, top_k=0,
+                              num_return_sequences=4)
+        drawn = [" ".join(tokenizer.decode(row[len(prompt):], skip_special_tokens=True).split()) for row in rows]
+        assert text == drawn[choose(drawn, "slots", source)]
+    with pytest.raises(ValueError, match="not an E2E meaning representation"):
+        generate_from_language_model(out, ["about a cat"], candidates=2, rerank="slots")

@@ -103,16 +103,23 @@ def run_model(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, gui
     return rows, outputs
 
 
-def run_baseline(path: Path, mrs: list[str], refs: list[list[str]], seeds: int) -> tuple[dict, dict]:
+def run_baseline(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, candidates: list[int],
+                 rerankers: list[str]) -> tuple[dict, dict]:
+    """Beam search (4 beams, one text per MR), and nucleus sampling at each candidate count (k > 1: k samples per
+    MR, one kept by each reranker, as ldlm's rows)."""
     from ldlm.training.baseline import generate_from_language_model
 
     rows, outputs = {}, {}
-    for name, kwargs in (("GPT-2 beam 4", {"num_beams": 4}), ("GPT-2 nucleus 0.95", {"top_p": 0.95})):
+    runs = [("GPT-2 beam 4", {"num_beams": 4})] + [
+        ("GPT-2 nucleus 0.95" + ("" if k == 1 else f", {rerank} of {k}"),
+         {"top_p": 0.95, "candidates": k, "rerank": rerank})
+        for k in candidates for rerank in (rerankers if k > 1 else ["mbr"])]
+    for name, kwargs in runs:
         start = time.perf_counter()
-        runs = 1 if "beam" in name else seeds  # beam search is deterministic: every seed gives the same texts
-        by_seed = [generate_from_language_model(path, mrs, seed=seed, **kwargs) for seed in range(runs)]
-        seconds = (time.perf_counter() - start) / runs
-        rows[name] = {**score(mrs, refs, by_seed * (seeds if runs == 1 else 1)), "seconds_per_pass": seconds}
+        count = 1 if "beam" in name else seeds  # beam search is deterministic: every seed gives the same texts
+        by_seed = [generate_from_language_model(path, mrs, seed=seed, **kwargs) for seed in range(count)]
+        seconds = (time.perf_counter() - start) / count
+        rows[name] = {**score(mrs, refs, by_seed * (seeds if count == 1 else 1)), "seconds_per_pass": seconds}
         outputs[name] = by_seed
         print(f"{name}: {rows[name]}", flush=True)
     return rows, outputs
@@ -163,7 +170,7 @@ def main() -> None:
         rows.update({prefix + k: v for k, v in got.items()})
         outputs.update({prefix + k: v for k, v in outs.items()})
     if args.baseline:
-        got, outs = run_baseline(args.baseline, mrs, refs, args.seeds)
+        got, outs = run_baseline(args.baseline, mrs, refs, args.seeds, args.candidates, args.rerank)
         rows.update(got)
         outputs.update(outs)
     print(table(rows))

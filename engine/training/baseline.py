@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from ldlm.evaluation.rerank import check_reranking, choose
 from ldlm.model.config import ModelConfig
 from ldlm.model.decoder import gpt2_config, load_tokenizer, train_bpe_tokenizer
 from ldlm.model.model_files import ModelFileError, check_weight_shapes, folder_files, read_json
@@ -129,23 +130,28 @@ def _load_language_model(path: Path):
 @torch.no_grad()
 def generate_from_language_model(path: str | Path, sources: list[str], *, num_beams: int = 4,
                                  top_p: float | None = None, seed: int = 0, max_new_tokens: int = 64,
-                                 no_repeat_ngram_size: int = 3) -> list[str]:
+                                 no_repeat_ngram_size: int = 3, candidates: int = 1, rerank: str = "mbr") -> list[str]:
     """One text per source from a conditional baseline, in input order: beam search (as ldlm decodes), or with
-    top_p nucleus sampling seeded by `seed`. Each source runs alone, so no padding enters the prompt."""
+    top_p nucleus sampling seeded by `seed`. Each source runs alone, so no padding enters the prompt.
+    candidates: keep one of k texts per source, chosen as Pipeline.generate_from chooses (ldlm.evaluation.rerank):
+    k nucleus samples, or the k best hypotheses of a beam search of max(num_beams, k) beams."""
+    check_reranking(candidates, rerank, sources)
     model, tokenizer, meta = _load_language_model(Path(path))
     if "conditional" not in meta:
         raise ValueError(f"{path} is an unconditional language model: sample it with `ldlm baseline sample`")
     eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
     texts = []
-    for prompt in _prompts(tokenizer, sources):
+    for source, prompt in zip(sources, _prompts(tokenizer, sources)):
         room = min(max_new_tokens, model.config.n_positions - len(prompt))
         decoding = {"do_sample": True, "top_p": top_p, "top_k": 0} if top_p is not None else \
-            {"num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "early_stopping": True}
+            {"num_beams": max(num_beams, candidates), "no_repeat_ngram_size": no_repeat_ngram_size,
+             "early_stopping": True}
         out = model.generate(input_ids=torch.tensor([prompt]),
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=room,
-                             eos_token_id=eos, pad_token_id=eos, **decoding)
-        texts.append(" ".join(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).split()))
+                             eos_token_id=eos, pad_token_id=eos, num_return_sequences=candidates, **decoding)
+        drawn = [" ".join(tokenizer.decode(row[len(prompt):], skip_special_tokens=True).split()) for row in out]
+        texts.append(drawn[0] if candidates == 1 else drawn[choose(drawn, rerank, source)])
     return texts
 
 
