@@ -55,15 +55,26 @@ def test_candidate_seeds_start_from_the_items_own():
 
 
 @pytest.fixture(scope="module")
-def text_pipeline(text_checkpoint):
+def text_pipeline(text_checkpoint):  # noqa: F811
     import ldlm
 
     return ldlm.load(text_checkpoint)
 
 
-@pytest.mark.parametrize("rerank", ["mbr", "slots"])
-def test_generate_from_keeps_one_of_the_candidates_the_plain_calls_draw(text_pipeline, rerank):
-    pipe = text_pipeline
+@pytest.fixture(scope="module")
+def onnx_text_pipeline(text_checkpoint, tmp_path_factory):  # noqa: F811
+    import ldlm
+    from ldlm.export.onnx_export import export_checkpoint
+
+    out = export_checkpoint(text_checkpoint, tmp_path_factory.mktemp("rerank") / "onnx", variants=("float32",),
+                            int8=False, log=lambda *_: None)
+    return ldlm.load(out)
+
+
+@pytest.mark.parametrize("backend, rerank", [("reference", "mbr"), ("reference", "slots"), ("onnx", "mbr")])
+def test_generate_from_keeps_one_of_the_candidates_the_plain_calls_draw(request, backend, rerank):
+    pipe = request.getfixturevalue("text_pipeline" if backend == "reference" else "onnx_text_pipeline")
+    assert pipe.backend == backend
     sources = [MR, "name : Aromi | food : Italian | area : city centre"]
     settings = {"guidance": 2.0, "sampler": "ddim", "steps": 5, "progress": False}
     plain = pipe.generate_from(sources, seeds=[3, 4], **settings)
