@@ -82,22 +82,30 @@ def reference_row(mrs: list[str], refs: list[list[str]]) -> dict:
 def run_model(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, guidance: list[float],
               sampler: str | None, steps: int | None, candidates: list[int], rerankers: list[str]) -> tuple[dict, dict]:
     """Every guidance weight, at each candidate count (k > 1: with each reranker). Item i of seed s draws from
-    seed s * len(mrs) + i, so k = 1 is every reranked run's first candidate."""
+    seed s * len(mrs) + i. The K = max(candidates) candidates of each MR are drawn once, in one call, and every
+    smaller k reranks the first k of them: what generate_from(..., candidates=k) draws and keeps (candidate j's
+    seed does not depend on k; tests/test_rerank.py). A row's seconds: the K-candidate pass scaled by k / K."""
     import ldlm
+    from ldlm.evaluation.rerank import candidate_seeds, choose
 
     pipe = ldlm.load(path)
+    K = max(candidates)
     rows, outputs = {}, {}
     for w in guidance:
+        drawn, seconds = [], 0.0  # drawn[seed][mr]: the K candidates
+        for seed in range(seeds):
+            start = time.perf_counter()
+            item_seeds = candidate_seeds(len(mrs), K, 0, [seed * len(mrs) + i for i in range(len(mrs))])
+            texts = pipe.generate_from([mr for mr in mrs for _ in range(K)], guidance=w, seeds=item_seeds,
+                                       sampler=sampler, steps=steps, progress=False)
+            seconds += (time.perf_counter() - start) / seeds
+            drawn.append([texts[i * K : (i + 1) * K] for i in range(len(mrs))])
         for k in candidates:
             for rerank in rerankers if k > 1 else ["mbr"]:
                 name = f"ldlm w={w:g}" + ("" if k == 1 else f", {rerank} of {k}")
-                start = time.perf_counter()
-                by_seed = [pipe.generate_from(mrs, guidance=w, seeds=[seed * len(mrs) + i for i in range(len(mrs))],
-                                              sampler=sampler, steps=steps, candidates=k, rerank=rerank,
-                                              progress=False)
-                           for seed in range(seeds)]
-                seconds = (time.perf_counter() - start) / seeds
-                rows[name] = {**score(mrs, refs, by_seed), "seconds_per_pass": seconds}
+                by_seed = [[group[choose(group[:k], rerank, mr)] for group, mr in zip(per_mr, mrs)]
+                           for per_mr in drawn]
+                rows[name] = {**score(mrs, refs, by_seed), "seconds_per_pass": seconds * k / K}
                 outputs[name] = by_seed
                 print(f"{name}: {rows[name]}", flush=True)
     return rows, outputs
