@@ -26,9 +26,9 @@ RERANKERS = ("mbr", "slots")
 MAX_CANDIDATES = 64  # per item: each costs a forward row per step and a decode
 
 
-def check_reranking(candidates, rerank: str, sources: list[str] | None) -> None:
+def check_reranking(candidates, rerank: str, sources: list[str] | None, *, name: str = "sources[{i}]") -> None:
     """Raise naming the fix for a candidate count out of bounds, an unknown reranker, or "slots" on sources that
-    are not E2E meaning representations."""
+    are not E2E meaning representations; `name` formats a source's name in the message from its index i."""
     if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
         raise ValueError(f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, got {candidates!r}")
     if rerank not in RERANKERS:
@@ -41,11 +41,11 @@ def check_reranking(candidates, rerank: str, sources: list[str] | None) -> None:
             try:
                 slots = parse_mr(source)
             except ValueError as e:
-                raise ValueError(f"sources[{i}]: {e}; rerank='slots' reads E2E meaning representations, use "
-                                 "rerank='mbr' for other sources") from None
+                raise ValueError(f"{name.format(i=i)}: {e}; rerank='slots' reads E2E meaning representations, "
+                                 "use rerank='mbr' for other sources") from None
             if not slots:
-                raise ValueError(f"sources[{i}] is not an E2E meaning representation ('name : X | food : Y'): "
-                                 f"rerank='slots' reads their slots; use rerank='mbr' for other sources")
+                raise ValueError(f"{name.format(i=i)} is not an E2E meaning representation ('name : X | food : "
+                                 "Y'): rerank='slots' reads their slots; use rerank='mbr' for other sources")
 
 
 def candidate_seed(seed: int, j: int) -> int:

@@ -106,9 +106,9 @@ def mark_bad_conditions(config, items: list[Item], settings: JobSettings) -> Non
             sources = [item.source] if item.source is not None else None
             try:
                 check_condition(config, 1, sources, [item.label] if item.label is not None else None)
-                check_reranking(settings.candidates, settings.rerank, sources)
+                check_reranking(settings.candidates, settings.rerank, sources, name="its source")
             except (ValueError, TypeError) as e:
-                item.error = f"id {item.id!r}: {str(e).replace('sources[0]', 'its source')}"
+                item.error = f"id {item.id!r}: {e}"
 
 
 def _failure(item: Item, error: Exception) -> str:
