@@ -319,6 +319,34 @@ def test_asyncio_callers_and_their_cancellation(text_checkpoint):
     assert reconstruction == pipe.reconstruct([TINY_TEXTS[0]], progress=False)[0]
 
 
+def test_reranked_requests_keep_the_pipelines_choice_and_cancel_their_candidates(text_checkpoint):
+    pipe = ldlm.load(text_checkpoint)
+    mr = "name : The Eagle | Type : pub | food : Chinese | area : riverside"
+    common = {"sampler": "ddim", "steps": 6, "guidance": 2.0}
+    with AsyncEngine(pipe) as engine:
+        reranked = [engine.submit("generate_from", source=source, seed=seed, candidates=3, rerank=rerank, **common)
+                    for source, seed, rerank in [(mr, 3, "slots"), (SOURCES[0], 4, "mbr")]]
+        plain = engine.submit("generate_from", source=SOURCES[1], seed=5, **common)
+        texts = [future.result(timeout=120) for future in [*reranked, plain]]
+        assert engine.stats().completed == 7  # each candidate is a request of its own
+        with pytest.raises(TypeError, match="generate takes no candidates"):
+            engine.submit("generate", candidates=2)
+        with pytest.raises(ValueError, match="candidates with nucleus decoding"):
+            engine.submit("generate_from", source=mr, candidates=2, decoding="nucleus", **common)
+        with pytest.raises(ValueError, match="source is not an E2E meaning representation"):
+            engine.submit("generate_from", source=SOURCES[0], candidates=2, rerank="slots", **common)
+        slow = engine.submit("generate_from", source=mr, seed=1, candidates=4, sampler="ddim", steps=1000)
+        assert slow.cancel()
+        for _ in range(500):  # its four candidates leave at the next iteration
+            if engine.stats().cancelled == 4 and engine.stats().active_rows == 0:
+                break
+            time.sleep(0.01)
+        assert engine.stats().cancelled == 4 and engine.stats().active_rows == 0
+    assert texts == [pipe.generate_from([mr], seed=3, candidates=3, rerank="slots", progress=False, **common)[0],
+                     pipe.generate_from([SOURCES[0]], seed=4, candidates=3, progress=False, **common)[0],
+                     pipe.generate_from([SOURCES[1]], seed=5, progress=False, **common)[0]]
+
+
 def test_a_two_replica_ray_serve_application_answers_as_lone_calls(tiny_checkpoint, tiny_pipeline):
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
@@ -327,6 +355,7 @@ def test_a_two_replica_ray_serve_application_answers_as_lone_calls(tiny_checkpoi
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              ignore_reinit_error=True)
     try:
+        serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy to start (slow on a busy machine)
         handle = serve.run(engine_app(tiny_checkpoint, num_replicas=2, ray_actor_options={"num_cpus": 0.5}),
                            name="ldlm-test", route_prefix=None)
         settings = [{"seed": s, "sampler": "dpm++2m", "steps": 6 + s % 3} for s in range(24)]

@@ -83,7 +83,8 @@ class ItemNoise:
         return self.rows(1, shape)[0].to(device=device, dtype=dtype)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | ItemNoise | None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: torch.Generator | ItemNoise | None) -> torch.Tensor:
+    """Noise of x's shape from `generator`: a torch.Generator's draw, or each item's next row of an ItemNoise."""
     if isinstance(generator, ItemNoise):
         return generator.randn(tuple(x.shape[1:]), x.device, x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -147,7 +148,7 @@ def sample_ddpm(
     for step, t in enumerate(tqdm(sampler_timesteps("ddpm", schedule.num_timesteps, steps, start_t), desc="ddpm",
                                   disable=disable, leave=False)):
         x0_hat = denoise(x, _time(t, x))
-        noise = _randn_like(x, generator) if t > 0 else None
+        noise = randn_like(x, generator) if t > 0 else None
         x = ddpm_step(schedule, x0_hat, x, t, noise)
         check_finite(x, step, t)
     return x
@@ -173,7 +174,7 @@ def sample_ddim(
     for step, t in enumerate(tqdm(timesteps, desc="ddim", disable=disable, leave=False)):
         t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
         x0_hat = denoise(x, _time(t, x))
-        noise = _randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
+        noise = randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
         x = ddim_step(schedule, x0_hat, x, t, t_prev, eta, noise)
         check_finite(x, step, t)
     return x

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldlm.evaluation.rerank import candidate_seeds, check_reranking, choose
 from ldlm.pipeline import Pipeline
 from ldlm.serving.requests import make_request
 from ldlm.serving.scheduler import IterationTimes, StepScheduler, Ticket
@@ -72,6 +73,38 @@ class EngineStats:
         return self.forward_rows / self.forwards if self.forwards else 0.0
 
 
+def _reranked(futures: list[Future], rerank: str, source: str | None) -> Future:
+    """A Future of the candidate kept once every one of `futures` is done (ldlm.evaluation.rerank.choose), among
+    those that succeeded (it fails only when all did); cancelling it cancels the candidates, freeing their rows."""
+    result: Future = Future()
+    lock, left = threading.Lock(), [len(futures)]
+
+    def one_done(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        if not result.set_running_or_notify_cancel():
+            return
+        kept = [f for f in futures if not f.cancelled() and f.exception() is None]
+        if not kept:  # every candidate failed: the first one's error
+            first = futures[0]
+            result.set_exception(CancelledError() if first.cancelled() else first.exception())
+            return
+        texts = [f.result() for f in kept]
+        result.set_result(texts[choose(texts, rerank, source)])
+
+    def cancel_candidates(done: Future) -> None:
+        if done.cancelled():
+            for future in futures:
+                future.cancel()
+
+    result.add_done_callback(cancel_candidates)
+    for future in futures:
+        future.add_done_callback(one_done)
+    return result
+
+
 def _check_bound(value, name: str, bound: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
         raise ValueError(f"{name} must be a whole number from 1 to {bound:,}, got {value!r}")
@@ -115,27 +148,46 @@ class AsyncEngine:
         self._thread.start()
 
     # --- callers ----------------------------------------------------------------------------------
-    def submit(self, task: str, /, *, timeout: float | None = None, **settings) -> Future:
+    def submit(self, task: str, /, *, timeout: float | None = None, candidates: int = 1, rerank: str = "mbr",
+               **settings) -> Future:
         """Queue one request: task "generate", "generate_from", "vary" or "reconstruct", with the arguments of the
         Pipeline method of that name for one item (source=, label=, text= for the item). Thread-safe. Returns a
         Future of the text. Raises at once for a bad argument, EngineOverloaded when max_queued requests wait,
-        EngineClosed after close()."""
-        request = make_request(self.pipe, task, settings, timeout)
-        rows = self._scheduler.rows_for(request)
+        EngineClosed after close(). candidates, rerank: generate_from's reranking (Pipeline.generate_from): the
+        k candidates run as k requests beside the others, and the Future gets the one kept, the text of
+        `pipe.generate_from([source], seed=seed, candidates=k, rerank=rerank)`."""
+        if candidates == 1:
+            requests = [make_request(self.pipe, task, settings, timeout)]
+        else:
+            if task != "generate_from":
+                raise TypeError(f"candidates reranks generate_from's texts; {task} takes no candidates")
+            check_reranking(candidates, rerank, None if settings.get("source") is None else [settings["source"]],
+                            name="source")
+            seeds = candidate_seeds(1, candidates, settings.get("seed", 0), None)
+            requests = [make_request(self.pipe, task, {**settings, "seed": s}, timeout, item_noise=True)
+                        for s in seeds]
+            if requests[0].top_p is not None:
+                raise ValueError("candidates with nucleus decoding: Pipeline.generate_from draws every candidate's "
+                                 "tokens from one generator, which requests of their own cannot share; pass "
+                                 "decoding='beam', or call the Pipeline")
+        rows = self._scheduler.rows_for(requests[0])
         if rows > self.max_rows:
             raise ValueError(f"a guided request takes {rows} forward rows, more than this engine's max_rows="
                              f"{self.max_rows}: create the engine with max_rows >= {rows}")
-        future: Future = Future()
+        futures = [Future() for _ in requests]
         with self._lock:
             if self._closing or self._broken:
                 raise EngineClosed(self._broken or "the engine is closed: create a new one to submit requests")
-            if len(self._queue) >= self.max_queued:
+            if len(self._queue) + len(requests) > self.max_queued:
                 self._counts["rejected"] += 1
                 raise EngineOverloaded(f"overloaded: {len(self._queue)} queued (max_queued={self.max_queued}); retry "
                                        "later, or create the engine with a larger max_queued")
-            self._queue.append(Ticket(request, future, time.perf_counter()))
+            now = time.perf_counter()
+            self._queue.extend(Ticket(request, future, now) for request, future in zip(requests, futures))
             self._lock.notify()
-        return future
+        if candidates == 1:
+            return futures[0]
+        return _reranked(futures, rerank, settings.get("source"))
 
     async def generate(self, *, timeout: float | None = None, **settings) -> str:
         """One unconditional sample, as `pipe.generate(1, ...)[0]`: seed, sampler, steps, eta, num_beams,
@@ -144,7 +196,8 @@ class AsyncEngine:
 
     async def generate_from(self, source: str | None = None, *, timeout: float | None = None, **settings) -> str:
         """One text from a source (or label=, for a class-conditional model), as `pipe.generate_from([source],
-        ...)[0]`: guidance, seed, sampler, steps, eta, num_beams, decoding, top_p."""
+        ...)[0]`: guidance, seed, sampler, steps, eta, num_beams, decoding, top_p, and candidates with rerank
+        (beam decoding only; submit)."""
         if source is not None:
             settings["source"] = source
         return await asyncio.wrap_future(self.submit("generate_from", timeout=timeout, **settings))
@@ -237,8 +290,10 @@ class AsyncEngine:
         if ticket.key.cancelled():
             return CancelledError()
         if ticket.deadline is not None and time.perf_counter() > ticket.deadline:
-            where = "while queued" if ticket.row is None and ticket.latent is None else (
-                f"at sampling step {ticket.row.step} of {len(ticket.row.timesteps)}" if ticket.row else "while decoding")
+            if ticket.row is not None:
+                where = f"at sampling step {ticket.row.step} of {len(ticket.row.timesteps)}"
+            else:
+                where = "while queued" if ticket.latent is None and ticket.search is None else "while decoding"
             return TimeoutError(f"request timed out after {ticket.request.timeout:g} s ({where}); pass a larger "
                                 "timeout, or submit fewer requests at once")
         return None

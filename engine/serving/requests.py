@@ -41,6 +41,7 @@ class Request:
     search: BeamSearchConfig = field(default_factory=BeamSearchConfig)
     top_p: float | None = None  # nucleus sampling's p; None decodes by beam search
     timeout: float | None = None  # seconds from submission; past it the request fails and frees its rows
+    item_noise: bool = False  # draw as a Pipeline call given seeds=[seed] does (ItemNoise), not seed=seed
 
     @property
     def samples(self) -> bool:
@@ -53,9 +54,9 @@ class Request:
         return (self.source is not None or self.label is not None) and self.guidance not in (0, 1)
 
 
-def make_request(pipe, task: str, settings: dict, timeout: float | None = None) -> Request:
+def make_request(pipe, task: str, settings: dict, timeout: float | None = None, *, item_noise: bool = False) -> Request:
     """Check a task's arguments against the pipeline's model, the way Pipeline checks them; raises naming the
-    argument and what to pass."""
+    argument and what to pass. item_noise: the request draws as `seeds=[seed]` does (Request.item_noise)."""
     if task not in TASK_ARGUMENTS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_ARGUMENTS)}")
     unknown = sorted(set(settings) - TASK_ARGUMENTS[task])
@@ -68,7 +69,7 @@ def make_request(pipe, task: str, settings: dict, timeout: float | None = None) 
     seed = settings.get("seed", 0)
     check_seed(seed)
     num_beams = settings.get("num_beams", 4)
-    common = {"task": task, "seed": seed, "timeout": timeout}
+    common = {"task": task, "seed": seed, "timeout": timeout, "item_noise": item_noise}
     if task == "reconstruct":
         text = _one_text(settings, "text")
         return Request(**common, text=text, search=_beam(pipe, num_beams))

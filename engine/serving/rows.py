@@ -18,7 +18,7 @@ import torch
 from ldlm.inputs import nonfinite_items
 from ldlm.model.reverse import Condition
 from ldlm.model.schedule import NoiseSchedule, ddim_step, ddpm_step
-from ldlm.sampling.samplers import check_finite, dpmpp_2m_step, sampler_timesteps
+from ldlm.sampling.samplers import ItemNoise, check_finite, dpmpp_2m_step, randn_like, sampler_timesteps
 from ldlm.serving.requests import Request
 
 
@@ -29,7 +29,7 @@ class SamplingRow:
 
     request: Request
     x: torch.Tensor
-    generator: torch.Generator
+    generator: torch.Generator | ItemNoise
     condition: Condition | None
     timesteps: list[int]
     step: int = 0
@@ -77,7 +77,7 @@ def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def start_row(request: Request, x: torch.Tensor, generator: torch.Generator, condition: Condition | None,
+def start_row(request: Request, x: torch.Tensor, generator: torch.Generator | ItemNoise, condition: Condition | None,
               num_timesteps: int) -> SamplingRow:
     """A request's row from its starting latent x (1, *latent_shape), drawn from `generator` as a lone call draws
     it; `condition` as the request reads it (None when it reads the null condition)."""
@@ -135,8 +135,7 @@ def advance(rows: list[SamplingRow], estimates: list[torch.Tensor], schedule: No
         x0_hat = _stack([estimates[i] for i in members])
         noise = None
         if first.noise_needed():  # each row's own draw, of a lone call's shape (1, ...)
-            noise = _stack([torch.randn(rows[i].x.shape, generator=rows[i].generator, device=x.device,
-                                        dtype=x.dtype) for i in members])
+            noise = _stack([randn_like(rows[i].x, rows[i].generator) for i in members])
         sampler, t, t_next = first.request.sampler, first.t, first.t_next
         h = None
         if sampler == "ddpm":

@@ -27,6 +27,7 @@ from ldlm.model.schedule import add_noise
 from ldlm.pipeline import DECODE_BATCH, Pipeline
 from ldlm.runtimes.backends import ENGINE_BACKENDS
 from ldlm.sampling.guidance import encode_condition
+from ldlm.sampling.samplers import ItemNoise, randn_like
 from ldlm.serving.requests import Request
 from ldlm.serving.rows import SamplingRow, advance, forward_inputs, guided_estimates, start_row
 
@@ -138,7 +139,7 @@ class StepScheduler:
         if r.task == "reconstruct" or (r.task == "vary" and not r.samples):
             ticket.latent = pipe.encode([r.text])
             return
-        generator = torch.Generator(device=pipe.device).manual_seed(r.seed)
+        generator = ItemNoise([r.seed]) if r.item_noise else torch.Generator(device=pipe.device).manual_seed(r.seed)
         condition = None
         if r.source is not None or r.label is not None:
             condition = encode_condition(pipe.reverse, pipe.encoder, device=pipe.device,
@@ -147,11 +148,11 @@ class StepScheduler:
         shape = (1, *self.config.latent_shape)
         if r.task == "vary":
             z0 = pipe.normalize(pipe.encode([r.text]))
-            noise = torch.randn(z0.shape, generator=generator, device=pipe.device)
+            noise = randn_like(z0, generator)
             t = torch.full((1,), r.start_t, device=pipe.device, dtype=torch.long)
             x = add_noise(pipe.schedule, z0, t, noise)
         else:
-            x = torch.randn(shape, generator=generator, device=pipe.device)
+            x = randn_like(torch.empty(shape, device=pipe.device), generator)
         ticket.row = start_row(r, x, generator, condition, self.config.num_timesteps)
 
     def _forward(self, rows: list[SamplingRow]) -> list[torch.Tensor]:
