@@ -106,6 +106,7 @@ class StaticBeamSearch:
             self._beam_head = beam_head_topk  # (h, norm, head, running, banned, *, candidates) -> top-2K
         self.fused_beam_step = fused_beam_step
         self.eos, self.pad = decoder.eos_token_id, decoder.pad_token_id
+        self.top_k_mask = torch.arange(2 * self.K, device=self.device) < self.K
         self.batch_offset = torch.arange(self.B, device=self.device)[:, None] * self.K
         self.identity_rows = torch.arange(self.B * self.K, device=self.device)  # cache order kept once frozen
         B, K, T, dev = self.B, self.K, self.T, self.device
@@ -153,7 +154,7 @@ class StaticBeamSearch:
         """One beam update from the items' 2K best continuations (scores and beam * V + token, each (B, 2K)), in
         place on `s`; the cache is reordered to match."""
         new, source_beam, ended = update_beams(s, cand_scores, cand_index, s.cur, eos=self.eos, config=self.config,
-                                               vocab=self.model.gpt2.lm_head.out_features)
+                                               vocab=self.model.gpt2.lm_head.out_features, top_k_mask=self.top_k_mask)
         stop = ~new.improvable.any() | ended.all()
         if self.config.early_stopping:
             stop = stop | new.is_finished.all()

@@ -95,13 +95,15 @@ BEAM_FIELDS = ("running", "running_scores", "finished", "finished_scores", "is_f
 
 
 def update_beams(beams: Beams, cand_scores: torch.Tensor, cand_index: torch.Tensor, cur: int | torch.Tensor, *,
-                 vocab: int, eos: int, config: BeamSearchConfig) -> tuple[Beams, torch.Tensor, torch.Tensor]:
+                 vocab: int, eos: int, config: BeamSearchConfig,
+                 top_k_mask: torch.Tensor | None = None) -> tuple[Beams, torch.Tensor, torch.Tensor]:
     """One token of the search from each item's 2K best continuations (scores and flat indices beam * vocab +
     token, each (B, 2K)): the K best that did not end become the live beams, the newly ended among the top K
     enter the finished ones, scored by sum of log-probs / length ** length_penalty. cur: the index of the token
     chosen now, an int or a 0-d tensor (every item at the same index) or (B,) (each item at its own). Returns (the
     new beams, source_beam (B, K): which old beam each live one extends, ended (B, 2K): which candidates ended).
-    The one update of the reference, the static-cache and the slot searches."""
+    top_k_mask: (2K,) bool, the first K true, for a caller that keeps it (two kernels fewer a token). The one
+    update of the reference, the static-cache and the slot searches."""
     B, K, T = beams.running.shape
     per_item = torch.is_tensor(cur)
     step = cur.view(-1, 1) if per_item else cur  # (1, 1) or (B, 1) as a tensor
@@ -127,7 +129,9 @@ def update_beams(beams: Beams, cand_scores: torch.Tensor, cand_index: torch.Tens
     if config.early_stopping:
         new_scores = new_scores + beams.is_finished.all(dim=1, keepdim=True).float() * NEG_INF
     new_scores = new_scores + (~beams.improvable).float() * NEG_INF
-    just_ended = ended & (torch.arange(2 * K, device=ended.device) < K)[None, :]  # only the top K may finish
+    if top_k_mask is None:
+        top_k_mask = torch.arange(2 * K, device=ended.device) < K
+    just_ended = ended & top_k_mask[None, :]  # only the top K candidates may finish
     new_scores = new_scores + (~just_ended).float() * NEG_INF
     merged_scores = torch.cat([beams.finished_scores, new_scores], dim=1)  # (B, 3K)
     best = merged_scores.topk(K, dim=1).indices
