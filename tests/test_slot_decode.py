@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlm.fast.slot_decode import SlotBeamSearch, SlotKV, TorchSlotDecoder, ban_repeated_ngrams_per_row
+from ldlm.fast.slot_decode import SlotBeamSearch, SlotKV, TorchSlotDecoder
+from ldlm.fast.static_beam_search import ban_repeated_ngrams_static
 from ldlm.model.config import ModelConfig
 from ldlm.model.decoder import LatentDecoder
 from ldlm.sampling.beam_search import BeamSearchConfig, ban_repeated_ngrams, beam_search
@@ -82,7 +83,7 @@ def test_the_per_row_ngram_ban_is_the_reference_ban_row_by_row():
     cur = torch.tensor([0, 2, 3, 7, 11, 12])
     log_probs = torch.randn(6, 5)
     for n in (1, 2, 3):
-        got = ban_repeated_ngrams_per_row(log_probs, tokens, cur, n)
+        got = ban_repeated_ngrams_static(log_probs, tokens, cur, n)  # each row's own count
         for r in range(6):
             expected = ban_repeated_ngrams(log_probs[r : r + 1], tokens[r : r + 1, : int(cur[r])], n)
             assert torch.equal(got[r : r + 1], expected), (n, r)

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ldlm.fast.static_beam_search import ban_repeated_ngrams_static
 from ldlm.model.decoder import LatentDecoder
 from ldlm.sampling.beam_search import BEAM_FIELDS, Beams, BeamSearchConfig, best_hypotheses, update_beams
 
@@ -184,25 +185,6 @@ class TorchSlotDecoder:
         self.kv.select_rows(index)
 
 
-def ban_repeated_ngrams_per_row(log_probs: torch.Tensor, tokens: torch.Tensor, cur: torch.Tensor,
-                                n: int) -> torch.Tensor:
-    """ldlm.sampling.beam_search.ban_repeated_ngrams with each row's own count of generated tokens: log_probs (R,
-    V), tokens (R, T) whose first cur[r] (cur: (R,)) entries are row r's; every window is compared, those not
-    complete within a row's tokens never match (as ldlm.fast.static_beam_search's ban, per row)."""
-    R, T = tokens.shape
-    if n <= 0 or T < n:
-        return log_probs
-    windows = tokens.unfold(1, n, 1)  # (R, T-n+1, n)
-    complete = torch.arange(T - n + 1, device=tokens.device)[None, :] + n <= cur[:, None]  # (R, T-n+1)
-    if n == 1:
-        matches = complete
-    else:
-        last = (cur[:, None] - (n - 1) + torch.arange(n - 1, device=tokens.device)[None, :]).clamp(min=0)  # (R, n-1)
-        matches = (windows[:, :, :-1] == tokens.gather(1, last)[:, None, :]).all(dim=-1) & complete
-    counts = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.to(log_probs.dtype))
-    return log_probs.masked_fill(counts > 0, float("-inf"))
-
-
 @dataclass
 class SlotState(Beams):
     """The beams of S slots (K beams, T tokens each), as ldlm.sampling.beam_search keeps them, with a token
@@ -230,8 +212,8 @@ def select(state: SlotState, logits: torch.Tensor, config: BeamSearchConfig,
     S, K, T = state.running.shape
     V = logits.shape[-1]
     log_probs = F.log_softmax(logits.float(), dim=-1)  # (S*K, V)
-    log_probs = ban_repeated_ngrams_per_row(log_probs, state.running.view(S * K, T), state.cur.repeat_interleave(K),
-                                            config.no_repeat_ngram_size)
+    log_probs = ban_repeated_ngrams_static(log_probs, state.running.view(S * K, T), state.cur.repeat_interleave(K),
+                                           config.no_repeat_ngram_size)  # each row's own count
     scores = (log_probs.view(S, K, V) + state.running_scores[:, :, None]).view(S, K * V)
     cand_scores, cand_index = scores.topk(2 * K, dim=1)  # (S, 2K)
     new, source_beam, ended = update_beams(state, cand_scores, cand_index, state.cur, vocab=V, eos=eos,

@@ -28,25 +28,28 @@ from ldlm.sampling.beam_search import BEAM_FIELDS, NEG_INF, Beams, BeamSearchCon
 
 def _ngram_windows(tokens: torch.Tensor, cur: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(matches, next_tokens), each (R, T - n + 1): whether each window's first n-1 tokens are the last n-1
-    generated, and the token that completed it; None without a ban. tokens: (R, T) buffer whose first `cur` (0-d
-    device tensor) entries are real. Static shapes: every window is compared, those not yet complete never match."""
+    generated, and the token that completed it; None without a ban. tokens: (R, T) buffer whose first `cur`
+    entries are real: cur a 0-d device tensor (every row's count), or (R,) (each row's own, as the slot search
+    keeps them). Static shapes: every window is compared, those not yet complete never match."""
     R, T = tokens.shape
     if n <= 0 or T < n:
         return None
     windows = tokens.unfold(1, n, 1)  # (R, T-n+1, n)
+    count = cur.view(-1, 1)  # (1, 1) or (R, 1)
     starts = torch.arange(T - n + 1, device=tokens.device)
-    complete = starts + n <= cur  # (T-n+1,) windows fully inside the generated tokens
+    complete = starts + n <= count  # (1 or R, T-n+1) windows fully inside the generated tokens
     if n == 1:
-        matches = complete[None, :].expand(R, -1)
+        matches = complete.expand(R, -1)
     else:
-        last = (cur - (n - 1) + torch.arange(n - 1, device=tokens.device)).clamp(min=0)  # (n-1,) positions
-        prefix = tokens[:, last]  # (R, n-1) the last n-1 generated tokens
-        matches = (windows[:, :, :-1] == prefix[:, None, :]).all(dim=-1) & complete[None, :]  # (R, T-n+1)
+        last = (count - (n - 1) + torch.arange(n - 1, device=tokens.device)).clamp(min=0)  # (1 or R, n-1) positions
+        prefix = tokens.gather(1, last.expand(R, -1))  # (R, n-1) the last n-1 generated tokens
+        matches = (windows[:, :, :-1] == prefix[:, None, :]).all(dim=-1) & complete  # (R, T-n+1)
     return matches, windows[:, :, -1]
 
 
 def ban_repeated_ngrams_static(log_probs: torch.Tensor, tokens: torch.Tensor, cur: torch.Tensor, n: int) -> torch.Tensor:
-    """Static-shape n-gram ban: log_probs (R, V) with every token that would repeat an n-gram at -inf."""
+    """Static-shape n-gram ban: log_probs (R, V) with every token that would repeat an n-gram at -inf (cur as
+    _ngram_windows takes it)."""
     found = _ngram_windows(tokens, cur, n)
     if found is None:
         return log_probs

@@ -241,7 +241,7 @@ class OnnxDecoder:
 class OnnxSlotDecoder:
     """An OnnxDecoder's graphs over a SlotKV, for ldlm.fast.slot_decode's continuous decode: the prefill graph
     once per item, the step graph over every row with each row's own position and mask (inputs the graph
-    already takes). The beam bookkeeping is torch's (the C kernel keeps one token counter per batch)."""
+    already takes). The beam bookkeeping is C's, one call per item (`native`), where the C helper loads."""
 
     def __init__(self, decoder: OnnxDecoder):
         s = decoder.spec

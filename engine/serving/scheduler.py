@@ -70,6 +70,7 @@ class StepScheduler:
         self.pipe = pipe
         self.config = pipe.config
         self.reverse = pipe.step_reverse()
+        self.null = self.reverse.null(1) if self.config.condition is not None else None  # a guided row's other half
         # the engine backends step in their dtype; every other backend in float32
         self.dtype = pipe.dtype if pipe.backend in ENGINE_BACKENDS else torch.float32
         self.active: list[Ticket] = []  # in admission order (first come, first served)
@@ -156,8 +157,7 @@ class StepScheduler:
         ticket.row = start_row(r, x, generator, condition, self.config.num_timesteps)
 
     def _forward(self, rows: list[SamplingRow]) -> list[torch.Tensor]:
-        null = self.reverse.null(1) if self.config.condition is not None else None
-        x, t, prev, condition = forward_inputs(rows, null, self.config.self_condition)
+        x, t, prev, condition = forward_inputs(rows, self.null, self.config.self_condition)
         args = [x.to(self.dtype), t]
         if prev is not None:
             args.append(prev.to(self.dtype))
