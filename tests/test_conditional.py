@@ -79,6 +79,59 @@ def test_the_reverse_transformer_reads_its_condition(condition, attention):
         torch.testing.assert_close(model(x, t, condition=dropped)[1], out[1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("condition", ["text", "label"])
+@pytest.mark.parametrize("latent_tokens", [1, 2])
+def test_a_projected_condition_predicts_as_its_tokens(condition, latent_tokens):
+    torch.manual_seed(0)
+    labels = ["a", "b", "c"] if condition == "label" else None
+    config = ModelConfig.from_preset("tiny", condition=condition, labels=labels, latent_tokens=latent_tokens)
+    model = ReverseTransformer(config).eval()
+    x, t = torch.randn(3, *config.latent_shape), torch.tensor([10.0, 500.0, 900.0])
+    cond = some_condition(model, 3)
+    with torch.no_grad():
+        read = model.project_condition(cond)
+        assert read.projected and read.tokens.shape == (*cond.tokens.shape[:2], 2 * config.n_layers * config.d_model)
+        assert model.project_condition(read) is read
+        out = model(x, t, condition=cond)
+        torch.testing.assert_close(model(x, t, condition=read), out, rtol=0, atol=1e-6)
+        # batched as the serving loop batches rows: padded, concatenated with the projected null condition
+        both = Condition.cat([read, model.project_condition(model.null(3))])
+        assert both.projected
+        torch.testing.assert_close(model(torch.cat([x, x]), torch.cat([t, t]), condition=both),
+                                   torch.cat([out, model(x, t)]), rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="projected and unprojected"):
+            Condition.cat([read, model.null(3)])
+
+
+def test_a_joint_model_takes_no_projected_condition():
+    model = reverse_model("text", "joint")
+    with pytest.raises(ValueError, match="only a model that reads its condition by cross-attention"):
+        model.project_condition(some_condition(model, 2))
+    cross = reverse_model("text", "cross")
+    read = cross.project_condition(some_condition(cross, 2))
+    with torch.no_grad(), pytest.raises(ValueError, match="a joint-attention model reads its condition's tokens"):
+        model(torch.randn(2, 32), torch.tensor([1.0, 2.0]), condition=Condition(read.tokens[..., :64], read.mask,
+                                                                                 True))
+
+
+def test_a_sampling_run_projects_its_condition_once(monkeypatch):
+    model = reverse_model("text", "cross")
+    cond = some_condition(model, 2)
+    projections = []
+    real = model.project_condition
+    monkeypatch.setattr(model, "project_condition", lambda c: projections.append(c.tokens.shape[0]) or real(c))
+    kv_calls = []
+    for block in model.blocks:
+        block.cross.kv.register_forward_hook(lambda *_: kv_calls.append(1))
+    denoise = guided_denoiser(model, cond, 2.0)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        for t in (900.0, 500.0, 10.0):
+            denoise(x, torch.full((2,), t))
+    assert projections == [4]  # the condition's rows and the null rows, once
+    assert len(kv_calls) == len(model.blocks)  # each block's projection once, not at each of the three steps
+
+
 @pytest.mark.parametrize("attention", ["cross", "joint"])
 def test_guidance_is_one_batched_forward_of_both_branches(attention, monkeypatch):
     model = reverse_model("text", attention)

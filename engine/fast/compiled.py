@@ -61,6 +61,7 @@ class CompiledReverse:
     def __init__(self, reverse: ReverseTransformer, times: CompileTimes, mode: str | None = None):
         self.config = reverse.config
         self.null = reverse.null
+        self.project_condition = reverse.project_condition  # eager: once per sampling run
         self.times = times
         self._compiled = torch.compile(reverse, dynamic=False, fullgraph=True, mode=mode)
 
@@ -80,8 +81,8 @@ class CompiledReverse:
         if condition is not None:
             length = next_power_of_two(condition.tokens.shape[1])
             c = condition.padded(length)
-            kwargs["condition"] = Condition(pad(c.tokens), pad(c.mask))
-            key += f" condition={length}"
+            kwargs["condition"] = Condition(pad(c.tokens), pad(c.mask), c.projected)
+            key += f" condition={length}{' projected' if c.projected else ''}"
         return self.times.timed(key, lambda: self._compiled(*args, **kwargs))[:n]
 
 

@@ -29,31 +29,39 @@ class Condition:
     A text gives its encoder token states (projected), a label one embedding, the null condition one learned
     token (classifier-free guidance's unconditional branch)."""
 
-    tokens: torch.Tensor  # (B, L, d_model)
+    tokens: torch.Tensor  # (B, L, d_model); projected: (B, L, n_layers * 2 * d_model)
     mask: torch.Tensor  # (B, L) bool, True for a real token; every row has at least one
+    # True: `tokens` holds each cross-attention block's keys and values of the tokens, side by side
+    # (ReverseTransformer.project_condition): what the blocks read of a condition, made once per sampling run
+    projected: bool = False
 
     def padded(self, length: int) -> Condition:
         """The same condition with L grown to `length` by masked zero tokens."""
         extra = length - self.tokens.shape[1]
         if extra <= 0:
             return self
-        return Condition(F.pad(self.tokens, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False))
+        return Condition(F.pad(self.tokens, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False),
+                         self.projected)
 
     @staticmethod
     def cat(parts: list[Condition]) -> Condition:
-        """Rows of several conditions, padded to the longest: (sum B, max L, d_model)."""
+        """Rows of several conditions, padded to the longest: (sum B, max L, width)."""
+        if len({p.projected for p in parts}) > 1:
+            raise ValueError("cannot batch projected and unprojected conditions together: project every part "
+                             "(ReverseTransformer.project_condition) or none")
         length = max(p.tokens.shape[1] for p in parts)
         padded = [p.padded(length) for p in parts]
-        return Condition(torch.cat([p.tokens for p in padded]), torch.cat([p.mask for p in padded]))
+        return Condition(torch.cat([p.tokens for p in padded]), torch.cat([p.mask for p in padded]),
+                         parts[0].projected)
 
     def rows(self, index) -> Condition:
-        return Condition(self.tokens[index], self.mask[index])
+        return Condition(self.tokens[index], self.mask[index], self.projected)
 
     @staticmethod
-    def repeated(token: torch.Tensor, batch: int) -> Condition:
-        """One token (1, d_model) as the condition of `batch` rows (the null condition)."""
-        tokens = token[None].expand(batch, -1, -1)  # (B, 1, d_model)
-        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device))
+    def repeated(token: torch.Tensor, batch: int, projected: bool = False) -> Condition:
+        """One token (1, width) as the condition of `batch` rows (the null condition)."""
+        tokens = token[None].expand(batch, -1, -1)  # (B, 1, width)
+        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device), projected)
 
 
 def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -104,8 +112,12 @@ class CrossAttention(nn.Module):
     def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition tokens (B, L, C) -> keys and values, each (B, H, L, C/H). They do not depend on x_t, so the
         engine's sampling loop computes them once per run (ldlm.fast.folded_reverse)."""
-        (B, L, C), H = tokens.shape, self.n_heads
-        k, v = (z.view(B, L, H, C // H).transpose(1, 2) for z in self.kv(tokens).split(C, dim=2))
+        return self.heads(self.kv(tokens))
+
+    def heads(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kv projection's output (B, L, 2C) -> keys and values, each (B, H, L, C/H)."""
+        B, L, C, H = kv.shape[0], kv.shape[1], kv.shape[2] // 2, self.n_heads
+        k, v = (z.reshape(B, L, H, C // H).transpose(1, 2) for z in kv.split(C, dim=2))
         return k, v
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,9 +133,11 @@ class CrossAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(q.shape)
 
-    def forward(self, x: torch.Tensor, condition: Condition) -> torch.Tensor:
-        """x (B, K, C), condition tokens (B, L, C) -> (B, K, C)."""
-        return self.attend(x, *self.keys_values(condition.tokens), condition.mask)
+    def forward(self, x: torch.Tensor, condition: Condition, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, K, C), condition tokens (B, L, C) -> (B, K, C); kv: this block's keys and values of the condition
+        (B, L, 2C), projected beforehand (None: projected here)."""
+        kv = self.kv(condition.tokens) if kv is None else kv
+        return self.attend(x, *self.heads(kv), condition.mask)
 
 
 class Block(nn.Module):
@@ -145,11 +159,12 @@ class Block(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                condition: Condition | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, condition: Condition | None = None,
+                condition_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """condition_kv: this block's share of a projected condition (B, L, 2 d_model), or None."""
         x = x + self.attn(self.ln_1(x), mask)
         if condition is not None:
-            x = x + self.cross(self.ln_cross(x), condition)
+            x = x + self.cross(self.ln_cross(x), condition, condition_kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -203,6 +218,20 @@ class ReverseTransformer(nn.Module):
         """The null condition for `batch` rows: one learned token each."""
         return Condition.repeated(self.null_condition, batch)
 
+    def project_condition(self, condition: Condition) -> Condition:
+        """`condition` as a cross-attention model's blocks read it: each block's keys and values of its tokens,
+        side by side (B, L, n_layers * 2 * d_model). They do not depend on x_t or t, so a sampling loop projects
+        its condition once instead of at every step (every block's kv projection over L tokens: on E2E's source
+        texts most of a guided step's work). A projected condition gives forward the same result."""
+        if self.config.condition is None or self.config.condition_attention != "cross":
+            raise ValueError("only a model that reads its condition by cross-attention takes a projected condition "
+                             f"(this one's condition is {self.config.condition!r}, read by "
+                             f"{self.config.condition_attention!r} attention)")
+        if condition.projected:
+            return condition
+        tokens = condition.tokens.to(self.null_condition.dtype)
+        return Condition(torch.cat([block.cross.kv(tokens) for block in self.blocks], dim=-1), condition.mask, True)
+
     def drop(self, condition: Condition, dropped: torch.Tensor) -> Condition:
         """Rows where `dropped` (B,) bool is True replaced by the null condition (condition dropout)."""
         null = self.null(condition.tokens.shape[0]).padded(condition.tokens.shape[1])
@@ -232,7 +261,7 @@ class ReverseTransformer(nn.Module):
                 h = block(h)
         else:
             condition = condition if condition is not None else self.null(h.shape[0])
-            condition = Condition(condition.tokens.to(h.dtype), condition.mask)
+            condition = Condition(condition.tokens.to(h.dtype), condition.mask, condition.projected)
             h = self._conditioned(h, condition)
         out = self.out_proj(self.ln_f(h))  # (B, K, D)
         return out[:, 0, :] if single else out
@@ -240,9 +269,13 @@ class ReverseTransformer(nn.Module):
     def _conditioned(self, h: torch.Tensor, condition: Condition) -> torch.Tensor:
         """The blocks on latent tokens h (B, K, d_model) reading `condition`."""
         if self.config.condition_attention == "cross":
-            for block in self.blocks:
-                h = block(h, condition=condition)
+            shares = (condition.tokens.chunk(len(self.blocks), dim=-1) if condition.projected
+                      else (None,) * len(self.blocks))  # each block's (B, L, 2 d_model)
+            for block, kv in zip(self.blocks, shares):
+                h = block(h, condition=condition, condition_kv=kv)
             return h
+        if condition.projected:
+            raise ValueError("a joint-attention model reads its condition's tokens, not a projected condition")
         K = h.shape[1]  # joint: the condition's tokens join the sequence; the latent tokens are read back
         seq = torch.cat([h, condition.tokens], dim=1)  # (B, K + L, d_model)
         mask = torch.cat([condition.mask.new_ones(h.shape[0], K), condition.mask], dim=1)  # (B, K + L)

@@ -78,13 +78,27 @@ def encode_condition(model: ReverseTransformer, encoder, *, sources: list[str] |
     return model.embed_condition(states.to(device), mask.to(device))
 
 
+def projected(model, condition: Condition) -> Condition:
+    """`condition` as a cross-attention model's blocks read it, each block's keys and values projected once
+    (project_condition: ReverseTransformer's, the compiled module's, the export's condition_kv graph), so that a
+    sampling run does not project it again at every step; a joint-attention model's as it is."""
+    if model.config.condition_attention != "cross":
+        return condition
+    return model.project_condition(condition)
+
+
 def guided_denoiser(model, condition: Condition | None, guidance: float):
     """A denoiser (x_t, t) -> x0_hat for the samplers (ldlm.sampling.samplers), reading `condition` (one row per row of
     x_t; None: the null condition) with guidance weight w. A self-conditioned model gets each guided estimate
     back as the next step's x0_prev (one fresh state per sampling run). `model`: a ReverseTransformer, or
-    any (x_t, t[, x0_prev]) denoiser of an unconditional model (the ONNX graph)."""
+    any (x_t, t[, x0_prev]) denoiser of an unconditional model (the ONNX graph). The rows' condition (and for
+    w > 1 the null condition beside it) is batched and projected once per run, not at every step."""
     check_guidance(guidance)
     previous = None
+    read = None  # what each forward reads: the condition's rows, then (w > 1) as many null rows
+    if condition is not None and guidance != 0:
+        rows = condition if guidance == 1 else Condition.cat([condition, model.null(condition.tokens.shape[0])])
+        read = projected(model, rows)
 
     def forward(x_t: torch.Tensor, t: torch.Tensor, prev: torch.Tensor | None, cond: Condition | None):
         args = (x_t, t, prev) if model.config.self_condition else (x_t, t)
@@ -92,15 +106,14 @@ def guided_denoiser(model, condition: Condition | None, guidance: float):
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal previous
-        if condition is None or guidance == 0:
+        if read is None:
             x0 = forward(x_t, t, previous, None)
         elif guidance == 1:
-            x0 = forward(x_t, t, previous, condition)
+            x0 = forward(x_t, t, previous, read)
         else:  # conditional and null rows in one forward: (2B, ...)
             B = x_t.shape[0]
-            both = Condition.cat([condition, model.null(B)])
             prev = None if previous is None else torch.cat([previous, previous])
-            x0_cond, x0_null = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), prev, both).split(B)
+            x0_cond, x0_null = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), prev, read).split(B)
             x0 = x0_null + guidance * (x0_cond - x0_null)
         previous = x0
         return x0
