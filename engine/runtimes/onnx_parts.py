@@ -60,21 +60,16 @@ class OnnxEncoder:
 class OnnxReverse:
     """The reverse transformer graph as a denoiser: (x_t (B, D), t (B,)[, x0_prev][, condition]) -> x0_hat
     (B, D); for a conditional model also what ldlm.sampling.guidance reads of a ReverseTransformer: embed_condition
-    (the condition graph), null (the manifest's learned null condition) and, for a cross-attention model,
-    project_condition (the condition_kv graph: the reverse graph reads each block's keys and values, projected
-    once per sampling run; a condition passed unprojected is projected at the call)."""
+    (the condition graph) and null (the manifest's learned null condition)."""
 
     def __init__(self, graph: Graph, config: ModelConfig, condition_graph: Graph | None = None,
-                 null_condition: torch.Tensor | None = None, condition_kv_graph: Graph | None = None, *,
-                 static_inputs: bool = False):
+                 null_condition: torch.Tensor | None = None, *, static_inputs: bool = False):
         """static_inputs: bind each input shape's run once to buffers of its own and copy every call's inputs
         into them (what ORT's CUDA graphs need: a graph replays the addresses it captured; one graph id a
         shape). Calls then take turns on the buffers; without it each call binds its own tensors and calls
         from several threads run at once."""
         self.graph, self.config = graph, config
         self.condition_graph, self.null_condition = condition_graph, null_condition  # (1, d_model) float32
-        self.condition_kv_graph = condition_kv_graph
-        self._null_read: torch.Tensor | None = None  # the null token as the reverse graph reads it, (1, width)
         self.static_inputs = static_inputs
         self._static: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Callable[[], None]]] = {}
         self._static_lock = threading.Lock()
@@ -85,11 +80,9 @@ class OnnxReverse:
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
         with self._static_lock:
             if key not in self._static:
-                buffers = {name: torch.empty_like(t, memory_format=torch.contiguous_format)
-                           for name, t in inputs.items()}
+                buffers = {name: torch.empty_like(t, memory_format=torch.contiguous_format) for name, t in inputs.items()}
                 out = torch.empty_like(buffers["x_t"])
-                run = self.graph.bind(buffers, {"x0_hat": out}, graph_id=len(self._static))
-                self._static[key] = (buffers, out, run)
+                self._static[key] = (buffers, out, self.graph.bind(buffers, {"x0_hat": out}, graph_id=len(self._static)))
             buffers, out, run = self._static[key]
             for name, tensor in inputs.items():
                 buffers[name].copy_(tensor)
@@ -102,8 +95,8 @@ class OnnxReverse:
         if self.config.self_condition:
             inputs["x0_prev"] = torch.zeros_like(inputs["x_t"]) if x0_prev is None else x0_prev.float()
         if self.config.condition is not None:
-            condition = self._read(condition, x_t.shape[0])
-            inputs["condition_kv" if condition.projected else "condition_tokens"] = condition.tokens.float()
+            condition = condition if condition is not None else self.null(x_t.shape[0])
+            inputs["condition_tokens"] = condition.tokens.float()
             inputs["condition_mask"] = condition.mask.long()
         elif condition is not None:
             raise ValueError("this reverse transformer is unconditional: it takes no condition")
@@ -112,18 +105,6 @@ class OnnxReverse:
         out = torch.empty_like(inputs["x_t"])
         self.graph.run(inputs, {"x0_hat": out})
         return out
-
-    def _read(self, condition: Condition | None, batch: int) -> Condition:
-        """The condition as the reverse graph reads it (None: the null condition of `batch` rows)."""
-        if self.condition_kv_graph is None:
-            if condition is not None and condition.projected:
-                raise ValueError("a joint-attention model reads its condition's tokens, not a projected condition")
-            return condition if condition is not None else self.null(batch)
-        if condition is None:
-            if self._null_read is None:
-                self._null_read = self.project_condition(self.null(1)).tokens[0]  # (1, width)
-            return Condition.repeated(self._null_read, batch, projected=True)
-        return self.project_condition(condition)
 
     def embed_condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
         """As ReverseTransformer.embed_condition: label ids (B,), or token states (B, L, D) with their mask."""
@@ -137,22 +118,15 @@ class OnnxReverse:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=states.device)
         return Condition(tokens, mask.bool())
 
-    def project_condition(self, condition: Condition) -> Condition:
-        """As ReverseTransformer.project_condition, by the export's condition_kv graph: (B, L, d_model) tokens ->
-        (B, L, n_layers * 2 * d_model), each block's keys and values."""
-        if self.condition_kv_graph is None:
-            raise ValueError("only a model that reads its condition by cross-attention takes a projected condition "
-                             f"(this one's condition is {self.config.condition!r}, read by "
-                             f"{self.config.condition_attention!r} attention)")
-        if condition.projected:
-            return condition
-        B, L, _ = condition.tokens.shape
-        kv = torch.empty(B, L, 2 * self.config.n_layers * self.config.d_model, device=condition.tokens.device)
-        self.condition_kv_graph.run({"condition_tokens": condition.tokens.float()}, {"condition_kv": kv})
-        return Condition(kv, condition.mask, projected=True)
-
     def null(self, batch: int) -> Condition:
         return Condition.repeated(self.null_condition, batch)
+
+    def project_condition(self, condition: Condition) -> Condition:
+        """The condition as it is: the exported reverse graph reads a condition's tokens and projects each block's
+        keys and values itself, in int8 where its MatMuls are. A projection made once per run is 2 x n_layers
+        times the tokens' width, and moving it into the graph at every step cost the serving loop more than the
+        int8 projection it saves (bench/results/cpu.md, 2026-12-07, "a condition projected once")."""
+        return condition
 
 
 class OnnxCache:

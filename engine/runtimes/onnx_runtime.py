@@ -44,35 +44,23 @@ def _check_sizes(encoder: OnnxEncoder, reverse: OnnxReverse, decoder: OnnxDecode
     decoder.step_graph.expect_shape("logits", ["batch", s["vocab_size"]], "decoder vocab_size")
     decoder.step_graph.expect_shape("new_kv", [s["n_layer"], 2, "batch", s["n_head"], s["head_dim"]], "decoder sizes")
     if config.condition is not None:
+        reverse.graph.expect_shape("condition_tokens", ["batch", "length", config.d_model], "model config")
         length = 1 if config.condition == "label" else "length"
         reverse.condition_graph.expect_shape("condition_tokens", ["batch", length, config.d_model], "model config")
-        if reverse.condition_kv_graph is None:
-            reverse.graph.expect_shape("condition_tokens", ["batch", "length", config.d_model], "model config")
-        else:
-            width = 2 * config.n_layers * config.d_model  # every block's keys and values
-            reverse.graph.expect_shape("condition_kv", ["batch", "length", width], "model config")
-            reverse.condition_kv_graph.expect_shape("condition_tokens", ["batch", "length", config.d_model],
-                                                    "model config")
-            reverse.condition_kv_graph.expect_shape("condition_kv", ["batch", "length", width], "model config")
     if config.condition == "text":
         encoder.graph.expect_shape("token_states", ["batch", "length", encoder.hidden_size], "model config")
 
 
 def _condition_parts(directory: Path, manifest: dict, specs: dict, config: ModelConfig, graph,
-                     device: torch.device) -> tuple[Graph | None, torch.Tensor | None, Graph | None]:
-    """A conditional model's condition graph, null condition (1, d_model) and, for a cross-attention model, the
-    graph that projects a condition to its blocks' keys and values; (None, None, None) for another."""
+                     device: torch.device) -> tuple[Graph | None, torch.Tensor | None]:
+    """A conditional model's condition graph and null condition (1, d_model); (None, None) for another."""
     from ldlm.export.manifest import ExportError
 
     if config.condition is None:
-        return None, None, None
+        return None, None
     if "condition" not in specs or "null_condition" not in manifest:
         raise ExportError(f"{directory} holds a {config.condition}-conditioned model but no condition graph or null "
                           "condition: export the checkpoint again with `ldlm export`")
-    cross = config.condition_attention == "cross"
-    if cross and "condition_kv" not in specs:
-        raise ExportError(f"{directory} was exported by an older ldlm, whose reverse graph projects the condition's "
-                          "keys and values again at every step: export the checkpoint again with `ldlm export`")
     try:
         null = torch.tensor(manifest["null_condition"], dtype=torch.float32)
     except (TypeError, ValueError) as e:
@@ -81,7 +69,7 @@ def _condition_parts(directory: Path, manifest: dict, specs: dict, config: Model
     if tuple(null.shape) != (1, config.d_model):
         raise ExportError(f"{directory / 'manifest.json'}: null_condition must be (1, {config.d_model}), not "
                           f"{tuple(null.shape)}: re-run `ldlm export`")
-    return graph("condition"), null.to(device), graph("condition_kv") if cross else None
+    return graph("condition"), null.to(device)
 
 
 def load_export_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,

@@ -24,9 +24,8 @@ from ldlm.serving.requests import Request
 
 @dataclass
 class SamplingRow:
-    """One request in the sampling loop. x: (1, *latent_shape) float32; condition: its Condition (1, L, width),
-    projected at admission for a cross-attention model, or None for the null condition (an unconditional
-    request, or guidance 0)."""
+    """One request in the sampling loop. x: (1, *latent_shape) float32; condition: its Condition (1, L, d_model),
+    or None for the null condition (an unconditional request, or guidance 0)."""
 
     request: Request
     x: torch.Tensor
