@@ -58,10 +58,10 @@ class Condition:
         return Condition(self.tokens[index], self.mask[index], self.projected)
 
     @staticmethod
-    def repeated(token: torch.Tensor, batch: int, projected: bool = False) -> Condition:
-        """One token (1, width) as the condition of `batch` rows (the null condition)."""
-        tokens = token[None].expand(batch, -1, -1)  # (B, 1, width)
-        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device), projected)
+    def repeated(token: torch.Tensor, batch: int) -> Condition:
+        """One token (1, d_model) as the condition of `batch` rows (the null condition)."""
+        tokens = token[None].expand(batch, -1, -1)  # (B, 1, d_model)
+        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device))
 
 
 def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
