@@ -89,3 +89,50 @@ def test_an_export_without_its_null_condition_is_refused(label_export, tmp_path)
     write_manifest(broken, {k: v for k, v in manifest.items() if k not in ("format", "format_version")})
     with pytest.raises(ExportError, match="no condition graph or null condition"):
         ldlm.load(broken)
+
+
+LONG_SOURCES = [" ".join(["the cat and the dog saw the bird"] * 5), "about the sun and the rain " * 6,
+                "a dog ran " * 12, "about cat " * 15]  # 30-50 encoder tokens each, the null condition one
+
+
+def _counting_runs(pipe, monkeypatch) -> list[int]:
+    """Rows of each reverse-graph run of `pipe` (onnx), recorded as they run."""
+    runs, run = [], pipe.reverse.graph.run
+    monkeypatch.setattr(pipe.reverse.graph, "run", lambda inputs, outputs: (runs.append(len(inputs["x_t"])),
+                                                                             run(inputs, outputs))[1])
+    return runs
+
+
+def test_a_guided_batch_runs_its_null_rows_apart_from_the_long_sources(text_checkpoint, text_export,  # noqa: F811
+                                                                       monkeypatch):
+    from ldlm.model.reverse import Condition
+    from ldlm.sampling.guidance import encode_condition
+
+    onnx = ldlm.load(text_export)
+    reverse = onnx.reverse
+    condition = encode_condition(reverse, onnx.encoder, sources=LONG_SOURCES, device=onnx.device)
+    guided = Condition.cat([condition, reverse.null(4)])  # the null rows padded to the sources' length
+    assert guided.tokens.shape[1] >= 30 and guided.mask[4:].sum() == 4
+    x, t = torch.randn(8, *onnx.config.latent_shape), torch.linspace(10, 990, 8)
+    runs = _counting_runs(onnx, monkeypatch)
+    apart = reverse(x, t, condition=guided)
+    assert sorted(runs) == [4, 4]  # the sources' rows, then the null ones trimmed to their one token
+    runs.clear()
+    joint = reverse._run(x, t, None, guided)
+    assert runs == [8] and rel_err(apart, joint) < 1e-6
+    with torch.no_grad():  # and both as the model computes the padded batch
+        expected = ldlm.load(text_checkpoint).reverse(x, t, condition=guided)
+    assert rel_err(apart, expected) < 1e-5
+    runs.clear()  # one guided item saves too few padded tokens to pay for a second run
+    reverse(x[:2], t[:2], condition=Condition.cat([condition.rows(slice(0, 1)), reverse.null(1)]))
+    assert runs == [2]
+
+
+def test_onnx_generates_from_long_sources_as_the_reference(text_checkpoint, text_export, monkeypatch):  # noqa: F811
+    reference, onnx = ldlm.load(text_checkpoint), ldlm.load(text_export)
+    runs = _counting_runs(onnx, monkeypatch)
+    kwargs = {"sources": LONG_SOURCES, "sampler": "dpm++2m", "steps": 4, "seed": 5, "guidance": 2.0,
+              "progress": False}
+    assert rel_err(onnx.sample_latents(4, **kwargs), reference.sample_latents(4, **kwargs)) < 1e-5
+    assert runs == [4] * 8  # each step: the sources' rows, then the null rows apart
+    assert onnx.generate_from(**kwargs) == reference.generate_from(**kwargs)

@@ -57,6 +57,13 @@ class Condition:
     def rows(self, index) -> Condition:
         return Condition(self.tokens[index], self.mask[index], self.projected)
 
+    def trimmed(self) -> Condition:
+        """The same condition without the trailing padding no row reads (rows taken from a longer batch)."""
+        used = int(self.mask.any(0).nonzero().max()) + 1  # every row has a real token
+        if used == self.tokens.shape[1]:
+            return self
+        return Condition(self.tokens[:, :used], self.mask[:, :used], self.projected)
+
     @staticmethod
     def repeated(token: torch.Tensor, batch: int) -> Condition:
         """One token (1, d_model) as the condition of `batch` rows (the null condition)."""

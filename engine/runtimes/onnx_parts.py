@@ -18,6 +18,11 @@ from ldlm.model.reverse import Condition
 from ldlm.runtimes.onnx_session import Graph, OnnxOptions
 from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 
+# padded condition tokens a second run of the reverse graph must save to pay for itself: on the 2-core CPU (AMD
+# EPYC, AVX-512 VNNI) a guided batch of the E2E model broke even at 2-3 items (null rows padded from 1 to 43
+# tokens), and gained 1.26x at 8 and 1.38x at 64 in int8 (bench/results/cpu.md, 2026-12-07)
+SPLIT_MIN_TOKENS = 128
+
 
 class OnnxEncoder:
     """texts -> latents (N, *latent_shape) with the exported encoder graph; the same batching as LatentEncoder."""
@@ -91,6 +96,35 @@ class OnnxReverse:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
                  condition: Condition | None = None) -> torch.Tensor:
+        groups = self._length_groups(condition, x_t.device)
+        if groups is None:
+            return self._run(x_t, t, x0_prev, condition)
+        out = torch.empty(x_t.shape, dtype=torch.float32, device=x_t.device)
+        for rows in groups:
+            prev = None if x0_prev is None else x0_prev[rows]
+            out[rows] = self._run(x_t[rows], t[rows], prev, condition.rows(rows).trimmed())
+        return out
+
+    def _length_groups(self, condition: Condition | None, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """The rows of short conditions and the others, (short, long) indices, when running them apart pays;
+        None to run the batch as one. The graph projects every condition token of every row to each block's keys
+        and values at every step, padding included: a guided batch pads its null rows (one token) to the
+        sources' length (about 40 MiniLM tokens on E2E), so half its rows project 40 tokens where one would do.
+        A second run costs a fixed overhead, paid back from about SPLIT_MIN_TOKENS padded tokens saved; on the
+        CPU only (a GPU is not compute-bound here, and a CUDA graph wants one shape)."""
+        if condition is None or self.static_inputs or device.type != "cpu":
+            return None
+        lengths = condition.mask.sum(1)  # (B,) real tokens a row
+        padded = condition.tokens.shape[1]
+        short = lengths * 2 <= padded
+        n_short = int(short.sum())
+        if n_short in (0, len(lengths)) or n_short * (padded - int(lengths[short].max())) < SPLIT_MIN_TOKENS:
+            return None
+        return short.nonzero().squeeze(1), (~short).nonzero().squeeze(1)
+
+    def _run(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None,
+             condition: Condition | None) -> torch.Tensor:
+        """One run of the graph over the batch."""
         inputs = {"x_t": x_t.float(), "t": t.float()}
         if self.config.self_condition:
             inputs["x0_prev"] = torch.zeros_like(inputs["x_t"]) if x0_prev is None else x0_prev.float()
