@@ -1,5 +1,6 @@
 """The exported graphs as small modules with plain-tensor inputs and outputs: encoder, reverse transformer,
-decoder prefill and step, and for a conditional model the condition embedding.
+decoder prefill and step, and for a conditional model the condition embedding (and for one that reads it by
+cross-attention, the condition's projection to each block's keys and values).
 
 The prefill's cache comes out as one stacked tensor, (layers, 2, rows, heads, length, head_dim) with keys at
 index 0 and values at 1; the step graph reads a static cache, one key and one value tensor per layer, and
@@ -47,14 +48,16 @@ class EncoderGraph(nn.Module):
 
 
 class ReverseGraph(nn.Module):
-    """(x_t (B, *latent_shape), t (B,) float32 [, x0_prev like x_t] [, condition_tokens (B, L, d_model) float32,
-    condition_mask (B, L) int64: a conditional model's Condition]) -> x0_hat like x_t, float32."""
+    """(x_t (B, *latent_shape), t (B,) float32 [, x0_prev like x_t] [, a conditional model's Condition: the
+    condition's tokens, or for a cross-attention model its projection (ConditionKeysValuesGraph), (B, L, width)
+    float32, and condition_mask (B, L) int64]) -> x0_hat like x_t, float32."""
 
     def __init__(self, reverse: ReverseTransformer):
         super().__init__()
         self.reverse = reverse
         self.self_condition = reverse.config.self_condition
         self.conditional = reverse.config.condition is not None
+        self.projected = reads_projection(reverse)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         dtype = _dtype(self.reverse)
@@ -62,8 +65,14 @@ class ReverseGraph(nn.Module):
         condition = None
         if self.conditional:
             tokens, mask = extra[-2:]
-            condition = Condition(tokens.to(dtype), mask.bool())
+            condition = Condition(tokens.to(dtype), mask.bool(), self.projected)
         return self.reverse(x_t.to(dtype), t, prev, condition).float()
+
+
+def reads_projection(reverse: ReverseTransformer) -> bool:
+    """Whether the exported reverse graph reads its condition projected (a cross-attention model) rather than
+    as tokens: the keys and values are then projected once per sampling run, not at every step."""
+    return reverse.config.condition is not None and reverse.config.condition_attention == "cross"
 
 
 class ConditionGraph(nn.Module):
@@ -76,6 +85,21 @@ class ConditionGraph(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return self.reverse.embed_condition(states).tokens.float()
+
+
+class ConditionKeysValuesGraph(nn.Module):
+    """A cross-attention model's condition as its blocks read it (ReverseTransformer.project_condition): condition
+    tokens (B, L, d_model) float32 -> each block's keys and values side by side (B, L, n_layers * 2 * d_model)
+    float32, run once per sampling run; the reverse graph reads them at every step."""
+
+    def __init__(self, reverse: ReverseTransformer):
+        super().__init__()
+        self.reverse = reverse
+
+    def forward(self, condition_tokens: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(condition_tokens.shape[:2], dtype=torch.bool, device=condition_tokens.device)
+        tokens = condition_tokens.to(_dtype(self.reverse))
+        return self.reverse.project_condition(Condition(tokens, mask)).tokens.float()
 
 
 class _GPT2Graph(nn.Module):

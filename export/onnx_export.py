@@ -2,7 +2,8 @@
 manifest.
 
 The graphs: encoder, reverse transformer, decoder prefill and step; a conditional model adds its condition
-embedding ("condition"), its reverse graph takes the condition's tokens and mask, a text-conditioned model's
+embedding ("condition"), its reverse graph takes the condition's tokens and mask (a cross-attention model's: its
+keys and values, which "condition_kv" projects once per sampling run), a text-conditioned model's
 encoder graph also returns the token states its sources are read from, and the manifest holds the learned
 null condition (classifier-free guidance's unconditional branch).
 
@@ -33,7 +34,8 @@ from torch import nn
 from ldlm import __version__
 from ldlm.model.checkpoint import Components, load_checkpoint
 
-from .graphs import ConditionGraph, DecoderPrefillGraph, DecoderStepGraph, EncoderGraph, ReverseGraph
+from .graphs import (ConditionGraph, ConditionKeysValuesGraph, DecoderPrefillGraph, DecoderStepGraph, EncoderGraph,
+                     ReverseGraph, reads_projection)
 from .manifest import GRAPHS, is_export, write_manifest
 
 OPSET = 18  # LayerNormalization needs 17; 18 is the newest opset ONNX Runtime's CPU and CUDA kernels fully cover
@@ -70,9 +72,18 @@ def _reverse_inputs(c: Components) -> dict[str, torch.Tensor]:
     if c.config.self_condition:
         inputs["x0_prev"] = torch.randn(2, *c.config.latent_shape)
     if c.config.condition is not None:  # three condition tokens, the second row's last one padding
-        inputs["condition_tokens"] = torch.randn(2, 3, c.config.d_model)
+        inputs[_condition_input(c)] = torch.randn(2, 3, _condition_width(c))
         inputs["condition_mask"] = torch.tensor([[1, 1, 1], [1, 1, 0]])
     return inputs
+
+
+def _condition_input(c: Components) -> str:
+    """The reverse graph's condition input: the tokens, or (cross-attention) their keys and values."""
+    return "condition_kv" if reads_projection(c.reverse) else "condition_tokens"
+
+
+def _condition_width(c: Components) -> int:
+    return c.config.d_model * (2 * c.config.n_layers if reads_projection(c.reverse) else 1)
 
 
 def _condition_inputs(c: Components) -> dict[str, torch.Tensor]:
@@ -106,7 +117,7 @@ def _step_dynamic(c: Components) -> dict[str, dict[int, object]]:
 
 def _reverse_dynamic(c: Components):
     batch, length, _ = _dims()
-    return {"x_t": {0: batch}, "t": {0: batch}, "x0_prev": {0: batch}, "condition_tokens": {0: batch, 1: length},
+    return {"x_t": {0: batch}, "t": {0: batch}, "x0_prev": {0: batch}, _condition_input(c): {0: batch, 1: length},
             "condition_mask": {0: batch, 1: length}}
 
 
@@ -120,6 +131,11 @@ def _encoder_dynamic(c: Components):
 def _condition_dynamic(c: Components):
     batch, length, _ = _dims()
     return {"states": {0: batch} if c.config.condition == "label" else {0: batch, 1: length}}
+
+
+def _condition_kv_dynamic(c: Components):
+    batch, length, _ = _dims()
+    return {"condition_tokens": {0: batch, 1: length}}
 
 
 def _reads_sources(c: Components) -> bool:
@@ -137,12 +153,17 @@ SPECS: dict[str, GraphSpec] = {
                               _step_dynamic),
     "condition": GraphSpec(lambda c: ConditionGraph(c.reverse), _condition_inputs, lambda c: ("condition_tokens",),
                            _condition_dynamic),
+    "condition_kv": GraphSpec(lambda c: ConditionKeysValuesGraph(c.reverse),
+                              lambda c: {"condition_tokens": torch.randn(2, 3, c.config.d_model)},
+                              lambda c: ("condition_kv",),
+                              _condition_kv_dynamic),
 }
 
 
 def graph_names(c: Components) -> tuple[str, ...]:
     """The graphs an export of `c` holds."""
-    return GRAPHS + (("condition",) if c.config.condition is not None else ())
+    conditional = ("condition",) if c.config.condition is not None else ()
+    return GRAPHS + conditional + (("condition_kv",) if reads_projection(c.reverse) else ())
 
 
 def _in_dtype(components: Components, dtype: torch.dtype) -> Components:

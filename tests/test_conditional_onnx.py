@@ -27,6 +27,19 @@ def text_export(text_checkpoint, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
+def older_text_export(text_checkpoint, tmp_path_factory):  # noqa: F811
+    """The text model exported as ldlm wrote it before the condition_kv graph: its reverse graph reads the
+    condition's tokens and projects them at every step."""
+    from ldlm.export import graphs, onnx_export
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (graphs, onnx_export):
+            patch.setattr(module, "reads_projection", lambda reverse: False)
+        return export_checkpoint(text_checkpoint, tmp_path_factory.mktemp("older") / "onnx", variants=("float32",),
+                                 int8=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
 def label_export(label_checkpoint, tmp_path_factory):  # noqa: F811
     return export_checkpoint(label_checkpoint, tmp_path_factory.mktemp("label") / "onnx",
                              log=lambda *_: None)  # every variant: fp32, fp16, int8 reverse
@@ -35,9 +48,11 @@ def label_export(label_checkpoint, tmp_path_factory):  # noqa: F811
 def test_the_export_holds_the_condition_graph_and_the_null_condition(text_export):
     manifest = json.loads((text_export / "manifest.json").read_text())
     graphs = manifest["graphs"]["float32"]
-    assert set(graphs) == {"encoder", "reverse", "decoder_prefill", "decoder_step", "condition"}
+    assert set(graphs) == {"encoder", "reverse", "decoder_prefill", "decoder_step", "condition", "condition_kv"}
     assert [o["name"] for o in graphs["encoder"]["outputs"]] == ["latent", "token_states"]
-    assert [i["name"] for i in graphs["reverse"]["inputs"]] == ["x_t", "t", "condition_tokens", "condition_mask"]
+    # a cross-attention model's reverse graph reads each block's keys and values, projected once a run
+    assert [i["name"] for i in graphs["reverse"]["inputs"]] == ["x_t", "t", "condition_kv", "condition_mask"]
+    assert [i["name"] for i in graphs["condition_kv"]["inputs"]] == ["condition_tokens"]
     assert len(manifest["null_condition"]) == 1 and len(manifest["null_condition"][0]) == manifest["model"]["d_model"]
 
 
@@ -91,6 +106,39 @@ def test_an_export_without_its_null_condition_is_refused(label_export, tmp_path)
         ldlm.load(broken)
 
 
+def test_an_older_export_projecting_in_its_graph_still_generates(text_checkpoint, older_text_export):  # noqa: F811
+    manifest = json.loads((older_text_export / "manifest.json").read_text())
+    assert "condition_kv" not in manifest["graphs"]["float32"]
+    assert [i["name"] for i in manifest["graphs"]["float32"]["reverse"]["inputs"]][2] == "condition_tokens"
+    reference, onnx = ldlm.load(text_checkpoint), ldlm.load(older_text_export)
+    assert onnx.reverse.condition_kv_graph is None
+    kwargs = {"sources": ["about cat", "about the sun and the rain"], "sampler": "dpm++2m", "steps": 4, "seed": 2,
+              "guidance": 2.0, "progress": False}
+    assert rel_err(onnx.sample_latents(2, **kwargs), reference.sample_latents(2, **kwargs)) < 1e-5
+    assert onnx.generate_from(**kwargs) == reference.generate_from(**kwargs)
+
+
+def test_onnx_projects_a_condition_as_the_model_does(text_checkpoint, text_export):  # noqa: F811
+    reference, onnx = ldlm.load(text_checkpoint), ldlm.load(text_export)
+    sources = ["about cat", "about the sun and the rain"]
+    cond = reference.reverse.embed_condition(*_states(reference, sources))
+    read = onnx.reverse.project_condition(onnx.reverse.embed_condition(*_states(onnx, sources)))
+    expected = reference.reverse.project_condition(cond)
+    assert read.projected and read.tokens.shape == expected.tokens.shape
+    assert rel_err(read.tokens, expected.tokens) < 1e-5
+    x, t = torch.randn(2, *reference.config.latent_shape), torch.tensor([20.0, 800.0])
+    with torch.no_grad():
+        want = reference.reverse(x, t, condition=cond)
+    assert rel_err(onnx.reverse(x, t, condition=read), want) < 1e-5
+    assert rel_err(onnx.reverse(x, t, condition=onnx.reverse.embed_condition(*_states(onnx, sources))), want) < 1e-5
+
+
+def _states(pipe, sources):
+    from ldlm.model.encoder import pad_states
+
+    return pad_states(pipe.encoder.token_states(sources))
+
+
 LONG_SOURCES = [" ".join(["the cat and the dog saw the bird"] * 5), "about the sun and the rain " * 6,
                 "a dog ran " * 12, "about cat " * 15]  # 30-50 encoder tokens each, the null condition one
 
@@ -103,12 +151,12 @@ def _counting_runs(pipe, monkeypatch) -> list[int]:
     return runs
 
 
-def test_a_guided_batch_runs_its_null_rows_apart_from_the_long_sources(text_checkpoint, text_export,  # noqa: F811
+def test_a_guided_batch_runs_its_null_rows_apart_from_the_long_sources(text_checkpoint, older_text_export,  # noqa: F811
                                                                        monkeypatch):
     from ldlm.model.reverse import Condition
     from ldlm.sampling.guidance import encode_condition
 
-    onnx = ldlm.load(text_export)
+    onnx = ldlm.load(older_text_export)  # its graph projects every padded token at every step
     reverse = onnx.reverse
     condition = encode_condition(reverse, onnx.encoder, sources=LONG_SOURCES, device=onnx.device)
     guided = Condition.cat([condition, reverse.null(4)])  # the null rows padded to the sources' length
@@ -128,11 +176,15 @@ def test_a_guided_batch_runs_its_null_rows_apart_from_the_long_sources(text_chec
     assert runs == [2]
 
 
-def test_onnx_generates_from_long_sources_as_the_reference(text_checkpoint, text_export, monkeypatch):  # noqa: F811
-    reference, onnx = ldlm.load(text_checkpoint), ldlm.load(text_export)
+@pytest.mark.parametrize("projects_once", [True, False])
+def test_onnx_generates_from_long_sources_as_the_reference(text_checkpoint, text_export,  # noqa: F811
+                                                           older_text_export, monkeypatch, projects_once):
+    reference, onnx = ldlm.load(text_checkpoint), ldlm.load(text_export if projects_once else older_text_export)
     runs = _counting_runs(onnx, monkeypatch)
     kwargs = {"sources": LONG_SOURCES, "sampler": "dpm++2m", "steps": 4, "seed": 5, "guidance": 2.0,
               "progress": False}
     assert rel_err(onnx.sample_latents(4, **kwargs), reference.sample_latents(4, **kwargs)) < 1e-5
-    assert runs == [4] * 8  # each step: the sources' rows, then the null rows apart
+    # each step one run reading the projection made once, or (the older export) the sources' rows, then the
+    # null rows apart
+    assert runs == ([8] * 4 if projects_once else [4] * 8)
     assert onnx.generate_from(**kwargs) == reference.generate_from(**kwargs)

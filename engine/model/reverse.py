@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,9 +51,20 @@ class Condition:
             raise ValueError("cannot batch projected and unprojected conditions together: project every part "
                              "(ReverseTransformer.project_condition) or none")
         length = max(p.tokens.shape[1] for p in parts)
-        padded = [p.padded(length) for p in parts]
-        return Condition(torch.cat([p.tokens for p in padded]), torch.cat([p.mask for p in padded]),
-                         parts[0].projected)
+        first, dtype = parts[0], functools.reduce(torch.promote_types, [p.tokens.dtype for p in parts])
+        # each element written once (padding the parts first, then concatenating, writes them twice: a projected
+        # condition is 2 x n_layers times the tokens' width, and the serving loop batches its rows each iteration)
+        tokens = first.tokens.new_empty(sum(p.tokens.shape[0] for p in parts), length, first.tokens.shape[2],
+                                        dtype=dtype)
+        mask = first.mask.new_zeros(tokens.shape[:2])
+        row = 0
+        for p in parts:
+            rows, real = p.tokens.shape[:2]
+            tokens[row : row + rows, :real] = p.tokens
+            tokens[row : row + rows, real:] = 0
+            mask[row : row + rows, :real] = p.mask
+            row += rows
+        return Condition(tokens, mask, first.projected)
 
     def rows(self, index) -> Condition:
         return Condition(self.tokens[index], self.mask[index], self.projected)
@@ -65,10 +77,11 @@ class Condition:
         return Condition(self.tokens[:, :used], self.mask[:, :used], self.projected)
 
     @staticmethod
-    def repeated(token: torch.Tensor, batch: int) -> Condition:
-        """One token (1, d_model) as the condition of `batch` rows (the null condition)."""
-        tokens = token[None].expand(batch, -1, -1)  # (B, 1, d_model)
-        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device))
+    def repeated(token: torch.Tensor, batch: int, projected: bool = False) -> Condition:
+        """One token (1, width) as the condition of `batch` rows (the null condition; projected: its keys and
+        values)."""
+        tokens = token[None].expand(batch, -1, -1)  # (B, 1, width)
+        return Condition(tokens, torch.ones(batch, 1, dtype=torch.bool, device=tokens.device), projected)
 
 
 def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

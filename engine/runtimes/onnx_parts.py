@@ -62,19 +62,31 @@ class OnnxEncoder:
                                     device=self.device, batch_size=batch_size)
 
 
+def _rows(index: torch.Tensor) -> torch.Tensor | slice:
+    """Row indices (N,) as a slice where they are consecutive (as a guided batch's halves are): its rows are then
+    views, not copies (a projected condition is n_layers x 2 times the tokens' width)."""
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == len(index) else index
+
+
 class OnnxReverse:
     """The reverse transformer graph as a denoiser: (x_t (B, D), t (B,)[, x0_prev][, condition]) -> x0_hat
     (B, D); for a conditional model also what ldlm.sampling.guidance reads of a ReverseTransformer: embed_condition
-    (the condition graph) and null (the manifest's learned null condition)."""
+    (the condition graph), null (the manifest's learned null condition) and, for a cross-attention model,
+    project_condition (the condition_kv graph: the reverse graph reads each block's keys and values, projected
+    once per sampling run; a condition passed unprojected is projected at the call)."""
 
     def __init__(self, graph: Graph, config: ModelConfig, condition_graph: Graph | None = None,
-                 null_condition: torch.Tensor | None = None, *, static_inputs: bool = False):
+                 null_condition: torch.Tensor | None = None, condition_kv_graph: Graph | None = None, *,
+                 static_inputs: bool = False):
         """static_inputs: bind each input shape's run once to buffers of its own and copy every call's inputs
         into them (what ORT's CUDA graphs need: a graph replays the addresses it captured; one graph id a
         shape). Calls then take turns on the buffers; without it each call binds its own tensors and calls
         from several threads run at once."""
         self.graph, self.config = graph, config
         self.condition_graph, self.null_condition = condition_graph, null_condition  # (1, d_model) float32
+        self.condition_kv_graph = condition_kv_graph
+        self._null_read: torch.Tensor | None = None  # the null token as the reverse graph reads it, (1, width)
         self.static_inputs = static_inputs
         self._static: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Callable[[], None]]] = {}
         self._static_lock = threading.Lock()
@@ -85,9 +97,11 @@ class OnnxReverse:
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
         with self._static_lock:
             if key not in self._static:
-                buffers = {name: torch.empty_like(t, memory_format=torch.contiguous_format) for name, t in inputs.items()}
+                buffers = {name: torch.empty_like(t, memory_format=torch.contiguous_format)
+                           for name, t in inputs.items()}
                 out = torch.empty_like(buffers["x_t"])
-                self._static[key] = (buffers, out, self.graph.bind(buffers, {"x0_hat": out}, graph_id=len(self._static)))
+                run = self.graph.bind(buffers, {"x0_hat": out}, graph_id=len(self._static))
+                self._static[key] = (buffers, out, run)
             buffers, out, run = self._static[key]
             for name, tensor in inputs.items():
                 buffers[name].copy_(tensor)
@@ -106,21 +120,25 @@ class OnnxReverse:
         return out
 
     def _length_groups(self, condition: Condition | None, device: torch.device) -> tuple[torch.Tensor, ...] | None:
-        """The rows of short conditions and the others, (short, long) indices, when running them apart pays;
-        None to run the batch as one. The graph projects every condition token of every row to each block's keys
-        and values at every step, padding included: a guided batch pads its null rows (one token) to the
-        sources' length (about 40 MiniLM tokens on E2E), so half its rows project 40 tokens where one would do.
-        A second run costs a fixed overhead, paid back from about SPLIT_MIN_TOKENS padded tokens saved; on the
-        CPU only (a GPU is not compute-bound here, and a CUDA graph wants one shape)."""
-        if condition is None or self.static_inputs or device.type != "cpu":
+        """The rows of long conditions and the short ones, (long, short) indices, when running them apart pays;
+        None to run the batch as one. An export without the condition_kv graph (a joint-attention model, or a
+        cross-attention one exported before that graph) projects every condition token of every row, padding
+        included, at every step: a guided batch pads its null rows (one token) to the sources' length (about 40
+        MiniLM tokens on E2E). A second run costs a fixed overhead, paid back from about SPLIT_MIN_TOKENS padded
+        tokens saved. Not for a projected condition (the padding is then only read: a second run gained nothing,
+        bench/results/cpu.md, 2026-12-07), nor on a GPU (not compute-bound here; a CUDA graph wants one shape)."""
+        if condition is None or condition.projected or self.static_inputs or device.type != "cpu":
             return None
         lengths = condition.mask.sum(1)  # (B,) real tokens a row
-        padded = condition.tokens.shape[1]
-        short = lengths * 2 <= padded
-        n_short = int(short.sum())
-        if n_short in (0, len(lengths)) or n_short * (padded - int(lengths[short].max())) < SPLIT_MIN_TOKENS:
+        cuts = lengths.unique()[:-1]  # (U,) the short group: the rows of at most `cut` tokens, padded to it
+        if not len(cuts):
             return None
-        return short.nonzero().squeeze(1), (~short).nonzero().squeeze(1)
+        saved = (lengths[None, :] <= cuts[:, None]).sum(1) * (condition.tokens.shape[1] - cuts)  # (U,) tokens
+        best = int(saved.argmax())
+        if int(saved[best]) < SPLIT_MIN_TOKENS:
+            return None
+        short = lengths <= cuts[best]
+        return tuple(_rows(group.nonzero().squeeze(1)) for group in (~short, short))
 
     def _run(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None,
              condition: Condition | None) -> torch.Tensor:
@@ -129,8 +147,8 @@ class OnnxReverse:
         if self.config.self_condition:
             inputs["x0_prev"] = torch.zeros_like(inputs["x_t"]) if x0_prev is None else x0_prev.float()
         if self.config.condition is not None:
-            condition = condition if condition is not None else self.null(x_t.shape[0])
-            inputs["condition_tokens"] = condition.tokens.float()
+            condition = self._read(condition, x_t.shape[0])
+            inputs["condition_kv" if condition.projected else "condition_tokens"] = condition.tokens.float()
             inputs["condition_mask"] = condition.mask.long()
         elif condition is not None:
             raise ValueError("this reverse transformer is unconditional: it takes no condition")
@@ -139,6 +157,19 @@ class OnnxReverse:
         out = torch.empty_like(inputs["x_t"])
         self.graph.run(inputs, {"x0_hat": out})
         return out
+
+    def _read(self, condition: Condition | None, batch: int) -> Condition:
+        """The condition as the reverse graph reads it (None: the null condition of `batch` rows)."""
+        if self.condition_kv_graph is None:
+            if condition is not None and condition.projected:
+                raise ValueError("this export's reverse graph reads a condition's tokens, not a projected condition "
+                                 "(pass it unprojected; a cross-attention model exported again reads projections)")
+            return condition if condition is not None else self.null(batch)
+        if condition is None:
+            if self._null_read is None:
+                self._null_read = self.project_condition(self.null(1)).tokens[0]  # (1, width)
+            return Condition.repeated(self._null_read, batch, projected=True)
+        return self.project_condition(condition)
 
     def embed_condition(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
         """As ReverseTransformer.embed_condition: label ids (B,), or token states (B, L, D) with their mask."""
@@ -152,15 +183,20 @@ class OnnxReverse:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=states.device)
         return Condition(tokens, mask.bool())
 
+    def project_condition(self, condition: Condition) -> Condition:
+        """As ReverseTransformer.project_condition, by the export's condition_kv graph: (B, L, d_model) tokens ->
+        (B, L, n_layers * 2 * d_model), each block's keys and values. An export without that graph (a
+        joint-attention model, or a cross-attention one exported before it existed) reads the tokens and
+        projects them itself at every step: the condition comes back as it is."""
+        if self.condition_kv_graph is None or condition.projected:
+            return condition
+        B, L, _ = condition.tokens.shape
+        kv = torch.empty(B, L, 2 * self.config.n_layers * self.config.d_model, device=condition.tokens.device)
+        self.condition_kv_graph.run({"condition_tokens": condition.tokens.float()}, {"condition_kv": kv})
+        return Condition(kv, condition.mask, projected=True)
+
     def null(self, batch: int) -> Condition:
         return Condition.repeated(self.null_condition, batch)
-
-    def project_condition(self, condition: Condition) -> Condition:
-        """The condition as it is: the exported reverse graph reads a condition's tokens and projects each block's
-        keys and values itself, in int8 where its MatMuls are. A projection made once per run is 2 x n_layers
-        times the tokens' width, and moving it into the graph at every step cost the serving loop more than the
-        int8 projection it saves (bench/results/cpu.md, 2026-12-07, "a condition projected once")."""
-        return condition
 
 
 class OnnxCache:

@@ -44,23 +44,35 @@ def _check_sizes(encoder: OnnxEncoder, reverse: OnnxReverse, decoder: OnnxDecode
     decoder.step_graph.expect_shape("logits", ["batch", s["vocab_size"]], "decoder vocab_size")
     decoder.step_graph.expect_shape("new_kv", [s["n_layer"], 2, "batch", s["n_head"], s["head_dim"]], "decoder sizes")
     if config.condition is not None:
-        reverse.graph.expect_shape("condition_tokens", ["batch", "length", config.d_model], "model config")
         length = 1 if config.condition == "label" else "length"
         reverse.condition_graph.expect_shape("condition_tokens", ["batch", length, config.d_model], "model config")
+        if reverse.condition_kv_graph is None:
+            reverse.graph.expect_shape("condition_tokens", ["batch", "length", config.d_model], "model config")
+        else:
+            width = 2 * config.n_layers * config.d_model  # every block's keys and values
+            reverse.graph.expect_shape("condition_kv", ["batch", "length", width], "model config")
+            reverse.condition_kv_graph.expect_shape("condition_tokens", ["batch", "length", config.d_model],
+                                                    "model config")
+            reverse.condition_kv_graph.expect_shape("condition_kv", ["batch", "length", width], "model config")
     if config.condition == "text":
         encoder.graph.expect_shape("token_states", ["batch", "length", encoder.hidden_size], "model config")
 
 
 def _condition_parts(directory: Path, manifest: dict, specs: dict, config: ModelConfig, graph,
-                     device: torch.device) -> tuple[Graph | None, torch.Tensor | None]:
-    """A conditional model's condition graph and null condition (1, d_model); (None, None) for another."""
+                     device: torch.device) -> tuple[Graph | None, torch.Tensor | None, Graph | None]:
+    """A conditional model's condition graph, null condition (1, d_model) and, for a cross-attention model's
+    export that holds it, the graph that projects a condition to its blocks' keys and values (else None);
+    (None, None, None) for an unconditional model."""
     from ldlm.export.manifest import ExportError
 
     if config.condition is None:
-        return None, None
+        return None, None, None
     if "condition" not in specs or "null_condition" not in manifest:
         raise ExportError(f"{directory} holds a {config.condition}-conditioned model but no condition graph or null "
                           "condition: export the checkpoint again with `ldlm export`")
+    # a cross-attention model's export reads its condition projected once (condition_kv); one made before that
+    # graph existed reads tokens and projects them at every step, as it always did
+    projects = config.condition_attention == "cross" and "condition_kv" in specs
     try:
         null = torch.tensor(manifest["null_condition"], dtype=torch.float32)
     except (TypeError, ValueError) as e:
@@ -69,7 +81,7 @@ def _condition_parts(directory: Path, manifest: dict, specs: dict, config: Model
     if tuple(null.shape) != (1, config.d_model):
         raise ExportError(f"{directory / 'manifest.json'}: null_condition must be (1, {config.d_model}), not "
                           f"{tuple(null.shape)}: re-run `ldlm export`")
-    return graph("condition"), null.to(device)
+    return graph("condition"), null.to(device), graph("condition_kv") if projects else None
 
 
 def load_export_components(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,

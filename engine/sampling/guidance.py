@@ -80,9 +80,8 @@ def encode_condition(model: ReverseTransformer, encoder, *, sources: list[str] |
 
 def projected(model, condition: Condition) -> Condition:
     """`condition` as a cross-attention model's blocks read it, each block's keys and values projected once
-    (project_condition: ReverseTransformer's and the compiled module's), so that a sampling run does not project
-    it again at every step; a joint-attention model's as it is, and the ONNX graph's (OnnxReverse projects inside
-    the graph)."""
+    (project_condition: ReverseTransformer's, the compiled module's, the ONNX export's condition_kv graph), so
+    that a sampling run does not project it again at every step; a joint-attention model's as it is."""
     if model.config.condition_attention != "cross":
         return condition
     return model.project_condition(condition)

@@ -24,8 +24,9 @@ from ldlm.serving.requests import Request
 
 @dataclass
 class SamplingRow:
-    """One request in the sampling loop. x: (1, *latent_shape) float32; condition: its Condition (1, L, d_model),
-    or None for the null condition (an unconditional request, or guidance 0)."""
+    """One request in the sampling loop. x: (1, *latent_shape) float32; condition: its Condition (1, L, width),
+    projected at admission for a cross-attention model, or None for the null condition (an unconditional
+    request, or guidance 0)."""
 
     request: Request
     x: torch.Tensor
@@ -89,35 +90,32 @@ def start_row(request: Request, x: torch.Tensor, generator: torch.Generator | It
 
 def forward_inputs(rows: list[SamplingRow], null: Condition | None, self_condition: bool):
     """The one forward's inputs for `rows`: x_t (R, ...), t (R,) float32, x0_prev (R, ...) or None, the
-    Condition (R, L, d_model) or None (an unconditional model: `null` is None). A guided row's conditional
-    input comes first, then its null one."""
-    xs, ts, prevs, conditions = [], [], [], []
-    for row in rows:
-        for condition in ([row.condition, None] if row.guided else [row.condition]):
-            xs.append(row.x)
-            ts.append(float(row.t))
-            if self_condition:
-                prevs.append(torch.zeros_like(row.x) if row.previous is None else row.previous)
-            if null is not None:
-                conditions.append(null if condition is None else condition)
-    x = _stack(xs)
-    t = torch.tensor(ts, dtype=torch.float32, device=x.device)
-    condition = (conditions[0] if len(conditions) == 1 else Condition.cat(conditions)) if conditions else None
-    return x, t, _stack(prevs) if self_condition else None, condition
+    Condition (R, L, width) or None (an unconditional model: `null` is None). Every row's own input comes first
+    (its condition, or the null one), then the guided rows' null inputs in the same order: the null rows side by
+    side, which the ONNX graph on the CPU runs apart from long sources (ldlm.runtimes.onnx_parts)."""
+    inputs = [(row, row.condition) for row in rows] + [(row, None) for row in rows if row.guided]
+    x = _stack([row.x for row, _ in inputs])
+    t = torch.tensor([float(row.t) for row, _ in inputs], dtype=torch.float32, device=x.device)
+    prev = None
+    if self_condition:
+        prev = _stack([torch.zeros_like(row.x) if row.previous is None else row.previous for row, _ in inputs])
+    if null is None:
+        return x, t, prev, None
+    conditions = [null if condition is None else condition for _, condition in inputs]
+    return x, t, prev, conditions[0] if len(conditions) == 1 else Condition.cat(conditions)
 
 
 def guided_estimates(rows: list[SamplingRow], out: torch.Tensor) -> list[torch.Tensor]:
-    """The forward's output (R, ...) -> each row's x0 estimate (1, ...), guided rows combined as
-    ldlm.sampling.guidance does: x0_null + w * (x0_cond - x0_null)."""
-    estimates, i = [], 0
-    for row in rows:
+    """The forward's output (R, ...), ordered as forward_inputs orders it -> each row's x0 estimate (1, ...),
+    guided rows combined as ldlm.sampling.guidance does: x0_null + w * (x0_cond - x0_null)."""
+    estimates, null = [], len(rows)  # the first guided row's null output
+    for i, row in enumerate(rows):
         if row.guided:
-            x0_cond, x0_null = out[i : i + 1], out[i + 1 : i + 2]
+            x0_cond, x0_null = out[i : i + 1], out[null : null + 1]
             estimates.append(x0_null + row.request.guidance * (x0_cond - x0_null))
-            i += 2
+            null += 1
         else:
             estimates.append(out[i : i + 1])
-            i += 1
     return estimates
 
 

@@ -26,7 +26,7 @@ from ldlm.inputs import nonfinite_items
 from ldlm.model.schedule import add_noise
 from ldlm.pipeline import DECODE_BATCH, Pipeline
 from ldlm.runtimes.backends import ENGINE_BACKENDS
-from ldlm.sampling.guidance import encode_condition
+from ldlm.sampling.guidance import encode_condition, projected
 from ldlm.sampling.samplers import ItemNoise, randn_like
 from ldlm.serving.requests import Request
 from ldlm.serving.rows import SamplingRow, advance, forward_inputs, guided_estimates, start_row
@@ -70,7 +70,8 @@ class StepScheduler:
         self.pipe = pipe
         self.config = pipe.config
         self.reverse = pipe.step_reverse()
-        self.null = self.reverse.null(1) if self.config.condition is not None else None  # a guided row's other half
+        # a guided row's other half; conditions are projected once, at admission (ldlm.sampling.guidance.projected)
+        self.null = projected(self.reverse, self.reverse.null(1)) if self.config.condition is not None else None
         # the engine backends step in their dtype; every other backend in float32
         self.dtype = pipe.dtype if pipe.backend in ENGINE_BACKENDS else torch.float32
         self.active: list[Ticket] = []  # in admission order (first come, first served)
@@ -146,6 +147,7 @@ class StepScheduler:
             condition = encode_condition(pipe.reverse, pipe.encoder, device=pipe.device,
                                          sources=None if r.source is None else [r.source],
                                          labels=None if r.label is None else [r.label])
+            condition = projected(self.reverse, condition)
         shape = (1, *self.config.latent_shape)
         if r.task == "vary":
             z0 = pipe.normalize(pipe.encode([r.text]))
