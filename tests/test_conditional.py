@@ -128,8 +128,8 @@ def test_a_sampling_run_projects_its_condition_once(monkeypatch):
     with torch.no_grad():
         for t in (900.0, 500.0, 10.0):
             denoise(x, torch.full((2,), t))
-    assert projections == [4]  # the condition's rows and the null rows, once
-    assert len(kv_calls) == len(model.blocks)  # each block's projection once, not at each of the three steps
+    assert projections == [2, 2]  # the condition's rows, then the null rows (one token each), once
+    assert len(kv_calls) == 2 * len(model.blocks)  # each block's projections once, not at each of the three steps
 
 
 @pytest.mark.parametrize("attention", ["cross", "joint"])

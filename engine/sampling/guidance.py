@@ -97,8 +97,9 @@ def guided_denoiser(model, condition: Condition | None, guidance: float):
     previous = None
     read = None  # what each forward reads: the condition's rows, then (w > 1) as many null rows
     if condition is not None and guidance != 0:
-        rows = condition if guidance == 1 else Condition.cat([condition, model.null(condition.tokens.shape[0])])
-        read = projected(model, rows)
+        read = projected(model, condition)
+        if guidance != 1:  # the null rows projected apart: one token each, not the sources' padded length
+            read = Condition.cat([read, projected(model, model.null(condition.tokens.shape[0]))])
 
     def forward(x_t: torch.Tensor, t: torch.Tensor, prev: torch.Tensor | None, cond: Condition | None):
         args = (x_t, t, prev) if model.config.self_condition else (x_t, t)
