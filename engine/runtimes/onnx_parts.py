@@ -21,7 +21,7 @@ from ldlm.sampling.beam_search import BeamSearchConfig, beam_search
 # padded condition tokens a second run of the reverse graph must save to pay for itself: on the 2-core CPU (AMD
 # EPYC, AVX-512 VNNI, one thread), a guided step of the E2E model (null rows padded from 1 to 43 tokens) in an
 # export without condition_kv gained 1.06x at 4 items, 1.22x at 8 and 1.51x at 64 (int8), and three items (126
-# tokens) do not pay (bench/results/cpu.md, 2026-12-07, "a guided batch's null rows")
+# tokens) do not pay (bench/results/cpu.md, 2026-12-07, "the ONNX export projects the condition once")
 SPLIT_MIN_TOKENS = 128
 
 
