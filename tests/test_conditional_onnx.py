@@ -18,6 +18,7 @@ from ldlm.export.onnx_export import export_checkpoint
 
 from .test_conditional import label_checkpoint, text_checkpoint  # noqa: F401 (fixtures)
 from .test_onnx import rel_err
+from .test_serving import assert_lone_results, captured_latents, staggered  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,22 @@ def test_onnx_generates_from_long_sources_as_the_reference(text_checkpoint, text
     # null rows apart
     assert runs == ([8] * 4 if projects_once else [4] * 8)
     assert onnx.generate_from(**kwargs) == reference.generate_from(**kwargs)
+
+
+@pytest.mark.parametrize("projects_once", [True, False])
+def test_the_serving_engine_on_either_export_answers_as_lone_calls(text_export, older_text_export, projects_once,
+                                                                 captured_latents):  # noqa: F811
+    """Guided, unguided and unconditional requests of unequal sources sharing the engine's forwards, on the export
+    whose reverse graph reads the held projections and on the older one that projects tokens itself."""
+    pipe = ldlm.load(text_export if projects_once else older_text_export)
+    requests = [
+        ("generate_from", {"source": LONG_SOURCES[0], "seed": 1, "guidance": 2.5, "sampler": "dpm++2m", "steps": 8}),
+        ("generate", {"seed": 2, "sampler": "ddim", "steps": 6}),
+        ("generate_from", {"source": "short", "seed": 3, "guidance": 1.0, "sampler": "ddim", "steps": 5}),
+        ("generate_from", {"source": LONG_SOURCES[1], "seed": 4, "guidance": 3.0, "sampler": "dpm++2m", "steps": 9}),
+        ("generate_from", {"source": "a source", "seed": 5, "guidance": 2.0, "sampler": "ddim", "steps": 4}),
+    ]
+    with ldlm.AsyncEngine(pipe, max_rows=16) as engine:
+        texts = staggered(engine, requests, every=2)
+        assert engine.stats().mean_rows_per_forward > 2
+    assert_lone_results(pipe, requests, texts, captured_latents)

@@ -233,9 +233,9 @@ def hold_the_loop(monkeypatch):
     release = threading.Event()
     forward = StepScheduler._forward
 
-    def slow(self, rows):
+    def slow(self, rows, held):
         release.wait(timeout=60)
-        return forward(self, rows)
+        return forward(self, rows, held)
 
     monkeypatch.setattr(StepScheduler, "_forward", slow)
     return release

@@ -1,5 +1,5 @@
 """Step-level batching of the sampling loop: requests at different steps, with different samplers, step counts,
-conditions and guidance, share one reverse-transformer forward per iteration.
+conditions and guidance, share one reverse-transformer forward per iteration (its inputs: ldlm.serving.forward).
 
 Each request is a SamplingRow: its latent, its place on its own timestep grid, its sampler's state (DPM-Solver++'s
 previous x0 estimate, the self-conditioning estimate) and its own noise generator, seeded as a lone call seeds
@@ -73,7 +73,7 @@ class SamplingRow:
         return r.sampler == "ddim" and r.eta > 0 and self.t_next >= 0
 
 
-def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+def stack(parts: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat, without the copy for one part (a lone request pays no more per step than a Pipeline call)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -88,37 +88,6 @@ def start_row(request: Request, x: torch.Tensor, generator: torch.Generator | It
     return SamplingRow(request, x, generator, condition, timesteps)
 
 
-def forward_inputs(rows: list[SamplingRow], null: Condition | None, self_condition: bool):
-    """The one forward's inputs for `rows`: x_t (R, ...), t (R,) float32, x0_prev (R, ...) or None, the
-    Condition (R, L, width) or None (an unconditional model: `null` is None). Every row's own input comes first
-    (its condition, or the null one), then the guided rows' null inputs in the same order: the null rows side by
-    side, which the ONNX graph on the CPU runs apart from long sources (ldlm.runtimes.onnx_parts)."""
-    inputs = [(row, row.condition) for row in rows] + [(row, None) for row in rows if row.guided]
-    x = _stack([row.x for row, _ in inputs])
-    t = torch.tensor([float(row.t) for row, _ in inputs], dtype=torch.float32, device=x.device)
-    prev = None
-    if self_condition:
-        prev = _stack([torch.zeros_like(row.x) if row.previous is None else row.previous for row, _ in inputs])
-    if null is None:
-        return x, t, prev, None
-    conditions = [null if condition is None else condition for _, condition in inputs]
-    return x, t, prev, conditions[0] if len(conditions) == 1 else Condition.cat(conditions)
-
-
-def guided_estimates(rows: list[SamplingRow], out: torch.Tensor) -> list[torch.Tensor]:
-    """The forward's output (R, ...), ordered as forward_inputs orders it -> each row's x0 estimate (1, ...),
-    guided rows combined as ldlm.sampling.guidance does: x0_null + w * (x0_cond - x0_null)."""
-    estimates, null = [], len(rows)  # the first guided row's null output
-    for i, row in enumerate(rows):
-        if row.guided:
-            x0_cond, x0_null = out[i : i + 1], out[null : null + 1]
-            estimates.append(x0_null + row.request.guidance * (x0_cond - x0_null))
-            null += 1
-        else:
-            estimates.append(out[i : i + 1])
-    return estimates
-
-
 def advance(rows: list[SamplingRow], estimates: list[torch.Tensor], schedule: NoiseSchedule,
             self_condition: bool) -> dict[int, Exception]:
     """Each row one step on from its x0 estimate, rows of a step key together. Returns the rows (by index in
@@ -129,11 +98,11 @@ def advance(rows: list[SamplingRow], estimates: list[torch.Tensor], schedule: No
     failed = {}
     for members in groups.values():
         first = rows[members[0]]
-        x = _stack([rows[i].x for i in members])
-        x0_hat = _stack([estimates[i] for i in members])
+        x = stack([rows[i].x for i in members])
+        x0_hat = stack([estimates[i] for i in members])
         noise = None
         if first.noise_needed():  # each row's own draw, of a lone call's shape (1, ...)
-            noise = _stack([randn_like(rows[i].x, rows[i].generator) for i in members])
+            noise = stack([randn_like(rows[i].x, rows[i].generator) for i in members])
         sampler, t, t_next = first.request.sampler, first.t, first.t_next
         h = None
         if sampler == "ddpm":
@@ -141,7 +110,7 @@ def advance(rows: list[SamplingRow], estimates: list[torch.Tensor], schedule: No
         elif sampler == "ddim":
             x = ddim_step(schedule, x0_hat, x, t, t_next, first.request.eta, noise)
         else:
-            x0_prev = None if first.x0_prev is None else _stack([rows[i].x0_prev for i in members])
+            x0_prev = None if first.x0_prev is None else stack([rows[i].x0_prev for i in members])
             x, h = dpmpp_2m_step(schedule, x0_hat, x, t, t_next, x0_prev, first.h_prev)
         bad = set(nonfinite_items(x))
         for j, i in enumerate(members):

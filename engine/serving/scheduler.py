@@ -28,8 +28,9 @@ from ldlm.pipeline import DECODE_BATCH, Pipeline
 from ldlm.runtimes.backends import ENGINE_BACKENDS
 from ldlm.sampling.guidance import encode_condition, projected
 from ldlm.sampling.samplers import ItemNoise, randn_like
+from ldlm.serving.forward import ConditionRows, forward_inputs
 from ldlm.serving.requests import Request
-from ldlm.serving.rows import SamplingRow, advance, forward_inputs, guided_estimates, start_row
+from ldlm.serving.rows import SamplingRow, advance, start_row
 
 
 @dataclass
@@ -72,6 +73,7 @@ class StepScheduler:
         self.reverse = pipe.step_reverse()
         # a guided row's other half; conditions are projected once, at admission (ldlm.sampling.guidance.projected)
         self.null = projected(self.reverse, self.reverse.null(1)) if self.config.condition is not None else None
+        self.conditions = None if self.null is None else ConditionRows(self.null)  # kept across iterations
         # the engine backends step in their dtype; every other backend in float32
         self.dtype = pipe.dtype if pipe.backend in ENGINE_BACKENDS else torch.float32
         self.active: list[Ticket] = []  # in admission order (first come, first served)
@@ -121,6 +123,8 @@ class StepScheduler:
         sampling = [ticket for ticket in self.active if ticket.row is not None]
         if sampling:
             ended += self._step(sampling, times)
+        elif self.conditions is not None:
+            self.conditions.clear()  # the rows that left hold no memory while nothing samples
         ready = [ticket for ticket in self.active if ticket.latent is not None]
         if ready or self.decoding:
             start = time.perf_counter()
@@ -158,14 +162,16 @@ class StepScheduler:
             x = randn_like(torch.empty(shape, device=pipe.device), generator)
         ticket.row = start_row(r, x, generator, condition, self.config.num_timesteps)
 
-    def _forward(self, rows: list[SamplingRow]) -> list[torch.Tensor]:
-        x, t, prev, condition = forward_inputs(rows, self.null, self.config.self_condition)
-        args = [x.to(self.dtype), t]
-        if prev is not None:
-            args.append(prev.to(self.dtype))
-        kwargs = {} if condition is None else {"condition": condition}
+    def _forward(self, rows: list[SamplingRow], held: ConditionRows | None) -> list[torch.Tensor]:
+        """Each row's x0 estimate from one forward; `held`: the conditions kept across iterations, when `rows` are
+        every sampling row (a forward over some of them concatenates theirs)."""
+        batch = forward_inputs(rows, self.null, self.config.self_condition, held)
+        args = [batch.x.to(self.dtype), batch.t]
+        if batch.prev is not None:
+            args.append(batch.prev.to(self.dtype))
+        kwargs = {} if batch.condition is None else {"condition": batch.condition}
         out = self.reverse(*args, **kwargs).float()
-        return guided_estimates(rows, out)
+        return batch.estimates(rows, out)
 
     def _step(self, tickets: list[Ticket], times: IterationTimes) -> list:
         """One forward over every sampling row, then each row's step; a forward that fails is retried request by
@@ -174,12 +180,12 @@ class StepScheduler:
         rows = [ticket.row for ticket in tickets]
         start = time.perf_counter()
         try:
-            estimates = self._forward(rows)
+            estimates = self._forward(rows, self.conditions)
         except Exception:  # noqa: BLE001 (find whose row it was)
             estimates = []
             for ticket in tickets:
                 try:
-                    estimates.append(self._forward([ticket.row]))
+                    estimates.append(self._forward([ticket.row], None))
                 except Exception as e:  # noqa: BLE001
                     estimates.append(e)
             for ticket, result in zip(tickets, estimates):
