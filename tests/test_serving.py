@@ -166,8 +166,9 @@ def test_self_conditioning_rows_keep_their_own_previous_estimate(self_conditione
     assert_lone_results(pipe, requests, texts, captured_latents)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_onnx_requests_get_the_lone_calls_results(tiny_checkpoint, tmp_path_factory, int8, captured_latents):
+@pytest.mark.parametrize(("int8", "decode"), [(False, None), (True, None), (False, "continuous")])
+def test_onnx_requests_get_the_lone_calls_results(tiny_checkpoint, tmp_path_factory, int8, decode,
+                                                  captured_latents):
     from ldlm.export.onnx_export import export_checkpoint
 
     out = tmp_path_factory.mktemp("serve-onnx") / "tiny"
@@ -175,7 +176,8 @@ def test_onnx_requests_get_the_lone_calls_results(tiny_checkpoint, tmp_path_fact
     pipe = ldlm.load(out, onnx_options=ldlm.OnnxOptions(int8_reverse=int8, int8_decoder=int8))
     requests = [("generate", {"seed": s, "sampler": "dpm++2m", "steps": steps}) for s, steps in
                 [(1, 20), (2, 12), (3, 20), (4, 5)]] + [("reconstruct", {"text": TINY_TEXTS[5]})]
-    with AsyncEngine(pipe) as engine:
+    with AsyncEngine(pipe, decode=decode) as engine:
+        assert engine.decode == (decode or "batched")  # onnx decodes batch by batch unless asked
         texts = staggered(engine, requests, every=2)
     # int8 graphs quantize activations with a scale over the whole batch (ONNX Runtime's dynamic quantization),
     # so a row's int8 result moves with its batch-mates, in the engine as between Pipeline's own batch sizes
@@ -378,10 +380,11 @@ def test_the_load_benchmark_runs_every_way_and_checks_the_engine_against_lone_ca
 
     out = tmp_path / "load.json"
     main(["bench", str(tiny_checkpoint), "--load", "--concurrency", "1", "3", "--rates", "40", "--requests", "6",
-          "--steps", "5", "--no-progress", "--json", str(out)])
+          "--steps", "5", "--no-progress", "--decode", "batched", "--json", str(out)])
     table = capsys.readouterr().out
-    assert "engine texts identical to their lone Pipeline call" in table
+    assert "engine (batched decode) texts identical to their lone Pipeline call" in table
     record = json.loads(out.read_text())
+    assert record["decode"] == "batched"  # as asked; the reference's own default is continuous
     rows = {(r["way"], r["mode"], r["level"]) for r in record["results"]}
     assert rows == {(way, mode, level) for way in ("engine", "threads", "serial")
                     for mode, level in (("closed", 1), ("closed", 3), ("open", 40))}

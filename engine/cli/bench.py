@@ -51,6 +51,8 @@ def add_parsers(sub) -> None:
                       help="a conditional model's sources, one per line (requests cycle through them)")
     load.add_argument("--guidance", type=float, default=None, help="a conditional model's guidance (default: its own)")
     load.add_argument("--max-rows", type=int, default=64, help="the engine's forward rows per iteration (default 64)")
+    load.add_argument("--decode", choices=["continuous", "batched"], default=None,
+                      help="the engine's beam decode (default: the backend's, ldlm.serving.scheduler)")
     p.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw latency against batch size per backend into FILE (png)")
 
@@ -157,7 +159,8 @@ def bench_load(args) -> None:
                 trust_native_code=args.trust_native_code)
     settings = LoadSettings(concurrency=tuple(args.concurrency), rates=tuple(args.rates), requests=args.requests,
                             sampler=args.sampler or "dpm++2m", steps=args.steps or 20, num_beams=args.num_beams,
-                            guidance=args.guidance, sources=sources, ways=tuple(args.ways), max_rows=args.max_rows)
+                            guidance=args.guidance, sources=sources, ways=tuple(args.ways), max_rows=args.max_rows,
+                            decode=args.decode)
     print(f"load test of {args.checkpoint} on {pipe.backend} ({pipe.backend_reason})", file=sys.stderr)
     test = LoadTest(pipe, settings, progress=not args.no_progress)
     results = test.run()
@@ -166,9 +169,11 @@ def bench_load(args) -> None:
     if "engine" in settings.ways:
         same, compared = identical_share(test)
         parity = {"identical": same, "compared": compared}
-        print(f"engine texts identical to their lone Pipeline call: {same} of {compared} compared")
+        print(f"engine ({test.decode} decode) texts identical to their lone Pipeline call: {same} of {compared} "
+              "compared")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "backend": pipe.backend, "parity": parity,
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "backend": pipe.backend, "decode": test.decode,
+                                               "parity": parity,
                                                "results": results_json(results)}, indent=2, default=str))
 
 

@@ -45,6 +45,7 @@ class LoadSettings:
     sources: tuple[str, ...] = ()  # a conditional model's requests cycle through these
     ways: tuple[str, ...] = WAYS
     max_rows: int = 64
+    decode: str | None = None  # the engine's decode (AsyncEngine); None: the backend's default
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +97,7 @@ class LoadTest:
         self.texts: dict[str, dict[int, str]] = {way: {} for way in settings.ways}
         self._index = 0
         self._lock = threading.Lock()
+        self.decode: str | None = None  # the engine's decode, once it runs
 
     def _arguments(self, i: int) -> tuple[str, dict]:
         s = self.settings
@@ -125,7 +127,9 @@ class LoadTest:
         """Every level, each way in turn at that level (so that the ways of a level meet the same machine)."""
         engine = None
         if "engine" in self.settings.ways:
-            engine = AsyncEngine(self.pipe, max_rows=self.settings.max_rows, max_queued=10 * MAX_LOAD_REQUESTS)
+            engine = AsyncEngine(self.pipe, max_rows=self.settings.max_rows, max_queued=10 * MAX_LOAD_REQUESTS,
+                                 decode=self.settings.decode)
+            self.decode = engine.decode
         try:
             for way in self.settings.ways:
                 self._warm(way, engine if way == "engine" else None)

@@ -11,6 +11,12 @@ The beam decode, two ways (`decode`):
   the pipeline's own decode (onnx and aoti with the C bookkeeping; the static-KV search on compiled and the
   engine backends), while the sampling loop waits.
 Nucleus requests decode one at a time, each from its own generator, as a lone call does.
+
+By default (decode=None) the onnx backend decodes batch by batch: on the 2-core CPU it served 1.1-1.6x the
+requests of the continuous decode at 8 and 64 callers, guided and unguided, with lower latency at 10 requests/s
+(bench/results/cpu.md, 2026-12-07, "the serving loop keeps its conditions"): an interleaved token step over a
+few items costs nearly what a forward costs, and decoding items hold rows the sampling loop could use. The
+other backends with a slot decoder (reference, aoti) decode continuously, as measured when the engine landed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from ldlm.sampling.samplers import ItemNoise, randn_like
 from ldlm.serving.forward import ConditionRows, forward_inputs
 from ldlm.serving.requests import Request
 from ldlm.serving.rows import SamplingRow, advance, start_row
+
+# backends whose serving loop decodes batch by batch unless asked otherwise (module docstring)
+BATCH_DECODE_BACKENDS = frozenset({"onnx"})
 
 
 @dataclass
@@ -65,9 +74,11 @@ class StepScheduler:
     """The active requests of one pipeline. `iteration(new)` runs one iteration and returns the requests it ended
     as (ticket, text or exception); it never raises for a request's fault."""
 
-    def __init__(self, pipe: Pipeline, decode: str = "continuous"):
-        if decode not in ("continuous", "batched"):
-            raise ValueError(f"decode must be 'continuous' or 'batched', got {decode!r}")
+    def __init__(self, pipe: Pipeline, decode: str | None = None):
+        if decode not in (None, "continuous", "batched"):
+            raise ValueError(f"decode must be 'continuous', 'batched' or None (the backend's default), got {decode!r}")
+        if decode is None:
+            decode = "batched" if pipe.backend in BATCH_DECODE_BACKENDS else "continuous"
         self.pipe = pipe
         self.config = pipe.config
         self.reverse = pipe.step_reverse()
