@@ -225,7 +225,7 @@ def test_bad_requests_are_refused_at_submission_naming_the_fix(tiny_pipeline, te
     for bad, message in [({"max_rows": 0}, "max_rows must be a whole number from 1 to 4,096"),
                          ({"max_queued": 10**7}, "max_queued must be a whole number from 1 to 1,000,000"),
                          ({"batch_wait": -1}, "batch_wait must be seconds from 0 to 1"),
-                         ({"decode": "greedy"}, "decode must be 'continuous' or 'batched'")]:
+                         ({"decode": "greedy"}, "decode must be 'continuous', 'batched' or None")]:
         with pytest.raises(ValueError, match=message):
             AsyncEngine(tiny_pipeline, **bad)
 

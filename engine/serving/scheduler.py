@@ -12,10 +12,11 @@ The beam decode, two ways (`decode`):
   engine backends), while the sampling loop waits.
 Nucleus requests decode one at a time, each from its own generator, as a lone call does.
 
-By default (decode=None) the onnx backend decodes batch by batch: on the 2-core CPU it served 1.1-1.6x the
-requests of the continuous decode at 8 and 64 callers, guided and unguided, with lower latency at 10 requests/s
-(bench/results/cpu.md, 2026-12-07, "the serving loop keeps its conditions"): an interleaved token step over a
-few items costs nearly what a forward costs, and decoding items hold rows the sampling loop could use. The
+By default (decode=None) the onnx backend decodes batch by batch. On the 2-core CPU (bench/results/cpu.md,
+2026-12-07, "the serving loop keeps its conditions") it served 1.1-1.2x the requests of the continuous decode at
+64 callers, 1.4-1.8x at 8 for unguided requests (even for guided ones), and halved the median latency at 10
+requests/s: an interleaved token step over a few items costs nearly what a forward costs, and decoding items
+hold rows the sampling loop could use. The
 other backends with a slot decoder (reference, aoti) decode continuously, as measured when the engine landed.
 """
 
