@@ -74,6 +74,13 @@ def test_rows_joining_and_leaving_read_as_the_batch_made_afresh():
     assert held.builds == 3 and order == many
     torch.testing.assert_close(read.tokens, fresh(null, order, 5).tokens, rtol=0, atol=0)
 
+    # nothing samples: the buffer goes, and the next rows make it again
+    held.clear()
+    assert held.tokens is None and held.rows == []
+    order, read = held.read(many[:2], nulls=1)
+    assert held.builds == 4 and order == many[:2]
+    torch.testing.assert_close(read.tokens, fresh(null, order, 1).tokens, rtol=0, atol=0)
+
 
 def test_projected_and_unprojected_conditions_are_not_mixed():
     held = ConditionRows(null_condition(projected=True))

@@ -16,7 +16,8 @@ The buffer, (capacity, L, width) with L the longest held condition's tokens:
                         slot's row moved into its place (one row's copy)
 A forward over m null inputs (guided rows' other halves, rows without a condition) and the n rows reads rows
 [base - m, base + n): a contiguous view, no copy. The buffer is made again only when the longest condition
-changes, or when more rows or null inputs come than it holds.
+changes, when more rows or null inputs come than it holds, and after the loop had nothing to sample (its memory
+is let go then).
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class ConditionRows:
         return list(self.rows), Condition(self.tokens[view], self.mask[view], self.null.projected)
 
     def clear(self) -> None:
-        """Let go of every row (their conditions with them); the buffer stays for the next ones."""
-        self.rows, self._slot = [], {}
+        """Let go of every row and of the buffer (its memory back while nothing samples; the next rows make it
+        again)."""
+        self.rows, self._slot, self.tokens, self.mask, self.base = [], {}, None, None, 0
 
     def _build(self, rows: list[SamplingRow], nulls: int, length: int, dtype: torch.dtype) -> None:
         """The buffer made afresh for `rows`, in their order, with room for `nulls` null inputs."""
