@@ -14,7 +14,8 @@ SER the slot error rate by two matchers (ldlm.evaluation.slot_error: omitted or 
 ldlm.evaluation.ser_cleaning: the E2E cleaning project's stricter rules, added slots counted too), Div the
 diversity of each MR's outputs across seeds (LD4LG's Div over 2- to 4-grams, averaged over MRs). The reference
 row scores each human description against the MR's other descriptions. `--candidates 1 4 8 --rerank mbr slots`
-adds rows that keep one of k candidates per MR (Pipeline.generate_from's reranking).
+adds rows that keep one of k candidates per MR (Pipeline.generate_from's reranking); `--reconstruction` a row
+per model scoring the human descriptions encoded and decoded by it, as the reference row is scored.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def score(mrs: list[str], refs: list[list[str]], outputs_by_seed: list[list[str]
     return row
 
 
-def reference_row(mrs: list[str], refs: list[list[str]]) -> dict:
-    """Each human description against the MR's other ones (MRs with a single description are skipped)."""
+def leave_one_out(mrs: list[str], refs: list[list[str]]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Each human description, the MR's other ones, and its MR (MRs with a single description are skipped)."""
     outs, others, sources = [], [], []
     for mr, texts in zip(mrs, refs):
         for i, text in enumerate(texts):
@@ -75,6 +76,17 @@ def reference_row(mrs: list[str], refs: list[list[str]]) -> dict:
                 outs.append(text)
                 others.append(texts[:i] + texts[i + 1 :])
                 sources.append(mr)
+    return outs, others, sources
+
+
+def reference_row(mrs: list[str], refs: list[list[str]], reconstructed_by: Path | None = None) -> dict:
+    """Each human description against the MR's other ones; reconstructed_by: each description encoded and decoded
+    by this checkpoint instead (beam), the decoder's ceiling in the same terms."""
+    outs, others, sources = leave_one_out(mrs, refs)
+    if reconstructed_by is not None:
+        import ldlm
+
+        outs = ldlm.load(reconstructed_by).reconstruct(outs, progress=False)
     return {**_scores(sources, others, outs), "div_across_seeds": None, "mean_words": metrics.mean_length(outs),
             "unknown_words": metrics.unknown_word_rate(outs)}
 
@@ -166,12 +178,16 @@ def main() -> None:
                         help="candidates per MR to sweep (default 1: no reranking)")
     parser.add_argument("--rerank", nargs="+", default=["mbr"], choices=["mbr", "slots"],
                         help="rerankers for the candidate counts above 1 (default mbr)")
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="add a row per model: the human descriptions encoded and decoded, scored as the human row")
     parser.add_argument("--output", type=Path, help="write rows and outputs as JSON here")
     args = parser.parse_args()
     mrs, refs = heldout_mrs(args.workdir)
     print(f"{len(mrs)} held-out MRs, {sum(map(len, refs))} descriptions", flush=True)
     rows, outputs = {"human (leave one out)": reference_row(mrs, refs)}, {}
     for model in args.model:
+        if args.reconstruction:
+            rows[f"{model.name} reconstructing the human"] = reference_row(mrs, refs, reconstructed_by=model)
         got, outs = run_model(model, mrs, refs, args.seeds, args.guidance, args.sampler, args.steps, args.candidates,
                               args.rerank)
         prefix = f"{model.name}: " if len(args.model) > 1 else ""
