@@ -16,8 +16,8 @@ By default (decode=None) the onnx backend decodes batch by batch. On the 2-core 
 2026-12-07, "the serving loop keeps its conditions") it served 1.1-1.2x the requests of the continuous decode at
 64 callers, 1.4-1.8x at 8 for unguided requests (even for guided ones), and halved the median latency at 10
 requests/s: an interleaved token step over a few items costs nearly what a forward costs, and decoding items
-hold rows the sampling loop could use. The
-other backends with a slot decoder (reference, aoti) decode continuously, as measured when the engine landed.
+hold rows the sampling loop could use. The other backends with a slot decoder (reference, aoti) decode
+continuously, as measured when the engine landed.
 """
 
 from __future__ import annotations
