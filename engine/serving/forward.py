@@ -62,19 +62,18 @@ class ConditionRows:
         """Hold exactly the conditions of `rows` (each with its own condition, one row each): those no longer
         among them leave, the new ones are written. Returns `rows` in slot order and the condition of one forward
         over `nulls` null inputs first, then those rows: (nulls + len(rows), L, width), a view of the buffer."""
-        for row in rows:
+        keep = {id(row) for row in rows}
+        leaving = [row for row in self.rows if id(row) not in keep]
+        joining = [row for row in rows if id(row) not in self._slot]
+        dtype = self.null.tokens.dtype if self.tokens is None else self.tokens.dtype  # covers the held rows
+        for row in joining:  # the held rows were checked when they joined
             if row.condition is None or row.condition.tokens.shape[0] != 1:
                 raise ValueError("each row holds one condition of one row")
             if row.condition.projected != self.null.projected:
                 raise ValueError("cannot batch projected and unprojected conditions together: project every row's "
                                  "condition and the null one (ReverseTransformer.project_condition) or none")
-        keep = {id(row) for row in rows}
-        leaving = [row for row in self.rows if id(row) not in keep]
-        joining = [row for row in rows if id(row) not in self._slot]
-        length = max([1] + [row.condition.tokens.shape[1] for row in rows])
-        dtype = self.null.tokens.dtype
-        for row in rows:
             dtype = torch.promote_types(dtype, row.condition.tokens.dtype)
+        length = max([1] + [row.condition.tokens.shape[1] for row in rows])
         if (self.tokens is None or length != self.length or dtype != self.tokens.dtype or nulls > self.base
                 or self.base + len(rows) > self.tokens.shape[0]):
             self._build(rows, nulls, length, dtype)
