@@ -16,7 +16,7 @@ from ldlm.jobs.items import read_items
 from ldlm.model.config import ModelConfig
 from ldlm.model.reverse import Condition, ReverseTransformer
 from ldlm.sampling.guidance import guided_denoiser
-from ldlm.training.train import train
+from ldlm.training.train import Trainer, train
 
 from .conftest import TINY_TEXTS, tiny_train_config
 from .test_jobs import read_jsonl, settings_for
@@ -221,6 +221,26 @@ def test_the_checkpoint_records_its_condition_and_old_ones_still_load(label_chec
                                ldlm.load(tiny_checkpoint).sample_latents(2, sampler="ddim", steps=4, progress=False))
 
 
+def test_holding_out_by_source_validates_on_sources_never_trained_on(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", condition="text")
+    config = tiny_train_config(decoder_steps=2, diffusion_steps=2, holdout_fraction=0.2, holdout_by="source")
+    out = tmp_path / "m"
+    trainer = Trainer(TINY_TEXTS, out, cfg, config, conditions=SOURCES, progress=False, log=lambda *_: None)
+    source_of = dict(zip(TINY_TEXTS, SOURCES))
+    held = {source_of[t] for t in trainer.val_texts}
+    assert held and not held & {source_of[t] for t in trainer.train_texts}
+    assert len(trainer.train_texts) + len(trainer.val_texts) == len(TINY_TEXTS)
+    distinct = sorted(set(SOURCES))  # the val examples' conditions are their own texts' sources
+    assert {distinct[i] for i in trainer.conditions.ids["val"].tolist()} == held
+    trainer.run()
+    with pytest.raises(ValueError, match="held out by source: resume with --holdout-by source"):
+        Trainer(TINY_TEXTS, out, cfg, tiny_train_config(decoder_steps=2, diffusion_steps=2, holdout_fraction=0.2),
+                conditions=SOURCES, resume=True, progress=False, log=lambda *_: None)
+    labels = ModelConfig.from_preset("tiny", condition="label")
+    with pytest.raises(ValueError, match="needs a model conditioned on text"):
+        Trainer(TINY_TEXTS, tmp_path / "l", labels, config, conditions=LABELS, progress=False, log=lambda *_: None)
+
+
 def test_cli_trains_and_generates_from_labels_and_sources(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "topic": lab, "src": s}) + "\n"
@@ -242,8 +262,9 @@ def test_cli_trains_and_generates_from_labels_and_sources(tmp_path, capsys):
         capsys.readouterr().err  # the command line's words, not the API's (issue 37)
     text_model = tmp_path / "t"
     assert main([*args[:4], str(text_model), *args[5:], "--source-field", "src", "--condition-attention",
-                 "joint"]) == 0
+                 "joint", "--holdout-by", "source"]) == 0
     assert json.loads((text_model / "config.json").read_text())["model"]["condition_attention"] == "joint"
+    assert json.loads((text_model / "training" / "state.json").read_text())["train_config"]["holdout_by"] == "source"
     capsys.readouterr()
     sources = tmp_path / "sources.txt"
     sources.write_text("about cat\nabout rain\n")

@@ -6,8 +6,8 @@ import tracemalloc
 
 import pytest
 
-from ldlm.training.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, python_docs_corpus, read_conditional_corpus,
-                                read_corpus, read_texts, split_holdout)
+from ldlm.training.data import (MAX_LINE_BYTES, MAX_TEXT_CHARS, holdout_indices, python_docs_corpus,
+                                read_conditional_corpus, read_corpus, read_texts, split_holdout)
 
 
 def test_plain_text_and_jsonl(tmp_path):
@@ -41,6 +41,23 @@ def test_split_holdout_is_deterministic_and_disjoint():
     assert len(val) == 20 and len(train) == 980 and not set(train) & set(val)
     assert split_holdout(texts, 0.02, seed=0) == (train, val)
     assert split_holdout(["a", "b"], 0.02)[1] != []
+
+
+def test_holding_out_by_group_keeps_each_group_on_one_side():
+    groups = [f"mr{i % 37}" for i in range(1000)]  # 37 groups of 27-28 lines
+    train, val = holdout_indices(1000, 0.1, seed=3, groups=groups)
+    assert sorted(train + val) == list(range(1000))
+    assert not {groups[i] for i in train} & {groups[i] for i in val}
+    assert 100 - 28 < len(val) <= 100  # whole groups up to the share
+    assert holdout_indices(1000, 0.1, seed=3, groups=groups) == (train, val)
+    assert holdout_indices(1000, 0.1, seed=4, groups=groups)[1] != val
+    # a group larger than the share is held out alone; the last group always trains
+    two = ["a"] * 5 + ["b"]
+    for seed in range(4):
+        train, val = holdout_indices(6, 0.02, seed=seed, groups=two)
+        assert train and val and len({two[i] for i in train}) == len({two[i] for i in val}) == 1
+    with pytest.raises(ValueError, match="at least 2 distinct groups"):
+        holdout_indices(4, 0.5, groups=["a"] * 4)
 
 
 def test_python_docs_corpus():

@@ -63,6 +63,9 @@ def add_parsers(sub) -> None:
                    help="reuse this checkpoint's trained decoder, tokenizer and encoder; skips stage 1")
     p.add_argument("--reverse-from", metavar="CHECKPOINT", default=None,
                    help="reuse this checkpoint's reverse transformer, latent statistics and encoder; skips stage 2")
+    p.add_argument("--holdout-by", choices=["line", "source"], default="line",
+                   help="validation lines: random lines (default), or every line of some sources (a model "
+                        "conditioned on --source-field), so the held-out loss is that of sources never seen")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (default 200)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     defaults = "the checkpoint's default for generate, stored in its config (default: the preset's)"
@@ -102,7 +105,7 @@ def cmd_train(args) -> None:
         diffusion_steps=args.diffusion_steps, decoder_batch_size=args.decoder_batch_size,
         diffusion_batch_size=args.diffusion_batch_size, eval_every=args.eval_every, save_every=args.save_every,
         seed=args.seed, decoder_noise=args.decoder_noise, ema_decay=args.ema_decay, device=args.device,
-        precision=args.precision, condition_dropout=args.condition_dropout,
+        precision=args.precision, condition_dropout=args.condition_dropout, holdout_by=args.holdout_by,
         decoder_from=args.decoder_from or reused.get("decoder"),
         reverse_from=args.reverse_from or reused.get("diffusion"),
     )

@@ -10,6 +10,7 @@ import random
 import re
 import sysconfig
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,10 +125,35 @@ def read_conditional_corpus(paths: list[str | Path], text_field: str, condition_
 
 def split_holdout(texts: list[str], fraction: float = 0.02, max_holdout: int = 500, seed: int = 0):
     """Shuffle deterministically and hold out a validation slice (at least 1 item when there are 2 or more)."""
-    order = list(range(len(texts)))
+    train, val = holdout_indices(len(texts), fraction, max_holdout, seed)
+    return [texts[i] for i in train], [texts[i] for i in val]
+
+
+def holdout_indices(n: int, fraction: float = 0.02, max_holdout: int = 500, seed: int = 0,
+                    groups: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """Indices (train, held out) of n examples in a deterministic shuffle: about `fraction` of them held out, at
+    most max_holdout, at least 1 when there are 2 or more. With `groups` (one key per example, e.g. its source
+    text), whole groups are held out in turn until the share is reached, so that the held-out loss measures
+    keys the model never trained on; at least one group stays on each side."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = min(max_holdout, max(1 if len(texts) > 1 else 0, int(len(texts) * fraction)))
-    return [texts[i] for i in order[n_val:]], [texts[i] for i in order[:n_val]]
+    n_val = min(max_holdout, max(1 if n > 1 else 0, int(n * fraction)))
+    if groups is None:
+        return order[n_val:], order[:n_val]
+    if len(groups) != n:
+        raise ValueError(f"holdout_indices: {len(groups)} group keys for {n} examples")
+    keys = list(dict.fromkeys(groups[i] for i in order))  # in shuffled order: the first ones are held out
+    if len(keys) < 2:
+        raise ValueError(f"holding out by group needs at least 2 distinct groups, got {len(keys)}: hold out by "
+                         "line instead")
+    sizes = Counter(groups)
+    held, count = set(), 0
+    for key in keys[:-1]:  # the last one always trains
+        if held and count + sizes[key] > n_val:
+            break
+        held.add(key)
+        count += sizes[key]
+    return [i for i in order if groups[i] not in held], [i for i in order if groups[i] in held]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")

@@ -33,14 +33,14 @@ from ldlm.model.model_files import is_hub_id
 from ldlm.model.resampler import LatentResampler
 from ldlm.model.reverse import ReverseTransformer
 from ldlm.model.schedule import NoiseSchedule, add_noise
-from ldlm.training.data import split_holdout
+from ldlm.training.data import holdout_indices
 from ldlm.training.encodings import EncodedCorpus
 from ldlm.training.out_folder import check_training_out, training_lock
 from ldlm.training.train_conditions import TrainingConditions
 from ldlm.training.train_state import load_optimizer, save_optimizer
 
 STAGES = ("decoder", "diffusion")
-
+HOLDOUT_BY = ("line", "source")  # TrainConfig.holdout_by
 
 LATENTS_PER_DIFFUSION_STEP = 256  # the design's stage-2 batch, in latent vectors
 
@@ -61,6 +61,9 @@ class TrainConfig:
     eval_every: int = 200  # steps between held-out evaluations
     save_every: float = 300.0  # seconds between checkpoints
     holdout_fraction: float = 0.02  # share of the data held out for validation loss (at most 500 lines)
+    # "line": held-out lines drawn at random; "source": every line of some source texts (a conditional model's),
+    # so the validation loss is that of sources never trained on, what generate_from meets
+    holdout_by: str = "line"
     ema_decay: float | None = None  # keep an EMA of the reverse transformer (served and validated); None: off
     decoder_noise: float = 0.0  # stage 1 trains on latents + N(0, (decoder_noise * latent_std)^2): robust decoding
     # a conditional model (ModelConfig.condition): the share of stage-2 rows whose condition is replaced by the
@@ -84,6 +87,8 @@ class TrainConfig:
         check_seed(self.seed)
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.holdout_by not in HOLDOUT_BY:
+            raise ValueError(f"holdout_by must be one of {list(HOLDOUT_BY)}, got {self.holdout_by!r}")
 
 
 def _time_left(step: int, elapsed: float, step_time: float, max_steps: int | None,
@@ -94,6 +99,17 @@ def _time_left(step: int, elapsed: float, step_time: float, max_steps: int | Non
                         max_seconds - elapsed if max_seconds else None) if s is not None]
     seconds = max(0.0, min(left)) if left else 0.0
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _holdout_groups(model_config: ModelConfig, train_config: TrainConfig,
+                    conditions: list[str] | None) -> list[str] | None:
+    """The group key of each line for TrainConfig.holdout_by, or None to hold out lines at random."""
+    if train_config.holdout_by == "line":
+        return None
+    if model_config.condition != "text" or conditions is None:
+        raise ValueError("holdout_by='source' holds out every line of some source texts: it needs a model "
+                         "conditioned on text (--source-field); drop --holdout-by source")
+    return conditions
 
 
 def _fingerprint(texts: list[str], encoder_name: str | None, conditions: list[str] | None = None) -> str:
@@ -206,7 +222,9 @@ class Trainer:
         self.log = log
         self.device = training_device(train_config.device)
         check_conditions(model_config, texts, conditions)
-        self.train_texts, self.val_texts = split_holdout(texts, train_config.holdout_fraction, seed=train_config.seed)
+        train_idx, val_idx = holdout_indices(len(texts), train_config.holdout_fraction, seed=train_config.seed,
+                                             groups=_holdout_groups(model_config, train_config, conditions))
+        self.train_texts, self.val_texts = [texts[i] for i in train_idx], [texts[i] for i in val_idx]
         if len(self.train_texts) < 2:  # one latent has no spread: its std, the scale of every sample, is undefined
             raise ValueError(f"training needs at least 3 texts (2 to train on, 1 held out), got {len(texts)}: give "
                              "more lines (a useful model wants thousands)")
@@ -217,6 +235,9 @@ class Trainer:
 
         if resume:
             self.components, self.state = self._load_state(fingerprint)
+            held_by = self.state["train_config"].get("holdout_by", "line")
+            if held_by != train_config.holdout_by:
+                raise ValueError(f"{self.out} held out by {held_by}: resume with --holdout-by {held_by}")
         else:
             if (self.out / "config.json").exists():
                 raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume, or a new --out")
@@ -249,8 +270,7 @@ class Trainer:
         self.schedule = NoiseSchedule.from_config(self.config).to(self.device)
         self.conditions = None  # what each example is generated from (a conditional model)
         if conditions is not None:
-            # split_holdout's order depends on the length and the seed alone: the conditions split as the texts
-            train_c, val_c = split_holdout(conditions, train_config.holdout_fraction, seed=train_config.seed)
+            train_c, val_c = [conditions[i] for i in train_idx], [conditions[i] for i in val_idx]
             self.conditions = TrainingConditions(self.config, {"train": train_c, "val": val_c},
                                                  self.encodings.source_states)
         self.train_ids = self._token_ids(self.train_texts)
