@@ -7,6 +7,7 @@ import re
 
 import torch
 
+MAX_TEMPERATURE = 2.0  # the starting noise's scale (Pipeline.sample_latents)
 MAX_SEED = 2**63 - 1  # seeds are what torch.Generator.manual_seed takes without aliasing: [0, 2**63 - 1]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -57,6 +58,12 @@ def is_number(value) -> bool:
 def check_strength(strength: float) -> None:
     if not is_number(strength) or math.isnan(strength) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1] (the fraction of T to noise to), got {strength!r}")
+
+
+def check_temperature(temperature) -> None:
+    if not is_number(temperature) or math.isnan(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (the scale of the starting noise; "
+                         f"1 samples as the model was trained), got {temperature!r}")
 
 
 def check_seed(seed, name: str = "seed") -> None:

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from ldlm.evaluation.rerank import candidate_seeds, check_reranking, choose
 from ldlm.fast.buckets import batch_bucket
 from ldlm.fast.step_tables import sampler_tables
-from ldlm.inputs import (check_count, check_positive_int, check_seed, check_strength, check_texts, nonfinite_items,
-                         resolve_device)
+from ldlm.inputs import (check_count, check_positive_int, check_seed, check_strength, check_temperature, check_texts,
+                         nonfinite_items, resolve_device)
 from ldlm.model.checkpoint import Components, load_checkpoint, load_config, save_checkpoint
 from ldlm.model.config import ModelConfig
 from ldlm.model.reverse import Condition
@@ -201,23 +201,28 @@ class Pipeline:
     def sample_latents(self, n: int, *, steps: int | None = None, sampler: str | None = None, eta: float = 0.0,
                        seed: int = 0, seeds: list[int] | None = None, batch_size: int = 256,
                        sources: list[str] | None = None, labels: list[str] | None = None,
-                       guidance: float | None = None, progress: bool = True) -> torch.Tensor:
+                       guidance: float | None = None, temperature: float = 1.0,
+                       progress: bool = True) -> torch.Tensor:
         """n raw latents (n, *latent_shape) from Gaussian noise. One generator seeded with `seed` draws x_T, then
         each step's noise, batch after batch: the same (n, seed, batch_size) gives the same latents.
         With `seeds` (one per item), each item draws from its own generator instead (ldlm.sampling.samplers.ItemNoise):
         its latent depends on its seed alone, whatever the batch. sampler None: the checkpoint's default.
         A conditional model samples item i from sources[i] (or labels[i]) with classifier-free guidance weight
-        `guidance` (None: the checkpoint's); without them, unconditionally (its null condition)."""
+        `guidance` (None: the checkpoint's); without them, unconditionally (its null condition).
+        temperature: x_T is `temperature` times the drawn noise (0 to MAX_TEMPERATURE), Glow's temperature for the
+        sampler's starting point, the only randomness of DPM-Solver++ and DDIM at eta 0 (DDPM's and DDIM's later
+        noise keeps its scale). Below 1 it trades variety for typical texts (E2E: bench/results/quality.md)."""
         out = list(self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
                                         batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
-                                        progress=progress))
+                                        temperature=temperature, progress=progress))
         return torch.cat(out) if out else torch.empty(0, *self.config.latent_shape, device=self.device)
 
     def _latent_batches(self, n: int, *, steps, sampler, eta, seed, seeds, batch_size, sources, labels, guidance,
-                        progress) -> Iterator[torch.Tensor]:
+                        temperature, progress) -> Iterator[torch.Tensor]:
         """sample_latents' batches (batch_size, *latent_shape) one at a time, all checked before the first."""
         check_count(n)
         check_positive_int(batch_size, "batch_size")
+        check_temperature(temperature)
         sampler, steps = self.sampling(sampler, steps, eta)
         guidance = self._conditions(n, sources, labels, guidance)
         if seeds is not None and len(seeds) != n:
@@ -233,6 +238,8 @@ class Pipeline:
                     x = generator.randn(self.config.latent_shape, self.device)
                 else:
                     x = torch.randn(size, *self.config.latent_shape, generator=generator, device=self.device)
+                if temperature != 1.0:
+                    x = x * temperature
                 condition = self._condition(sources, labels, slice(start, start + size))
                 z = self._run_sampler(x, sampler=sampler, steps=steps, eta=eta, generator=generator,
                                       start_t=None, progress=progress, condition=condition, guidance=guidance)
@@ -324,26 +331,27 @@ class Pipeline:
 
     def generate(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
                  eta: float = 0.0, num_beams: int = 4, decoding: str | None = None, top_p: float | None = None,
-                 batch_size: int = 256, progress: bool = True) -> list[str]:
+                 temperature: float = 1.0, batch_size: int = 256, progress: bool = True) -> list[str]:
         """n unconditional samples: noise -> reverse diffusion -> decode. decoding: "beam" (search) or "nucleus"
         (sampling with top_p); None: the checkpoint's default (ModelConfig.decoding), or nucleus when top_p is
-        given."""
+        given. temperature: the starting noise's scale (sample_latents)."""
         return [text for batch in self.generate_batches(n, steps, sampler, seed, eta=eta, num_beams=num_beams,
-                                                        decoding=decoding, top_p=top_p, batch_size=batch_size,
-                                                        progress=progress) for text in batch]
+                                                        decoding=decoding, top_p=top_p, temperature=temperature,
+                                                        batch_size=batch_size, progress=progress) for text in batch]
 
     def generate_batches(self, n: int, steps: int | None = None, sampler: str | None = None, seed: int = 0, *,
                          eta: float = 0.0, num_beams: int = 4, decoding: str | None = None,
                          top_p: float | None = None, batch_size: int = 256, seeds: list[int] | None = None,
                          sources: list[str] | None = None, labels: list[str] | None = None,
-                         guidance: float | None = None, progress: bool = True) -> Iterator[list[str]]:
+                         guidance: float | None = None, temperature: float = 1.0,
+                         progress: bool = True) -> Iterator[list[str]]:
         """generate(n, ...), or with sources / labels generate_from(...), a batch of `batch_size` texts at a
         time: the same texts in the same order, holding one batch, for counts too large to keep (`ldlm generate`
         prints each batch as it ends). Everything is checked before the first batch runs."""
         search, nucleus = self.decoding_settings(decoding, top_p, num_beams)
         latents = self._latent_batches(n, steps=steps, sampler=sampler, eta=eta, seed=seed, seeds=seeds,
                                        batch_size=batch_size, sources=sources, labels=labels, guidance=guidance,
-                                       progress=progress)
+                                       temperature=temperature, progress=progress)
         generator = torch.Generator().manual_seed(seed)  # the decode's draws continue from batch to batch
         # the decode's own batches split each sampled batch as they split all of them (batch_size is a multiple
         # of DECODE_BATCH by default), so nucleus draws match a single decode of everything
@@ -353,12 +361,13 @@ class Pipeline:
     def generate_from(self, sources: list[str] | None = None, *, labels: list[str] | None = None,
                       guidance: float | None = None, seed: int = 0, seeds: list[int] | None = None,
                       sampler: str | None = None, steps: int | None = None, eta: float = 0.0, num_beams: int = 4,
-                      decoding: str | None = None, top_p: float | None = None, batch_size: int = 256,
-                      candidates: int = 1, rerank: str = "mbr", progress: bool = True) -> list[str]:
+                      decoding: str | None = None, top_p: float | None = None, temperature: float = 1.0,
+                      batch_size: int = 256, candidates: int = 1, rerank: str = "mbr",
+                      progress: bool = True) -> list[str]:
         """One text per source text (or per label, for a class-conditional model), in input order: reverse
         diffusion from noise reading the condition, with classifier-free guidance weight `guidance` (0
         unconditional, 1 conditional, above 1 guided; None: the checkpoint's default), then decode. Noise as
-        in sample_latents: from `seed`, or each item from its own entry of `seeds`.
+        in sample_latents: from `seed`, or each item from its own entry of `seeds`, scaled by `temperature`.
 
         candidates: sample this many texts per item in the same loop (each a row of its own) and keep one, chosen
         by `rerank` (ldlm.evaluation.rerank): "mbr" (the one agreeing most with the others) or "slots" (E2E
@@ -377,7 +386,8 @@ class Pipeline:
                                for items in (sources, labels))
         batches = self.generate_batches(len(given) * k, steps, sampler, seed, eta=eta, num_beams=num_beams,
                                         decoding=decoding, top_p=top_p, batch_size=batch_size, seeds=seeds,
-                                        sources=sources, labels=labels, guidance=guidance, progress=progress)
+                                        sources=sources, labels=labels, guidance=guidance, temperature=temperature,
+                                        progress=progress)
         texts = [text for batch in batches for text in batch]
         if k == 1:
             return texts

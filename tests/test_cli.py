@@ -73,6 +73,15 @@ def test_errors_are_reported_not_raised(capsys, tmp_path, tiny_checkpoint):
         assert code == 2 and "needs a CUDA device" in err
 
 
+def test_generate_takes_a_temperature(capsys, tiny_checkpoint, tiny_pipeline):
+    code, out, _ = run(capsys, "generate", str(tiny_checkpoint), "-n", "2", "--sampler", "ddim", "--steps", "5",
+                       "--temperature", "0.5", "--seed", "3", "--no-progress")
+    assert code == 0 and out.splitlines() == tiny_pipeline.generate(2, sampler="ddim", steps=5, seed=3,
+                                                                     temperature=0.5, progress=False)
+    code, _, err = run(capsys, "generate", str(tiny_checkpoint), "--temperature", "9", "--no-progress")
+    assert code == 2 and "temperature must be a number in [0, 2]" in err
+
+
 def test_train_refuses_to_overwrite(capsys, tiny_checkpoint, data_file):
     code, _, err = run(capsys, "train", "--data", str(data_file), "--out", str(tiny_checkpoint), "--preset", "tiny",
                        "--no-progress")

@@ -132,6 +132,30 @@ def test_resume_skips_done_ids_and_refuses_changed_settings(tiny_checkpoint, tin
         run_job(tiny_pipeline, items, out, settings_for(tiny_checkpoint, steps=6), resume=True, progress=False)
 
 
+def test_a_jobs_temperature_scales_its_sampled_lines_and_keys_its_settings(tiny_checkpoint, tiny_pipeline,
+                                                                          tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, [{"id": "d", "seed": 123}, {"id": "v", "text": "a dog ran in the park.", "mode": "vary",
+                                                    "strength": 0.5, "seed": 9}])
+    settings = settings_for(tiny_checkpoint, eta=1.0, temperature=0.3)
+    run_job(tiny_pipeline, read_items(source.open("rb"), 0), out, settings, progress=False)
+    records = {r["id"]: r for r in read_jsonl(out)}
+    cooled = tiny_pipeline.sample_latents(1, seeds=[123], sampler="ddim", steps=5, eta=1.0, temperature=0.3,
+                                          progress=False)
+    assert records["d"]["text"] == tiny_pipeline.decode(cooled, progress=False)[0]
+    assert records["d"]["settings"]["temperature"] == 0.3
+    varied = tiny_pipeline.vary(["a dog ran in the park."], 0.5, sampler="ddim", steps=5, eta=1.0, seeds=[9],
+                                progress=False)  # a varied line starts from its text, not from noise
+    assert records["v"]["text"] == varied[0]
+    assert settings_for(tiny_checkpoint, temperature=1.0).hash() == settings_for(tiny_checkpoint).hash()
+    with pytest.raises(ValueError, match="written with other settings"):
+        run_job(tiny_pipeline, read_items(source.open("rb"), 0), out, settings_for(tiny_checkpoint, eta=1.0),
+                resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[0, 2\]"):
+        run_job(tiny_pipeline, [], tmp_path / "bad.jsonl", settings_for(tiny_checkpoint, temperature=-1),
+                progress=False)
+
+
 def test_out_of_memory_halves_the_batch_and_says_so(tiny_checkpoint, tmp_path, monkeypatch, caplog):
     pipe = ldlm.load(tiny_checkpoint)
     real = pipe.sample_latents

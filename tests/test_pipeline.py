@@ -33,6 +33,33 @@ def test_generate_is_seeded_and_reproducible(tiny_pipeline):
     assert texts == tiny_pipeline.generate(3, sampler="ddpm", seed=1, progress=False)
 
 
+def test_temperature_scales_the_starting_noise_and_nothing_else(tiny_pipeline, monkeypatch):
+    import ldlm.pipeline
+
+    starts = []
+
+    def recording(sampler):
+        def run(denoiser, x, schedule, **kwargs):
+            starts.append(x.clone())
+            return sampler(denoiser, x, schedule, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(ldlm.pipeline, "SAMPLERS", {k: recording(v) for k, v in ldlm.pipeline.SAMPLERS.items()})
+    kwargs = dict(sampler="ddim", steps=10, eta=1.0, seeds=[3, 4], progress=False)
+    plain = tiny_pipeline.sample_latents(2, **kwargs)
+    assert torch.equal(tiny_pipeline.sample_latents(2, temperature=1.0, **kwargs), plain)  # 1 is the default
+    cooled = tiny_pipeline.sample_latents(2, temperature=0.25, **kwargs)
+    assert torch.equal(starts[2], starts[0] * 0.25) and not torch.allclose(cooled, plain)
+    # at 0 the deterministic sampler starts every seed from the same point: one text
+    mode = tiny_pipeline.sample_latents(2, sampler="dpm++2m", steps=10, seeds=[3, 4], temperature=0.0,
+                                        progress=False)
+    assert torch.equal(mode[0], mode[1])
+    for bad in (-0.1, 2.5, float("nan"), "1"):
+        with pytest.raises(ValueError, match=r"temperature must be a number in \[0, 2\]"):
+            tiny_pipeline.generate(1, temperature=bad, progress=False)
+
+
 def test_sampled_latents_live_in_latent_space(tiny_pipeline):
     """Denormalized samples should have roughly the data's per-dimension scale, not the unit Gaussian's."""
     z = tiny_pipeline.sample_latents(64, sampler="ddim", steps=10, seed=0, progress=False)

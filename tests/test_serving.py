@@ -73,11 +73,11 @@ def lone(pipe, task: str, settings: dict) -> tuple[str, torch.Tensor | None]:
     s = dict(settings)
     if task == "generate":
         latent = pipe.sample_latents(1, progress=False, **{k: v for k, v in s.items() if k in (
-            "seed", "sampler", "steps", "eta")})
+            "seed", "sampler", "steps", "eta", "temperature")})
         return pipe.generate(1, progress=False, **s)[0], latent
     if task == "generate_from":
         source = s.pop("source")
-        keys = ("seed", "sampler", "steps", "eta", "guidance")
+        keys = ("seed", "sampler", "steps", "eta", "guidance", "temperature")
         latent = pipe.sample_latents(1, sources=[source], progress=False, **{k: v for k, v in s.items() if k in keys})
         return pipe.generate_from([source], progress=False, **s)[0], latent
     if task == "vary":
@@ -119,7 +119,7 @@ def test_staggered_requests_with_mixed_samplers_get_the_lone_calls_results(tiny_
     pipe = with_random_decoder(ldlm.load(tiny_checkpoint), random_decoder)
     requests = [
         ("generate", {"seed": 1, "sampler": "dpm++2m", "steps": 20}),
-        ("generate", {"seed": 2, "sampler": "ddim", "steps": 12, "eta": 1.0}),  # noise at every step
+        ("generate", {"seed": 2, "sampler": "ddim", "steps": 12, "eta": 1.0, "temperature": 0.5}),  # noise each step
         ("generate", {"seed": 3, "sampler": "ddim", "steps": 31}),
         ("generate", {"seed": 4, "sampler": "dpm++2m", "steps": 7, "decoding": "nucleus", "top_p": 0.9}),
         ("vary", {"seed": 5, "text": TINY_TEXTS[0], "strength": 0.04, "sampler": "ddpm"}),  # 40 DDPM steps
@@ -148,6 +148,8 @@ def test_guided_unguided_and_unconditional_requests_share_forwards(text_checkpoi
         ("generate_from", {"source": SOURCES[2] + " and a much longer source text than the others",
                            "seed": 4, "guidance": 3.0, "sampler": "dpm++2m", "steps": 20}),
         ("generate_from", {"source": SOURCES[3], "seed": 5, "guidance": 0.0, "sampler": "dpm++2m", "steps": 8}),
+        ("generate_from", {"source": SOURCES[5], "seed": 7, "guidance": 2.0, "sampler": "dpm++2m", "steps": 8,
+                           "temperature": 0.4}),
         ("vary", {"text": TINY_TEXTS[3], "strength": 0.3, "seed": 6, "source": SOURCES[4], "guidance": 2.0,
                   "sampler": "ddim", "steps": 10}),
     ]
@@ -210,6 +212,8 @@ def test_bad_requests_are_refused_at_submission_naming_the_fix(tiny_pipeline, te
             ("reconstruct", {"text": ["a", "b"]}, "one text per request"),
             ("reconstruct", {"text": "  "}, "is empty"),
             ("vary", {"text": "a", "strength": 2}, "strength must be"),
+            ("generate", {"temperature": 3}, r"temperature must be a number in \[0, 2\]"),
+            ("vary", {"text": "a", "temperature": 0.5}, "vary takes no argument temperature"),
             ("paint", {}, "unknown task"),
         ]:
             with pytest.raises((ValueError, TypeError), match=message):

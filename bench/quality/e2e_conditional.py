@@ -14,13 +14,15 @@ SER the slot error rate by two matchers (ldlm.evaluation.slot_error: omitted or 
 ldlm.evaluation.ser_cleaning: the E2E cleaning project's stricter rules, added slots counted too), Div the
 diversity of each MR's outputs across seeds (LD4LG's Div over 2- to 4-grams, averaged over MRs). The reference
 row scores each human description against the MR's other descriptions. `--candidates 1 4 8 --rerank mbr slots`
-adds rows that keep one of k candidates per MR (Pipeline.generate_from's reranking); `--reconstruction` a row
-per model scoring the human descriptions encoded and decoded by it, as the reference row is scored.
+adds rows that keep one of k candidates per MR (Pipeline.generate_from's reranking); `--temperature 1 0.4`
+rows per starting-noise temperature; `--reconstruction` a row per model scoring the human descriptions encoded
+and decoded by it, as the reference row is scored.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -91,9 +93,11 @@ def reference_row(mrs: list[str], refs: list[list[str]], reconstructed_by: Path 
             "unknown_words": metrics.unknown_word_rate(outs)}
 
 
-def run_model(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, guidance: list[float],
-              sampler: str | None, steps: int | None, candidates: list[int], rerankers: list[str]) -> tuple[dict, dict]:
-    """Every guidance weight, at each candidate count (k > 1: with each reranker). Item i of seed s draws from
+def run_model(path: Path, mrs: list[str], refs: list[list[str]], *, seeds: int, guidance: list[float],
+              temperatures: list[float], sampler: str | None, steps: int | None, candidates: list[int],
+              rerankers: list[str]) -> tuple[dict, dict]:
+    """Every guidance weight and temperature, at each candidate count (k > 1: with each reranker). Item i of seed s
+    draws from
     seed s * len(mrs) + i. The K = max(candidates) candidates of each MR are drawn once, in one call, and every
     smaller k reranks the first k of them: what generate_from(..., candidates=k) draws and keeps (candidate j's
     seed does not depend on k; tests/test_rerank.py). A row's seconds: the K-candidate pass scaled by k / K."""
@@ -103,18 +107,19 @@ def run_model(path: Path, mrs: list[str], refs: list[list[str]], seeds: int, gui
     pipe = ldlm.load(path)
     K = max(candidates)
     rows, outputs = {}, {}
-    for w in guidance:
+    for w, temperature in itertools.product(guidance, temperatures):
         drawn, seconds = [], 0.0  # drawn[seed][mr]: the K candidates
         for seed in range(seeds):
             start = time.perf_counter()
             item_seeds = candidate_seeds(len(mrs), K, 0, [seed * len(mrs) + i for i in range(len(mrs))])
             texts = pipe.generate_from([mr for mr in mrs for _ in range(K)], guidance=w, seeds=item_seeds,
-                                       sampler=sampler, steps=steps, progress=False)
+                                       temperature=temperature, sampler=sampler, steps=steps, progress=False)
             seconds += (time.perf_counter() - start) / seeds
             drawn.append([texts[i * K : (i + 1) * K] for i in range(len(mrs))])
         for k in candidates:
             for rerank in rerankers if k > 1 else ["mbr"]:
-                name = f"ldlm w={w:g}" + ("" if k == 1 else f", {rerank} of {k}")
+                name = (f"ldlm w={w:g}" + ("" if temperature == 1 else f", temperature {temperature:g}")
+                        + ("" if k == 1 else f", {rerank} of {k}"))
                 by_seed = [[group[choose(group[:k], rerank, mr)] for group, mr in zip(per_mr, mrs)]
                            for per_mr in drawn]
                 rows[name] = {**score(mrs, refs, by_seed), "seconds_per_pass": seconds * k / K}
@@ -171,6 +176,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, nargs="*", default=[], help="conditional ldlm checkpoints")
     parser.add_argument("--baseline", type=Path, help="a conditional `ldlm baseline` model")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="guidance weights to sweep")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                        help="starting-noise temperatures to sweep (default 1)")
     parser.add_argument("--seeds", type=int, default=5, help="samples per MR (default 5)")
     parser.add_argument("--sampler", default=None, help="sampler (default: the checkpoint's)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
@@ -188,8 +195,9 @@ def main() -> None:
     for model in args.model:
         if args.reconstruction:
             rows[f"{model.name} reconstructing the human"] = reference_row(mrs, refs, reconstructed_by=model)
-        got, outs = run_model(model, mrs, refs, args.seeds, args.guidance, args.sampler, args.steps, args.candidates,
-                              args.rerank)
+        got, outs = run_model(model, mrs, refs, seeds=args.seeds, guidance=args.guidance,
+                              temperatures=args.temperature, sampler=args.sampler, steps=args.steps,
+                              candidates=args.candidates, rerankers=args.rerank)
         prefix = f"{model.name}: " if len(args.model) > 1 else ""
         rows.update({prefix + k: v for k, v in got.items()})
         outputs.update({prefix + k: v for k, v in outs.items()})

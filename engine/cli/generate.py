@@ -32,6 +32,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--rerank", choices=["mbr", "slots"], default="mbr",
                    help="which candidate is kept: mbr, the one agreeing most with the others (default); slots, "
                         "for E2E meaning representations, the fewest slot errors against the source")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scale of the starting noise, 0 to 2 (default 1, as trained): below 1, less varied but more "
+                        "typical texts (with DPM-Solver++ or DDIM the noise's only draw)")
     p.add_argument("--input", help="batch job: JSONL, one {\"id\", [\"text\", \"mode\", \"strength\"] or "
                                    "[\"source\"] or [\"label\"], [\"seed\"], [\"guidance\"]} per line")
     p.add_argument("--output", help="batch job: JSONL written in input order, flushed batch by batch")
@@ -111,7 +114,8 @@ def cmd_generate(args) -> None:
     _check_conditions_fit(args, pipe.config, conditions)
     sampler, steps = pipe.sampling(args.sampler, args.steps)
     common = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, eta=args.eta, num_beams=args.num_beams,
-                  decoding=args.decoding, top_p=args.top_p, progress=not args.no_progress)
+                  decoding=args.decoding, top_p=args.top_p, temperature=args.temperature,
+                  progress=not args.no_progress)
     if conditions is None:  # printed a batch at a time, as each ends: memory stays flat for any -n
         printed = 0
         for texts in pipe.generate_batches(_sample_count(args), **common):
@@ -201,7 +205,8 @@ def _run_generate_job(args, input_path, output_path, report: bool = True) -> Non
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = JobSettings(model=model_fingerprint(args.checkpoint), sampler=args.sampler, steps=args.steps,
                            eta=args.eta, num_beams=args.num_beams, dtype=args.dtype, seed=args.seed,
-                           guidance=args.guidance, candidates=args.candidates, rerank=args.rerank)
+                           guidance=args.guidance, candidates=args.candidates, rerank=args.rerank,
+                           temperature=args.temperature)
     if input_path:
         items = read_input_file(input_path, args.seed, output=output_path)
     else:

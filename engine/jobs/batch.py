@@ -58,7 +58,8 @@ def _run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
     if samples:
         latents[samples] = pipe.sample_latents(len(samples), steps=settings.steps, sampler=settings.sampler,
                                                eta=settings.eta, seeds=[items[i].seed for i in samples],
-                                               batch_size=len(samples), progress=False)
+                                               temperature=settings.temperature, batch_size=len(samples),
+                                               progress=False)
     reranked: dict[int, str] = {}  # conditional items' texts, chosen among their candidates
     conditional = [i for i, item in enumerate(items) if _conditional(item)]
     for guidance in dict.fromkeys(_guidance(items[i], settings) for i in conditional):  # in order of appearance
@@ -67,7 +68,7 @@ def _run_items(pipe, items: list[Item], settings: JobSettings) -> list[str]:
         given = [items[i].source if kind == "sources" else items[i].label for i in group]
         seeds = [items[i].seed for i in group]
         sampling = dict(steps=settings.steps, sampler=settings.sampler, eta=settings.eta, guidance=guidance,
-                        progress=False, **{kind: given})
+                        temperature=settings.temperature, progress=False, **{kind: given})
         if settings.candidates == 1:
             latents[group] = pipe.sample_latents(len(group), seeds=seeds, batch_size=len(group), **sampling)
         else:  # each item's candidates sampled and decoded together, one kept

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ldlm.evaluation.rerank import check_reranking
+from ldlm.inputs import check_temperature
 from ldlm.model.model_files import folder_files
 from ldlm.sampling.samplers import resolve_sampling
 
@@ -32,11 +33,14 @@ class JobSettings:
     guidance: float | None = None  # lines with a source or label without their own; None: the checkpoint's
     candidates: int = 1  # conditional lines: texts sampled per line, one kept (ldlm.evaluation.rerank)
     rerank: str = "mbr"  # how that one is chosen
+    temperature: float = 1.0  # sampled lines' starting noise scale (Pipeline.sample_latents)
 
     def hash(self) -> str:
         fields = asdict(self)
         if self.candidates == 1:  # without reranking, the hash of the settings before it existed: files resume
             del fields["candidates"], fields["rerank"]
+        if self.temperature == 1.0:  # likewise
+            del fields["temperature"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def public(self) -> dict:
@@ -48,6 +52,7 @@ def resolved_settings(settings: JobSettings, config) -> JobSettings:
     records what ran); settings that cannot run fail here, before any work."""
     sampler, steps = resolve_sampling(config, settings.sampler, settings.steps, settings.eta)
     check_reranking(settings.candidates, settings.rerank, [])  # each line's source is checked with the line
+    check_temperature(settings.temperature)
     return dataclasses.replace(settings, sampler=sampler, steps=steps)
 
 

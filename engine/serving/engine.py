@@ -192,13 +192,13 @@ class AsyncEngine:
 
     async def generate(self, *, timeout: float | None = None, **settings) -> str:
         """One unconditional sample, as `pipe.generate(1, ...)[0]`: seed, sampler, steps, eta, num_beams,
-        decoding, top_p."""
+        decoding, top_p, temperature."""
         return await asyncio.wrap_future(self.submit("generate", timeout=timeout, **settings))
 
     async def generate_from(self, source: str | None = None, *, timeout: float | None = None, **settings) -> str:
         """One text from a source (or label=, for a class-conditional model), as `pipe.generate_from([source],
-        ...)[0]`: guidance, seed, sampler, steps, eta, num_beams, decoding, top_p, and candidates with rerank
-        (beam decoding only; submit)."""
+        ...)[0]`: guidance, seed, sampler, steps, eta, num_beams, decoding, top_p, temperature, and candidates
+        with rerank (beam decoding only; submit)."""
         if source is not None:
             settings["source"] = source
         return await asyncio.wrap_future(self.submit("generate_from", timeout=timeout, **settings))

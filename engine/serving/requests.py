@@ -6,15 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ldlm.inputs import check_seed, check_strength, check_texts, is_number
+from ldlm.inputs import check_seed, check_strength, check_temperature, check_texts, is_number
 from ldlm.sampling.beam_search import BeamSearchConfig
 from ldlm.sampling.guidance import check_condition, check_guidance
 
 # what each task takes, as Pipeline's methods of the same name take it for one item
 TASK_ARGUMENTS = {
-    "generate": {"seed", "sampler", "steps", "eta", "num_beams", "decoding", "top_p"},
+    "generate": {"seed", "sampler", "steps", "eta", "num_beams", "decoding", "top_p", "temperature"},
     "generate_from": {"source", "label", "guidance", "seed", "sampler", "steps", "eta", "num_beams", "decoding",
-                      "top_p"},
+                      "top_p", "temperature"},
     "vary": {"text", "strength", "seed", "sampler", "steps", "eta", "num_beams", "source", "label", "guidance"},
     "reconstruct": {"text", "num_beams"},
 }
@@ -40,6 +40,7 @@ class Request:
     strength: float = 0.0
     search: BeamSearchConfig = field(default_factory=BeamSearchConfig)
     top_p: float | None = None  # nucleus sampling's p; None decodes by beam search
+    temperature: float = 1.0  # the starting noise's scale (Pipeline.sample_latents)
     timeout: float | None = None  # seconds from submission; past it the request fails and frees its rows
     item_noise: bool = False  # draw as a Pipeline call given seeds=[seed] does (ItemNoise), not seed=seed
 
@@ -99,7 +100,10 @@ def make_request(pipe, task: str, settings: dict, timeout: float | None = None, 
     search, top_p = pipe.decoding_settings(settings.get("decoding"), settings.get("top_p"), num_beams)
     if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    return Request(**common, **conditions, sampler=sampler, steps=steps, eta=eta, search=search, top_p=top_p)
+    temperature = settings.get("temperature", 1.0)
+    check_temperature(temperature)
+    return Request(**common, **conditions, sampler=sampler, steps=steps, eta=eta, search=search, top_p=top_p,
+                   temperature=temperature)
 
 
 def _one_text(settings: dict, name: str) -> str:

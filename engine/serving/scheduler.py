@@ -172,6 +172,8 @@ class StepScheduler:
             x = add_noise(pipe.schedule, z0, t, noise)
         else:
             x = randn_like(torch.empty(shape, device=pipe.device), generator)
+            if r.temperature != 1.0:  # as Pipeline._latent_batches scales it
+                x = x * r.temperature
         ticket.row = start_row(r, x, generator, condition, self.config.num_timesteps)
 
     def _forward(self, rows: list[SamplingRow], held: ConditionRows | None) -> list[torch.Tensor]:
