@@ -187,7 +187,7 @@ def test_engine_requests_on_aoti_graphs_get_the_lone_calls_results(packaged, cap
     requests = [("generate", {"seed": s, "sampler": "dpm++2m", "steps": steps}) for s, steps in
                 [(1, 12), (2, 7), (3, 12)]] + [("vary", {"seed": 4, "text": TINY_TEXTS[2], "strength": 0.3,
                                                   "sampler": "ddim", "steps": 6})]
-    with AsyncEngine(pipe) as engine:
+    with AsyncEngine(pipe, decode="continuous") as engine:
         assert engine.decode == "continuous"  # the graphs take each row's position and mask
         texts = staggered(engine, requests, every=2)
     assert_lone_results(pipe, requests, texts, captured_latents)

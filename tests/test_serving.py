@@ -179,7 +179,7 @@ def test_onnx_requests_get_the_lone_calls_results(tiny_checkpoint, tmp_path_fact
     requests = [("generate", {"seed": s, "sampler": "dpm++2m", "steps": steps}) for s, steps in
                 [(1, 20), (2, 12), (3, 20), (4, 5)]] + [("reconstruct", {"text": TINY_TEXTS[5]})]
     with AsyncEngine(pipe, decode=decode) as engine:
-        assert engine.decode == (decode or "batched")  # onnx decodes batch by batch unless asked
+        assert engine.decode == (decode or "batched")  # batch by batch unless asked
         texts = staggered(engine, requests, every=2)
     # int8 graphs quantize activations with a scale over the whole batch (ONNX Runtime's dynamic quantization),
     # so a row's int8 result moves with its batch-mates, in the engine as between Pipeline's own batch sizes

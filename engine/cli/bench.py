@@ -52,7 +52,7 @@ def add_parsers(sub) -> None:
     load.add_argument("--guidance", type=float, default=None, help="a conditional model's guidance (default: its own)")
     load.add_argument("--max-rows", type=int, default=64, help="the engine's forward rows per iteration (default 64)")
     load.add_argument("--decode", choices=["continuous", "batched"], default=None,
-                      help="the engine's beam decode (default: the backend's, ldlm.serving.scheduler)")
+                      help="the engine's beam decode (default batched; ldlm.serving.scheduler)")
     p.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw latency against batch size per backend into FILE (png)")
 

@@ -121,11 +121,11 @@ class AsyncEngine:
     """Serves `pipe` to many callers (module docstring). max_rows: rows in flight (1 to MAX_ROWS; 64 matches the
     pipeline's decode batch): a request holds one forward row while sampling (two when guided), then one
     decoding slot; max_queued: requests that may wait (1 to MAX_QUEUED); decode: "continuous" (items join the
-    running beam search between tokens), "batched" (ldlm.serving.scheduler), or None: the backend's measured
-    default ("batched" on onnx, else "continuous" where the backend can); batch_wait: after an iteration
-    that ended requests, the next one waits up to this many seconds for as many new requests to arrive, so
-    that callers answered together (a closed loop's) join the same iteration rather than trickle in one per
-    iteration (Triton's dynamic batcher has the same knob, max_queue_delay); 0 never waits."""
+    running beam search between tokens, on the backends with a slot decoder), "batched" (items ready together
+    decoded as one batch; ldlm.serving.scheduler), or None: the measured default, "batched"; batch_wait: after
+    an iteration that ended requests, the next one waits up to this many seconds for as many new requests to
+    arrive, so that callers answered together (a closed loop's) join the same iteration rather than trickle in
+    one per iteration (Triton's dynamic batcher has the same knob, max_queue_delay); 0 never waits."""
 
     def __init__(self, pipe: Pipeline, *, max_rows: int = 64, max_queued: int = 1024, decode: str | None = None,
                  batch_wait: float = 0.002):

@@ -45,7 +45,7 @@ class LoadSettings:
     sources: tuple[str, ...] = ()  # a conditional model's requests cycle through these
     ways: tuple[str, ...] = WAYS
     max_rows: int = 64
-    decode: str | None = None  # the engine's decode (AsyncEngine); None: the backend's default
+    decode: str | None = None  # the engine's decode (AsyncEngine); None: its default
     seed: int = 0
 
     def __post_init__(self) -> None:

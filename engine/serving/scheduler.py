@@ -12,12 +12,13 @@ The beam decode, two ways (`decode`):
   engine backends), while the sampling loop waits.
 Nucleus requests decode one at a time, each from its own generator, as a lone call does.
 
-By default (decode=None) the onnx backend decodes batch by batch. On the 2-core CPU (bench/results/cpu.md,
-2026-12-07, "the serving loop keeps its conditions") it served 1.1-1.2x the requests of the continuous decode at
-64 callers, 1.4-1.8x at 8 for unguided requests (even for guided ones), and halved the median latency at 10
-requests/s: an interleaved token step over a few items costs nearly what a forward costs, and decoding items
-hold rows the sampling loop could use. The other backends with a slot decoder (reference, aoti) decode
-continuously, as measured when the engine landed.
+By default (decode=None) every backend decodes batch by batch. On the 2-core CPU (bench/results/cpu.md) the
+onnx backend served 1.1-1.2x the requests of the continuous decode at 64 callers, 1.4-1.8x at 8 for unguided
+requests (even for guided ones), and halved the median latency at 10 requests/s (2026-12-07, "the serving loop
+keeps its conditions"); the reference backend 1.3-1.4x at 64 guided callers, 1.4-1.9x unguided, 1.0-1.2x at 8
+(2026-12-08, "the reference engine decodes batch by batch too"): an interleaved token step over a few items
+costs nearly what a forward costs, and decoding items hold rows the sampling loop could use. The aoti graphs
+follow for that reason, not measured.
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ from ldlm.sampling.samplers import ItemNoise, randn_like
 from ldlm.serving.forward import ConditionRows, forward_inputs
 from ldlm.serving.requests import Request
 from ldlm.serving.rows import SamplingRow, advance, start_row
-
-# backends whose serving loop decodes batch by batch unless asked otherwise (module docstring)
-BATCH_DECODE_BACKENDS = frozenset({"onnx"})
 
 
 @dataclass
@@ -77,9 +75,9 @@ class StepScheduler:
 
     def __init__(self, pipe: Pipeline, decode: str | None = None):
         if decode not in (None, "continuous", "batched"):
-            raise ValueError(f"decode must be 'continuous', 'batched' or None (the backend's default), got {decode!r}")
-        if decode is None:
-            decode = "batched" if pipe.backend in BATCH_DECODE_BACKENDS else "continuous"
+            raise ValueError(f"decode must be 'continuous', 'batched' or None (the default), got {decode!r}")
+        if decode is None:  # the measured default (module docstring)
+            decode = "batched"
         self.pipe = pipe
         self.config = pipe.config
         self.reverse = pipe.step_reverse()
