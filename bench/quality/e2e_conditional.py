@@ -96,11 +96,11 @@ def reference_row(mrs: list[str], refs: list[list[str]], reconstructed_by: Path 
 def run_model(path: Path, mrs: list[str], refs: list[list[str]], *, seeds: int, guidance: list[float],
               temperatures: list[float], sampler: str | None, steps: int | None, candidates: list[int],
               rerankers: list[str]) -> tuple[dict, dict]:
-    """Every guidance weight and temperature, at each candidate count (k > 1: with each reranker). Item i of seed s
-    draws from
-    seed s * len(mrs) + i. The K = max(candidates) candidates of each MR are drawn once, in one call, and every
-    smaller k reranks the first k of them: what generate_from(..., candidates=k) draws and keeps (candidate j's
-    seed does not depend on k; tests/test_rerank.py). A row's seconds: the K-candidate pass scaled by k / K."""
+    """Every guidance weight and temperature, at each candidate count (k > 1: with each reranker). Item i of seed
+    s draws from seed s * len(mrs) + i. The K = max(candidates) candidates of each MR are drawn once, in one call,
+    and every smaller k reranks the first k of them: what generate_from(..., candidates=k) draws and keeps
+    (candidate j's seed does not depend on k; tests/test_rerank.py). A row's seconds: the K-candidate pass scaled
+    by k / K."""
     import ldlm
     from ldlm.evaluation.rerank import candidate_seeds, choose
 
