@@ -302,6 +302,54 @@ def test_a_request_whose_latent_turns_non_finite_fails_alone_naming_the_step(tin
     assert texts == [pipe.generate(1, seed=s, sampler="dpm++2m", steps=10, progress=False)[0] for s in (2, 3)]
 
 
+def test_sources_admitted_together_are_encoded_as_one_batch_and_a_bad_one_fails_alone(text_checkpoint, monkeypatch,
+                                                                                       captured_latents):
+    pipe = ldlm.load(text_checkpoint)
+    token_states = pipe.encoder.token_states
+    batches = []
+
+    def encoder_refusing_poison(texts, *args, **kwargs):
+        batches.append(len(texts))
+        if any("poison" in text for text in texts):
+            raise RuntimeError("poisoned source")
+        return token_states(texts, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.encoder, "token_states", encoder_refusing_poison)
+    sources = [SOURCES[0], SOURCES[1] + " told at much greater length than the others, with many more tokens",
+               SOURCES[2] + " briefly", SOURCES[3]]  # three lengths: the batch is padded, each row cut back
+    requests = [("generate_from", {"source": source, "seed": i, "guidance": g, "sampler": "dpm++2m", "steps": 6})
+                for i, (source, g) in enumerate(zip(sources, (2.0, 1.0, 3.0, 0.0)))]
+    release = hold_the_loop(monkeypatch)
+    with AsyncEngine(pipe, max_rows=16) as engine:
+        first = engine.submit("generate", seed=9, sampler="ddim", steps=3)  # holds the loop in its first forward
+        deadline = time.time() + 30
+        while engine.stats().active_requests < 1 and time.time() < deadline:
+            time.sleep(0.005)
+        batches.clear()
+        futures = [engine.submit(task, **settings) for task, settings in requests]
+        release.set()  # the four come in together at the next iteration
+        first.result(timeout=60)
+        texts = [f.result(timeout=60) for f in futures]
+        assert batches == [4]  # one encoder call for the four sources
+
+        batches.clear()
+        release.clear()
+        first = engine.submit("generate", seed=9, sampler="ddim", steps=3)
+        deadline = time.time() + 30
+        while engine.stats().active_requests < 1 and time.time() < deadline:
+            time.sleep(0.005)
+        bad = engine.submit("generate_from", source="a poison source", seed=1, sampler="dpm++2m", steps=6)
+        good = engine.submit("generate_from", source=SOURCES[4], seed=2, sampler="dpm++2m", steps=6)
+        release.set()
+        with pytest.raises(RuntimeError, match="poisoned source"):
+            bad.result(timeout=60)
+        good_text = good.result(timeout=60)
+        assert batches == [2, 1, 1]  # the batch failed; then each was encoded alone
+    monkeypatch.undo()  # the lone calls below encode with the pipeline's own encoder
+    requests.append(("generate_from", {"source": SOURCES[4], "seed": 2, "sampler": "dpm++2m", "steps": 6}))
+    assert_lone_results(pipe, requests, texts + [good_text], captured_latents)
+
+
 def test_asyncio_callers_and_their_cancellation(text_checkpoint):
     pipe = ldlm.load(text_checkpoint)
 

@@ -1,5 +1,7 @@
 """The serving loop's iteration, free of threads: admit requests, one reverse-transformer forward over every
-active row, each row one step on, and the rows that finished decoded together.
+active row, each row one step on, and the rows that finished decoded together. The requests admitted in one
+iteration encode their source texts as one batch (one encoder call and one projection, each row then cut back to
+its own tokens).
 
 The beam decode, two ways (`decode`):
 - "continuous": each item joins a running beam search (ldlm.fast.slot_decode) as soon as its latent is ready,
@@ -31,6 +33,7 @@ import torch
 
 from ldlm.fast.slot_decode import SlotBeamSearch
 from ldlm.inputs import nonfinite_items
+from ldlm.model.reverse import Condition
 from ldlm.model.schedule import add_noise
 from ldlm.pipeline import DECODE_BATCH, Pipeline
 from ldlm.runtimes.backends import ENGINE_BACKENDS
@@ -123,9 +126,10 @@ class StepScheduler:
                 if ticket.search is not None:
                     ticket.search.remove([ticket])
         start = time.perf_counter()
+        conditions = self._source_conditions(new)
         for ticket in new:
             try:
-                self._admit(ticket)
+                self._admit(ticket, conditions.get(id(ticket)))
                 self.active.append(ticket)
             except Exception as e:  # noqa: BLE001 (a request's own fault: it fails alone)
                 ended.append((ticket, e))
@@ -149,15 +153,31 @@ class StepScheduler:
             self.active = [ticket for ticket in self.active if id(ticket) not in gone]
         return ended, times
 
-    def _admit(self, ticket: Ticket) -> None:
-        """A request's starting point, drawn and encoded as the Pipeline call for its single item does."""
+    def _source_conditions(self, tickets: list[Ticket]) -> dict[int, Condition]:
+        """The projected conditions of the new requests that sample from a source text, {id(ticket): condition}:
+        encoded and projected as one batch (one encoder call, one projection), then cut back to each source's own
+        tokens, which is what a lone call encodes, up to float rounding. Empty when fewer than two, or when the
+        batch fails: each request then encodes its own in _admit, and only the faulty one fails."""
+        wanted = [ticket for ticket in tickets if ticket.request.samples and ticket.request.source is not None]
+        if len(wanted) < 2:
+            return {}
+        try:
+            condition = encode_condition(self.pipe.reverse, self.pipe.encoder, device=self.pipe.device,
+                                         sources=[ticket.request.source for ticket in wanted])
+            condition = projected(self.reverse, condition)
+        except Exception:  # noqa: BLE001 (whose fault it was shows when each is encoded alone)
+            return {}
+        return {id(ticket): condition.rows(slice(i, i + 1)).trimmed() for i, ticket in enumerate(wanted)}
+
+    def _admit(self, ticket: Ticket, condition: Condition | None = None) -> None:
+        """A request's starting point, drawn and encoded as the Pipeline call for its single item does;
+        `condition`: its source's, already encoded and projected (_source_conditions)."""
         pipe, r = self.pipe, ticket.request
         if r.task == "reconstruct" or (r.task == "vary" and not r.samples):
             ticket.latent = pipe.encode([r.text])
             return
         generator = ItemNoise([r.seed]) if r.item_noise else torch.Generator(device=pipe.device).manual_seed(r.seed)
-        condition = None
-        if r.source is not None or r.label is not None:
+        if condition is None and (r.source is not None or r.label is not None):
             condition = encode_condition(pipe.reverse, pipe.encoder, device=pipe.device,
                                          sources=None if r.source is None else [r.source],
                                          labels=None if r.label is None else [r.label])
