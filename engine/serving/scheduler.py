@@ -19,8 +19,8 @@ onnx backend served 1.1-1.2x the requests of the continuous decode at 64 callers
 requests (even for guided ones), and halved the median latency at 10 requests/s (2026-12-07, "the serving loop
 keeps its conditions"); the reference backend 1.3-1.4x at 64 guided callers, 1.4-1.9x unguided, 1.0-1.2x at 8
 (2026-12-08, "the reference engine decodes batch by batch too"): an interleaved token step over a few items
-costs nearly what a forward costs, and decoding items hold rows the sampling loop could use. The aoti graphs
-follow for that reason, not measured.
+costs nearly what a forward costs, and decoding items hold rows the sampling loop could use; the aoti graphs
+1.1-1.4x at 8 callers, 1.1-1.3x at 64 (2026-12-08, "the aoti engine decodes batch by batch too").
 """
 
 from __future__ import annotations
