@@ -4,7 +4,7 @@ it, against the same-size GPT-2 trained as a conditional language model (issue 1
     python bench/quality/e2e_quality.py split --data ../shared/data/e2e/train.jsonl --workdir runs/e2e-cond
     cd runs/e2e-cond
     ldlm train --data train.jsonl --source-field mr --out cross --preset small --time-budget 0 \\
-        --decoder-steps 1800 --diffusion-steps 3600
+        --decoder-steps 1800 --diffusion-steps 3600   # with --ema-decay 0.999 and more steps: RESULTS, 2026-12-08
     ldlm baseline train --data train.jsonl --source-field mr --out lm --preset small --time-budget 0 --steps 1800
     python bench/quality/e2e_conditional.py --workdir . --model cross --baseline lm --guidance 0 1 2 3 5 --seeds 5
 
